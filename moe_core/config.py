@@ -1,0 +1,139 @@
+"""Typed, validated model config, and the dict -> dataclass loader shared by every config in the project."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`; int is accepted where float is expected, nothing else."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        _, vt = typing.get_args(tp)
+        return {str(k): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} at {where}")
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str, validate: bool = True) -> Any:
+    """Build dataclass `cls` from `data`, naming `where` (file and section) in every error.
+
+    validate=False checks keys and types only (for one layer of a config that is merged later)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a table of settings, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known keys: {', '.join(sorted(fields))})")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    obj = cls(**kwargs)
+    if validate:
+        obj.validate(where)
+    return obj
+
+
+def _check(cond: bool, where: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{where}.{msg}")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 2048
+    max_seq_len: int = 128
+    d_model: int = 128
+    n_layers: int = 2
+    # Mixture-of-Heads attention: every head is a routing candidate; each token uses min_heads..max_heads.
+    n_heads: int = 4
+    min_heads: int = 1
+    max_heads: int = 4
+    # Mixture-of-Experts feed-forward: n_experts SwiGLU experts of hidden size d_expert, top_k per token.
+    n_experts: int = 4
+    top_k: int = 2
+    d_expert: int = 256
+    # Recursion (TRM/HRM style). recursive = false is the plain MoE/MoH baseline with the same blocks.
+    recursive: bool = True
+    H_cycles: int = 2
+    L_cycles: int = 2
+    halt_max_steps: int = 3
+    # TRM's trick: in training, all but the last H-cycle of a supervision step run without gradient.
+    no_grad_cycles: bool = True
+    causal: bool = True
+    dropout: float = 0.0
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def n_steps(self) -> int:
+        """Supervision steps the model runs (1 for the baseline)."""
+        return self.halt_max_steps if self.recursive else 1
+
+    def validate(self, where: str = "model") -> None:
+        for name in ("vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads", "n_experts", "top_k",
+                     "d_expert", "min_heads", "max_heads", "H_cycles", "L_cycles", "halt_max_steps"):
+            _check(getattr(self, name) >= 1, where, f"{name}: expected >= 1, got {getattr(self, name)}")
+        _check(self.d_model % self.n_heads == 0, where,
+               f"d_model: expected a multiple of n_heads={self.n_heads}, got {self.d_model}")
+        _check(self.head_dim % 2 == 0, where,
+               f"d_model: d_model / n_heads must be even for rotary embeddings, got {self.head_dim}")
+        _check(self.top_k <= self.n_experts, where,
+               f"top_k: expected <= n_experts={self.n_experts}, got {self.top_k}")
+        _check(self.min_heads <= self.max_heads, where,
+               f"min_heads: expected <= max_heads={self.max_heads}, got {self.min_heads}")
+        _check(self.max_heads <= self.n_heads, where,
+               f"max_heads: expected <= n_heads={self.n_heads}, got {self.max_heads}")
+        _check(0.0 <= self.dropout < 1.0, where, f"dropout: expected in [0, 1), got {self.dropout}")
+        _check(self.rope_theta > 0, where, f"rope_theta: expected > 0, got {self.rope_theta}")
+        _check(self.norm_eps > 0, where, f"norm_eps: expected > 0, got {self.norm_eps}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "model", validate: bool = True) -> ModelConfig:
+        return from_dict(cls, data, where, validate)

@@ -1,0 +1,400 @@
+"""The recursive Mixture-of-Experts / Mixture-of-Heads model, in the order data flows through it.
+
+    x    = embed(ids) * sqrt(d_model)
+    for step in 1..halt_max_steps:                       # supervision steps
+        for h in 1..H_cycles:
+            for l in 1..L_cycles:  z_L = net(z_L + z_H + x)
+            z_H = net(z_H + z_L)
+        logits_step = lm_head(norm(z_H)); halt_logit_step = halt_head(norm(z_H))
+
+`net` is a stack of pre-norm blocks: h = x + MoH(norm(x)); y = h + MoE(norm(h)).
+With recursion off the model is the plain baseline: logits = lm_head(norm(net(x))).
+
+Training returns every step's logits (deep supervision) with the aux losses and statistics; evaluation runs
+every step and keeps, per sample, the state of the first step whose halt probability is > 0.5 (the last
+step if none) — selected with masks, so eager eval and the exported ONNX graph are the same function.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+
+# Temperature of the relaxed (straight-through) head mask: small enough that the soft mask is close to the
+# hard one, large enough that the complexity and threshold predictors get a useful gradient.
+MASK_TEMPERATURE = 0.1
+
+
+class AuxAccumulator:
+    """Collects aux losses and statistics over every block call of one forward pass.
+
+    Keys ending in `_min` / `_max` reduce by min / max, everything else by mean over calls.
+    """
+
+    def __init__(self) -> None:
+        self._values: dict[str, Tensor] = {}
+        self._counts: dict[str, int] = {}
+
+    def add(self, key: str, value: Tensor) -> None:
+        if key not in self._values:
+            self._values[key], self._counts[key] = value, 1
+        elif key.endswith("_min"):
+            self._values[key] = torch.minimum(self._values[key], value)
+        elif key.endswith("_max"):
+            self._values[key] = torch.maximum(self._values[key], value)
+        else:
+            self._values[key] = self._values[key] + value
+            self._counts[key] += 1
+
+    def result(self) -> dict[str, Tensor]:
+        return {k: v if k.endswith(("_min", "_max")) else v / self._counts[k] for k, v in self._values.items()}
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor  # [B, T, V] halting-selected (eval) or the last step's (training)
+    halt_step: Tensor  # [B] int64, 1-based step whose logits were kept
+    step_logits: list[Tensor] = field(default_factory=list)  # training: one [B, T, V] per supervision step
+    halt_logits: Tensor | None = None  # training: [S, B] halting logit of every step
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)  # training: unweighted, by name
+    stats: dict[str, Tensor] = field(default_factory=dict)  # training: detached statistics, by name
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class Rotary(nn.Module):
+    """Rotary position embeddings (rotate-half form), tables precomputed up to max_seq_len."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # [T, hd/2]
+        angles = torch.cat([angles, angles], dim=-1)  # [T, hd]
+        # Not persistent: derived from the config, so never stored in (or demanded from) a checkpoint.
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: [B, H, T, hd]
+        T = x.shape[-2]
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * self.cos[:T] + torch.cat([-x2, x1], dim=-1) * self.sin[:T]
+
+
+@dataclass
+class HeadRouting:
+    probs: Tensor  # [B, T, H] router probabilities
+    mask: Tensor  # [B, T, H] selected heads: exactly 0/1 forward; relaxed gradient in training
+    complexity: Tensor  # [B, T] in [0, 1]
+    target: Tensor  # [B, T] target head count in [min_heads, max_heads]
+    threshold: Tensor  # [B, T] top-p threshold in [0.3, 0.8]
+
+
+class MoHAttention(nn.Module):
+    """Fully adaptive Mixture-of-Heads attention: every head is a candidate, each token picks its own.
+
+    Per token: complexity c = sigmoid(w_c x + b_c) sets a target head count t = min + c (max - min);
+    threshold theta = 0.3 + 0.5 sigmoid(w_t x + b_t); heads are taken in descending router probability
+    while the probability taken so far is below theta and the count is below round(t), never fewer than
+    min_heads. Each selected head's output is weighted by its router probability (times n_heads, so that a
+    uniform router with every head selected is exactly standard multi-head attention).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.min_heads, self.max_heads = cfg.min_heads, cfg.max_heads
+        self.causal = cfg.causal
+        self.dropout = cfg.dropout
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.o_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.router = nn.Linear(cfg.d_model, cfg.n_heads, bias=False)
+        self.complexity_head = nn.Linear(cfg.d_model, 1)
+        self.threshold_head = nn.Linear(cfg.d_model, 1)
+        self.rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+
+    def route(self, x: Tensor) -> HeadRouting:
+        H = self.n_heads
+        probs = self.router(x).float().softmax(dim=-1)  # [B, T, H]
+        complexity = torch.sigmoid(self.complexity_head(x).float()).squeeze(-1)
+        target = self.min_heads + complexity * (self.max_heads - self.min_heads)
+        threshold = 0.3 + 0.5 * torch.sigmoid(self.threshold_head(x).float()).squeeze(-1)
+
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        taken_before = sorted_p.cumsum(dim=-1) - sorted_p  # probability mass of the better-ranked heads
+        rank = torch.arange(1, H + 1, device=x.device, dtype=probs.dtype)  # 1-based rank of each sorted head
+        t, th = target.unsqueeze(-1), threshold.unsqueeze(-1)
+        forced = rank <= self.min_heads
+        keep = forced | ((rank <= t + 0.5) & (taken_before < th))
+        mask_sorted = keep.to(probs.dtype)
+        if self.training:
+            # Straight-through: the forward value is the hard 0/1 mask, the gradient is that of a sigmoid
+            # relaxation of both conditions, so the complexity and threshold predictors learn.
+            soft = torch.sigmoid((t + 0.5 - rank) / MASK_TEMPERATURE) * torch.sigmoid(
+                (th - taken_before) / MASK_TEMPERATURE)
+            soft = torch.where(forced, torch.ones_like(soft), soft)
+            mask_sorted = mask_sorted + soft - soft.detach()
+        mask = torch.zeros_like(probs).scatter(-1, order, mask_sorted)  # back to head order
+        return HeadRouting(probs, mask, complexity, target, threshold)
+
+    def forward(self, x: Tensor, key_mask: Tensor | None, acc: AuxAccumulator | None, layer: int) -> Tensor:
+        B, T, D = x.shape
+        H, hd = self.n_heads, self.head_dim
+        r = self.route(x)
+        q, k, v = self.qkv(x).view(B, T, 3, H, hd).permute(2, 0, 3, 1, 4)  # each [B, H, T, hd]
+        q, k = self.rotary(q), self.rotary(k)
+        dropout = self.dropout if self.training else 0.0
+        if key_mask is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, dropout_p=dropout)
+        else:
+            allowed = key_mask[:, None, None, :]  # [B, 1, 1, T]: padding keys are never attended to
+            if self.causal:
+                allowed = allowed & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
+        weights = (r.probs * r.mask * H).to(o.dtype)  # [B, T, H]
+        o = o * weights.transpose(1, 2).unsqueeze(-1)
+        y = self.o_proj(o.transpose(1, 2).reshape(B, T, D))
+        if acc is not None:
+            self._account(r, acc, layer)
+        return y
+
+    def _account(self, r: HeadRouting, acc: AuxAccumulator, layer: int) -> None:
+        active = r.mask.sum(dim=-1)  # [B, T] heads per token (carries the relaxed gradient)
+        load = r.mask.detach().mean(dim=(0, 1))  # [H] fraction of tokens using each head
+        acc.add("moh_balance", (r.probs.mean(dim=(0, 1)) * load).sum())
+        acc.add("moh_complexity", (active.mean() - r.target.mean()).abs())
+        acc.add("moh_sparsity", active.mean() / self.n_heads)
+        L = f"L{layer + 1}"
+        th, c = r.threshold.detach(), r.complexity.detach()
+        acc.add(f"{L}.moh_heads", active.detach().mean())
+        acc.add(f"{L}.moh_head_load", load)
+        acc.add(f"{L}.moh_threshold", th.mean())
+        acc.add(f"{L}.moh_threshold_min", th.min())
+        acc.add(f"{L}.moh_threshold_max", th.max())
+        acc.add(f"{L}.moh_complexity", c.mean())
+        acc.add(f"{L}.moh_complexity_min", c.min())
+        acc.add(f"{L}.moh_complexity_max", c.max())
+        w = torch.cat([self.complexity_head.weight, self.threshold_head.weight]).detach()
+        acc.add(f"{L}.moh_pred_norm", w.norm())
+
+
+class MoEFeedForward(nn.Module):
+    """Top-k routed SwiGLU experts. Dense dispatch: every expert runs on every token and the combine
+    weights are zero outside the chosen k — static shapes, so training, eval and ONNX share one path."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_experts, cfg.top_k
+        E, D, Fd = cfg.n_experts, cfg.d_model, cfg.d_expert
+        self.router = nn.Linear(D, E, bias=False)
+        self.w_gate = nn.Parameter(torch.empty(E, D, Fd))
+        self.w_up = nn.Parameter(torch.empty(E, D, Fd))
+        self.w_down = nn.Parameter(torch.empty(E, Fd, D))
+
+    def forward(self, x: Tensor, acc: AuxAccumulator | None, layer: int) -> Tensor:
+        logits = self.router(x).float()  # [B, T, E]
+        probs = logits.softmax(dim=-1)
+        top_p, top_i = probs.topk(self.top_k, dim=-1)
+        top_p = top_p / top_p.sum(dim=-1, keepdim=True)  # combine weights sum to 1 over the k experts
+        gates = torch.zeros_like(probs).scatter(-1, top_i, top_p).to(x.dtype)  # [B, T, E]
+        h = F.silu(torch.einsum("btd,edf->btef", x, self.w_gate)) * torch.einsum("btd,edf->btef", x, self.w_up)
+        y = torch.einsum("btef,efd->btd", h * gates.unsqueeze(-1), self.w_down)
+        if acc is not None:
+            # Switch-style balance: f = fraction of routed (token, slot) pairs per expert, P = mean prob.
+            load = torch.zeros_like(probs).scatter(-1, top_i, 1.0).mean(dim=(0, 1)) / self.top_k  # [E]
+            acc.add("moe_balance", self.n_experts * (load * probs.mean(dim=(0, 1))).sum())
+            acc.add("moe_z", torch.logsumexp(logits, dim=-1).square().mean())
+            acc.add(f"L{layer + 1}.moe_load", load.detach())
+        return y
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = MoHAttention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = MoEFeedForward(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, key_mask: Tensor | None, acc: AuxAccumulator | None) -> Tensor:
+        h = x + self.drop(self.attn(self.attn_norm(x), key_mask, acc, self.layer))
+        return h + self.drop(self.ffn(self.ffn_norm(h), acc, self.layer))
+
+
+class ReasoningNet(nn.Module):
+    """The block stack that refines z_L and z_H (and, with recursion off, maps x to the final state)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        # The recursion feeds the net sums of states (z_L + z_H + x) many times over; with pre-norm blocks
+        # alone those sums grow geometrically with the cycles. Normalising the net's input keeps every
+        # cycle's state at unit scale, as the post-norm blocks of TRM/HRM do.
+        self.in_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+
+    def forward(self, u: Tensor, key_mask: Tensor | None, acc: AuxAccumulator | None) -> Tensor:
+        u = self.in_norm(u)
+        for block in self.blocks:
+            u = block(u, key_mask, acc)
+        return u
+
+
+@dataclass
+class Carry:
+    """The recurrent state between supervision steps."""
+
+    z_H: Tensor  # [B, T, D]
+    z_L: Tensor  # [B, T, D]
+
+    def detach(self) -> Carry:
+        return Carry(self.z_H.detach(), self.z_L.detach())
+
+
+class RecursiveMoE(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed_scale = math.sqrt(cfg.d_model)
+        self.net = ReasoningNet(cfg)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.halt_head = nn.Linear(cfg.d_model, 1)
+        # Fixed (not learned) initial states, as in TRM; saved with the weights.
+        self.register_buffer("z_H_init", torch.empty(cfg.d_model))
+        self.register_buffer("z_L_init", torch.empty(cfg.d_model))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        cfg = self.config
+        std = 0.02
+        out_std = std / math.sqrt(2 * cfg.n_layers)  # residual-branch outputs, as in GPT-2
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "w_down")):
+                nn.init.normal_(p, std=out_std)
+            elif name.endswith(("w_gate", "w_up")):
+                nn.init.normal_(p, std=std)
+            elif p.dim() >= 2:
+                nn.init.normal_(p, std=std)
+        # Unit-RMS embeddings after the sqrt(d_model) scale.
+        nn.init.normal_(self.embed.weight, std=1.0 / math.sqrt(cfg.d_model))
+        for norm in (m for m in self.modules() if isinstance(m, RMSNorm)):
+            norm.weight.fill_(1.0)
+        for m in self.net.modules():
+            if isinstance(m, MoHAttention):
+                # complexity 0.5 and threshold 0.55 for every token at start; the router starts uniform.
+                m.complexity_head.bias.zero_()
+                m.threshold_head.bias.zero_()
+        # A fresh model keeps thinking: halt probability sigmoid(-5) ~ 0.007 at every step (as TRM).
+        self.halt_head.weight.zero_()
+        self.halt_head.bias.fill_(-5.0)
+        nn.init.trunc_normal_(self.z_H_init, std=1.0, a=-2.0, b=2.0)
+        nn.init.trunc_normal_(self.z_L_init, std=1.0, a=-2.0, b=2.0)
+
+    # -- the pieces of the recursion ------------------------------------------------------------------
+
+    def _h_cycle(self, c: Carry, x: Tensor, key_mask: Tensor | None, acc: AuxAccumulator | None) -> Carry:
+        z_L = c.z_L
+        for _ in range(self.config.L_cycles):
+            z_L = self.net(z_L + c.z_H + x, key_mask, acc)
+        return Carry(self.net(c.z_H + z_L, key_mask, acc), z_L)
+
+    def _supervision_step(self, c: Carry, x: Tensor, key_mask: Tensor | None,
+                          acc: AuxAccumulator | None) -> Carry:
+        n_free = self.config.H_cycles - 1 if (self.training and self.config.no_grad_cycles) else 0
+        with torch.no_grad():
+            for _ in range(n_free):
+                c = self._h_cycle(c, x, key_mask, acc)
+        for _ in range(self.config.H_cycles - n_free):
+            c = self._h_cycle(c, x, key_mask, acc)
+        return c
+
+    def _halt_logit(self, h: Tensor, key_mask: Tensor | None) -> Tensor:  # h = norm(z_H): [B, T, D] -> [B]
+        if self.config.causal:
+            # The first position sees only the first token, so halting never lets a later token change an
+            # earlier token's logits: the model stays causal, per sample, whatever the sequence length.
+            pooled = h[:, 0]
+        elif key_mask is None:
+            pooled = h.mean(dim=1)
+        else:
+            w = key_mask.to(h.dtype).unsqueeze(-1)
+            pooled = (h * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
+        return self.halt_head(pooled).squeeze(-1).float()
+
+    # -- forward -------------------------------------------------------------------------------------
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> ModelOutput:
+        """input_ids: [B, T] int64; attention_mask: [B, T] (1 = token, 0 = right padding) or None."""
+        cfg = self.config
+        B, T = input_ids.shape
+        key_mask = None if attention_mask is None else attention_mask.bool()
+        acc = AuxAccumulator() if self.training else None
+        x = self.embed(input_ids) * self.embed_scale  # [B, T, D]: the only place the scale is applied
+
+        if not cfg.recursive:
+            logits = self.lm_head(self.norm(self.net(x, key_mask, acc)))
+            halt_step = torch.ones(B, dtype=torch.long, device=input_ids.device)
+            return self._output(logits, halt_step, [logits], None, acc)
+
+        c = Carry(self.z_H_init.expand(B, T, -1), self.z_L_init.expand(B, T, -1))
+        halted = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        halt_step = torch.full((B,), cfg.halt_max_steps, dtype=torch.long, device=input_ids.device)
+        kept = c.z_H  # eval: the normed state of the step each sample halted at
+        step_logits, halt_logits = [], []
+        for step in range(1, cfg.halt_max_steps + 1):
+            c = self._supervision_step(c, x, key_mask, acc)
+            h = self.norm(c.z_H)
+            q = self._halt_logit(h, key_mask)  # [B]
+            # A sample keeps the first step whose halt probability is > 0.5; the last step if none.
+            newly = ~halted & (q > 0)
+            halt_step = torch.where(newly, torch.full_like(halt_step, step), halt_step)
+            if self.training:
+                step_logits.append(self.lm_head(h))
+                halt_logits.append(q)
+                c = c.detach()  # deep supervision: every step is its own graph
+            else:
+                kept = torch.where(halted[:, None, None], kept, h)
+            halted = halted | (q > 0)
+
+        if self.training:
+            return self._output(step_logits[-1], halt_step, step_logits, torch.stack(halt_logits), acc)
+        return self._output(self.lm_head(kept), halt_step, [], None, acc)
+
+    @staticmethod
+    def _output(logits: Tensor, halt_step: Tensor, step_logits: list[Tensor], halt_logits: Tensor | None,
+                acc: AuxAccumulator | None) -> ModelOutput:
+        if acc is None:
+            return ModelOutput(logits, halt_step)
+        aux = acc.result()
+        losses = {k: v for k, v in aux.items() if "." not in k}
+        stats = {k: v.detach() for k, v in aux.items() if "." in k}
+        return ModelOutput(logits, halt_step, step_logits, halt_logits, losses, stats)
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters by optimiser treatment: routers and predictors (own LR), no-decay, decay."""
+        groups: dict[str, list[nn.Parameter]] = {"router": [], "no_decay": [], "decay": []}
+        for name, p in self.named_parameters():
+            if any(s in name for s in ("router", "complexity_head", "threshold_head")):
+                groups["router"].append(p)
+            elif p.dim() < 2 or name.startswith("embed."):
+                groups["no_decay"].append(p)
+            else:
+                groups["decay"].append(p)
+        return groups

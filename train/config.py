@@ -1,0 +1,147 @@
+"""Training config: a typed dataclass, TOML presets under configs/, and `--set key=value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from moe_core.config import ModelConfig, _check, from_dict
+from moe_core.errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    data: str | None = None  # .txt, folder of .txt, or .jsonl with "text"; None = the default corpus
+    tokenizer: str | None = None  # a tokenizer.json to use instead of training a BPE on the data
+    val_fraction: float = 0.1
+    batch_size: int = 16
+    max_steps: int = 300
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # the cosine decay ends at lr * min_lr_ratio
+    warmup_frac: float = 0.2  # linear warmup over this fraction of max_steps
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    router_lr_mult: float = 10.0  # LR multiplier for MoE/MoH routers and the MoH predictors
+    # Weights of the aux losses in the backpropagated loss.
+    moe_balance_weight: float = 0.01
+    moe_z_weight: float = 0.001
+    moh_balance_weight: float = 0.01
+    moh_complexity_weight: float = 0.01
+    moh_sparsity_weight: float = 0.001
+    halt_weight: float = 0.1
+    eval_every: int = 50
+    eval_batches: int = 8
+    log_every: int = 10
+    seed: int = 1337
+    compile: bool = True
+    device: str = "auto"  # auto | cpu | cuda
+
+    def validate(self, where: str = "train") -> None:
+        for name in ("batch_size", "max_steps", "eval_every", "eval_batches", "log_every"):
+            _check(getattr(self, name) >= 1, where, f"{name}: expected >= 1, got {getattr(self, name)}")
+        _check(0.0 < self.val_fraction <= 0.5, where, f"val_fraction: expected in (0, 0.5], got {self.val_fraction}")
+        _check(self.lr > 0, where, f"lr: expected > 0, got {self.lr}")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, where, f"min_lr_ratio: expected in [0, 1], got {self.min_lr_ratio}")
+        _check(0.0 <= self.warmup_frac <= 1.0, where, f"warmup_frac: expected in [0, 1], got {self.warmup_frac}")
+        _check(self.grad_clip >= 0, where, f"grad_clip: expected >= 0 (0 = off), got {self.grad_clip}")
+        _check(self.router_lr_mult > 0, where, f"router_lr_mult: expected > 0, got {self.router_lr_mult}")
+        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, where, "beta1/beta2: expected in [0, 1)")
+        for f in dataclasses.fields(self):
+            if f.name.endswith("_weight"):
+                _check(getattr(self, f.name) >= 0, where, f"{f.name}: expected >= 0, got {getattr(self, f.name)}")
+        _check(self.device in ("auto", "cpu", "cuda"), where,
+               f"device: expected auto, cpu or cuda, got {self.device!r}")
+
+    @property
+    def aux_weights(self) -> dict[str, float]:
+        """Weight of each aux loss the model returns, by the model's name for it."""
+        return {name: getattr(self, f"{name}_weight")
+                for name in ("moe_balance", "moe_z", "moh_balance", "moh_complexity", "moh_sparsity")}
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": dataclasses.asdict(self.model), "train": dataclasses.asdict(self.train)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str, validate: bool = True) -> RunConfig:
+        unknown = sorted(set(data) - {"model", "train"})
+        if unknown:
+            raise ConfigError(f"{where}: unknown section [{unknown[0]}] (expected [model] and [train])")
+        return cls(ModelConfig.from_dict(data.get("model", {}), f"{where}: model", validate),
+                   from_dict(TrainConfig, data.get("train", {}), f"{where}: train", validate))
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[: -len(".toml")] for p in resources.files("train.configs").iterdir()
+                  if p.name.endswith(".toml"))
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML ({e})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read ({e})") from None
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    if name not in preset_names():
+        raise ConfigError(f"--preset: unknown preset {name!r} (available: {', '.join(preset_names())})")
+    with resources.as_file(resources.files("train.configs") / f"{name}.toml") as path:
+        return read_toml(path)
+
+
+def parse_override(item: str) -> tuple[str, str, Any]:
+    """'model.d_model=64' or 'lr=1e-3' -> (section, key, value); values are TOML literals, else strings."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set model.d_model=64")
+    key, raw = (s.strip() for s in item.split("=", 1))
+    if "." in key:
+        section, key = key.split(".", 1)
+    else:
+        sections = [s for s, cls in (("model", ModelConfig), ("train", TrainConfig))
+                    if key in {f.name for f in dataclasses.fields(cls)}]
+        if not sections:
+            raise ConfigError(f"--set {item!r}: unknown key {key!r} (use model.KEY or train.KEY)")
+        section = sections[0]
+    if section not in ("model", "train"):
+        raise ConfigError(f"--set {item!r}: unknown section {section!r} (expected model or train)")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # bare words are strings: --set data=corpus.txt
+    return section, key, value
+
+
+def build_config(preset: str | None, config_file: str | None, overrides: list[str]) -> RunConfig:
+    """Dataclass defaults <- preset <- config file <- --set overrides, validated as a whole."""
+    data: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
+    layers = []
+    if preset is not None:
+        layers.append((load_preset(preset), f"preset {preset!r}"))
+    if config_file is not None:
+        layers.append((read_toml(config_file), str(config_file)))
+    for layer, where in layers:
+        RunConfig.from_dict(layer, where, validate=False)  # a bad key or type is named with its file
+        for section, values in layer.items():
+            data[section].update(values)
+    for item in overrides:
+        section, key, value = parse_override(item)
+        data[section][key] = value
+    return RunConfig.from_dict(data, "config")

@@ -1,0 +1,45 @@
+"""The training loss: deep supervision over every step, the halt head's target, and the weighted aux losses."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from moe_core.model import ModelOutput
+
+
+def per_sample_nll(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean next-token negative log-likelihood of each sample: logits [B, T, V], targets [B, T] -> [B]."""
+    B, T, V = logits.shape
+    nll = F.cross_entropy(logits.reshape(B * T, V).float(), targets.reshape(B * T), reduction="none")
+    return nll.view(B, T).mean(dim=1)
+
+
+def training_loss(out: ModelOutput, targets: Tensor, aux_weights: dict[str, float],
+                  halt_weight: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """The loss to backpropagate and its parts (all tensors; the caller decides when to sync them).
+
+    Halt target (language): at step s the halt head should say "halt" when step s+1 does not lower this
+    sample's loss any further — halting there loses nothing. The last step has no target: evaluation
+    keeps it anyway when no earlier step halted.
+    """
+    nll = torch.stack([per_sample_nll(lg, targets) for lg in out.step_logits])  # [S, B]
+    lm_loss = nll.mean()
+    total = lm_loss
+    parts: dict[str, Tensor] = {"lm_loss": lm_loss.detach(), "last_step_loss": nll[-1].mean().detach()}
+    if out.halt_logits is not None and nll.shape[0] > 1:
+        q = out.halt_logits[:-1]  # [S-1, B]
+        target = (nll[1:] >= nll[:-1]).detach().to(q.dtype)
+        halt_loss = F.binary_cross_entropy_with_logits(q, target)
+        total = total + halt_weight * halt_loss
+        parts["halt_loss"] = halt_loss.detach()
+        parts["halt_acc"] = ((q > 0) == target.bool()).float().mean().detach()
+        parts["halt_target"] = target.mean().detach()
+    for name, value in out.aux_losses.items():
+        weighted = aux_weights[name] * value
+        total = total + weighted
+        parts[f"aux.{name}"] = value.detach()
+        parts[f"aux_weighted.{name}"] = weighted.detach()
+    parts["loss"] = total.detach()
+    return total, parts
