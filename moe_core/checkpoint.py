@@ -54,6 +54,17 @@ def save_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt", "moe_version": __version__}))
 
 
+def save_run(run_dir: str | os.PathLike, model: RecursiveMoE, tokenizer_json: str,
+             extra_config: dict[str, Any] | None = None) -> None:
+    """Write a complete run directory for `model`: config.json, model.safetensors and tokenizer.json."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = {"model": model.config.to_dict(), **(extra_config or {}), "moe_version": __version__}
+    atomic_write_text(run_dir / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+    atomic_write_text(run_dir / TOKENIZER_FILE, tokenizer_json)
+    save_weights(model, run_dir / WEIGHTS_FILE)
+
+
 def read_json(path: str | os.PathLike) -> Any:
     path = Path(path)
     try:

@@ -18,7 +18,22 @@ SUBCOMMANDS = {  # name -> (module, attribute, one-line help)
 }
 
 
+class UserError(click.ClickException):
+    """A MoeError on its way out of click: one line on stderr, exit code 2."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.message}", err=True)
+
+
 class LazyGroup(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except MoeError as e:
+            raise UserError(str(e)) from None
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(SUBCOMMANDS)
 

@@ -109,8 +109,10 @@ class MoHAttention(nn.Module):
     Per token: complexity c = sigmoid(w_c x + b_c) sets a target head count t = min + c (max - min);
     threshold theta = 0.3 + 0.5 sigmoid(w_t x + b_t); heads are taken in descending router probability
     while the probability taken so far is below theta and the count is below round(t), never fewer than
-    min_heads. Each selected head's output is weighted by its router probability (times n_heads, so that a
-    uniform router with every head selected is exactly standard multi-head attention).
+    min_heads. Each selected head's output is weighted by its router probability, renormalised over the
+    selected heads as the MoE combine weights are: a token's attention output is a convex combination of its
+    heads, so concentrating the router buys no output scale (raw probabilities let a router grow its
+    output by collapsing onto one head — seen in training).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -164,7 +166,8 @@ class MoHAttention(nn.Module):
             if self.causal:
                 allowed = allowed & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
-        weights = (r.probs * r.mask * H).to(o.dtype)  # [B, T, H]
+        weights = r.probs * r.mask
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(o.dtype)  # [B, T, H], sums to 1 per token
         o = o * weights.transpose(1, 2).unsqueeze(-1)
         y = self.o_proj(o.transpose(1, 2).reshape(B, T, D))
         if acc is not None:

@@ -17,8 +17,15 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from moe_core import __version__
-from moe_core.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, atomic_write, atomic_write_text, save_weights
+from moe_core.checkpoint import (
+    CONFIG_FILE,
+    TOKENIZER_FILE,
+    WEIGHTS_FILE,
+    atomic_write,
+    atomic_write_text,
+    save_run,
+    save_weights,
+)
 from moe_core.errors import MoeError
 from moe_core.model import RecursiveMoE
 
@@ -172,15 +179,17 @@ def train(cfg: RunConfig, out: str | os.PathLike, overwrite: bool = False) -> di
     print(f"data: {len(docs)} documents, {len(data.train):,} train / {len(data.val):,} val tokens, "
           f"tokenizer {data.vocab_size} tokens ({time.perf_counter() - t0:.1f}s)")
     print(f"baselines: uniform ln(V) = {uniform:.3f}, unigram = {unigram:.3f} nats/token")
-    atomic_write_text(run_dir / TOKENIZER_FILE, tok.to_str(pretty=False))
-    atomic_write_text(run_dir / CONFIG_FILE,
-                      json.dumps({**cfg.to_dict(), "moe_version": __version__}, indent=2) + "\n")
 
     # -- model and optimiser ---------------------------------------------------------------------------
     model = RecursiveMoE(mc).to(device)
+    save_run(run_dir, model, tok.to_str(pretty=False), {"train": cfg.to_dict()["train"]})  # complete from the start
     n_params = sum(p.numel() for p in model.parameters())
     optimizer = build_optimizer(model, cfg)
-    step_fn = torch.compile(model) if tc.compile else model  # the model itself never knows it is compiled
+    if tc.compile:
+        # Regional compilation: every call of the recursion goes through the same blocks, so compiling each
+        # block (one shared graph) costs a fraction of tracing the whole unrolled step, for the same kernels.
+        for block in model.net.blocks:
+            block.compile()
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
     warmup = warmup_steps(tc.max_steps, tc.warmup_frac)
@@ -211,7 +220,7 @@ def train(cfg: RunConfig, out: str | os.PathLike, overwrite: bool = False) -> di
         batch_gen.manual_seed(tc.seed * 1_000_003 + step)  # the batch is a function of (seed, step): exact resume
         x, y = (t.to(device) for t in D.get_batch(data.train, tc.batch_size, mc.max_seq_len, batch_gen))
         with autocast:
-            out = step_fn(x)
+            out = model(x)
             loss, parts = training_loss(out, y, tc.aux_weights, tc.halt_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,0 +1,33 @@
+"""`moe export`."""
+
+from __future__ import annotations
+
+import click
+
+from moe_core.cli import run
+
+
+@click.command(context_settings={"show_default": True})
+@click.argument("run_dir", type=click.Path())
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The ONNX file to write.")
+@click.option("--opset", default=20, type=click.IntRange(18, 23), help="ONNX opset version.")
+@click.option("--check/--no-check", default=True,
+              help="Run the parity check (ONNX Runtime vs eager PyTorch) and refuse to write on failure.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+def export(run_dir, out, opset, check, overwrite) -> None:
+    """Export the model of RUN_DIR to one static ONNX graph.
+
+    Inputs input_ids and attention_mask (int64 [batch, seq], both axes dynamic; pass ones when not padded),
+    outputs logits (float32 [batch, seq, vocab]) and halt_step (int64 [batch]). All H/L cycles and halting steps
+    are unrolled. The tokenizer is written beside the model as OUT's stem + .tokenizer.json.
+    """
+    from .onnx_export import export_run
+
+    r = export_run(run_dir, out, opset=opset, check=check, overwrite=overwrite, log=click.echo)
+    click.echo(f"exported {r.path} | opset {r.opset} | {r.nodes} nodes | {r.params / 1e6:.2f}M parameters | "
+               f"{r.size_bytes / 1e6:.1f} MB | tokenizer {r.tokenizer_path.name} | {r.seconds:.1f}s"
+               + (f" | parity max rel {r.parity.max_rel:.1e}" if r.parity else " | parity not checked"))
+
+
+def main() -> None:
+    run(export)

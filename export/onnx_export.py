@@ -1,0 +1,185 @@
+"""Export a run to one static ONNX graph (DESIGN.md section 3) and prove parity with the eager model.
+
+The eval-mode model already is a static function: every H/L cycle and every halting step runs, halting is
+selected with masks, MoE and MoH routing use TopK / sort / cumsum / scatter. Export therefore traces the
+plain module with `torch.export` (the `dynamo=True` exporter) and unrolls the fixed-range Python loops.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import Tensor, nn
+
+from moe_core import __version__
+from moe_core.checkpoint import TOKENIZER_FILE, atomic_write_text, load_model, load_run_config
+from moe_core.errors import CheckpointError, MoeError
+from moe_core.model import RecursiveMoE
+
+from .parity import ParityReport, check_parity
+
+DEFAULT_OPSET = 20
+INPUTS = ("input_ids", "attention_mask")
+OUTPUTS = ("logits", "halt_step")
+
+
+class ExportGraph(nn.Module):
+    """The exported function: (input_ids, attention_mask) -> (logits, halt_step)."""
+
+    def __init__(self, model: RecursiveMoE) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.model(input_ids, attention_mask)
+        return out.logits, out.halt_step
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    tokenizer_path: Path
+    opset: int
+    nodes: int
+    params: int
+    size_bytes: int
+    seconds: float
+    parity: ParityReport | None
+
+
+def tokenizer_path_for(onnx_path: str | os.PathLike) -> Path:
+    """The tokenizer written beside MODEL.onnx: MODEL.tokenizer.json."""
+    p = Path(onnx_path)
+    return p.with_name(p.stem + ".tokenizer.json")
+
+
+def read_tokenizer_text(run_dir: Path, vocab_size: int) -> str:
+    from tokenizers import Tokenizer
+
+    path = run_dir / TOKENIZER_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+        n = Tokenizer.from_str(text).get_vocab_size()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except Exception as e:  # tokenizers raises plain Exceptions for malformed JSON
+        raise CheckpointError(f"{path}: not a tokenizers JSON file ({str(e).splitlines()[0]})") from None
+    if n > vocab_size:
+        raise CheckpointError(f"{path}: tokenizer has {n} tokens but the model's embedding has {vocab_size} rows")
+    return text
+
+
+def to_onnx(model: RecursiveMoE, path: str | os.PathLike, opset: int = DEFAULT_OPSET) -> None:
+    """Trace the eval-mode `model` and write the ONNX graph to `path` (one file, no external data)."""
+    cfg = model.config
+    graph = ExportGraph(model).eval()
+    # Example inputs of size >= 2 on both axes: torch.export specialises dimensions of size 0 and 1.
+    T = min(cfg.max_seq_len, 8) if cfg.max_seq_len >= 2 else 2
+    ids = torch.randint(0, cfg.vocab_size, (2, T))
+    mask = torch.ones(2, T, dtype=torch.long)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    seq = torch.export.Dim("seq", min=1, max=max(cfg.max_seq_len, 2))
+    dims = {0: batch, 1: seq}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(graph, (ids, mask), dynamo=True, opset_version=opset,
+                                    input_names=list(INPUTS), output_names=list(OUTPUTS),
+                                    dynamic_shapes={"input_ids": dims, "attention_mask": dims},
+                                    external_data=False, verbose=False)
+    program.save(str(path), external_data=False)
+
+
+def dedupe_initializers(proto: onnx.ModelProto) -> int:
+    """Merge byte-identical initializers; returns how many were dropped.
+
+    The exporter constant-folds each use of a weight (e.g. the transpose inside every unrolled call of
+    a Linear) into an initializer of its own, so an unrolled recursive model would store every weight
+    H_cycles * (L_cycles + 1) * halt_max_steps times over.
+    """
+    graph = proto.graph
+    keep: dict[tuple, str] = {}
+    rename: dict[str, str] = {}
+    kept = []
+    for init in graph.initializer:
+        key = (init.data_type, tuple(init.dims), hashlib.sha256(numpy_helper.to_array(init).tobytes()).hexdigest())
+        if key in keep:
+            rename[init.name] = keep[key]
+        else:
+            keep[key] = init.name
+            kept.append(init)
+    if not rename:
+        return 0
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    return len(rename)
+
+
+def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, opset: int = DEFAULT_OPSET,
+               check: bool = True, overwrite: bool = False, log=print) -> ExportResult:
+    """Export RUN_DIR to OUT (+ OUT's tokenizer). Nothing is left at OUT unless export and parity succeed."""
+    run_dir, out = Path(run_dir), Path(out)
+    if out.exists() and not overwrite:
+        raise MoeError(f"{out}: already exists (pass --overwrite to replace it)")
+    if not out.parent.is_dir():
+        raise MoeError(f"{out.parent}: output directory does not exist")
+    t0 = time.perf_counter()
+    model = load_model(run_dir)
+    cfg = model.config
+    _, full_config = load_run_config(run_dir)
+    tokenizer_text = read_tokenizer_text(run_dir, cfg.vocab_size)
+    tok_path = tokenizer_path_for(out)
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        to_onnx(model, tmp, opset)
+        proto = onnx.load(tmp)
+        dedupe_initializers(proto)
+        for node in proto.graph.node:  # per-node stack traces and FX names: half the file, no use to a runtime
+            del node.metadata_props[:]
+            node.doc_string = ""
+        metadata = {
+            "moe_version": __version__,
+            "config": json.dumps(full_config, sort_keys=True),
+            "vocab_size": str(cfg.vocab_size),
+            "max_seq_len": str(cfg.max_seq_len),
+            "halt_max_steps": str(cfg.n_steps),
+            "causal": str(cfg.causal).lower(),
+            "tokenizer_file": tok_path.name,
+            "tokenizer_sha256": hashlib.sha256(tokenizer_text.encode("utf-8")).hexdigest(),
+        }
+        del proto.metadata_props[:]
+        for k, v in metadata.items():
+            proto.metadata_props.add(key=k, value=v)
+        try:
+            onnx.checker.check_model(proto, full_check=True)
+        except onnx.checker.ValidationError as e:
+            raise MoeError(f"{out}: exported graph fails onnx.checker ({str(e).splitlines()[0]})") from None
+        onnx.save(proto, tmp)
+        report = check_parity(model, tmp) if check else None
+        if report is not None:
+            log(report.summary())
+            if not report.ok:
+                raise MoeError(f"{out}: parity check failed ({report.failure}); nothing was written")
+        atomic_write_text(tok_path, tokenizer_text)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    n_params = sum(int(torch.tensor(t.dims).prod()) if t.dims else 1 for t in proto.graph.initializer)
+    return ExportResult(out, tok_path, opset, len(proto.graph.node), n_params, out.stat().st_size,
+                        time.perf_counter() - t0, report)

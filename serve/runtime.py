@@ -1,0 +1,278 @@
+"""ONNX Runtime side of `moe serve`: open an exported model, check it is what `moe export` wrote, run batches.
+
+Execution providers
+-------------------
+`--provider auto` takes CUDA when this onnxruntime build lists CUDAExecutionProvider *and* the session really
+got it (ORT silently falls back to CPU when the CUDA/cuDNN libraries are missing, so `sess.get_providers()` is
+checked after creation); otherwise CPU. `--provider cuda` without CUDA is an error, `--provider cpu` never tries.
+The decision is two pure functions, `choose_providers` and `resolve_provider`, unit-tested with fake lists.
+
+CUDA runs with `use_tf32=0` (the CUDA EP enables TF32 by default; PyTorch fp32 matmuls do not, and parity is
+stated for fp32) and with IO binding: inputs are bound from host memory, outputs are allocated on the device and
+copied back once per batch. What comes back is small, because the session's graph is the exported graph plus
+the reductions serving needs (`add_serving_outputs`): per-token log-probs [B, T-1] for scoring and the last
+valid position's logits [B, V] for generation. The full [B, T, V] logits stay on the device as an intermediate.
+
+CPU session options: graph optimisation ORT_ENABLE_ALL (constant folding and the generic fusions; the
+transformer fusions do not match a custom MoE/MoH graph, but nothing is lost by trying), intra-op threads =
+physical cores (a second hyper-thread on the same core only contends for the same FMA units), one inter-op
+thread with ORT_SEQUENTIAL execution (the graph is one long chain of dependent ops: parallel branches are
+tiny, and inter-op threads would compete with the intra-op pool). `--threads` overrides the intra-op count.
+
+Verifying the CUDA path on a GPU machine (it cannot run on the CPU-only CI):
+    pip install "moe[gpu]"        # onnxruntime-gpu replaces onnxruntime; needs CUDA 13 + cuDNN 9
+    python -c "import onnxruntime as o; print(o.get_available_providers())"   # lists CUDAExecutionProvider
+    pytest tests/test_serve.py -k cuda   # CUDA vs CPU scores within the parity tolerance, same greedy tokens
+    moe serve M.onnx --input in.jsonl --output out.jsonl --provider cuda   # prints "provider cuda"
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moe_core.errors import MoeError
+
+PROVIDER_CHOICES = ("auto", "cuda", "cpu")
+CUDA_EP, CPU_EP = "CUDAExecutionProvider", "CPUExecutionProvider"
+# fp32 parity with eager PyTorch: no TF32 matmuls (the CUDA EP's default is TF32 on).
+CUDA_OPTIONS = {"use_tf32": "0"}
+
+INPUTS = ("input_ids", "attention_mask")  # the exported graph's contract (export/onnx_export.py)
+OUTPUTS = ("logits", "halt_step")
+METADATA_KEYS = ("moe_version", "config", "vocab_size", "max_seq_len", "halt_max_steps", "causal",
+                 "tokenizer_file", "tokenizer_sha256")
+# Outputs serving adds to the graph (see add_serving_outputs).
+TOKEN_LOGPROBS, LAST_LOGITS, HALT_STEP = "token_logprobs", "last_logits", "halt_step"
+
+# The end-of-text token of our tokenizers: the same string as train.data.EOT (serve never imports train/;
+# tests/test_serve.py checks the two agree).
+EOT = "<|endoftext|>"
+
+
+# -----------------------------------------------------------------------------
+# execution providers (pure: unit-tested with fake provider lists)
+
+
+def choose_providers(requested: str, available: list[str]) -> list[Any]:
+    """The `providers=` list for InferenceSession, given --provider and ort.get_available_providers()."""
+    if requested not in PROVIDER_CHOICES:
+        raise MoeError(f"--provider: expected one of {', '.join(PROVIDER_CHOICES)}, got {requested!r}")
+    if requested == "cuda" and CUDA_EP not in available:
+        raise MoeError(f"--provider cuda: this onnxruntime has no {CUDA_EP} (available: {', '.join(available)}); "
+                       "install onnxruntime-gpu (pip install \"moe[gpu]\") on a CUDA machine, or use --provider cpu")
+    if requested != "cpu" and CUDA_EP in available:
+        return [(CUDA_EP, dict(CUDA_OPTIONS)), CPU_EP]
+    return [CPU_EP]
+
+
+def resolve_provider(requested: str, tried: list[Any], session_providers: list[str]) -> tuple[str, str | None]:
+    """("cuda" | "cpu", a note for the user or None), from the providers the session actually got: ORT falls
+    back to CPU silently when the CUDA libraries are missing. `tried` is what choose_providers returned."""
+    if session_providers and session_providers[0] == CUDA_EP:
+        return "cuda", None
+    wanted_cuda = any(p[0] == CUDA_EP for p in tried if isinstance(p, tuple))
+    if requested == "cuda":
+        raise MoeError(f"--provider cuda: onnxruntime lists {CUDA_EP} but the session fell back to "
+                       f"{', '.join(session_providers) or 'nothing'} (CUDA 13 / cuDNN 9 libraries not found?)")
+    if wanted_cuda:
+        return "cpu", f"{CUDA_EP} is listed but could not be used (CUDA 13 / cuDNN 9 libraries not found?)"
+    return "cpu", None
+
+
+def physical_cores() -> int:
+    """Physical cores this process may use (hyper-threads of one core count once)."""
+    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        cores, phys = set(), None
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "physical id":
+                    phys = value.strip()
+                elif key == "core id":
+                    cores.add((phys, value.strip()))
+        n = len(cores) or logical
+    except OSError:  # not Linux: assume no hyper-threading rather than guess
+        n = logical
+    return max(1, min(n, logical))
+
+
+def session_options(threads: int | None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.intra_op_num_threads = threads or physical_cores()
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3  # warnings about unused initializers etc. are not the user's business
+    return opts
+
+
+# -----------------------------------------------------------------------------
+# the model file and its tokenizer
+
+
+@dataclass
+class ModelInfo:
+    path: Path
+    tokenizer_path: Path
+    vocab_size: int
+    max_seq_len: int
+    halt_max_steps: int
+    moe_version: str
+    config: dict[str, Any]  # the run's full config: {"model": {...}, "train": {...}}
+    tokenizer_sha256: str
+
+
+def read_model(path: str | os.PathLike):
+    """(onnx.ModelProto, ModelInfo) of an exported model; MoeError naming the file for anything unexpected."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise MoeError(f"{path}: model file not found" if not path.exists() else f"{path}: not a file")
+    try:
+        proto = onnx.load(str(path))
+    except Exception as e:  # protobuf's DecodeError, or onnx's own errors for external data
+        raise MoeError(f"{path}: not an ONNX model ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    inputs = [i.name for i in proto.graph.input]
+    outputs = [o.name for o in proto.graph.output]
+    if sorted(inputs) != sorted(INPUTS) or not set(OUTPUTS) <= set(outputs):
+        raise MoeError(f"{path}: not a `moe export` model: expected inputs {', '.join(INPUTS)} and outputs "
+                       f"{', '.join(OUTPUTS)}, found inputs [{', '.join(inputs)}] outputs [{', '.join(outputs)}]")
+    meta = {p.key: p.value for p in proto.metadata_props}
+    missing = [k for k in METADATA_KEYS if k not in meta]
+    if missing:
+        raise MoeError(f"{path}: missing metadata {', '.join(missing)} (expected a model written by `moe export`)")
+    try:
+        info = ModelInfo(path, path.with_name(meta["tokenizer_file"]), int(meta["vocab_size"]),
+                         int(meta["max_seq_len"]), int(meta["halt_max_steps"]), meta["moe_version"],
+                         json.loads(meta["config"]), meta["tokenizer_sha256"])
+    except ValueError as e:
+        raise MoeError(f"{path}: malformed metadata ({e})") from None
+    if meta["causal"] != "true":
+        raise MoeError(f"{path}: the model is not causal (metadata causal={meta['causal']}); "
+                       "scoring and generation need a causal language model")
+    if Path(meta["tokenizer_file"]).name != meta["tokenizer_file"]:
+        raise MoeError(f"{path}: metadata tokenizer_file must be a file name beside the model, "
+                       f"got {meta['tokenizer_file']!r}")
+    return proto, info
+
+
+def load_tokenizer(info: ModelInfo):
+    """The tokenizer beside the model, checked against the model's tokenizer_sha256 and vocabulary size."""
+    from tokenizers import Tokenizer
+
+    path = info.tokenizer_path
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MoeError(f"{path}: tokenizer file not found (the model {info.path.name} names it in its "
+                       "metadata; `moe export` writes it beside the model)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise MoeError(f"{path}: cannot read the tokenizer ({e})") from None
+    sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    if sha != info.tokenizer_sha256:
+        raise MoeError(f"{path}: tokenizer does not match the model {info.path.name} (sha256 {sha[:12]}…, "
+                       f"the model expects {info.tokenizer_sha256[:12]}…)")
+    try:
+        tok = Tokenizer.from_str(text)
+    except Exception as e:  # tokenizers raises plain Exceptions for malformed JSON
+        raise MoeError(f"{path}: not a tokenizers JSON file ({str(e).splitlines()[0]})") from None
+    if tok.get_vocab_size() > info.vocab_size:
+        raise MoeError(f"{path}: tokenizer has {tok.get_vocab_size()} tokens but the model {info.path.name} "
+                       f"has vocab_size {info.vocab_size}")
+    return tok
+
+
+def add_serving_outputs(proto) -> None:
+    """Append the two reductions serving needs to the exported graph (standard ONNX ops, opset >= 13):
+
+    token_logprobs [B, T-1]: log_softmax(logits)[b, t, input_ids[b, t+1]] — the log-prob of each next token;
+    last_logits    [B, V]:   logits[b, sum(attention_mask[b]) - 1] — the last valid position (right padding).
+
+    They run inside the session, on the session's device, so only these small tensors leave it.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = proto.graph
+    taken = {o.name for o in g.output}
+    if TOKEN_LOGPROBS in taken or LAST_LOGITS in taken:
+        return
+    for name, value in (("one", 1), ("zero", 0), ("minus_one", -1), ("two", 2), ("end", 2**62)):
+        g.initializer.append(numpy_helper.from_array(np.array([value], dtype=np.int64), f"serve/{name}"))
+    n = helper.make_node
+    g.node.extend([
+        # token_logprobs: logits of positions 0..T-2 score the tokens at 1..T-1.
+        n("LogSoftmax", ["logits"], ["serve/logp"], axis=-1),
+        n("Slice", ["serve/logp", "serve/zero", "serve/minus_one", "serve/one"], ["serve/logp_prev"]),
+        n("Slice", ["input_ids", "serve/one", "serve/end", "serve/one"], ["serve/next_ids"]),
+        n("Unsqueeze", ["serve/next_ids", "serve/two"], ["serve/next_ids3"]),
+        n("GatherElements", ["serve/logp_prev", "serve/next_ids3"], ["serve/token_logprobs3"], axis=2),
+        n("Squeeze", ["serve/token_logprobs3", "serve/two"], [TOKEN_LOGPROBS]),
+        # last_logits: gather position len-1 of every row; Expand broadcasts the [B,1,1] index to [B,1,V].
+        n("ReduceSum", ["attention_mask", "serve/one"], ["serve/len"], keepdims=1),
+        n("Sub", ["serve/len", "serve/one"], ["serve/last"]),
+        n("Unsqueeze", ["serve/last", "serve/two"], ["serve/last3"]),
+        n("Shape", ["logits"], ["serve/logits_shape"]),
+        n("Slice", ["serve/logits_shape", "serve/two", "serve/end"], ["serve/vocab"]),
+        n("Concat", ["serve/one", "serve/one", "serve/vocab"], ["serve/index_shape"], axis=0),
+        n("Expand", ["serve/last3", "serve/index_shape"], ["serve/last_index"]),
+        n("GatherElements", ["logits", "serve/last_index"], ["serve/last_logits3"], axis=1),
+        n("Squeeze", ["serve/last_logits3", "serve/one"], [LAST_LOGITS]),
+    ])
+    g.output.extend([helper.make_tensor_value_info(TOKEN_LOGPROBS, TensorProto.FLOAT, ["batch", "seq_minus_1"]),
+                     helper.make_tensor_value_info(LAST_LOGITS, TensorProto.FLOAT, ["batch", "vocab"])])
+
+
+# -----------------------------------------------------------------------------
+# the session
+
+
+class OrtModel:
+    """An ONNX Runtime session of an exported model (plus the serving outputs) on the chosen provider."""
+
+    def __init__(self, path: str | os.PathLike, provider: str = "auto", threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        proto, self.info = read_model(path)
+        self.tokenizer = load_tokenizer(self.info)
+        add_serving_outputs(proto)
+        available = ort.get_available_providers()
+        providers = choose_providers(provider, available)
+        if CUDA_EP in available and provider != "cpu" and hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # CUDA / cuDNN from the pip nvidia-* packages, when that is how they were installed
+        self.threads = threads or physical_cores()
+        try:
+            self.session = ort.InferenceSession(proto.SerializeToString(), sess_options=session_options(threads),
+                                                providers=providers)
+        except Exception as e:  # ORT raises its own exception types for invalid graphs
+            raise MoeError(f"{self.info.path}: ONNX Runtime cannot load the model ({str(e).splitlines()[0]})") from None
+        self.provider, self.note = resolve_provider(provider, providers, self.session.get_providers())
+
+    def describe(self) -> str:
+        if self.provider == "cuda":
+            return "cuda (CUDAExecutionProvider, tf32 off, IO binding)"
+        return f"cpu (CPUExecutionProvider, {self.threads} threads)"
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
+        """Run one right-padded batch (int64 [B, T] each) and return the named outputs as host arrays."""
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.provider != "cuda":
+            return self.session.run(outputs, feeds)
+        io = self.session.io_binding()
+        for name, array in feeds.items():
+            io.bind_cpu_input(name, array)
+        for name in outputs:
+            io.bind_output(name, "cuda")  # allocated on the device; only these (small) outputs are copied back
+        self.session.run_with_iobinding(io)
+        return io.copy_outputs_to_cpu()

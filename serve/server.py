@@ -1,0 +1,298 @@
+"""The serving API: open an exported model once, then score or generate for lists of texts.
+
+    from serve import Server
+    server = Server.open("model.onnx")                      # provider="auto" | "cuda" | "cpu", threads=None
+    server.score(["To be, or not to be"])                   # -> [ScoreResult(nll=..., ppl=..., n_tokens=5, ...)]
+    server.generate(["ROMEO:"], max_new_tokens=32)          # -> [GenerateResult(text=..., tokens=[...], ...)]
+
+Scoring. A text of n tokens has n - 1 scored tokens: position t's logits predict token t + 1, and nothing
+predicts the first token. nll is the mean negative log-likelihood (nats/token) over them, ppl = exp(nll).
+A text of 0 or 1 tokens has nothing to score: nll and ppl are None, n_tokens is 0 (halt_step is still
+reported for 1 token). Texts longer than the model's max_seq_len T are scored with a sliding window (see
+`windows`): every token is scored exactly once, with at least T - stride tokens of left context (stride
+defaults to T // 2); halt_step is then the first window's. Log-probs come from the graph itself
+(runtime.add_serving_outputs), so they are those of the exported logits.
+
+Generation. No KV cache: the recursive model recomputes its whole context at every step, so each step is one
+forward pass of the batch over the last T tokens of prompt + continuation (the oldest tokens drop out of the
+context once it is full). Greedy (temperature 0) by default; otherwise temperature / top-k / top-p sampling
+from a per-sample generator seeded with (seed, index of the sample), so results do not depend on batch size
+or order. Only ids the tokenizer knows are ever produced. Generation stops at <|endoftext|> (not included in
+the output) or after max_new_tokens. An empty prompt starts from <|endoftext|>, the document separator the
+model was trained with.
+
+Batching. Work is sorted by length (longest first) and cut into batches of batch_size rows, right-padded with
+attention_mask = 0, so padding stays small; results come back in input order. Finished generations leave their
+batch, so the remaining ones do not pay for them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from moe_core.errors import MoeError
+
+from .runtime import EOT, HALT_STEP, LAST_LOGITS, TOKEN_LOGPROBS, ModelInfo, OrtModel
+
+Progress = Callable[[int], Any]  # called with the number of input texts a batch has finished
+
+
+@dataclass
+class ScoreResult:
+    nll: float | None  # mean negative log-likelihood, nats per scored token; None when nothing was scored
+    ppl: float | None  # exp(nll)
+    n_tokens: int  # scored tokens: the text's token count minus one (0 for an empty or 1-token text)
+    halt_step: int | None  # 1-based halting step of the (first) window; None for an empty text
+    n_windows: int  # forward passes over this text: 1, or more when it is longer than max_seq_len
+    token_logprobs: list[float] | None = None  # log p(token t | tokens < t) for t = 1..n-1, when requested
+
+    def as_record(self) -> dict[str, Any]:
+        r = {"nll": self.nll, "ppl": self.ppl, "n_tokens": self.n_tokens, "halt_step": self.halt_step,
+             "n_windows": self.n_windows}
+        if self.token_logprobs is not None:
+            r["token_logprobs"] = [round(v, 6) for v in self.token_logprobs]  # float32 holds ~7 digits
+        return r
+
+
+@dataclass
+class GenerateResult:
+    text: str  # the continuation (decoded new tokens), without the prompt
+    tokens: list[int]  # the new token ids (without the final <|endoftext|>)
+    finish_reason: str  # "eot" (the model ended the text) or "length" (max_new_tokens reached)
+    halt_step: int  # halting step of the last forward pass
+
+    def as_record(self) -> dict[str, Any]:
+        return {"completion": self.text, "n_new_tokens": len(self.tokens), "finish_reason": self.finish_reason,
+                "halt_step": self.halt_step}
+
+
+@dataclass
+class ServeStats:
+    """Running totals over every call of one Server (the CLI's final summary)."""
+
+    sequences: int = 0
+    tokens: int = 0  # score: tokens of the input texts; generate: new tokens
+    positions: int = 0  # valid (non-padding) positions fed to the model
+    padding: int = 0  # padding positions fed to the model
+    halt_sum: int = 0  # sum of the reported halt_step values
+    halt_count: int = 0
+    long_inputs: int = 0  # texts longer than max_seq_len (scored with a sliding window / prompt cut to its end)
+
+    @property
+    def padding_fraction(self) -> float:
+        return self.padding / max(1, self.padding + self.positions)
+
+    @property
+    def mean_halt_step(self) -> float:
+        return self.halt_sum / max(1, self.halt_count)
+
+
+# -----------------------------------------------------------------------------
+# pure helpers: windows, batches, padding, sampling
+
+
+def windows(n: int, max_len: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first_target) of the windows that score an n-token text with a model of length max_len.
+
+    Window k feeds tokens [begin, end) and scores targets [first_target, end) — the targets not scored by an
+    earlier window — so every target 1..n-1 is scored exactly once. Windows after the first advance by
+    `stride` and keep max_len tokens, so each of their targets sees at least max_len - stride tokens of context.
+    """
+    if n == 0:
+        return []
+    if n <= max_len:
+        return [(0, n, 1)]
+    out, end = [(0, max_len, 1)], max_len
+    while end < n:
+        new_end = min(end + stride, n)
+        out.append((new_end - max_len, new_end, end))
+        end = new_end
+    return out
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length, longest first (a memory problem shows up at once)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def pad_batch(rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded int64 input_ids and attention_mask [B, max len]. The pad id (0) is never attended to."""
+    width = max(len(r) for r in rows)
+    ids = np.zeros((len(rows), width), dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = r
+        mask[i, :len(r)] = 1
+    return ids, mask
+
+
+def pick_token(logits: np.ndarray, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+               rng: np.random.Generator | None = None) -> int:
+    """Next token from one position's logits [V]: argmax at temperature 0, else a sample from
+    softmax(logits / temperature) restricted to the top_k ids (0 = all) and to the smallest set of ids whose
+    probability reaches top_p."""
+    if temperature == 0:
+        return int(np.argmax(logits))  # the first of tied maxima, as torch.argmax
+    z = logits.astype(np.float64) / temperature
+    if 0 < top_k < len(z):
+        z = np.where(z >= np.partition(z, -top_k)[-top_k], z, -np.inf)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        keep = order[: int(np.searchsorted(np.cumsum(p[order]), top_p)) + 1]
+        q = np.zeros_like(p)
+        q[keep] = p[keep]
+        p = q / q.sum()
+    return int(rng.choice(len(p), p=p))
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+    if max_new_tokens < 1:
+        raise MoeError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
+    if not temperature >= 0:
+        raise MoeError(f"temperature: expected >= 0 (0 = greedy), got {temperature}")
+    if top_k < 0:
+        raise MoeError(f"top_k: expected >= 0 (0 = no limit), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise MoeError(f"top_p: expected a value in (0, 1], got {top_p}")
+
+
+# -----------------------------------------------------------------------------
+# the server
+
+
+class Server:
+    def __init__(self, model: OrtModel) -> None:
+        self.model = model
+        self.tokenizer = model.tokenizer
+        self.eot_id: int | None = self.tokenizer.token_to_id(EOT)
+        self.stats = ServeStats()
+
+    @classmethod
+    def open(cls, model_path: str | os.PathLike, provider: str = "auto", threads: int | None = None) -> Server:
+        """Load MODEL.onnx and the tokenizer beside it (both checked); provider "auto" | "cuda" | "cpu"."""
+        return cls(OrtModel(model_path, provider, threads))
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.model.info
+
+    @property
+    def provider(self) -> str:
+        return self.model.provider  # what the session really runs on: "cuda" or "cpu"
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        # No post-processor tokens: a text is scored / continued exactly as written.
+        return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+    def _forward(self, rows: Sequence[Sequence[int]], outputs: list[str]) -> list[np.ndarray]:
+        ids, mask = pad_batch(rows)
+        valid = int(mask.sum())
+        self.stats.positions += valid
+        self.stats.padding += mask.size - valid
+        return self.model.run(ids, mask, outputs)
+
+    # -- score -----------------------------------------------------------------------------------------
+
+    def score(self, texts: Sequence[str], batch_size: int = 32, return_token_logprobs: bool = False,
+              stride: int | None = None, progress: Progress | None = None) -> list[ScoreResult]:
+        """Per-text mean NLL / perplexity of the scored tokens, in input order (see the module docstring)."""
+        T = self.info.max_seq_len
+        stride = stride or max(1, T // 2)
+        if not 1 <= stride <= T:
+            raise MoeError(f"stride: expected 1..{T} (the model's max_seq_len), got {stride}")
+        if batch_size < 1:
+            raise MoeError(f"batch_size: expected >= 1, got {batch_size}")
+        ids = self.encode(texts)
+        # One row per window; logp[i][t - 1] = log p(token t of text i | its context).
+        rows = [(i, b, e, s) for i, x in enumerate(ids) for b, e, s in windows(len(x), T, stride)]
+        logp = [np.zeros(max(0, len(x) - 1), dtype=np.float32) for x in ids]
+        halt: list[int | None] = [None] * len(ids)
+        remaining = [0] * len(ids)
+        for i, *_ in rows:
+            remaining[i] += 1
+        if progress is not None and remaining.count(0):
+            progress(remaining.count(0))  # empty texts: nothing to run
+        for batch in length_batches([e - b for _, b, e, _ in rows], batch_size):
+            lp, hs = self._forward([ids[rows[k][0]][rows[k][1]:rows[k][2]] for k in batch], [TOKEN_LOGPROBS, HALT_STEP])
+            done = 0
+            for r, k in enumerate(batch):
+                i, b, e, s = rows[k]
+                logp[i][s - 1:e - 1] = lp[r, s - b - 1:e - b - 1]  # lp[r, j] scores the row's token j + 1
+                if b == 0:
+                    halt[i] = int(hs[r])
+                remaining[i] -= 1
+                done += remaining[i] == 0
+            if progress is not None and done:
+                progress(done)
+
+        results = []
+        for i, x in enumerate(ids):
+            n = len(logp[i])
+            nll = -float(logp[i].sum(dtype=np.float64)) / n if n else None
+            ppl = (math.exp(nll) if nll < 700 else math.inf) if nll is not None else None
+            results.append(ScoreResult(nll, ppl, n, halt[i], len(windows(len(x), T, stride)),
+                                       logp[i].tolist() if return_token_logprobs else None))
+        self._account(results, tokens=sum(map(len, ids)), long=sum(len(x) > T for x in ids))
+        return results
+
+    # -- generate --------------------------------------------------------------------------------------
+
+    def generate(self, texts: Sequence[str], max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int = 0, batch_size: int = 32, first_index: int = 0,
+                 progress: Progress | None = None) -> list[GenerateResult]:
+        """Continue each text (see the module docstring). `first_index` is the index of texts[0] in a longer
+        stream, so that a sample's random generator does not depend on how the stream was cut into calls."""
+        check_sampling(max_new_tokens, temperature, top_k, top_p)
+        if batch_size < 1:
+            raise MoeError(f"batch_size: expected >= 1, got {batch_size}")
+        T = self.info.max_seq_len
+        n_valid = self.tokenizer.get_vocab_size()  # ids past the tokenizer's vocabulary are not tokens
+        prompts = self.encode(texts)
+        for i, p in enumerate(prompts):
+            if not p:
+                if self.eot_id is None:
+                    raise MoeError(f"text {first_index + i + 1}: empty prompt, and the tokenizer has no {EOT} "
+                                   "to start from")
+                p.append(self.eot_id)
+        sampling = temperature > 0
+        results: list[GenerateResult | None] = [None] * len(prompts)
+        for batch in length_batches([len(p) for p in prompts], batch_size):
+            rngs = {i: np.random.default_rng([seed, first_index + i]) for i in batch} if sampling else {}
+            new: dict[int, list[int]] = {i: [] for i in batch}
+            active = list(batch)
+            while active:
+                last, hs = self._forward([(prompts[i] + new[i])[-T:] for i in active], [LAST_LOGITS, HALT_STEP])
+                still = []
+                for r, i in enumerate(active):
+                    t = pick_token(last[r, :n_valid], temperature, top_k, top_p, rngs.get(i))
+                    finished = "eot" if t == self.eot_id else None
+                    if finished is None:
+                        new[i].append(t)
+                        finished = "length" if len(new[i]) == max_new_tokens else None
+                    if finished is None:
+                        still.append(i)
+                    else:
+                        results[i] = GenerateResult(self.tokenizer.decode(new[i]), new[i], finished, int(hs[r]))
+                if progress is not None and len(still) < len(active):
+                    progress(len(active) - len(still))
+                active = still
+        self._account(results, tokens=sum(len(r.tokens) for r in results), long=sum(len(p) > T for p in prompts))
+        return results
+
+    def _account(self, results: Sequence[ScoreResult | GenerateResult], tokens: int, long: int) -> None:
+        s = self.stats
+        s.sequences += len(results)
+        s.tokens += tokens
+        s.long_inputs += long
+        halts = [r.halt_step for r in results if r.halt_step is not None]
+        s.halt_sum += sum(halts)
+        s.halt_count += len(halts)

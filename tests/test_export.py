@@ -1,0 +1,271 @@
+"""Parity CI: eager PyTorch logits == exported ONNX logits, on models whose halting and routing really vary.
+
+Each export costs tens of seconds on a 2-core CPU, so every exported model is built once (module fixtures)
+and carries several of the variations the parity must cover.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from export.onnx_export import export_run, tokenizer_path_for
+from export.parity import check_parity, ort_cpu_session, parity_inputs
+from moe_core import ModelConfig, RecursiveMoE, load_model
+from moe_core.checkpoint import save_run
+from moe_core.cli import cli
+
+VOCAB = 300
+WORDS = ("the king queen lord night day sword crown love death heart blood sleep dream fair foul "
+         "speak hear know never ever more sweet gentle noble honest brave").split()
+
+
+def make_tokenizer_json(vocab: int = VOCAB) -> str:
+    import random
+
+    from train.data import train_tokenizer
+
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(200)) + ".\n" for _ in range(20)]
+    return train_tokenizer(docs, vocab).to_str()
+
+
+def make_run(tmp: Path, seed: int, halt_scale: float, **overrides) -> Path:
+    """A run dir holding a random model whose halt head makes samples halt at different steps."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(**{**dict(vocab_size=VOCAB, max_seq_len=16, d_model=32, n_heads=4, n_layers=1,
+                                n_experts=4, top_k=2, d_expert=32, H_cycles=2, L_cycles=1, halt_max_steps=3),
+                         **overrides})
+    model = RecursiveMoE(cfg)
+    with torch.no_grad():
+        # Random routers and predictors (a fresh model routes almost uniformly) and a halt head that crosses
+        # 0.5 at different steps for different samples.
+        for name, p in model.named_parameters():
+            if any(k in name for k in ("router", "complexity_head", "threshold_head")):
+                p.normal_(0.0, 0.5)
+        model.halt_head.weight.normal_(0.0, halt_scale)
+        model.halt_head.bias.zero_()
+    run = tmp / f"run{seed}"
+    save_run(run, model, make_tokenizer_json())
+    return run
+
+
+def exported(tmp_path_factory, seed: int, halt_scale: float = 1.0, **overrides):
+    tmp = tmp_path_factory.mktemp(f"export{seed}")
+    run = make_run(tmp, seed, halt_scale, **overrides)
+    out = tmp / "model.onnx"
+    result = export_run(run, out, log=lambda _: None)
+    return run, out, result
+
+
+@pytest.fixture(scope="module")
+def recursive_top2(tmp_path_factory):
+    """Recursive, causal, MoE top-2, MoH 1..4 heads."""
+    return exported(tmp_path_factory, seed=1, top_k=2, min_heads=1, max_heads=4)
+
+
+@pytest.fixture(scope="module")
+def recursive_top1_bidir(tmp_path_factory):
+    """Recursive, bidirectional (padding enters attention and the halting pool), MoE top-1, MoH 2..3 heads."""
+    return exported(tmp_path_factory, seed=2, top_k=1, min_heads=2, max_heads=3, causal=False)
+
+
+@pytest.fixture(scope="module")
+def baseline_top1(tmp_path_factory):
+    """Recursion off: the plain MoE/MoH baseline, MoE top-1, MoH 1..2 heads."""
+    return exported(tmp_path_factory, seed=3, top_k=1, min_heads=1, max_heads=2, recursive=False, n_layers=2)
+
+
+def assert_parity(run, out, result, expect_varied_halting: bool) -> None:
+    assert result.parity is not None and result.parity.ok, result.parity.summary()
+    model = load_model(run)
+    # The report comes from the exporter; recompute it here, from a fresh load, on other inputs.
+    report = check_parity(model, str(out), seed=123)
+    assert report.ok, report.summary()
+    assert report.max_rel < 1e-4
+    steps = {s for c in report.cases for s in c.halt_steps}
+    if expect_varied_halting:
+        assert len(steps) >= 2, f"halting never varied across samples: {steps}"
+    else:
+        assert steps == {1}
+    # Routing varied: tokens of one batch use different numbers of heads in the first layer's MoH.
+    name, ids, mask = parity_inputs(model.config.vocab_size, model.config.max_seq_len)[3]
+    attn = model.net.blocks[0].attn
+    route, heads = attn.route, []
+    attn.route = lambda x: heads.append(route(x)) or heads[-1]
+    with torch.no_grad():
+        model(torch.from_numpy(ids), torch.from_numpy(mask))
+    counts = torch.unique(torch.cat([r.mask.sum(-1).flatten() for r in heads]))
+    assert len(counts) >= 2, f"every token used the same number of heads on {name}: {counts}"
+
+
+def test_parity_recursive_top2(recursive_top2):
+    assert_parity(*recursive_top2, expect_varied_halting=True)
+
+
+def test_parity_recursive_top1_bidirectional(recursive_top1_bidir):
+    assert_parity(*recursive_top1_bidir, expect_varied_halting=True)
+
+
+def test_parity_baseline_top1(baseline_top1):
+    assert_parity(*baseline_top1, expect_varied_halting=False)
+
+
+def test_parity_trained_tiny_model(tmp_path):
+    """A model after real training steps (not just random weights) exports with parity."""
+    from train.config import build_config
+    from train.trainer import train
+
+    corpus = tmp_path / "corpus.txt"
+    rng = np.random.default_rng(0)
+    corpus.write_text("\n".join(" ".join(rng.choice(WORDS, 12)) for _ in range(1500)), encoding="utf-8")
+    cfg = build_config("tiny", None, [f"train.data={json.dumps(str(corpus))}", "train.compile=false",
+                                      "train.max_steps=20", "model.vocab_size=300", "model.max_seq_len=16",
+                                      "model.L_cycles=1"])
+    train(cfg, tmp_path / "run")
+    result = export_run(tmp_path / "run", tmp_path / "m.onnx", log=lambda _: None)
+    assert result.parity.ok, result.parity.summary()
+
+
+def test_parity_check_detects_a_wrong_graph(recursive_top2):
+    """The check is not vacuous: eager weights that differ from the graph's in halting or routing fail it."""
+    run, out, _ = recursive_top2
+    model = load_model(run)
+    with torch.no_grad():
+        model.halt_head.bias += 0.5
+    report = check_parity(model, str(out))
+    assert not report.ok and any(not c.halt_equal for c in report.cases)
+
+    model = load_model(run)
+    with torch.no_grad():
+        model.net.blocks[0].attn.threshold_head.bias += 1.0  # other heads selected, same weights otherwise
+    report = check_parity(model, str(out))
+    assert not report.ok and report.max_rel > 1e-3
+
+
+def test_graph_contract_and_metadata(recursive_top2):
+    import onnx
+
+    run, out, result = recursive_top2
+    proto = onnx.load(str(out))
+    onnx.checker.check_model(proto, full_check=True)
+    assert [i.name for i in proto.graph.input] == ["input_ids", "attention_mask"]
+    assert [o.name for o in proto.graph.output] == ["logits", "halt_step"]
+    dims = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    assert all(isinstance(d, str) for d in dims), f"input axes must be dynamic, got {dims}"
+    meta = {p.key: p.value for p in proto.metadata_props}
+    cfg = json.loads(meta["config"])
+    assert cfg["model"]["halt_max_steps"] == 3 and meta["vocab_size"] == str(VOCAB)
+    assert meta["max_seq_len"] == "16" and meta["moe_version"]
+    tok = tokenizer_path_for(out)
+    assert tok.is_file() and meta["tokenizer_file"] == tok.name
+    import hashlib
+
+    assert meta["tokenizer_sha256"] == hashlib.sha256(tok.read_bytes()).hexdigest()
+    # Weights are stored once, not once per unrolled call.
+    n_model = sum(p.numel() for p in load_model(run).state_dict().values())
+    assert result.params < 3 * n_model, (result.params, n_model)
+
+
+def test_onnx_runs_in_a_process_without_torch(recursive_top2, tmp_path):
+    """Any batch size and length up to the maximum, in a process that imports only onnxruntime and numpy."""
+    run, out, _ = recursive_top2
+    rng = np.random.default_rng(7)
+    shapes = [(1, 1), (2, 16), (11, 5), (32, 16)]
+    for i, (b, t) in enumerate(shapes):
+        np.save(tmp_path / f"ids{i}.npy", rng.integers(0, VOCAB, size=(b, t), dtype=np.int64))
+    script = textwrap.dedent(f"""
+        import sys, numpy as np, onnxruntime as ort
+        sess = ort.InferenceSession({str(out)!r}, providers=["CPUExecutionProvider"])
+        for i in range({len(shapes)}):
+            ids = np.load({str(tmp_path)!r} + f"/ids{{i}}.npy")
+            logits, halt = sess.run(None, {{"input_ids": ids, "attention_mask": np.ones_like(ids)}})
+            np.save({str(tmp_path)!r} + f"/logits{{i}}.npy", logits)
+            np.save({str(tmp_path)!r} + f"/halt{{i}}.npy", halt)
+        assert "torch" not in sys.modules
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True)
+    model = load_model(run)
+    for i in range(len(shapes)):
+        ids = torch.from_numpy(np.load(tmp_path / f"ids{i}.npy"))
+        with torch.no_grad():
+            ref = model(ids)
+        logits = np.load(tmp_path / f"logits{i}.npy")
+        assert logits.shape == (*shapes[i], VOCAB)
+        scale = ref.logits.abs().max().item()
+        assert np.abs(logits - ref.logits.numpy()).max() / scale < 1e-4
+        assert np.array_equal(np.load(tmp_path / f"halt{i}.npy"), ref.halt_step.numpy())
+
+
+# -- bad input: one line, exit 2, no output file --------------------------------------------------------------
+
+def run_export(args: list[str]):
+    from click.testing import CliRunner
+
+    return CliRunner().invoke(cli, ["export", *args])
+
+
+def corrupt_copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate_weights", "model.safetensors: not a valid safetensors file"),
+    ("config_mismatch", "weights do not match config.json"),
+    ("tokenizer_too_big", "tokenizer has"),
+    ("tokenizer_garbage", "not a tokenizers JSON file"),
+    ("no_config", "config.json: file not found"),
+    ("bad_config_value", "model.top_k"),
+])
+def test_export_bad_checkpoint(recursive_top2, tmp_path, monkeypatch, damage, message):
+    run = corrupt_copy(recursive_top2[0], tmp_path / "run")
+    if damage == "truncate_weights":
+        data = (run / "model.safetensors").read_bytes()
+        (run / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif damage == "config_mismatch":
+        cfg = json.loads((run / "config.json").read_text())
+        cfg["model"]["d_expert"] = 48
+        (run / "config.json").write_text(json.dumps(cfg))
+    elif damage == "tokenizer_too_big":
+        (run / "tokenizer.json").write_text(make_tokenizer_json(vocab=400))
+    elif damage == "tokenizer_garbage":
+        (run / "tokenizer.json").write_text("{not json")
+    elif damage == "no_config":
+        (run / "config.json").unlink()
+    elif damage == "bad_config_value":
+        cfg = json.loads((run / "config.json").read_text())
+        cfg["model"]["top_k"] = 9
+        (run / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "m.onnx"
+    r = run_export([str(run), "--out", str(out)])
+    assert r.exit_code == 2, r.output
+    lines = [l for l in r.output.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.output
+    assert not out.exists() and not tokenizer_path_for(out).exists()
+    assert list(tmp_path.glob(".m.onnx*")) == []
+
+
+def test_export_refuses_existing_output(recursive_top2, tmp_path):
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"precious")
+    r = run_export([str(recursive_top2[0]), "--out", str(out)])
+    assert r.exit_code == 2 and "--overwrite" in r.output
+    assert out.read_bytes() == b"precious"
+
+
+def test_ort_session_helper_reports_shapes(recursive_top2):
+    _, out, _ = recursive_top2
+    sess = ort_cpu_session(str(out))
+    ids = np.zeros((3, 4), dtype=np.int64)
+    logits, halt = sess.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    assert logits.shape == (3, 4, VOCAB) and halt.dtype == np.int64 and halt.shape == (3,)
