@@ -148,7 +148,7 @@ class MoHAttention(nn.Module):
             soft = torch.sigmoid((t + 0.5 - rank) / MASK_TEMPERATURE) * torch.sigmoid(
                 (th - taken_before) / MASK_TEMPERATURE)
             soft = torch.where(forced, torch.ones_like(soft), soft)
-            mask_sorted = mask_sorted + soft - soft.detach()
+            mask_sorted = (soft - soft.detach()) + mask_sorted  # this order keeps the forward value exact
         mask = torch.zeros_like(probs).scatter(-1, order, mask_sorted)  # back to head order
         return HeadRouting(probs, mask, complexity, target, threshold)
 

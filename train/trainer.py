@@ -46,13 +46,17 @@ def select_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def prepare_run_dir(out: Path, overwrite: bool) -> None:
-    """Create `out` (or, with overwrite, clear a previous run's files from it); fail early if unwritable."""
+def check_run_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an output that is a file or holds something (unless overwrite) — before any work is done."""
     if out.exists() and not out.is_dir():
         raise MoeError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise MoeError(f"{out}: directory exists and is not empty (pass --overwrite to replace the run)")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise MoeError(f"{out}: directory exists and is not empty (pass --overwrite to replace the run)")
+
+
+def prepare_run_dir(out: Path) -> None:
+    """Create `out` (clearing a previous run's files from it); fail with the path if it is not writable."""
+    if out.is_dir():
         for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, METRICS_FILE):
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / STATE_DIR, ignore_errors=True)
@@ -159,7 +163,7 @@ def train(cfg: RunConfig, out: str | os.PathLike, overwrite: bool = False) -> di
     mc, tc = cfg.model, cfg.train
     run_dir = Path(out)
     device = select_device(tc.device)
-    prepare_run_dir(run_dir, overwrite)
+    check_run_dir(run_dir, overwrite)
     torch.manual_seed(tc.seed)
 
     # -- data and tokenizer --------------------------------------------------------------------------
@@ -174,6 +178,7 @@ def train(cfg: RunConfig, out: str | os.PathLike, overwrite: bool = False) -> di
     if data.vocab_size > mc.vocab_size:
         raise MoeError(f"tokenizer has {data.vocab_size} tokens but model.vocab_size is {mc.vocab_size}")
     val_batches = D.eval_batches(data.val, tc.batch_size, mc.max_seq_len, tc.eval_batches)
+    prepare_run_dir(run_dir)  # only now: bad data leaves no empty run directory behind
     uniform = math.log(mc.vocab_size)
     unigram = D.unigram_baseline(data.train, data.val, mc.vocab_size)
     print(f"data: {len(docs)} documents, {len(data.train):,} train / {len(data.val):,} val tokens, "
