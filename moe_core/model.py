@@ -57,6 +57,14 @@ class AuxAccumulator:
 
 
 @dataclass
+class Aux:
+    """What one module call adds to the aux losses (differentiable) and to the statistics (detached)."""
+
+    losses: dict[str, Tensor] = field(default_factory=dict)
+    stats: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
 class ModelOutput:
     logits: Tensor  # [B, T, V] halting-selected (eval) or the last step's (training)
     halt_step: Tensor  # [B] int64, 1-based step whose logits were kept
@@ -152,7 +160,7 @@ class MoHAttention(nn.Module):
         mask = torch.zeros_like(probs).scatter(-1, order, mask_sorted)  # back to head order
         return HeadRouting(probs, mask, complexity, target, threshold)
 
-    def forward(self, x: Tensor, key_mask: Tensor | None, acc: AuxAccumulator | None, layer: int) -> Tensor:
+    def forward(self, x: Tensor, key_mask: Tensor | None, collect: bool) -> tuple[Tensor, Aux]:
         B, T, D = x.shape
         H, hd = self.n_heads, self.head_dim
         r = self.route(x)
@@ -170,28 +178,25 @@ class MoHAttention(nn.Module):
         weights = (weights / weights.sum(dim=-1, keepdim=True)).to(o.dtype)  # [B, T, H], sums to 1 per token
         o = o * weights.transpose(1, 2).unsqueeze(-1)
         y = self.o_proj(o.transpose(1, 2).reshape(B, T, D))
-        if acc is not None:
-            self._account(r, acc, layer)
-        return y
+        return y, (self._aux(r) if collect else Aux())
 
-    def _account(self, r: HeadRouting, acc: AuxAccumulator, layer: int) -> None:
+    def _aux(self, r: HeadRouting) -> Aux:
         active = r.mask.sum(dim=-1)  # [B, T] heads per token (carries the relaxed gradient)
         load = r.mask.detach().mean(dim=(0, 1))  # [H] fraction of tokens using each head
-        acc.add("moh_balance", (r.probs.mean(dim=(0, 1)) * load).sum())
-        acc.add("moh_complexity", (active.mean() - r.target.mean()).abs())
-        acc.add("moh_sparsity", active.mean() / self.n_heads)
-        L = f"L{layer + 1}"
         th, c = r.threshold.detach(), r.complexity.detach()
-        acc.add(f"{L}.moh_heads", active.detach().mean())
-        acc.add(f"{L}.moh_head_load", load)
-        acc.add(f"{L}.moh_threshold", th.mean())
-        acc.add(f"{L}.moh_threshold_min", th.min())
-        acc.add(f"{L}.moh_threshold_max", th.max())
-        acc.add(f"{L}.moh_complexity", c.mean())
-        acc.add(f"{L}.moh_complexity_min", c.min())
-        acc.add(f"{L}.moh_complexity_max", c.max())
         w = torch.cat([self.complexity_head.weight, self.threshold_head.weight]).detach()
-        acc.add(f"{L}.moh_pred_norm", w.norm())
+        losses = {
+            "moh_balance": (r.probs.mean(dim=(0, 1)) * load).sum(),
+            "moh_complexity": (active.mean() - r.target.mean()).abs(),
+            "moh_sparsity": active.mean() / self.n_heads,
+        }
+        stats = {
+            "moh_heads": active.detach().mean(), "moh_head_load": load,
+            "moh_threshold": th.mean(), "moh_threshold_min": th.min(), "moh_threshold_max": th.max(),
+            "moh_complexity": c.mean(), "moh_complexity_min": c.min(), "moh_complexity_max": c.max(),
+            "moh_pred_norm": w.norm(),
+        }
+        return Aux(losses, stats)
 
 
 class MoEFeedForward(nn.Module):
@@ -207,7 +212,7 @@ class MoEFeedForward(nn.Module):
         self.w_up = nn.Parameter(torch.empty(E, D, Fd))
         self.w_down = nn.Parameter(torch.empty(E, Fd, D))
 
-    def forward(self, x: Tensor, acc: AuxAccumulator | None, layer: int) -> Tensor:
+    def forward(self, x: Tensor, collect: bool) -> tuple[Tensor, Aux]:
         logits = self.router(x).float()  # [B, T, E]
         probs = logits.softmax(dim=-1)
         top_p, top_i = probs.topk(self.top_k, dim=-1)
@@ -215,28 +220,29 @@ class MoEFeedForward(nn.Module):
         gates = torch.zeros_like(probs).scatter(-1, top_i, top_p).to(x.dtype)  # [B, T, E]
         h = F.silu(torch.einsum("btd,edf->btef", x, self.w_gate)) * torch.einsum("btd,edf->btef", x, self.w_up)
         y = torch.einsum("btef,efd->btd", h * gates.unsqueeze(-1), self.w_down)
-        if acc is not None:
-            # Switch-style balance: f = fraction of routed (token, slot) pairs per expert, P = mean prob.
-            load = torch.zeros_like(probs).scatter(-1, top_i, 1.0).mean(dim=(0, 1)) / self.top_k  # [E]
-            acc.add("moe_balance", self.n_experts * (load * probs.mean(dim=(0, 1))).sum())
-            acc.add("moe_z", torch.logsumexp(logits, dim=-1).square().mean())
-            acc.add(f"L{layer + 1}.moe_load", load.detach())
-        return y
+        if not collect:
+            return y, Aux()
+        # Switch-style balance: f = fraction of routed (token, slot) pairs per expert, P = mean prob.
+        load = torch.zeros_like(probs).scatter(-1, top_i, 1.0).mean(dim=(0, 1)) / self.top_k  # [E]
+        losses = {"moe_balance": self.n_experts * (load * probs.mean(dim=(0, 1))).sum(),
+                  "moe_z": torch.logsumexp(logits, dim=-1).square().mean()}
+        return y, Aux(losses, {"moe_load": load.detach()})
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.layer = layer
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = MoHAttention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = MoEFeedForward(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, key_mask: Tensor | None, acc: AuxAccumulator | None) -> Tensor:
-        h = x + self.drop(self.attn(self.attn_norm(x), key_mask, acc, self.layer))
-        return h + self.drop(self.ffn(self.ffn_norm(h), acc, self.layer))
+    def forward(self, x: Tensor, key_mask: Tensor | None, collect: bool) -> tuple[Tensor, Aux]:
+        a, attn_aux = self.attn(self.attn_norm(x), key_mask, collect)
+        h = x + self.drop(a)
+        f, ffn_aux = self.ffn(self.ffn_norm(h), collect)
+        return h + self.drop(f), Aux({**attn_aux.losses, **ffn_aux.losses}, {**attn_aux.stats, **ffn_aux.stats})
 
 
 class ReasoningNet(nn.Module):
@@ -248,12 +254,19 @@ class ReasoningNet(nn.Module):
         # alone those sums grow geometrically with the cycles. Normalising the net's input keeps every
         # cycle's state at unit scale, as the post-norm blocks of TRM/HRM do.
         self.in_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
 
     def forward(self, u: Tensor, key_mask: Tensor | None, acc: AuxAccumulator | None) -> Tensor:
         u = self.in_norm(u)
-        for block in self.blocks:
-            u = block(u, key_mask, acc)
+        for i, block in enumerate(self.blocks):
+            # Blocks return their aux values instead of recording them, so that a compiled block is a pure
+            # function (one graph for all layers and calls); the accumulation happens out here.
+            u, aux = block(u, key_mask, acc is not None)
+            if acc is not None:
+                for k, v in aux.losses.items():
+                    acc.add(k, v)
+                for k, v in aux.stats.items():
+                    acc.add(f"L{i + 1}.{k}", v)
         return u
 
 
