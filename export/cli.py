@@ -13,8 +13,13 @@ from moe_core.cli import run
 @click.option("--opset", default=20, type=click.IntRange(18, 23), help="ONNX opset version.")
 @click.option("--check/--no-check", default=True,
               help="Run the parity check (ONNX Runtime vs eager PyTorch) and refuse to write on failure.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32",
+              help="fp16: half-precision weights for GPU serving; int8: dynamic int8 quantisation for CPU serving. "
+                   "The fp32 graph must pass parity first; the variant's own figures are printed.")
+@click.option("--eval-text", type=click.Path(dir_okay=False), default=None,
+              help="A text file: report eager vs exported mean loss on it (the accuracy cost of --precision).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
-def export(run_dir, out, opset, check, overwrite) -> None:
+def export(run_dir, out, opset, check, precision, eval_text, overwrite) -> None:
     """Export the model of RUN_DIR to one static ONNX graph.
 
     Inputs input_ids and attention_mask (int64 [batch, seq], both axes dynamic; pass ones when not padded),
@@ -23,8 +28,10 @@ def export(run_dir, out, opset, check, overwrite) -> None:
     """
     from .onnx_export import export_run
 
-    r = export_run(run_dir, out, opset=opset, check=check, overwrite=overwrite, log=click.echo)
-    click.echo(f"exported {r.path} | opset {r.opset} | {r.nodes} nodes | {r.params / 1e6:.2f}M parameters | "
+    r = export_run(run_dir, out, opset=opset, check=check, overwrite=overwrite, precision=precision,
+                   eval_text=eval_text, log=click.echo)
+    click.echo(f"exported {r.path} | {r.precision} | opset {r.opset} | {r.nodes} nodes | "
+               f"{r.params / 1e6:.2f}M parameters | "
                f"{r.size_bytes / 1e6:.1f} MB | tokenizer {r.tokenizer_path.name} | {r.seconds:.1f}s"
                + (f" | parity max rel {r.parity.max_rel:.1e}" if r.parity else " | parity not checked"))
 

@@ -269,3 +269,59 @@ def test_ort_session_helper_reports_shapes(recursive_top2):
     ids = np.zeros((3, 4), dtype=np.int64)
     logits, halt = sess.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
     assert logits.shape == (3, 4, VOCAB) and halt.dtype == np.int64 and halt.shape == (3,)
+
+
+@pytest.fixture
+def reuse_graph(recursive_top2, monkeypatch):
+    """export_run without the (slow) trace: the graph is the one recursive_top2 already exported, so tests of
+    what happens after tracing (parity failure, precision variants) cost seconds, not a re-export each."""
+    import shutil
+
+    import export.onnx_export as ox
+
+    def copy_graph(model, path, opset):
+        shutil.copyfile(recursive_top2[1], path)
+
+    monkeypatch.setattr(ox, "to_onnx", copy_graph)
+    return recursive_top2
+
+
+def test_failed_parity_writes_nothing(reuse_graph, tmp_path, monkeypatch):
+    """An export whose parity fails exits 2 and leaves neither the model nor its tokenizer."""
+    import export.onnx_export as ox
+    from export.parity import TOLERANCE, check_parity
+
+    def broken_parity(model, path, **kw):
+        with torch.no_grad():
+            model.halt_head.bias += 0.5  # the eager side now halts differently from the graph
+        return check_parity(model, path, **kw)
+
+    monkeypatch.setattr(ox, "check_parity", broken_parity)
+    out = tmp_path / "m.onnx"
+    r = run_export([str(reuse_graph[0]), "--out", str(out)])
+    assert r.exit_code == 2 and "parity check failed" in r.output, r.output
+    assert TOLERANCE == 1e-4
+    assert not out.exists() and not tokenizer_path_for(out).exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_precision_variants_report_their_cost(reuse_graph, tmp_path, precision):
+    import onnx
+
+    run = reuse_graph[0]
+    text = tmp_path / "eval.txt"
+    rng = np.random.default_rng(1)
+    text.write_text(" ".join(rng.choice(WORDS, 600)), encoding="utf-8")
+    lines: list[str] = []
+    out = tmp_path / f"m-{precision}.onnx"
+    result = export_run(run, out, precision=precision, eval_text=text, log=lines.append)
+    fp32, variant = result.reports
+    assert fp32.ok and fp32.label == "fp32" and variant.label == precision and variant.tolerance is None
+    # Reduced precision moves logits by more than fp32 noise, but it is the same model: the predicted token
+    # agrees almost everywhere.
+    assert fp32.max_rel < variant.max_rel < 0.2
+    assert min(c.top1 for c in variant.cases) > 0.9
+    cost = [l for l in lines if l.startswith("accuracy on")]
+    assert len(cost) == 1 and f"ONNX {precision} loss" in cost[0]
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta["precision"] == precision and meta["tokenizer_file"] == tokenizer_path_for(out).name
