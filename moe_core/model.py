@@ -305,8 +305,6 @@ class RecursiveMoE(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "w_down")):
                 nn.init.normal_(p, std=out_std)
-            elif name.endswith(("w_gate", "w_up")):
-                nn.init.normal_(p, std=std)
             elif p.dim() >= 2:
                 nn.init.normal_(p, std=std)
         # Unit-RMS embeddings after the sqrt(d_model) scale.
