@@ -70,10 +70,12 @@ def serve(model, input_path, output_path, mode, batch_size, provider, threads, s
     if inp.exists() and out.exists() and out.samefile(inp):
         raise MoeError(f"{out}: --output is the --input file")
     server = Server.open(model, provider=provider, threads=threads)
+    if mode == "score":
+        stride = server.window_stride(stride)
     n_records = count_records(inp)
     info = server.info
     click.echo(f"model {info.path.name} | vocab {info.vocab_size} | max_seq_len {info.max_seq_len} | "
-               f"halt_max_steps {info.halt_max_steps} | provider {server.model.describe()}")
+               f"halt_max_steps {info.halt_max_steps} | {info.precision} | provider {server.model.describe()}")
     if server.model.note:
         click.echo(f"note: {server.model.note}")
 

@@ -10,8 +10,9 @@ The decision is two pure functions, `choose_providers` and `resolve_provider`, u
 CUDA runs with `use_tf32=0` (the CUDA EP enables TF32 by default; PyTorch fp32 matmuls do not, and parity is
 stated for fp32) and with IO binding: inputs are bound from host memory, outputs are allocated on the device and
 copied back once per batch. What comes back is small, because the session's graph is the exported graph plus
-the reductions serving needs (`add_serving_outputs`): per-token log-probs [B, T-1] for scoring and the last
-valid position's logits [B, V] for generation. The full [B, T, V] logits stay on the device as an intermediate.
+the reductions serving needs (serve/graph.py): per-token log-probs [B, T-1] for scoring and the last valid
+position's logits [B, V] for generation. The full [B, T, V] logits stay on the device as an intermediate.
+The CPU session runs through the same IO-binding code, so the tests exercise it; only the device name differs.
 
 CPU session options: graph optimisation ORT_ENABLE_ALL (constant folding and the generic fusions; the
 transformer fusions do not match a custom MoE/MoH graph, but nothing is lost by trying), intra-op threads =
@@ -39,21 +40,19 @@ import numpy as np
 
 from moe_core.errors import MoeError
 
+from .graph import add_serving_outputs
+
 PROVIDER_CHOICES = ("auto", "cuda", "cpu")
 CUDA_EP, CPU_EP = "CUDAExecutionProvider", "CPUExecutionProvider"
 # fp32 parity with eager PyTorch: no TF32 matmuls (the CUDA EP's default is TF32 on).
 CUDA_OPTIONS = {"use_tf32": "0"}
 
+HALT_STEP = "halt_step"
 INPUTS = ("input_ids", "attention_mask")  # the exported graph's contract (export/onnx_export.py)
-OUTPUTS = ("logits", "halt_step")
+OUTPUTS = ("logits", HALT_STEP)
 METADATA_KEYS = ("moe_version", "config", "vocab_size", "max_seq_len", "halt_max_steps", "causal",
                  "tokenizer_file", "tokenizer_sha256")
-# Outputs serving adds to the graph (see add_serving_outputs).
-TOKEN_LOGPROBS, LAST_LOGITS, HALT_STEP = "token_logprobs", "last_logits", "halt_step"
 
-# The end-of-text token of our tokenizers: the same string as train.data.EOT (serve never imports train/;
-# tests/test_serve.py checks the two agree).
-EOT = "<|endoftext|>"
 
 
 # -----------------------------------------------------------------------------
@@ -131,6 +130,7 @@ class ModelInfo:
     moe_version: str
     config: dict[str, Any]  # the run's full config: {"model": {...}, "train": {...}}
     tokenizer_sha256: str
+    precision: str  # "fp32", or the reduced-precision variant `moe export --precision` wrote
 
 
 def read_model(path: str | os.PathLike):
@@ -143,7 +143,8 @@ def read_model(path: str | os.PathLike):
     try:
         proto = onnx.load(str(path))
     except Exception as e:  # protobuf's DecodeError, or onnx's own errors for external data
-        raise MoeError(f"{path}: not an ONNX model ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise MoeError(f"{path}: not an ONNX model ({reason})") from None
     inputs = [i.name for i in proto.graph.input]
     outputs = [o.name for o in proto.graph.output]
     if sorted(inputs) != sorted(INPUTS) or not set(OUTPUTS) <= set(outputs):
@@ -156,7 +157,7 @@ def read_model(path: str | os.PathLike):
     try:
         info = ModelInfo(path, path.with_name(meta["tokenizer_file"]), int(meta["vocab_size"]),
                          int(meta["max_seq_len"]), int(meta["halt_max_steps"]), meta["moe_version"],
-                         json.loads(meta["config"]), meta["tokenizer_sha256"])
+                         json.loads(meta["config"]), meta["tokenizer_sha256"], meta.get("precision", "fp32"))
     except ValueError as e:
         raise MoeError(f"{path}: malformed metadata ({e})") from None
     if meta["causal"] != "true":
@@ -194,46 +195,6 @@ def load_tokenizer(info: ModelInfo):
     return tok
 
 
-def add_serving_outputs(proto) -> None:
-    """Append the two reductions serving needs to the exported graph (standard ONNX ops, opset >= 13):
-
-    token_logprobs [B, T-1]: log_softmax(logits)[b, t, input_ids[b, t+1]] — the log-prob of each next token;
-    last_logits    [B, V]:   logits[b, sum(attention_mask[b]) - 1] — the last valid position (right padding).
-
-    They run inside the session, on the session's device, so only these small tensors leave it.
-    """
-    from onnx import TensorProto, helper, numpy_helper
-
-    g = proto.graph
-    taken = {o.name for o in g.output}
-    if TOKEN_LOGPROBS in taken or LAST_LOGITS in taken:
-        return
-    for name, value in (("one", 1), ("zero", 0), ("minus_one", -1), ("two", 2), ("end", 2**62)):
-        g.initializer.append(numpy_helper.from_array(np.array([value], dtype=np.int64), f"serve/{name}"))
-    n = helper.make_node
-    g.node.extend([
-        # token_logprobs: logits of positions 0..T-2 score the tokens at 1..T-1.
-        n("LogSoftmax", ["logits"], ["serve/logp"], axis=-1),
-        n("Slice", ["serve/logp", "serve/zero", "serve/minus_one", "serve/one"], ["serve/logp_prev"]),
-        n("Slice", ["input_ids", "serve/one", "serve/end", "serve/one"], ["serve/next_ids"]),
-        n("Unsqueeze", ["serve/next_ids", "serve/two"], ["serve/next_ids3"]),
-        n("GatherElements", ["serve/logp_prev", "serve/next_ids3"], ["serve/token_logprobs3"], axis=2),
-        n("Squeeze", ["serve/token_logprobs3", "serve/two"], [TOKEN_LOGPROBS]),
-        # last_logits: gather position len-1 of every row; Expand broadcasts the [B,1,1] index to [B,1,V].
-        n("ReduceSum", ["attention_mask", "serve/one"], ["serve/len"], keepdims=1),
-        n("Sub", ["serve/len", "serve/one"], ["serve/last"]),
-        n("Unsqueeze", ["serve/last", "serve/two"], ["serve/last3"]),
-        n("Shape", ["logits"], ["serve/logits_shape"]),
-        n("Slice", ["serve/logits_shape", "serve/two", "serve/end"], ["serve/vocab"]),
-        n("Concat", ["serve/one", "serve/one", "serve/vocab"], ["serve/index_shape"], axis=0),
-        n("Expand", ["serve/last3", "serve/index_shape"], ["serve/last_index"]),
-        n("GatherElements", ["logits", "serve/last_index"], ["serve/last_logits3"], axis=1),
-        n("Squeeze", ["serve/last_logits3", "serve/one"], [LAST_LOGITS]),
-    ])
-    g.output.extend([helper.make_tensor_value_info(TOKEN_LOGPROBS, TensorProto.FLOAT, ["batch", "seq_minus_1"]),
-                     helper.make_tensor_value_info(LAST_LOGITS, TensorProto.FLOAT, ["batch", "vocab"])])
-
-
 # -----------------------------------------------------------------------------
 # the session
 
@@ -253,7 +214,7 @@ class OrtModel:
             ort.preload_dlls()  # CUDA / cuDNN from the pip nvidia-* packages, when that is how they were installed
         self.threads = threads or physical_cores()
         try:
-            self.session = ort.InferenceSession(proto.SerializeToString(), sess_options=session_options(threads),
+            self.session = ort.InferenceSession(proto.SerializeToString(), sess_options=session_options(self.threads),
                                                 providers=providers)
         except Exception as e:  # ORT raises its own exception types for invalid graphs
             raise MoeError(f"{self.info.path}: ONNX Runtime cannot load the model ({str(e).splitlines()[0]})") from None
@@ -265,14 +226,15 @@ class OrtModel:
         return f"cpu (CPUExecutionProvider, {self.threads} threads)"
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
-        """Run one right-padded batch (int64 [B, T] each) and return the named outputs as host arrays."""
-        feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if self.provider != "cuda":
-            return self.session.run(outputs, feeds)
+        """Run one right-padded batch (int64 [B, T] each) and return the named outputs as host arrays.
+
+        IO binding on every provider (so CI exercises the code the CUDA path runs): inputs are bound from host
+        memory, the outputs are allocated on the session's device and copied back once.
+        """
         io = self.session.io_binding()
-        for name, array in feeds.items():
-            io.bind_cpu_input(name, array)
+        io.bind_cpu_input("input_ids", input_ids)
+        io.bind_cpu_input("attention_mask", attention_mask)
         for name in outputs:
-            io.bind_output(name, "cuda")  # allocated on the device; only these (small) outputs are copied back
+            io.bind_output(name, self.provider)  # "cuda" | "cpu": ORT's device names are the provider names
         self.session.run_with_iobinding(io)
         return io.copy_outputs_to_cpu()

@@ -10,8 +10,8 @@ predicts the first token. nll is the mean negative log-likelihood (nats/token) o
 A text of 0 or 1 tokens has nothing to score: nll and ppl are None, n_tokens is 0 (halt_step is still
 reported for 1 token). Texts longer than the model's max_seq_len T are scored with a sliding window (see
 `windows`): every token is scored exactly once, with at least T - stride tokens of left context (stride
-defaults to T // 2); halt_step is then the first window's. Log-probs come from the graph itself
-(runtime.add_serving_outputs), so they are those of the exported logits.
+defaults to T // 2); halt_step is then the first window's. Log-probs are computed inside the session
+(serve/graph.py), from the exported logits.
 
 Generation. No KV cache: the recursive model recomputes its whole context at every step, so each step is one
 forward pass of the batch over the last T tokens of prompt + continuation (the oldest tokens drop out of the
@@ -36,9 +36,11 @@ from typing import Any
 
 import numpy as np
 
+from moe_core import EOT
 from moe_core.errors import MoeError
 
-from .runtime import EOT, HALT_STEP, LAST_LOGITS, TOKEN_LOGPROBS, ModelInfo, OrtModel
+from .graph import LAST_LOGITS, TOKEN_LOGPROBS
+from .runtime import HALT_STEP, ModelInfo, OrtModel
 
 Progress = Callable[[int], Any]  # called with the number of input texts a batch has finished
 
@@ -102,7 +104,8 @@ def windows(n: int, max_len: int, stride: int) -> list[tuple[int, int, int]]:
 
     Window k feeds tokens [begin, end) and scores targets [first_target, end) — the targets not scored by an
     earlier window — so every target 1..n-1 is scored exactly once. Windows after the first advance by
-    `stride` and keep max_len tokens, so each of their targets sees at least max_len - stride tokens of context.
+    `stride` (< max_len) and keep max_len tokens, so each of their targets sees at least max_len - stride
+    tokens of context.
     """
     if n == 0:
         return []
@@ -202,13 +205,19 @@ class Server:
 
     # -- score -----------------------------------------------------------------------------------------
 
+    def window_stride(self, stride: int | None = None) -> int:
+        """The sliding-window stride for long texts: `stride`, checked, or max_seq_len // 2."""
+        T = self.info.max_seq_len
+        stride = stride or max(1, T // 2)
+        if not 1 <= stride < T:  # a window must keep at least one token of context for its first target
+            raise MoeError(f"stride: expected 1..{T - 1} (below the model's max_seq_len {T}), got {stride}")
+        return stride
+
     def score(self, texts: Sequence[str], batch_size: int = 32, return_token_logprobs: bool = False,
               stride: int | None = None, progress: Progress | None = None) -> list[ScoreResult]:
         """Per-text mean NLL / perplexity of the scored tokens, in input order (see the module docstring)."""
         T = self.info.max_seq_len
-        stride = stride or max(1, T // 2)
-        if not 1 <= stride <= T:
-            raise MoeError(f"stride: expected 1..{T} (the model's max_seq_len), got {stride}")
+        stride = self.window_stride(stride)
         if batch_size < 1:
             raise MoeError(f"batch_size: expected >= 1, got {batch_size}")
         ids = self.encode(texts)
@@ -216,9 +225,10 @@ class Server:
         rows = [(i, b, e, s) for i, x in enumerate(ids) for b, e, s in windows(len(x), T, stride)]
         logp = [np.zeros(max(0, len(x) - 1), dtype=np.float32) for x in ids]
         halt: list[int | None] = [None] * len(ids)
-        remaining = [0] * len(ids)
+        n_windows = [0] * len(ids)
         for i, *_ in rows:
-            remaining[i] += 1
+            n_windows[i] += 1
+        remaining = list(n_windows)
         if progress is not None and remaining.count(0):
             progress(remaining.count(0))  # empty texts: nothing to run
         for batch in length_batches([e - b for _, b, e, _ in rows], batch_size):
@@ -235,12 +245,13 @@ class Server:
                 progress(done)
 
         results = []
-        for i, x in enumerate(ids):
-            n = len(logp[i])
-            nll = -float(logp[i].sum(dtype=np.float64)) / n if n else None
-            ppl = (math.exp(nll) if nll < 700 else math.inf) if nll is not None else None
-            results.append(ScoreResult(nll, ppl, n, halt[i], len(windows(len(x), T, stride)),
-                                       logp[i].tolist() if return_token_logprobs else None))
+        for i, lp_i in enumerate(logp):
+            nll = ppl = None
+            if len(lp_i):
+                nll = -float(lp_i.sum(dtype=np.float64)) / len(lp_i)
+                ppl = math.exp(nll) if nll < 700 else math.inf  # exp overflows a float past ~709
+            results.append(ScoreResult(nll, ppl, len(lp_i), halt[i], n_windows[i],
+                                       lp_i.tolist() if return_token_logprobs else None))
         self._account(results, tokens=sum(map(len, ids)), long=sum(len(x) > T for x in ids))
         return results
 
@@ -274,14 +285,13 @@ class Server:
                 still = []
                 for r, i in enumerate(active):
                     t = pick_token(last[r, :n_valid], temperature, top_k, top_p, rngs.get(i))
-                    finished = "eot" if t == self.eot_id else None
-                    if finished is None:
+                    if t != self.eot_id:
                         new[i].append(t)
-                        finished = "length" if len(new[i]) == max_new_tokens else None
-                    if finished is None:
-                        still.append(i)
+                    if t == self.eot_id or len(new[i]) == max_new_tokens:
+                        reason = "eot" if t == self.eot_id else "length"
+                        results[i] = GenerateResult(self.tokenizer.decode(new[i]), new[i], reason, int(hs[r]))
                     else:
-                        results[i] = GenerateResult(self.tokenizer.decode(new[i]), new[i], finished, int(hs[r]))
+                        still.append(i)
                 if progress is not None and len(still) < len(active):
                     progress(len(active) - len(still))
                 active = still

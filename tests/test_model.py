@@ -222,7 +222,7 @@ def test_moh_eval_mask_is_exactly_zero_one(make_config) -> None:
 
 def expert_output(ffn: MoEFeedForward, x: torch.Tensor, e: int) -> torch.Tensor:
     """One SwiGLU expert on x [..., D]."""
-    return (F.silu(x @ ffn.w_gate[e]) * (x @ ffn.w_up[e])) @ ffn.w_down[e]
+    return (F.silu(x @ ffn.w_gate[:, e]) * (x @ ffn.w_up[:, e])) @ ffn.w_down[e]
 
 
 def make_ffn(cfg: ModelConfig, seed: int) -> MoEFeedForward:
@@ -257,8 +257,9 @@ def test_moe_combine_weights_sum_to_one(make_config) -> None:
     cfg = make_config(n_experts=5, top_k=3)
     ffn = make_ffn(cfg, seed=30)
     with torch.no_grad():
-        for p in (ffn.w_gate, ffn.w_up, ffn.w_down):
-            p.copy_(p[0:1].expand_as(p))
+        for p in (ffn.w_gate, ffn.w_up):  # [D, E, F]
+            p.copy_(p[:, 0:1].expand_as(p))
+        ffn.w_down.copy_(ffn.w_down[0:1].expand_as(ffn.w_down))  # [E, F, D]
         x = torch.randn(3, 7, cfg.d_model, generator=torch.Generator().manual_seed(31))
         assert torch.allclose(ffn(x, False)[0], expert_output(ffn, x, 0), atol=1e-5, rtol=1e-4)
 

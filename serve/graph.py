@@ -1,0 +1,46 @@
+"""What serve adds to the exported graph before ONNX Runtime sees it (in memory; the file is never changed):
+the reductions serving needs, computed on the session's device, so only small tensors leave it — per-token
+log-probs for scoring and the last valid position's logits for generation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import ModelProto, TensorProto, helper, numpy_helper
+
+TOKEN_LOGPROBS, LAST_LOGITS = "token_logprobs", "last_logits"
+
+
+def add_serving_outputs(proto: ModelProto) -> None:
+    """Append two outputs to the exported graph (standard ONNX ops, opset >= 13):
+
+    token_logprobs [B, T-1]: log_softmax(logits)[b, t, input_ids[b, t+1]] — the log-prob of each next token;
+    last_logits    [B, V]:   logits[b, sum(attention_mask[b]) - 1] — the last valid position (right padding).
+    """
+    g = proto.graph
+    if {TOKEN_LOGPROBS, LAST_LOGITS} & {o.name for o in g.output}:
+        return
+    for name, value in (("one", 1), ("zero", 0), ("minus_one", -1), ("two", 2), ("end", 2**62)):
+        g.initializer.append(numpy_helper.from_array(np.array([value], dtype=np.int64), f"serve/{name}"))
+    n = helper.make_node
+    g.node.extend([
+        # token_logprobs: logits of positions 0..T-2 score the tokens at 1..T-1.
+        n("LogSoftmax", ["logits"], ["serve/logp"], axis=-1),
+        n("Slice", ["serve/logp", "serve/zero", "serve/minus_one", "serve/one"], ["serve/logp_prev"]),
+        n("Slice", ["input_ids", "serve/one", "serve/end", "serve/one"], ["serve/next_ids"]),
+        n("Unsqueeze", ["serve/next_ids", "serve/two"], ["serve/next_ids3"]),
+        n("GatherElements", ["serve/logp_prev", "serve/next_ids3"], ["serve/token_logprobs3"], axis=2),
+        n("Squeeze", ["serve/token_logprobs3", "serve/two"], [TOKEN_LOGPROBS]),
+        # last_logits: gather position len-1 of every row; Expand broadcasts the [B,1,1] index to [B,1,V].
+        n("ReduceSum", ["attention_mask", "serve/one"], ["serve/len"], keepdims=1),
+        n("Sub", ["serve/len", "serve/one"], ["serve/last"]),
+        n("Unsqueeze", ["serve/last", "serve/two"], ["serve/last3"]),
+        n("Shape", ["logits"], ["serve/logits_shape"]),
+        n("Slice", ["serve/logits_shape", "serve/two", "serve/end"], ["serve/vocab"]),
+        n("Concat", ["serve/one", "serve/one", "serve/vocab"], ["serve/index_shape"], axis=0),
+        n("Expand", ["serve/last3", "serve/index_shape"], ["serve/last_index"]),
+        n("GatherElements", ["logits", "serve/last_index"], ["serve/last_logits3"], axis=1),
+        n("Squeeze", ["serve/last_logits3", "serve/one"], [LAST_LOGITS]),
+    ])
+    g.output.extend([helper.make_tensor_value_info(TOKEN_LOGPROBS, TensorProto.FLOAT, ["batch", "seq_minus_1"]),
+                     helper.make_tensor_value_info(LAST_LOGITS, TensorProto.FLOAT, ["batch", "vocab"])])

@@ -1,0 +1,394 @@
+"""`moe serve` and serve.Server: results equal the eager model's, batching never changes them, bad input fails
+cleanly. One tiny model is exported once for the whole module (an export costs ~30 s on this CPU)."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+
+from export.onnx_export import export_run
+from moe_core import ModelConfig, MoeError, RecursiveMoE, load_model
+from moe_core.checkpoint import save_run
+from moe_core.cli import cli, run
+from serve import Server
+from serve.runtime import CPU_EP, CUDA_EP, choose_providers, resolve_provider
+from serve.server import length_batches, pick_token, windows
+from train.data import train_tokenizer
+
+T = 16  # the model's max_seq_len
+WORDS = ("the king queen walked through a garden and found letter under stone while river sang quietly "
+         "ALICE BOB night morning bright dark, old young door window.").split()
+
+
+def make_texts(n: int, seed: int) -> list[str]:
+    """Texts of 0 to ~70 tokens (the tokenizer is nearly character-level): empty, one token, and long ones."""
+    rng = random.Random(seed)
+    texts = ["", "a"] + [" ".join(rng.choice(WORDS) for _ in range(rng.choice([1, 2, 3, 5, 8, 14])))
+                         for _ in range(n - 2)]
+    rng.shuffle(texts)
+    return texts
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> tuple[Path, Path]:
+    """(run_dir, model.onnx) of a random model whose routing and halting really vary between inputs."""
+    tmp = tmp_path_factory.mktemp("serve")
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=300, max_seq_len=T, d_model=32, n_heads=4, n_layers=1, n_experts=4, d_expert=32,
+                      H_cycles=2, L_cycles=1, halt_max_steps=2)
+    model = RecursiveMoE(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(k in name for k in ("router", "complexity_head", "threshold_head")):
+                p.normal_(0.0, 0.5)
+        # Halting is decided at the first position: about half the first tokens halt at step 1.
+        model.halt_head.weight.normal_(0.0, 1.0)
+        model.halt_head.bias.zero_()
+        # Logits of O(1) spread: greedy argmax never sits within float noise of a tie.
+        model.lm_head.weight.mul_(10.0)
+    rng = random.Random(1)
+    corpus = [" ".join(rng.choice(WORDS) for _ in range(2000))]
+    run_dir = tmp / "run"
+    save_run(run_dir, model, train_tokenizer(corpus, cfg.vocab_size).to_str())
+    onnx_path = tmp / "m.onnx"
+    export_run(run_dir, onnx_path, check=False, log=lambda _: None)
+    return run_dir, onnx_path
+
+
+@pytest.fixture(scope="module")
+def server(exported) -> Server:
+    return Server.open(exported[1], provider="cpu", threads=1)
+
+
+@pytest.fixture(scope="module")
+def eager(exported) -> RecursiveMoE:
+    return load_model(exported[0])
+
+
+# -----------------------------------------------------------------------------
+# eager references, written independently of serve's loops
+
+
+@torch.no_grad()
+def eager_scores(model: RecursiveMoE, ids: list[int], stride: int) -> tuple[list[float], int | None]:
+    """log p(token t | context) for t = 1..n-1 under the sliding-window rule, and the first window's halt_step.
+
+    Target t < T sees tokens 0..t-1; a later target belongs to window k = ceil((t - T + 1) / stride), which
+    ends at min(T + k * stride, n) and holds the T tokens before that end."""
+    n = len(ids)
+    out = []
+    for t in range(1, n):
+        if t < T:
+            begin = 0
+        else:
+            k = -(-(t - T + 1) // stride)
+            begin = min(T + k * stride, n) - T
+        # Causal: the logits at position t-1 of the window do not depend on what follows, and halting is
+        # decided at the window's first position.
+        logits = model(torch.tensor([ids[begin:t]])).logits[0, -1]
+        out.append(float(logits.log_softmax(-1)[ids[t]]))
+    halt = int(model(torch.tensor([ids[:T]])).halt_step[0]) if n else None
+    return out, halt
+
+
+@torch.no_grad()
+def eager_greedy(model: RecursiveMoE, prompt: list[int], max_new: int, eot: int, n_valid: int):
+    seq, new, halt = list(prompt), [], None
+    for _ in range(max_new):
+        out = model(torch.tensor([seq[-T:]]))
+        halt = int(out.halt_step[0])
+        nxt = int(out.logits[0, -1, :n_valid].argmax())
+        if nxt == eot:
+            return new, "eot", halt
+        seq.append(nxt)
+        new.append(nxt)
+    return new, "length", halt
+
+
+# -----------------------------------------------------------------------------
+# results equal the eager model's
+
+
+def test_score_matches_eager(server, eager):
+    texts = make_texts(24, seed=0) + [" ".join(WORDS * 2)]  # the last one takes ~9 windows
+    results = server.score(texts, batch_size=5, return_token_logprobs=True)
+    assert len({r.halt_step for r in results if r.halt_step}) == 2, "the fixture must exercise both halt steps"
+    for text, res in zip(texts, results, strict=True):
+        ids = server.encode([text])[0]
+        ref, ref_halt = eager_scores(eager, ids, stride=T // 2)
+        assert res.n_tokens == len(ref) == max(0, len(ids) - 1)
+        assert res.halt_step == ref_halt
+        assert res.n_windows == len(windows(len(ids), T, T // 2))
+        np.testing.assert_allclose(res.token_logprobs, ref, rtol=1e-4, atol=1e-4)
+        if ref:
+            ref_nll = -float(np.mean(ref))
+            assert abs(res.nll - ref_nll) <= 1e-4 * ref_nll
+            assert res.ppl == pytest.approx(np.exp(res.nll))
+        else:  # empty or one-token text: nothing to score
+            assert res.nll is None and res.ppl is None
+    assert results[-1].n_windows > 2 and results[-1].n_tokens == len(server.encode([texts[-1]])[0]) - 1
+
+
+def test_greedy_generate_matches_eager(server, eager):
+    # Prompts up to 2T tokens and 12 new tokens: the context fills up and slides.
+    texts = ["", "a", "the king", "ALICE walked through the garden", " ".join(WORDS[:6]), " ".join(WORDS)]
+    results = server.generate(texts, max_new_tokens=12, batch_size=4)
+    n_valid = server.tokenizer.get_vocab_size()
+    for text, res in zip(texts, results, strict=True):
+        prompt = server.encode([text])[0] or [server.eot_id]
+        tokens, reason, halt = eager_greedy(eager, prompt, 12, server.eot_id, n_valid)
+        assert (res.tokens, res.finish_reason, res.halt_step) == (tokens, reason, halt), text
+        assert res.text == server.tokenizer.decode(tokens)
+
+
+def test_batch_size_and_order_do_not_change_results(server):
+    texts = make_texts(15, seed=3)
+    one, seven = server.score(texts, batch_size=1), server.score(texts, batch_size=7)
+    for a, b in zip(one, seven, strict=True):
+        assert (a.n_tokens, a.halt_step, a.n_windows) == (b.n_tokens, b.halt_step, b.n_windows)
+        assert a.nll == b.nll or abs(a.nll - b.nll) <= 1e-6 * abs(b.nll)
+    kw = dict(max_new_tokens=5, temperature=0.9, top_k=40, top_p=0.95, seed=7)
+    s1 = server.generate(texts, batch_size=1, **kw)
+    s7 = server.generate(texts[5:], batch_size=7, first_index=5, **kw)  # a later call of the same stream
+    assert [r.tokens for r in s1[5:]] == [r.tokens for r in s7]
+    other = server.generate(texts, batch_size=1, **{**kw, "seed": 8})
+    assert [r.tokens for r in s1] != [r.tokens for r in other]
+    greedy = [server.generate(texts, max_new_tokens=4, batch_size=bs) for bs in (1, 7)]
+    assert [r.tokens for r in greedy[0]] == [r.tokens for r in greedy[1]]
+
+
+def test_padding_is_small_and_counted(server):
+    texts = make_texts(40, seed=5)
+    before = (server.stats.padding, server.stats.positions)
+    server.score(texts, batch_size=8)
+    padding, positions = server.stats.padding - before[0], server.stats.positions - before[1]
+    lengths = [e - b for x in server.encode(texts) for b, e, _ in windows(len(x), T, T // 2)]
+    assert positions == sum(lengths)
+    sorted_pad = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b)
+                     for b in length_batches(lengths, 8))
+    input_order_pad = sum(max(lengths[i:i + 8]) * len(lengths[i:i + 8]) - sum(lengths[i:i + 8])
+                          for i in range(0, len(lengths), 8))
+    assert padding == sorted_pad < input_order_pad
+
+
+# -----------------------------------------------------------------------------
+# pure pieces
+
+
+@pytest.mark.parametrize("stride", [1, 5, 8, 15])
+def test_windows_score_every_token_once_with_enough_context(stride):
+    for n in range(0, 60):
+        scored = []
+        for begin, end, first in windows(n, T, stride):
+            assert 0 <= begin < first <= end <= n and end - begin <= T
+            for t in range(first, end):
+                assert t - begin >= min(t, T - stride)  # at least T - stride tokens of context (all of them early)
+            scored += range(first, end)
+        assert scored == list(range(1, n))
+
+
+def test_pick_token():
+    logits = np.array([0.1, 2.0, 1.9, -1.0, 0.5], dtype=np.float32)
+    assert pick_token(logits) == 1
+    rng = np.random.default_rng(0)
+    assert {pick_token(logits, 1.0, top_k=1, rng=rng) for _ in range(20)} == {1}
+    assert {pick_token(logits, 1.0, top_k=2, rng=rng) for _ in range(200)} == {1, 2}
+    assert {pick_token(logits, 1.0, top_p=0.01, rng=rng) for _ in range(20)} == {1}
+    draws = [pick_token(logits, 5.0, rng=np.random.default_rng(1)) for _ in range(3)]
+    assert len(set(draws)) == 1  # the same generator state draws the same token
+
+
+def test_provider_selection():
+    cpu_only, with_cuda = ["AzureExecutionProvider", CPU_EP], [CUDA_EP, CPU_EP]
+    assert choose_providers("auto", cpu_only) == [CPU_EP]
+    assert choose_providers("auto", with_cuda) == [(CUDA_EP, {"use_tf32": "0"}), CPU_EP]
+    assert choose_providers("cpu", with_cuda) == [CPU_EP]
+    assert choose_providers("cuda", with_cuda)[0][0] == CUDA_EP
+    with pytest.raises(MoeError, match="--provider cuda: this onnxruntime has no CUDAExecutionProvider"):
+        choose_providers("cuda", cpu_only)
+    tried = choose_providers("auto", with_cuda)
+    assert resolve_provider("auto", tried, [CUDA_EP, CPU_EP]) == ("cuda", None)
+    provider, note = resolve_provider("auto", tried, [CPU_EP])  # ORT fell back silently
+    assert provider == "cpu" and "could not be used" in note
+    with pytest.raises(MoeError, match="fell back"):
+        resolve_provider("cuda", choose_providers("cuda", with_cuda), [CPU_EP])
+    assert resolve_provider("cpu", [CPU_EP], [CPU_EP]) == ("cpu", None)
+
+
+@pytest.mark.skipif(CUDA_EP not in ort.get_available_providers(), reason="needs onnxruntime-gpu and a GPU")
+def test_cuda_matches_cpu(exported, server):
+    gpu = Server.open(exported[1], provider="cuda")
+    assert gpu.provider == "cuda"
+    texts = make_texts(20, seed=9)
+    for a, b in zip(gpu.score(texts), server.score(texts), strict=True):
+        assert a.halt_step == b.halt_step and (a.nll is None or abs(a.nll - b.nll) <= 1e-4 * b.nll)
+    assert [r.tokens for r in gpu.generate(texts, 8)] == [r.tokens for r in server.generate(texts, 8)]
+
+
+# -----------------------------------------------------------------------------
+# the CLI
+
+
+def moe_serve(*args) -> tuple[int, str, str]:
+    """`moe serve ARGS` in-process, through moe_core.cli.run as the console entry point runs it."""
+    with CliRunner().isolation() as (out, err, _):
+        try:
+            run(cli, ["serve", *map(str, args)])
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        return code, out.getvalue().decode(), err.getvalue().decode()
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def test_cli_keeps_order_and_ids_across_chunks(exported, server, tmp_path):
+    # 70 records with shuffled lengths, batch size 1: two chunks of 64 records; some without an id.
+    texts = make_texts(70, seed=11)
+    records = [{"text": t} if i % 3 == 0 else {"id": f"r{i}", "text": t} for i, t in enumerate(texts)]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("\n".join(json.dumps(r) for r in records[:30]) + "\n\n" +  # a blank line is skipped
+                   "\n".join(json.dumps(r) for r in records[30:]) + "\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    code, stdout, stderr = moe_serve(exported[1], "--input", inp, "--output", out, "--batch-size", 1,
+                                     "--provider", "cpu", "--token-logprobs")
+    assert code == 0, stderr
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    line_numbers = [i + 1 if i < 30 else i + 2 for i in range(70)]
+    assert [r["id"] for r in rows] == [r.get("id", n) for r, n in zip(records, line_numbers, strict=True)]
+    expected = server.score(texts, batch_size=7, return_token_logprobs=True)
+    for row, res in zip(rows, expected, strict=True):
+        assert (row["n_tokens"], row["halt_step"], row["n_windows"]) == (res.n_tokens, res.halt_step, res.n_windows)
+        assert row["nll"] == res.nll or abs(row["nll"] - res.nll) <= 1e-6 * res.nll
+        np.testing.assert_allclose(row["token_logprobs"], res.token_logprobs, atol=1e-6)
+    summary = stdout.strip().splitlines()[-1]
+    assert summary.startswith("score: 70 sequences") and "padding" in summary and "tokens/s" in summary
+    assert "mean halt_step" in summary and "provider cpu" in summary
+    assert "provider cpu (CPUExecutionProvider" in stdout.splitlines()[0]
+
+
+def test_cli_generate_sampling_is_batch_independent(exported, tmp_path):
+    texts = make_texts(70, seed=13)
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "text": t} for i, t in enumerate(texts)])
+    outs = []
+    for bs in (1, 7):
+        out = tmp_path / f"out{bs}.jsonl"
+        code, stdout, stderr = moe_serve(exported[1], "--input", inp, "--output", out, "--mode", "generate",
+                                         "--batch-size", bs, "--max-new-tokens", 3, "--temperature", 0.8,
+                                         "--top-p", 0.9, "--seed", 1)
+        assert code == 0, stderr
+        outs.append([json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()])
+        assert "generate: 70 sequences" in stdout
+    assert outs[0] == outs[1]
+    assert [r["id"] for r in outs[0]] == list(range(70))
+    assert all(set(r) == {"id", "completion", "n_new_tokens", "finish_reason", "halt_step"} for r in outs[0])
+
+
+def test_cli_help_documents_the_long_input_rule():
+    code, stdout, _ = moe_serve("--help")
+    assert code == 0 and "sliding window" in stdout and "--stride" in stdout
+
+
+# -- bad input: one line naming the file (and line), exit 2, no output left --------------------------------------
+
+GOOD = '{"text": "the king"}\n'
+
+
+def damaged_model(src: Path, dst: Path, damage: str) -> Path:
+    """A copy of the exported model (and its tokenizer) in `dst`, damaged."""
+    model, tok = dst / src.name, dst / src.with_suffix("").with_suffix(".tokenizer.json").name
+    shutil.copy(src, model)
+    shutil.copy(src.with_name(tok.name), tok)
+    if damage == "not_onnx":
+        model.write_bytes(b"this is not an onnx model\n")
+    elif damage == "no_metadata":
+        proto = onnx.load(str(model))
+        keep = [p for p in proto.metadata_props if p.key != "tokenizer_sha256"]
+        del proto.metadata_props[:]
+        proto.metadata_props.extend(keep)
+        onnx.save(proto, str(model))
+    elif damage == "no_tokenizer":
+        tok.unlink()
+    elif damage == "tokenizer_sha":
+        tok.write_text(tok.read_text(encoding="utf-8") + "\n", encoding="utf-8")
+    elif damage == "tokenizer_too_big":
+        import hashlib
+
+        text = train_tokenizer([" ".join(WORDS * 50)], 400).to_str()  # all the merges this corpus has: 355 tokens
+        tok.write_text(text, encoding="utf-8")
+        proto = onnx.load(str(model))
+        for p in proto.metadata_props:
+            if p.key == "tokenizer_sha256":
+                p.value = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        onnx.save(proto, str(model))
+    return model
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"text": "ok"}\n{"text": "broken\n', "in.jsonl:2: invalid JSON"),
+    (GOOD + '["text"]\n', "in.jsonl:2: got a JSON array"),
+    (GOOD + GOOD + '{"id": 3}\n', 'in.jsonl:3: missing "text" field'),
+    ('{"text": 5}\n', 'in.jsonl:1: "text" is a JSON number'),
+    ("", "in.jsonl: no input records"),
+    ("\n  \n\n", "in.jsonl: no input records"),
+    (GOOD.encode() + b'{"text": "caf\xe9"}\n', "in.jsonl:2: not valid UTF-8"),
+    (None, "in.jsonl: input file not found"),
+])
+def test_cli_bad_input(exported, tmp_path, content, message):
+    inp = tmp_path / "in.jsonl"
+    if isinstance(content, bytes):
+        inp.write_bytes(content)
+    elif content is not None:
+        inp.write_text(content, encoding="utf-8")
+    assert_clean_failure(tmp_path, message, exported[1], "--input", inp)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("missing", "m.onnx: model file not found"),
+    ("not_onnx", "m.onnx: not an ONNX model"),
+    ("no_metadata", "m.onnx: missing metadata tokenizer_sha256"),
+    ("no_tokenizer", "m.tokenizer.json: tokenizer file not found"),
+    ("tokenizer_sha", "m.tokenizer.json: tokenizer does not match the model m.onnx"),
+    ("tokenizer_too_big", "m.tokenizer.json: tokenizer has 355 tokens but the model m.onnx has vocab_size 300"),
+])
+def test_cli_bad_model(exported, tmp_path, damage, message):
+    models = tmp_path / "models"
+    models.mkdir()
+    model = models / "m.onnx" if damage == "missing" else damaged_model(exported[1], models, damage)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(GOOD, encoding="utf-8")
+    assert_clean_failure(tmp_path, message, model, "--input", inp)
+
+
+def test_cli_refuses_existing_output_bad_stride_and_unavailable_cuda(exported, tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(GOOD, encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    out.write_text("precious", encoding="utf-8")
+    code, _, stderr = moe_serve(exported[1], "--input", inp, "--output", out)
+    assert code == 2 and "--overwrite" in stderr and out.read_text(encoding="utf-8") == "precious"
+    assert_clean_failure(tmp_path, "stride: expected 1..15", exported[1], "--input", inp, "--stride", 16,
+                         out_name="stride.jsonl")
+    if CUDA_EP not in ort.get_available_providers():
+        assert_clean_failure(tmp_path, "--provider cuda:", exported[1], "--input", inp, "--provider", "cuda",
+                             out_name="cuda.jsonl")
+
+
+def assert_clean_failure(tmp_path: Path, message: str, *args, out_name: str = "out.jsonl") -> None:
+    out = tmp_path / out_name
+    code, _, stderr = moe_serve(*args, "--output", out)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], stderr
+    assert not out.exists() and not list(tmp_path.glob(f".{out_name}.*"))
