@@ -32,6 +32,7 @@ from moe_core.model import RecursiveMoE
 from . import data as D
 from .config import RunConfig
 from .loss import per_sample_nll, training_loss
+from .plots import write_plots
 from .schedule import lr_multiplier, warmup_steps
 
 METRICS_FILE = "metrics.jsonl"
@@ -274,6 +275,7 @@ def train(cfg: RunConfig, out: str | os.PathLike, overwrite: bool = False) -> di
         "first_step_s": first_step_s, "step_s": steady, "tokens_per_s": tokens_per_step / steady,
     }
     metrics.write({"kind": "summary", **result})
+    write_plots(run_dir)
     print(f"done: val loss {result['val_loss']:.4f} (ppl {result['val_ppl']:.1f}) vs uniform {uniform:.4f} / "
           f"unigram {unigram:.4f} | median grad norm after warmup {result['median_grad_norm_after_warmup']:.2f}")
     print(f"time: first step {first_step_s:.1f}s (includes torch.compile)" if tc.compile else

@@ -1,0 +1,355 @@
+"""Training plots: read a run's metrics.jsonl and write PNGs under RUN_DIR/plots/.
+
+`write_plots(run_dir)` writes whichever of these the logged data supports (a plot whose data is absent is
+skipped, so a baseline model or a run killed after the step-0 eval still gets what it can):
+
+  loss.png         train lm_loss and val_loss, with the uniform ln(V) and unigram baselines
+  lr.png           learning rate
+  grad_norm.png    total (pre-clip) grad norm and the router / halt parameter-group norms
+  heads.png        MoH heads per token per layer; threshold mean with min-max band, and complexity
+  expert_load.png  MoE load fraction per expert per layer, with the ideal share dashed
+  halting.png      mean halt step (train, val) and halt accuracy — recursive models only
+
+Figures are built with `matplotlib.figure.Figure` (no pyplot, no global backend state) and written
+atomically, so a reader never sees a half-written PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import click
+from matplotlib.figure import Figure
+
+from moe_core.checkpoint import atomic_write
+from moe_core.errors import MoeError
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+PLOTS_DIR = "plots"
+DPI = 110
+
+Record = dict[str, Any]
+
+
+# -----------------------------------------------------------------------------
+# reading
+
+
+def read_metrics(path: str | Path) -> list[Record]:
+    """All records of a metrics.jsonl. A torn last line (a killed run) is ignored; a bad line elsewhere is an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise MoeError(f"{path}: metrics file not found (expected a run directory written by `moe train`)")
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    records: list[Record] = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:  # torn last line of a killed / still-running run
+                break
+            raise MoeError(f"{path}:{i + 1}: not valid JSON ({e.msg})") from None
+        if isinstance(rec, dict):
+            records.append(rec)
+    if not records:
+        raise MoeError(f"{path}: no metrics records (the run logged nothing yet)")
+    return records
+
+
+def _read_config(run_dir: Path) -> Record:
+    try:
+        cfg = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def _series(records: list[Record], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of the records that have a finite number under `key`."""
+    xs, ys = [], []
+    for r in records:
+        step, v = _num(r.get("step")), _num(r.get(key))
+        if step is not None and v is not None:
+            xs.append(step)
+            ys.append(v)
+    return xs, ys
+
+
+def _list_series(records: list[Record], key: str) -> tuple[list[float], list[list[float]]]:
+    """(steps, vectors) for a list-valued key, keeping only vectors of the most common length."""
+    rows = []
+    for r in records:
+        step, v = _num(r.get("step")), r.get(key)
+        if step is not None and isinstance(v, list) and v and all(_num(x) is not None for x in v):
+            rows.append((step, [float(x) for x in v]))
+    if not rows:
+        return [], []
+    lengths = [len(v) for _, v in rows]
+    n = max(set(lengths), key=lengths.count)
+    rows = [(s, v) for s, v in rows if len(v) == n]
+    return [s for s, _ in rows], [v for _, v in rows]
+
+
+def _layers(records: list[Record], suffix: str) -> list[int]:
+    pat = re.compile(rf"^L(\d+)\.{re.escape(suffix)}$")
+    found = {int(m.group(1)) for r in records for k in r if (m := pat.match(k))}
+    return sorted(found)
+
+
+def _first(records: list[Record], key: str) -> float | None:
+    for r in records:
+        v = _num(r.get(key))
+        if v is not None:
+            return v
+    return None
+
+
+# -----------------------------------------------------------------------------
+# figure helpers
+
+
+def _style(ax, title: str, ylabel: str, xlabel: str = "step (optimizer updates)", legend: bool = True) -> None:
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    if legend and ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", fontsize=8, framealpha=0.85)
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
+    return path
+
+
+def _marker(xs: list[float]) -> str | None:
+    return "o" if len(xs) <= 20 else None
+
+
+# -----------------------------------------------------------------------------
+# the plots (each returns a Figure, or None when its data is absent)
+
+
+def plot_loss(train: list[Record], evals: list[Record]) -> Figure | None:
+    tx, ty = _series(train, "lm_loss")
+    train_label = "train lm_loss"
+    if not tx:
+        tx, ty = _series(train, "loss")
+        train_label = "train loss"
+    vx, vy = _series(evals, "val_loss")
+    if not tx and not vx:
+        return None
+    fig = Figure(layout="constrained", figsize=(8, 4.8))
+    ax = fig.add_subplot()
+    if tx:
+        ax.plot(tx, ty, color="C0", lw=1.3, marker=_marker(tx), ms=3, label=train_label)
+    if vx:
+        ax.plot(vx, vy, color="C1", lw=1.8, marker="o", ms=5, label="val_loss")
+        ax.annotate(f"{vy[-1]:.3f}", (vx[-1], vy[-1]), textcoords="offset points", xytext=(4, 6),
+                    color="C1", fontsize=8)
+    uniform, unigram = _first(evals, "uniform_baseline"), _first(evals, "unigram_baseline")
+    if uniform is not None:
+        ax.axhline(uniform, color="0.35", ls="--", lw=1, label=f"uniform ln(V) = {uniform:.3f}")
+    if unigram is not None:
+        ax.axhline(unigram, color="C2", ls="--", lw=1, label=f"unigram = {unigram:.3f}")
+    _style(ax, "Loss", "cross-entropy (nats / token)")
+    return fig
+
+
+def plot_lr(train: list[Record]) -> Figure | None:
+    x, y = _series(train, "lr")
+    if not x:
+        return None
+    fig = Figure(layout="constrained", figsize=(8, 3.6))
+    ax = fig.add_subplot()
+    ax.plot(x, y, color="C0", lw=1.5, marker=_marker(x), ms=3, label="lr (base param group)")
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    ax.set_ylim(bottom=0)
+    _style(ax, "Learning rate", "learning rate (AdamW step size)")
+    return fig
+
+
+def plot_grad_norm(train: list[Record], grad_clip: float | None = None) -> Figure | None:
+    curves = [("grad_norm", "total (pre-clip)", "C0", 1.8),
+              ("grad_norm.router", "router params", "C3", 1.2),
+              ("grad_norm.halt", "halt head", "C2", 1.2)]
+    data = [(label, c, lw, *_series(train, key)) for key, label, c, lw in curves]
+    data = [d for d in data if d[3]]
+    if not data:
+        return None
+    fig = Figure(layout="constrained", figsize=(8, 4.4))
+    ax = fig.add_subplot()
+    for label, c, lw, x, y in data:
+        ax.plot(x, y, color=c, lw=lw, marker=_marker(x), ms=3, label=label)
+    if grad_clip:
+        ax.axhline(grad_clip, color="0.35", ls="--", lw=1, label=f"grad_clip = {grad_clip:g}")
+    pos = [v for *_, y in data for v in y if v > 0]
+    if pos and max(pos) / min(pos) > 100:
+        ax.set_yscale("log")
+    _style(ax, "Gradient norm (global L2, before clipping)", "L2 norm")
+    return fig
+
+
+def plot_heads(train: list[Record], n_heads: int | None = None, min_heads: int | None = None) -> Figure | None:
+    head_layers = [li for li in _layers(train, "moh_heads") if _series(train, f"L{li}.moh_heads")[0]]
+    thr_layers = [li for li in _layers(train, "moh_threshold") if _series(train, f"L{li}.moh_threshold")[0]]
+    cx_layers = [li for li in _layers(train, "moh_complexity") if _series(train, f"L{li}.moh_complexity")[0]]
+    if not head_layers and not thr_layers and not cx_layers:
+        return None
+    second = bool(thr_layers or cx_layers)
+    fig = Figure(layout="constrained", figsize=(8, 7.2 if second else 4.2))
+    ax1 = fig.add_subplot(2 if second else 1, 1, 1)
+    for li in head_layers:
+        x, y = _series(train, f"L{li}.moh_heads")
+        ax1.plot(x, y, color=f"C{(li - 1) % 10}", lw=1.5, marker=_marker(x), ms=3, label=f"layer {li}")
+    if n_heads:
+        ax1.axhline(n_heads, color="0.35", ls="--", lw=1, label=f"all heads = {n_heads}")
+        ax1.set_ylim(0, n_heads * 1.08)
+    if min_heads:
+        ax1.axhline(min_heads, color="0.55", ls=":", lw=1, label=f"min_heads = {min_heads}")
+    _style(ax1, "MoH: mean attention heads per token", "heads / token")
+    if second:
+        ax2 = fig.add_subplot(2, 1, 2, sharex=ax1)
+        for li in sorted(set(thr_layers) | set(cx_layers)):
+            c = f"C{(li - 1) % 10}"
+            x, y = _series(train, f"L{li}.moh_threshold")
+            if x:
+                ax2.plot(x, y, color=c, lw=1.6, marker=_marker(x), ms=3, label=f"L{li} threshold (mean)")
+                lo = dict(zip(*_series(train, f"L{li}.moh_threshold_min"), strict=True))
+                hi = dict(zip(*_series(train, f"L{li}.moh_threshold_max"), strict=True))
+                bx = [s for s in x if s in lo and s in hi]
+                if bx:
+                    ax2.fill_between(bx, [lo[s] for s in bx], [hi[s] for s in bx], color=c, alpha=0.18, lw=0,
+                                     label=f"L{li} threshold min–max")
+            x, y = _series(train, f"L{li}.moh_complexity")
+            if x:
+                ax2.plot(x, y, color=c, lw=1.2, ls=":", marker=_marker(x) and "s", ms=3,
+                         label=f"L{li} complexity (mean)")
+        _style(ax2, "MoH: routing threshold and token complexity", "value (dimensionless)")
+        ax1.set_xlabel("")
+    return fig
+
+
+def plot_expert_load(train: list[Record]) -> Figure | None:
+    layers = []
+    for li in _layers(train, "moe_load"):
+        x, loads = _list_series(train, f"L{li}.moe_load")
+        if x:
+            layers.append((li, x, loads))
+    if not layers:
+        return None
+    n_exp = max(len(v[0]) for *_, v in layers)
+    fig = Figure(layout="constrained", figsize=(8, 1.0 + 3.0 * len(layers)))
+    axes = fig.subplots(len(layers), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, (li, x, loads) in zip(axes, layers, strict=True):
+        n = len(loads[0])
+        total = sum(sum(v) for v in loads) / len(loads)  # 1 if loads are fractions of routed tokens
+        for e in range(n):
+            ys = [v[e] for v in loads]
+            ax.plot(x, ys, color=f"C{e % 10}", lw=1.4, marker=_marker(x), ms=3, label=f"expert {e}")
+        ideal = total / n
+        ax.axhline(ideal, color="0.2", ls="--", lw=1.2, label=f"ideal 1/E = {ideal:.3g}")
+        ax.set_ylim(bottom=0)
+        _style(ax, f"MoE expert load — layer {li} ({n} experts)", "fraction of routed tokens",
+               xlabel="step (optimizer updates)" if ax is axes[-1] else "", legend=False)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside upper center", fontsize=8, ncols=min(n_exp + 1, 5), framealpha=0.85)
+    return fig
+
+
+def plot_halting(train: list[Record], evals: list[Record], halt_max_steps: int | None = None) -> Figure | None:
+    tx, ty = _series(train, "halt_step_mean")
+    vx, vy = _series(evals, "val_halt_step")
+    ax_, ay = _series(train, "halt_acc")
+    if not ax_ and all(v == 1 for v in ty + vy):  # baseline model: one step always, nothing to show
+        return None
+    fig = Figure(layout="constrained", figsize=(8, 4.6))
+    ax = fig.add_subplot()
+    if halt_max_steps:
+        ax.axhline(halt_max_steps, color="0.55", ls="--", lw=1, zorder=1, label=f"halt_max_steps = {halt_max_steps}")
+    if vx:
+        ax.plot(vx, vy, color="C1", lw=2.2, marker="o", ms=7, zorder=2, label="val_halt_step")
+    if tx:
+        ax.plot(tx, ty, color="C0", lw=1.2, marker=_marker(tx), ms=3, zorder=3, label="train halt_step_mean")
+        ax.set_ylim(0, halt_max_steps + 0.5)
+    ax.set_title("Halting (ACT)")
+    ax.set_xlabel("step (optimizer updates)")
+    ax.set_ylabel("mean halt step (recursion steps / sequence)")
+    ax.grid(True, alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if ax_:
+        ax2 = ax.twinx()
+        ax2.plot(ax_, ay, color="C2", lw=1.2, ls="--", marker=_marker(ax_) and "^", ms=3, label="train halt_acc")
+        ax2.set_ylim(-0.02, 1.02)
+        ax2.set_ylabel("halt accuracy (fraction)", color="C2")
+        ax2.tick_params(axis="y", colors="C2")
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    if handles:
+        ax.legend(handles, labels, loc="lower right", fontsize=8, framealpha=0.85)
+    return fig
+
+
+# -----------------------------------------------------------------------------
+# entry points
+
+
+def write_plots(run_dir: str | Path) -> list[Path]:
+    """Write RUN_DIR/plots/*.png from RUN_DIR/metrics.jsonl; returns the paths written (skipped plots omitted)."""
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir / METRICS_FILE)
+    train = sorted((r for r in records if r.get("kind") == "train"), key=lambda r: _num(r.get("step")) or 0)
+    evals = sorted((r for r in records if r.get("kind") == "eval"), key=lambda r: _num(r.get("step")) or 0)
+    cfg = _read_config(run_dir)
+    model_cfg = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
+    train_cfg = cfg.get("train") if isinstance(cfg.get("train"), dict) else {}
+    n_heads = model_cfg.get("n_heads") if isinstance(model_cfg.get("n_heads"), int) else None
+    min_heads = model_cfg.get("min_heads") if isinstance(model_cfg.get("min_heads"), int) else None
+    halt_max = model_cfg.get("halt_max_steps") if isinstance(model_cfg.get("halt_max_steps"), int) else None
+    if model_cfg.get("recursive") is False:
+        halt_max = None
+    grad_clip = _num(train_cfg.get("grad_clip"))
+
+    figures = {
+        "loss.png": plot_loss(train, evals),
+        "lr.png": plot_lr(train),
+        "grad_norm.png": plot_grad_norm(train, grad_clip),
+        "heads.png": plot_heads(train, n_heads, min_heads),
+        "expert_load.png": plot_expert_load(train),
+        "halting.png": plot_halting(train, evals, halt_max),
+    }
+    out_dir = run_dir / PLOTS_DIR
+    written: list[Path] = []
+    for name, fig in figures.items():
+        if fig is None:
+            continue
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written.append(_save(fig, out_dir / name))
+    return written
+
+
+@click.command()
+@click.argument("run_dir")
+def plot(run_dir: str) -> None:
+    """Write training plots (loss, lr, grad norm, heads, expert load, halting) to RUN_DIR/plots/."""
+    paths = write_plots(run_dir)  # a MoeError is reported by the `moe` group (one line, exit code 2)
+    if not paths:
+        click.echo(f"{run_dir}: no plottable metrics yet", err=True)
+    for p in paths:
+        click.echo(str(p))
