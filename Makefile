@@ -23,8 +23,10 @@ demo: setup
 	$(BIN)/moe train --preset default --out $(RUN) --overwrite
 	$(BIN)/moe export $(RUN) --out $(RUN)/model.onnx --overwrite
 	printf '%s\n' '{"id": "hamlet", "text": "To be, or not to be:"}' '{"id": "romeo", "text": "ROMEO:\nBut soft, what light"}' > $(RUN)/sample.jsonl
-	$(BIN)/moe serve $(RUN)/model.onnx --input $(RUN)/sample.jsonl --output $(RUN)/sample.out.jsonl --mode generate --overwrite
-	cat $(RUN)/sample.out.jsonl
+	$(BIN)/moe serve $(RUN)/model.onnx --input $(RUN)/sample.jsonl --output $(RUN)/sample.scores.jsonl --mode score --overwrite
+	$(BIN)/moe serve $(RUN)/model.onnx --input $(RUN)/sample.jsonl --output $(RUN)/sample.out.jsonl --mode generate \
+		--temperature 0.8 --top-k 40 --seed 0 --overwrite
+	cat $(RUN)/sample.scores.jsonl $(RUN)/sample.out.jsonl
 
 lint: setup
 	$(BIN)/ruff check .
