@@ -278,7 +278,7 @@ def train(cfg: RunConfig, out: str | os.PathLike, overwrite: bool = False) -> di
     write_plots(run_dir)
     print(f"done: val loss {result['val_loss']:.4f} (ppl {result['val_ppl']:.1f}) vs uniform {uniform:.4f} / "
           f"unigram {unigram:.4f} | median grad norm after warmup {result['median_grad_norm_after_warmup']:.2f}")
-    print(f"time: first step {first_step_s:.1f}s (includes torch.compile)" if tc.compile else
+    print(f"time: first step {first_step_s:.1f}s (includes torch.compile, or loading its cache)" if tc.compile else
           f"time: first step {first_step_s:.1f}s", end="")
     print(f", then {steady * 1000:.0f} ms/step, {result['tokens_per_s']:.0f} tokens/s | run: {run_dir}")
     return result
