@@ -228,7 +228,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, opset: int = 
         if eval_ids is not None:
             eager_nll, onnx_nll = text_nll(model, eval_ids), text_nll(ort_cpu_session(tmp), eval_ids)
             log(f"accuracy on {eval_text} ({eval_ids.size:,} tokens): eager loss {eager_nll:.4f}, ONNX {precision} "
-                f"loss {onnx_nll:.4f} (cost {onnx_nll - eager_nll:+.4f} nats/token)")
+                f"loss {onnx_nll:.4f} (cost {onnx_nll - eager_nll:+.2e} nats/token)")
         atomic_write_text(tok_path, tokenizer_text)  # last: only a model that passed gets its tokenizer
 
     atomic_write(out, build)
