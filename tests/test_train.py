@@ -377,3 +377,20 @@ def test_compiled_training_run(tmp_path: Path, corpus_file: Path, tiny_run) -> N
     model = load_model(out)
     with torch.no_grad():
         assert torch.isfinite(model(torch.zeros(1, 8, dtype=torch.long)).logits).all()
+
+
+def test_user_tokenizer_sets_the_vocabulary(tiny_run_dir: Path, corpus_file: Path, tmp_path: Path) -> None:
+    """--tokenizer: the given tokenizer.json is used as is and its size becomes model.vocab_size."""
+    import json
+
+    from train.trainer import train
+
+    given = tiny_run_dir / "tokenizer.json"
+    n = Tokenizer.from_file(str(given)).get_vocab_size()
+    cfg = build_config("tiny", None, [f"train.tokenizer={json.dumps(str(given))}",
+                                      f"train.data={json.dumps(str(corpus_file))}", "train.compile=false",
+                                      "train.max_steps=2", "model.vocab_size=4096"])
+    train(cfg, tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["model"]["vocab_size"] == n != 4096
+    assert (tmp_path / "run" / "tokenizer.json").read_text() == Tokenizer.from_file(str(given)).to_str()
