@@ -203,19 +203,26 @@ class MoEFeedForward(nn.Module):
     """Top-k routed SwiGLU experts. Dense dispatch: every expert runs on every token and the combine
     weights are zero outside the chosen k — static shapes, so training, eval and ONNX share one path.
 
-    Weight layout: w_gate, w_up [D, E, F] and w_down [E, F, D], so that all experts are one plain matmul
-    each way against a free view ([D, E*F] and [E*F, D]); einsum over 3-D weights was ~60% of ONNX
-    Runtime's time on this model, its MatMul kernel is several times faster on the same shapes.
+    Weight layout: w_gate, w_up [D, E*F] and w_down [E*F, D] (expert e owns columns / rows e*F..(e+1)*F), so
+    that all experts are one plain matmul each way with the weight fed straight in: einsum over 3-D weights was
+    ~60% of ONNX Runtime's time on this model, and int8 dynamic quantisation only picks up MatMuls whose weight
+    is an initializer. `experts()` gives the per-expert [E, ...] views.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.n_experts, self.top_k = cfg.n_experts, cfg.top_k
+        self.n_experts, self.top_k, self.d_expert = cfg.n_experts, cfg.top_k, cfg.d_expert
         E, D, Fd = cfg.n_experts, cfg.d_model, cfg.d_expert
         self.router = nn.Linear(D, E, bias=False)
-        self.w_gate = nn.Parameter(torch.empty(D, E, Fd))
-        self.w_up = nn.Parameter(torch.empty(D, E, Fd))
-        self.w_down = nn.Parameter(torch.empty(E, Fd, D))
+        self.w_gate = nn.Parameter(torch.empty(D, E * Fd))
+        self.w_up = nn.Parameter(torch.empty(D, E * Fd))
+        self.w_down = nn.Parameter(torch.empty(E * Fd, D))
+
+    def experts(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Views of the weights per expert: gate and up [E, D, F], down [E, F, D]."""
+        E, Fd = self.n_experts, self.d_expert
+        return (self.w_gate.unflatten(1, (E, Fd)).transpose(0, 1), self.w_up.unflatten(1, (E, Fd)).transpose(0, 1),
+                self.w_down.unflatten(0, (E, Fd)))
 
     def forward(self, x: Tensor, collect: bool) -> tuple[Tensor, Aux]:
         logits = self.router(x).float()  # [B, T, E]
@@ -223,11 +230,11 @@ class MoEFeedForward(nn.Module):
         top_p, top_i = probs.topk(self.top_k, dim=-1)
         top_p = top_p / top_p.sum(dim=-1, keepdim=True)  # combine weights sum to 1 over the k experts
         gates = torch.zeros_like(probs).scatter(-1, top_i, top_p).to(x.dtype)  # [B, T, E]
-        D, E, Fd = self.w_gate.shape
-        gate = (x @ self.w_gate.view(D, E * Fd)).unflatten(-1, (E, Fd))  # [B, T, E, F]
-        up = (x @ self.w_up.view(D, E * Fd)).unflatten(-1, (E, Fd))
+        E, Fd = self.n_experts, self.d_expert
+        gate = (x @ self.w_gate).unflatten(-1, (E, Fd))  # [B, T, E, F]
+        up = (x @ self.w_up).unflatten(-1, (E, Fd))
         h = F.silu(gate) * up * gates.unsqueeze(-1)  # experts outside the top-k contribute exactly zero
-        y = h.flatten(-2) @ self.w_down.view(E * Fd, D)  # [B, T, D]
+        y = h.flatten(-2) @ self.w_down  # [B, T, D]
         if not collect:
             return y, Aux()
         # Switch-style balance: f = fraction of routed (token, slot) pairs per expert, P = mean prob.

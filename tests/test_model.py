@@ -215,7 +215,8 @@ def test_moh_mask_is_exactly_zero_one(make_config, training) -> None:
 
 def expert_output(ffn: MoEFeedForward, x: torch.Tensor, e: int) -> torch.Tensor:
     """One SwiGLU expert on x [..., D]."""
-    return (F.silu(x @ ffn.w_gate[:, e]) * (x @ ffn.w_up[:, e])) @ ffn.w_down[e]
+    gate, up, down = ffn.experts()
+    return (F.silu(x @ gate[e]) * (x @ up[e])) @ down[e]
 
 
 def make_ffn(cfg: ModelConfig, seed: int) -> MoEFeedForward:
@@ -250,9 +251,8 @@ def test_moe_combine_weights_sum_to_one(make_config) -> None:
     cfg = make_config(n_experts=5, top_k=3)
     ffn = make_ffn(cfg, seed=30)
     with torch.no_grad():
-        for p in (ffn.w_gate, ffn.w_up):  # [D, E, F]
-            p.copy_(p[:, 0:1].expand_as(p))
-        ffn.w_down.copy_(ffn.w_down[0:1].expand_as(ffn.w_down))  # [E, F, D]
+        for p in ffn.experts():  # [E, ...] views of the weights
+            p.copy_(p[0:1].clone().expand_as(p))
         x = torch.randn(3, 7, cfg.d_model, generator=torch.Generator().manual_seed(31))
         assert torch.allclose(ffn(x, False)[0], expert_output(ffn, x, 0), atol=1e-5, rtol=1e-4)
 
@@ -266,10 +266,11 @@ def test_moe_token_uses_exactly_its_top_k_experts(make_config) -> None:
         top = (x @ ffn.router.weight.T).topk(2, dim=-1).indices  # [B, T, k]
         base = ffn(x, False)[0]
         for e in range(cfg.n_experts):
-            saved = ffn.w_down[e].clone()
-            ffn.w_down[e].mul_(3.0)
+            down = ffn.experts()[2]
+            saved = down[e].clone()
+            down[e].mul_(3.0)
             changed = (ffn(x, False)[0] - base).abs().amax(-1) > 1e-6
-            ffn.w_down[e].copy_(saved)
+            down[e].copy_(saved)
             uses = (top == e).any(-1)
             assert torch.equal(changed, uses), f"expert {e}"
 
