@@ -12,7 +12,7 @@ from . import __version__
 from .errors import MoeError
 
 SUBCOMMANDS = {  # name -> (module, attribute, one-line help)
-    "train": ("train.cli", "train", "Train a model (or resume a run) into a run directory."),
+    "train": ("train.cli", "train", "Train a model into a run directory."),
     "export": ("export.cli", "export", "Export a run to one static ONNX graph and prove parity."),
     "serve": ("serve.cli", "serve", "Batch inference on ONNX Runtime (CUDA where present, else CPU)."),
     "plot": ("train.plots", "plot", "Write (or refresh) the PNG plots of a run directory."),
