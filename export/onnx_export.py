@@ -23,8 +23,9 @@ from torch import Tensor, nn
 
 from moe_core import __version__
 from moe_core.checkpoint import TOKENIZER_FILE, atomic_write, atomic_write_text, load_model, load_run_config
-from moe_core.errors import CheckpointError, MoeError
+from moe_core.errors import MoeError
 from moe_core.model import RecursiveMoE
+from moe_core.tokenizer import read_tokenizer
 
 from .parity import ParityReport, check_parity, ort_cpu_session, text_nll, text_windows
 
@@ -67,22 +68,6 @@ def tokenizer_path_for(onnx_path: str | os.PathLike) -> Path:
     """The tokenizer written beside MODEL.onnx: MODEL.tokenizer.json."""
     p = Path(onnx_path)
     return p.with_name(p.stem + ".tokenizer.json")
-
-
-def read_tokenizer_text(run_dir: Path, vocab_size: int) -> str:
-    from tokenizers import Tokenizer
-
-    path = run_dir / TOKENIZER_FILE
-    try:
-        text = path.read_text(encoding="utf-8")
-        n = Tokenizer.from_str(text).get_vocab_size()
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
-    except Exception as e:  # tokenizers raises plain Exceptions for malformed JSON
-        raise CheckpointError(f"{path}: not a tokenizers JSON file ({str(e).splitlines()[0]})") from None
-    if n > vocab_size:
-        raise CheckpointError(f"{path}: tokenizer has {n} tokens but the model's embedding has {vocab_size} rows")
-    return text
 
 
 def to_onnx(model: RecursiveMoE, path: str | os.PathLike, opset: int = DEFAULT_OPSET) -> None:
@@ -186,7 +171,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, opset: int = 
     model = load_model(run_dir)
     cfg = model.config
     _, full_config = load_run_config(run_dir)
-    tokenizer_text = read_tokenizer_text(run_dir, cfg.vocab_size)
+    tokenizer_text, _ = read_tokenizer(run_dir / TOKENIZER_FILE, cfg.vocab_size, owner=f"the model in {run_dir}")
     eval_ids = text_windows(eval_text, tokenizer_text, cfg.max_seq_len) if eval_text is not None else None
     tok_path = tokenizer_path_for(out)
 

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from moe_core.errors import MoeError
+from moe_core.tokenizer import read_tokenizer
 
 from .graph import add_serving_outputs
 
@@ -52,7 +53,6 @@ INPUTS = ("input_ids", "attention_mask")  # the exported graph's contract (expor
 OUTPUTS = ("logits", HALT_STEP)
 METADATA_KEYS = ("moe_version", "config", "vocab_size", "max_seq_len", "halt_max_steps", "causal",
                  "tokenizer_file", "tokenizer_sha256")
-
 
 
 # -----------------------------------------------------------------------------
@@ -171,27 +171,11 @@ def read_model(path: str | os.PathLike):
 
 def load_tokenizer(info: ModelInfo):
     """The tokenizer beside the model, checked against the model's tokenizer_sha256 and vocabulary size."""
-    from tokenizers import Tokenizer
-
-    path = info.tokenizer_path
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise MoeError(f"{path}: tokenizer file not found (the model {info.path.name} names it in its "
-                       "metadata; `moe export` writes it beside the model)") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise MoeError(f"{path}: cannot read the tokenizer ({e})") from None
+    text, tok = read_tokenizer(info.tokenizer_path, info.vocab_size, owner=f"the model {info.path.name}")
     sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
     if sha != info.tokenizer_sha256:
-        raise MoeError(f"{path}: tokenizer does not match the model {info.path.name} (sha256 {sha[:12]}…, "
-                       f"the model expects {info.tokenizer_sha256[:12]}…)")
-    try:
-        tok = Tokenizer.from_str(text)
-    except Exception as e:  # tokenizers raises plain Exceptions for malformed JSON
-        raise MoeError(f"{path}: not a tokenizers JSON file ({str(e).splitlines()[0]})") from None
-    if tok.get_vocab_size() > info.vocab_size:
-        raise MoeError(f"{path}: tokenizer has {tok.get_vocab_size()} tokens but the model {info.path.name} "
-                       f"has vocab_size {info.vocab_size}")
+        raise MoeError(f"{info.tokenizer_path}: tokenizer does not match the model {info.path.name} (sha256 "
+                       f"{sha[:12]}…, the model expects {info.tokenizer_sha256[:12]}…)")
     return tok
 
 

