@@ -230,8 +230,11 @@ def train(cfg: RunConfig, out: str | os.PathLike, overwrite: bool = False) -> di
             loss, parts = training_loss(out, y, tc.aux_weights, tc.halt_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        group_norms = {f"grad_norm.{name}": _grad_norm(ps) for name, ps in groups.items()}
-        group_norms["grad_norm.halt"] = _grad_norm(list(model.halt_head.parameters()))
+        last = step == tc.max_steps - 1
+        log_step = step % tc.log_every == 0 or last
+        if log_step:  # per-group norms (before clipping) only where they are logged: not on the hot path
+            group_norms = {f"grad_norm.{name}": _grad_norm(ps) for name, ps in groups.items()}
+            group_norms["grad_norm.halt"] = _grad_norm(list(model.halt_head.parameters()))
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
         optimizer.step()
         dt = time.perf_counter() - t_step
@@ -242,8 +245,7 @@ def train(cfg: RunConfig, out: str | os.PathLike, overwrite: bool = False) -> di
         if step >= warmup:
             grad_norms_after_warmup.append(float(grad_norm))
 
-        last = step == tc.max_steps - 1
-        if step % tc.log_every == 0 or last:
+        if log_step:
             tok_s = tokens_per_step / statistics.median(step_times[-tc.log_every:]) if step_times else 0.0
             rec = {"kind": "train", "step": step + 1, "lr": tc.lr * mult, "grad_norm": float(grad_norm),
                    "tokens_per_s": tok_s, "halt_step_mean": out.halt_step.float().mean().item(),
