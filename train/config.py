@@ -38,12 +38,16 @@ class TrainConfig:
     eval_every: int = 50
     eval_batches: int = 8
     log_every: int = 10
+    checkpoint_every: int = 50  # steps between checkpoints in trainer_state/ (also at the end and on SIGINT/SIGTERM)
+    keep_checkpoints: int = 3  # the last K checkpoints are kept, older ones are deleted
+    max_bad_steps: int = 5  # stop after this many steps in a row with a non-finite loss or gradient (each skipped)
     seed: int = 1337
     compile: bool = True
     device: str = "auto"  # auto | cpu | cuda
 
     def validate(self, where: str = "train") -> None:
-        for name in ("batch_size", "max_steps", "eval_every", "eval_batches", "log_every"):
+        for name in ("batch_size", "max_steps", "eval_every", "eval_batches", "log_every", "checkpoint_every",
+                     "keep_checkpoints", "max_bad_steps"):
             _check(getattr(self, name) >= 1, where, f"{name}: expected >= 1, got {getattr(self, name)}")
         _check(0.0 < self.val_fraction <= 0.5, where, f"val_fraction: expected in (0, 0.5], got {self.val_fraction}")
         _check(self.lr > 0, where, f"lr: expected > 0, got {self.lr}")
