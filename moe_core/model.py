@@ -241,7 +241,12 @@ class MoEFeedForward(nn.Module):
         load = torch.zeros_like(probs).scatter(-1, top_i, 1.0).mean(dim=(0, 1)) / self.top_k  # [E]
         losses = {"moe_balance": self.n_experts * (load * probs.mean(dim=(0, 1))).sum(),
                   "moe_z": torch.logsumexp(logits, dim=-1).square().mean()}
-        return y, Aux(losses, {"moe_load": load.detach()})
+        load = load.detach()
+        # Dropped: routed (token, slot) pairs whose expert output never reaches the token (zero combine weight).
+        # Dense dispatch drops none unless a weight underflows; a capacity-bounded path would zero its overflow.
+        dropped = top_i.numel() - torch.count_nonzero(gates.detach()).to(load.dtype)
+        stats = {"moe_load": load, "moe_load_cv": load.std(correction=0) / load.mean(), "moe_dropped": dropped}
+        return y, Aux(losses, stats)
 
 
 class Block(nn.Module):

@@ -290,6 +290,20 @@ def test_moe_aux_losses_and_load(make_config) -> None:
     expected_balance = 4 * (f * probs.mean(dim=(0, 1))).sum()
     assert torch.isclose(res["moe_balance"], expected_balance, atol=1e-5)
     assert res["moe_z"] > 0
+    assert torch.isclose(res["moe_load_cv"], f.std(correction=0) / f.mean(), atol=1e-5)
+    assert res["moe_dropped"] == 0  # dense dispatch computes every routed (token, expert) pair
+
+
+def test_moe_dropped_counts_routed_pairs_that_carry_no_weight(make_config) -> None:
+    """A second choice whose probability underflows to 0 never reaches its token: it is counted as dropped."""
+    cfg = make_config(n_experts=4, top_k=2)
+    ffn = make_ffn(cfg, seed=52)
+    x = torch.randn(2, 8, cfg.d_model, generator=torch.Generator().manual_seed(53))
+    with torch.no_grad():
+        ffn.router.weight.mul_(1e4)  # softmax saturates: the top expert takes all the probability
+    _, aux = ffn(x, True)
+    assert aux.stats["moe_dropped"] == 2 * 8  # one of the two slots of every token
+    assert aux.stats["moe_load_cv"] >= 0
 
 
 # -----------------------------------------------------------------------------
@@ -501,13 +515,18 @@ def test_training_output_carries_aux_losses_and_stats(make_config) -> None:
     assert set(out.aux_losses) == {"moe_balance", "moe_z", "moh_balance", "moh_complexity", "moh_sparsity"}
     for L in ("L1", "L2"):
         for key in ("moh_heads", "moh_threshold", "moh_threshold_min", "moh_threshold_max", "moh_complexity",
-                    "moh_complexity_min", "moh_complexity_max", "moh_pred_norm", "moh_head_load", "moe_load"):
+                    "moh_complexity_min", "moh_complexity_max", "moh_pred_norm", "moh_head_load", "moe_load",
+                    "moe_load_cv", "moe_dropped"):
             assert f"{L}.{key}" in out.stats, f"{L}.{key}"
         s = out.stats
         assert 0.3 <= s[f"{L}.moh_threshold_min"] <= s[f"{L}.moh_threshold"] <= s[f"{L}.moh_threshold_max"] <= 0.8
         assert 0 <= s[f"{L}.moh_complexity_min"] <= s[f"{L}.moh_complexity"] <= s[f"{L}.moh_complexity_max"] <= 1
         assert cfg.min_heads <= s[f"{L}.moh_heads"] <= cfg.max_heads
         assert torch.isclose(s[f"{L}.moe_load"].sum(), torch.tensor(1.0))
+        head_load = s[f"{L}.moh_head_load"]  # fraction of tokens using each head: sums to the heads per token
+        assert head_load.shape == (cfg.n_heads,) and ((0 <= head_load) & (head_load <= 1)).all()
+        assert torch.isclose(head_load.sum(), s[f"{L}.moh_heads"], atol=1e-5)
+        assert s[f"{L}.moe_load_cv"] >= 0 and s[f"{L}.moe_dropped"] == 0
     assert all(not v.requires_grad for v in out.stats.values())
     ev = model.eval()(random_ids(cfg, 3, 16, seed=116))
     assert ev.aux_losses == {} and ev.stats == {} and ev.step_logits == []

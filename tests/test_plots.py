@@ -10,9 +10,11 @@ import pytest
 from click.testing import CliRunner
 
 from moe_core.errors import MoeError
-from train.plots import plot, read_metrics, write_plots
+from train.plots import plot, plot_expert_load, read_metrics, write_plots
 
-ALL_PLOTS = {"loss.png", "lr.png", "grad_norm.png", "heads.png", "expert_load.png", "halting.png"}
+ALL_PLOTS = {"loss.png", "lr.png", "grad_norm.png", "heads.png", "head_load.png", "expert_load.png", "halting.png",
+             "halt_hist.png"}
+HALT_PLOTS = {"halting.png", "halt_hist.png"}
 VOCAB = 97
 N_LAYERS, N_EXPERTS, N_HEADS = 2, 4, 4
 
@@ -31,7 +33,8 @@ def _train(step: int, recursive: bool) -> dict:
            "loss": 4.6 - t, "lm_loss": 4.5 - t, "last_step_loss": 4.5 - t,
            "grad_norm.router": 1e-3 * (1 + t), "grad_norm.decay": 0.7, "grad_norm.no_decay": 0.05}
     if recursive:
-        rec.update({"halt_loss": 0.7, "halt_acc": 0.5 + 0.4 * t, "halt_target": 0.5, "grad_norm.halt": 0.2})
+        rec.update({"halt_loss": 0.7, "halt_acc": 0.5 + 0.4 * t, "halt_target": 0.5, "grad_norm.halt": 0.2,
+                    "halt_hist": [round(12 * t), 4, 12 - round(12 * t)]})
     for name in ("moe_balance", "moe_z", "moh_balance", "moh_complexity", "moh_sparsity"):
         rec[f"aux.{name}"] = 1.0
         rec[f"aux_weighted.{name}"] = 0.01
@@ -41,7 +44,8 @@ def _train(step: int, recursive: bool) -> dict:
                     f"L{li}.moh_complexity": 0.5 - 0.3 * t, f"L{li}.moh_complexity_min": 0.2,
                     f"L{li}.moh_complexity_max": 0.8, f"L{li}.moh_pred_norm": 0.3,
                     f"L{li}.moh_head_load": [0.7, 0.6, 0.5, 0.4],
-                    f"L{li}.moe_load": [0.25 + 0.1 * t, 0.25 - 0.1 * t, 0.3, 0.2]})
+                    f"L{li}.moe_load": [0.25 + 0.1 * t, 0.25 - 0.1 * t, 0.3, 0.2],
+                    f"L{li}.moe_load_cv": 0.2 + 0.3 * t, f"L{li}.moe_dropped": 0.0})
     return rec
 
 
@@ -93,8 +97,27 @@ def test_torn_last_line_is_ignored_but_a_bad_middle_line_is_an_error(tmp_path: P
 def test_baseline_run_skips_halting(tmp_path: Path) -> None:
     run = _write_run(tmp_path / "base", recursive=False)
     paths = write_plots(run)
-    assert {p.name for p in paths} == ALL_PLOTS - {"halting.png"}
+    assert {p.name for p in paths} == ALL_PLOTS - HALT_PLOTS
     _check_pngs(paths)
+
+
+def test_metrics_without_newer_statistics_still_plot(tmp_path: Path) -> None:
+    """Older metrics files have no halt_hist, head load, load CV or dropped counts: those parts are skipped."""
+    run = _write_run(tmp_path / "old", recursive=True)
+    newer = ("halt_hist", "moh_head_load", "moe_load_cv", "moe_dropped")
+    lines = [json.dumps({k: v for k, v in json.loads(line).items() if not k.endswith(newer)})
+             for line in (run / "metrics.jsonl").read_text().splitlines()]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    paths = write_plots(run)
+    assert {p.name for p in paths} == ALL_PLOTS - {"halt_hist.png", "head_load.png"}
+    _check_pngs(paths)
+
+
+def test_expert_load_adds_cv_and_dropped_panels_only_when_logged() -> None:
+    train = [_train(step, recursive=True) for step in (1, 11, 21)]
+    assert len(plot_expert_load(train).axes) == N_LAYERS + 1  # loads per layer + CV (no drops: said in a title)
+    train[1]["L2.moe_dropped"] = 3.0
+    assert len(plot_expert_load(train).axes) == N_LAYERS + 2
 
 
 def test_only_step0_eval_does_not_crash(tmp_path: Path) -> None:
@@ -102,7 +125,7 @@ def test_only_step0_eval_does_not_crash(tmp_path: Path) -> None:
     run.mkdir()
     (run / "metrics.jsonl").write_text(json.dumps(_eval(0, 4.6, recursive=True)) + "\n")
     paths = write_plots(run)
-    assert {p.name for p in paths} <= {"loss.png", "halting.png"}
+    assert {p.name for p in paths} <= {"loss.png", *HALT_PLOTS}
     _check_pngs(paths)
 
 

@@ -7,8 +7,10 @@ skipped, so a baseline model or a run killed after the step-0 eval still gets wh
   lr.png           learning rate
   grad_norm.png    total (pre-clip) grad norm and the router / halt parameter-group norms
   heads.png        MoH heads per token per layer; threshold mean with min-max band, and complexity
-  expert_load.png  MoE load fraction per expert per layer, with the ideal share dashed
+  head_load.png    MoH fraction of tokens using each head per layer, with the even share dashed
+  expert_load.png  MoE load fraction per expert per layer, with the ideal share dashed; load CV; dropped tokens
   halting.png      mean halt step (train, val) and halt accuracy — recursive models only
+  halt_hist.png    share of samples halting at each step, over training and summed (needs `halt_hist`)
 
 Figures are built with `matplotlib.figure.Figure` (no pyplot, no global backend state) and written
 atomically, so a reader never sees a half-written PNG.
@@ -161,7 +163,7 @@ def plot_loss(train: list[Record], evals: list[Record]) -> Figure | None:
         ax.plot(tx, ty, color="C0", lw=1.3, marker=_marker(tx), ms=3, label=train_label)
     if vx:
         ax.plot(vx, vy, color="C1", lw=1.8, marker="o", ms=5, label="val_loss")
-        ax.annotate(f"{vy[-1]:.3f}", (vx[-1], vy[-1]), textcoords="offset points", xytext=(4, 6),
+        ax.annotate(f"{vy[-1]:.3f}", (vx[-1], vy[-1]), textcoords="offset points", xytext=(-4, 8), ha="right",
                     color="C1", fontsize=8)
     uniform, unigram = _first(evals, "uniform_baseline"), _first(evals, "unigram_baseline")
     if uniform is not None:
@@ -188,6 +190,7 @@ def plot_lr(train: list[Record]) -> Figure | None:
 def plot_grad_norm(train: list[Record], grad_clip: float | None = None) -> Figure | None:
     curves = [("grad_norm", "total (pre-clip)", "C0", 1.8),
               ("grad_norm.router", "router params", "C3", 1.2),
+              ("grad_norm.predictor", "MoH predictors", "C4", 1.2),
               ("grad_norm.halt", "halt head", "C2", 1.2)]
     data = [(label, c, lw, *_series(train, key)) for key, label, c, lw in curves]
     data = [d for d in data if d[3]]
@@ -246,18 +249,51 @@ def plot_heads(train: list[Record], n_heads: int | None = None, min_heads: int |
     return fig
 
 
-def plot_expert_load(train: list[Record]) -> Figure | None:
-    layers = []
-    for li in _layers(train, "moe_load"):
-        x, loads = _list_series(train, f"L{li}.moe_load")
+def _layer_lists(train: list[Record], suffix: str) -> list[tuple[int, list[float], list[list[float]]]]:
+    """[(layer, steps, vectors)] for a list-valued per-layer statistic such as `L1.moe_load`."""
+    out = []
+    for li in _layers(train, suffix):
+        x, rows = _list_series(train, f"L{li}.{suffix}")
         if x:
-            layers.append((li, x, loads))
+            out.append((li, x, rows))
+    return out
+
+
+def plot_head_load(train: list[Record]) -> Figure | None:
+    layers = _layer_lists(train, "moh_head_load")
     if not layers:
         return None
-    n_exp = max(len(v[0]) for *_, v in layers)
+    n_heads = max(len(rows[0]) for *_, rows in layers)
     fig = Figure(layout="constrained", figsize=(8, 1.0 + 3.0 * len(layers)))
     axes = fig.subplots(len(layers), 1, sharex=True, squeeze=False)[:, 0]
-    for ax, (li, x, loads) in zip(axes, layers, strict=True):
+    for ax, (li, x, rows) in zip(axes, layers, strict=True):
+        for h in range(len(rows[0])):
+            ax.plot(x, [v[h] for v in rows], color=f"C{h % 10}", lw=1.4, marker=_marker(x), ms=3, label=f"head {h}")
+        # A balanced router spreads the heads a token uses evenly: each head's share is (heads per token) / H.
+        ax.plot(x, [sum(v) / len(v) for v in rows], color="0.2", ls="--", lw=1.2,
+                label="even share = heads per token / n_heads")
+        ax.set_ylim(0, 1.05)
+        _style(ax, f"MoH head load — layer {li} ({len(rows[0])} heads)", "fraction of tokens using the head",
+               xlabel="step (optimizer updates)" if ax is axes[-1] else "", legend=False)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside upper center", fontsize=8, ncols=min(n_heads + 1, 5), framealpha=0.85)
+    return fig
+
+
+def plot_expert_load(train: list[Record]) -> Figure | None:
+    layers = _layer_lists(train, "moe_load")
+    if not layers:
+        return None
+    cv = [(li, *_series(train, f"L{li}.moe_load_cv")) for li in _layers(train, "moe_load_cv")]
+    cv = [c for c in cv if c[1]]
+    dropped = [(li, *_series(train, f"L{li}.moe_dropped")) for li in _layers(train, "moe_dropped")]
+    dropped = [d for d in dropped if d[1]]
+    any_dropped = any(v > 0 for *_, y in dropped for v in y)
+    n_exp = max(len(v[0]) for *_, v in layers)
+    n_panels = len(layers) + bool(cv) + any_dropped
+    fig = Figure(layout="constrained", figsize=(8, 1.0 + 3.0 * n_panels))
+    axes = fig.subplots(n_panels, 1, sharex=True, squeeze=False)[:, 0]
+    for ax, (li, x, loads) in zip(axes, layers, strict=False):
         n = len(loads[0])
         total = sum(sum(v) for v in loads) / len(loads)  # 1 if loads are fractions of routed tokens
         for e in range(n):
@@ -266,10 +302,26 @@ def plot_expert_load(train: list[Record]) -> Figure | None:
         ideal = total / n
         ax.axhline(ideal, color="0.2", ls="--", lw=1.2, label=f"ideal 1/E = {ideal:.3g}")
         ax.set_ylim(bottom=0)
-        _style(ax, f"MoE expert load — layer {li} ({n} experts)", "fraction of routed tokens",
-               xlabel="step (optimizer updates)" if ax is axes[-1] else "", legend=False)
+        _style(ax, f"MoE expert load — layer {li} ({n} experts)", "fraction of routed tokens", xlabel="",
+               legend=False)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside upper center", fontsize=8, ncols=min(n_exp + 1, 5), framealpha=0.85)
+    extra = list(axes[len(layers):])
+    if cv:
+        ax = extra.pop(0)
+        for li, x, y in cv:
+            ax.plot(x, y, color=f"C{(li - 1) % 10}", lw=1.5, marker=_marker(x), ms=3, label=f"layer {li}")
+        ax.set_ylim(bottom=0)
+        note = "" if not dropped or any_dropped else " — no dropped tokens at any logged step"
+        _style(ax, f"MoE load imbalance (0 = balanced){note}", "coefficient of variation\n(std / mean over experts)",
+               xlabel="")
+    if any_dropped:
+        ax = extra.pop(0)
+        for li, x, y in dropped:
+            ax.plot(x, y, color=f"C{(li - 1) % 10}", lw=1.5, marker=_marker(x), ms=3, label=f"layer {li}")
+        ax.set_ylim(bottom=0)
+        _style(ax, "MoE dropped tokens", "dropped (token, expert) pairs\nper net call", xlabel="")
+    axes[-1].set_xlabel("step (optimizer updates)")
     return fig
 
 
@@ -306,6 +358,35 @@ def plot_halting(train: list[Record], evals: list[Record], halt_max_steps: int |
     return fig
 
 
+def plot_halt_hist(train: list[Record]) -> Figure | None:
+    """Distribution of the step each training sample halted at: over training (stacked) and summed."""
+    x, counts = _list_series(train, "halt_hist")
+    if not x or len(counts[0]) < 2:  # absent (older metrics) or a baseline model: nothing to show
+        return None
+    S = len(counts[0])
+    fracs = [[c / max(sum(row), 1e-12) for c in row] for row in counts]
+    fig = Figure(layout="constrained", figsize=(10, 4.6))
+    ax, ax_bar = fig.subplots(1, 2, width_ratios=[3, 1.2])
+    ax.stackplot(x, *zip(*fracs, strict=True), colors=[f"C{s % 10}" for s in range(S)], alpha=0.85,
+                 labels=[f"halted at step {s + 1}" for s in range(S)])
+    ax.set_ylim(0, 1)
+    ax.set_xlim(x[0], x[-1])
+    _style(ax, "Halting: share of samples by halt step (training batches)", "fraction of samples")
+    tail = [row for step, row in zip(x, counts, strict=True) if step >= x[0] + 0.75 * (x[-1] - x[0])]
+    width = 0.4
+    for j, (rows, label, hatch) in enumerate(((counts, "whole run", None), (tail, "last 25% of steps", "//"))):
+        totals = [sum(row[s] for row in rows) for s in range(S)]
+        n = max(sum(totals), 1e-12)
+        pos = [s + 1 + (j - 0.5) * width for s in range(S)]
+        bars = ax_bar.bar(pos, [t / n for t in totals], width, color=[f"C{s % 10}" for s in range(S)],
+                          edgecolor="0.2", hatch=hatch, alpha=0.85 if j == 0 else 0.55, label=label)
+        ax_bar.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
+    ax_bar.set_xticks(range(1, S + 1))
+    ax_bar.set_ylim(0, 1.1)
+    _style(ax_bar, "Halt step histogram", "fraction of samples", xlabel="halt step (recursion steps)")
+    return fig
+
+
 # -----------------------------------------------------------------------------
 # entry points
 
@@ -331,8 +412,10 @@ def write_plots(run_dir: str | Path) -> list[Path]:
         "lr.png": plot_lr(train),
         "grad_norm.png": plot_grad_norm(train, grad_clip),
         "heads.png": plot_heads(train, n_heads, min_heads),
+        "head_load.png": plot_head_load(train),
         "expert_load.png": plot_expert_load(train),
         "halting.png": plot_halting(train, evals, halt_max),
+        "halt_hist.png": plot_halt_hist(train),
     }
     out_dir = run_dir / PLOTS_DIR
     written: list[Path] = []
@@ -347,7 +430,7 @@ def write_plots(run_dir: str | Path) -> list[Path]:
 @click.command()
 @click.argument("run_dir")
 def plot(run_dir: str) -> None:
-    """Write training plots (loss, lr, grad norm, heads, expert load, halting) to RUN_DIR/plots/."""
+    """Write training plots (loss, lr, grad norms, heads, head load, expert load, halting) to RUN_DIR/plots/."""
     paths = write_plots(run_dir)  # a MoeError is reported by the `moe` group (one line, exit code 2)
     if not paths:
         click.echo(f"{run_dir}: no plottable metrics yet", err=True)
