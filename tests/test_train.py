@@ -264,9 +264,10 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def check_run_files(run_dir: Path) -> None:
     for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl"):
         assert (run_dir / name).is_file() and (run_dir / name).stat().st_size > 0, name
-    assert (run_dir / "trainer_state").is_dir()
-    assert (run_dir / "trainer_state" / "state.json").is_file()
-    assert (run_dir / "trainer_state" / "optimizer.safetensors").is_file()
+    sets = sorted((run_dir / "trainer_state").glob("step-*"))
+    assert sets, "no checkpoint set"
+    for name in ("state.json", "optimizer.safetensors", "model.safetensors"):
+        assert (sets[-1] / name).is_file(), name
     leftovers = [p.name for p in run_dir.rglob("*") if p.name.endswith(".tmp") or p.name == ".write-test"]
     assert leftovers == [], "temp files left behind"
 
@@ -279,8 +280,10 @@ def test_tiny_run_writes_the_run_directory(tiny_run_dir: Path, corpus_file: Path
     assert config["train"]["data"] == str(corpus_file) and config["train"]["compile"] is False
     assert config["train"]["max_steps"] == TINY_RUN_STEPS
     assert RunConfig.from_dict({k: config[k] for k in ("model", "train")}, "config.json").model.vocab_size == 300
-    state = json.loads((tiny_run_dir / "trainer_state" / "state.json").read_text(encoding="utf-8"))
-    assert state["step"] == TINY_RUN_STEPS
+    last = sorted((tiny_run_dir / "trainer_state").glob("step-*"))[-1]
+    assert last.name == f"step-{TINY_RUN_STEPS:08d}"
+    state = json.loads((last / "state.json").read_text(encoding="utf-8"))
+    assert state["step"] == TINY_RUN_STEPS and state["skipped_steps"] == 0
     tok = Tokenizer.from_file(str(tiny_run_dir / "tokenizer.json"))
     assert tok.get_vocab_size() <= TINY_RUN_VOCAB
     text = "The quiet sailor found a letter."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import click
 
@@ -23,31 +24,53 @@ from .config import build_config, preset_names
                    "Default: the embedded corpus (Shakespeare's plays).")
 @click.option("--tokenizer", default=None, type=click.Path(dir_okay=False),
               help="Use this tokenizer.json (its vocabulary sets model.vocab_size) instead of training a BPE.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to write.")
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Run directory to write.")
+@click.option("--resume", "resume_dir", default=None, type=click.Path(file_okay=False),
+              help="Continue the run in this directory from its newest checkpoint, exactly where it stopped. "
+                   "Only --set train.max_steps/eval_every/log_every/checkpoint_every/keep_checkpoints/"
+                   "max_bad_steps/compile/device may change.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in --out.")
 @click.option("--compile/--no-compile", "compile_", default=None,
               help="torch.compile the training step (default: train.compile, on in every preset).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
               help="Device (default: train.device = auto: CUDA with bf16 autocast where present, else CPU).")
-def train(config_file, preset, overrides, data, tokenizer, out, overwrite, compile_, device) -> None:
-    """Train a recursive MoE/MoH model and write the run directory OUT.
+def train(config_file, preset, overrides, data, tokenizer, out, resume_dir, overwrite, compile_, device) -> None:
+    """Train a recursive MoE/MoH model and write the run directory OUT, or continue one with --resume.
 
     Settings are layered: dataclass defaults, then --preset, then --config, then --set. The full config is
-    printed at the start and saved to OUT/config.json.
+    printed at the start and saved to OUT/config.json. Checkpoints go to OUT/trainer_state/ every
+    train.checkpoint_every steps, at the end, and on Ctrl-C / SIGTERM (exit code 130 / 143).
     """
-    from .trainer import train as run_training  # torch is imported only when a run starts
+    from moe_core.errors import MoeError
 
-    if preset is None and config_file is None:
-        preset = "default"
+    from . import trainer  # torch is imported only when a run starts
+
     extra = list(overrides)
     for key, value in (("data", data), ("tokenizer", tokenizer), ("device", device)):
         if value is not None:
             extra.append(f"train.{key}={json.dumps(value)}")
     if compile_ is not None:
         extra.append(f"train.compile={'true' if compile_ else 'false'}")
-    cfg = build_config(preset, config_file, extra)
-    click.echo("config:\n" + json.dumps(cfg.to_dict(), indent=2))
-    run_training(cfg, out, overwrite=overwrite)
+    try:
+        if resume_dir is not None:
+            given = [name for name, v in (("--out", out), ("--preset", preset), ("--config", config_file),
+                                          ("--data", data), ("--tokenizer", tokenizer), ("--overwrite", overwrite))
+                     if v]
+            if given:
+                raise MoeError(f"--resume continues a run with its saved config: {given[0]} cannot be combined "
+                               f"with it (use --set for the settings that may change)")
+            trainer.resume(resume_dir, extra)
+            return
+        if out is None:
+            raise MoeError("--out: required (the run directory to write), or --resume RUN_DIR")
+        if preset is None and config_file is None:
+            preset = "default"
+        cfg = build_config(preset, config_file, extra)
+        click.echo("config:\n" + json.dumps(cfg.to_dict(), indent=2))
+        trainer.train(cfg, out, overwrite=overwrite)
+    except trainer.TrainingInterrupted as e:
+        click.echo(str(e), err=True)
+        sys.exit(128 + e.signum)
 
 
 def main() -> None:

@@ -8,35 +8,38 @@ import json
 import math
 import os
 import shutil
+import signal
 import statistics
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 
-from moe_core.checkpoint import (
-    CONFIG_FILE,
-    TOKENIZER_FILE,
-    WEIGHTS_FILE,
-    atomic_write,
-    atomic_write_text,
-    save_run,
-    save_weights,
-)
-from moe_core.errors import MoeError
+from moe_core.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, atomic_write_text, load_run_config, save_run
+from moe_core.errors import CheckpointError, ConfigError, MoeError
 from moe_core.model import RecursiveMoE
+from moe_core.tokenizer import read_tokenizer
 
 from . import data as D
-from .config import RunConfig
+from .checkpointing import (
+    STATE_DIR,
+    LoopState,
+    checkpoint_sets,
+    clean_partial_sets,
+    data_fingerprint,
+    load_checkpoint,
+    read_metrics_until,
+    save_checkpoint,
+)
+from .config import RunConfig, parse_override
 from .loss import per_sample_nll, training_loss
 from .plots import write_plots
 from .schedule import lr_multiplier, warmup_steps
 
 METRICS_FILE = "metrics.jsonl"
-STATE_DIR = "trainer_state"
 
 
 def select_device(requested: str) -> torch.device:
@@ -86,17 +89,31 @@ def build_optimizer(model: RecursiveMoE, cfg: RunConfig) -> torch.optim.AdamW:
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per line, flushed as written so a killed run keeps what it logged."""
+    """metrics.jsonl: one JSON object per line, flushed as written so a killed run keeps what it logged.
 
-    def __init__(self, path: Path) -> None:
+    A resumed run keeps the records up to its checkpoint's step (dropping a torn last line and whatever the
+    killed run logged after the checkpoint), so the file reads as if the run had never stopped.
+    """
+
+    def __init__(self, path: Path, keep_until: int | None = None) -> None:
         self.path = path
-        atomic_write_text(path, "")
+        lines = read_metrics_until(path, keep_until)[0] if keep_until is not None else []
+        records = [json.loads(line) for line in lines]
+        self.eval_steps = {r["step"] for r in records if r.get("kind") == "eval"}
+        self.last_eval = next((r for r in reversed(records) if r.get("kind") == "eval"), None)
+        atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+    def has_eval_at(self, step: int) -> bool:
+        return step in self.eval_steps
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        if record.get("kind") == "eval":
+            self.eval_steps.add(record["step"])
+            self.last_eval = record
 
 
 def to_record(values: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -142,148 +159,269 @@ def evaluate(model: RecursiveMoE, batches: list[tuple[torch.Tensor, torch.Tensor
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_halt_step": halt_sum / n_samples}
 
 
-def save_trainer_state(run_dir: Path, optimizer: torch.optim.Optimizer, step: int) -> None:
-    """Optimizer moments, RNG and position as safetensors + JSON (no pickle anywhere)."""
-    state_dir = run_dir / STATE_DIR
-    state_dir.mkdir(exist_ok=True)
-    sd = optimizer.state_dict()
-    tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, s in sd["state"].items() for k, v in s.items()}
-    tensors["rng.torch"] = torch.get_rng_state()
-    atomic_write(state_dir / "optimizer.safetensors", lambda tmp: save_file(tensors, tmp))
-    groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
-    atomic_write_text(state_dir / "state.json", json.dumps({"step": step, "param_groups": groups}, indent=1))
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM arrived: the loop saved a checkpoint at `step` and stopped."""
+
+    def __init__(self, signum: int, step: int, run_dir: Path) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}: checkpoint saved; "
+                         f"continue with: moe train --resume {run_dir}")
+        self.signum = signum
 
 
-def save_checkpoint(run_dir: Path, model: RecursiveMoE, optimizer: torch.optim.Optimizer, step: int) -> None:
-    save_weights(model, run_dir / WEIGHTS_FILE)
-    save_trainer_state(run_dir, optimizer, step)
+class StopSignals:
+    """Turn the first SIGINT/SIGTERM into a flag the loop checks between steps (a second one acts as usual)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+        for s, h in self._previous.items():  # the next signal interrupts at once
+            signal.signal(s, h)
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+
+
+# Settings a resumed run may change: they do not alter what a step computes (max_steps does change the LR
+# schedule's length; that is the way to extend a finished run, and a different run from then on).
+RESUMABLE = ("max_steps", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints", "max_bad_steps",
+             "compile", "device")
 
 
 def train(cfg: RunConfig, out: str | os.PathLike, overwrite: bool = False) -> dict[str, Any]:
     """Train per `cfg`, writing the run directory `out`. Returns the final figures."""
-    mc, tc = cfg.model, cfg.train
     run_dir = Path(out)
-    device = select_device(tc.device)
+    device = select_device(cfg.train.device)
     check_run_dir(run_dir, overwrite)
-    torch.manual_seed(tc.seed)
-
-    # -- data and tokenizer --------------------------------------------------------------------------
     t0 = time.perf_counter()
-    docs = D.load_documents(tc.data)
-    if tc.tokenizer is not None:
-        tok = D.load_tokenizer(tc.tokenizer)
-        mc.vocab_size = tok.get_vocab_size()  # the model's vocabulary is the tokenizer's
+    docs = D.load_documents(cfg.train.data)
+    if cfg.train.tokenizer is not None:
+        tok = D.load_tokenizer(cfg.train.tokenizer)
+        cfg.model.vocab_size = tok.get_vocab_size()  # the model's vocabulary is the tokenizer's
     else:
-        tok = D.train_tokenizer(docs, mc.vocab_size)
-    data = D.tokenize_corpus(docs, tok, tc.val_fraction, mc.max_seq_len)
-    if data.vocab_size > mc.vocab_size:
-        raise MoeError(f"tokenizer has {data.vocab_size} tokens but model.vocab_size is {mc.vocab_size}")
-    val_batches = D.eval_batches(data.val, tc.batch_size, mc.max_seq_len, tc.eval_batches)
+        tok = D.train_tokenizer(docs, cfg.model.vocab_size)
+    data = _tokenize(cfg, docs, tok, t0)
     prepare_run_dir(run_dir)  # only now: bad data leaves no empty run directory behind
-    uniform = math.log(mc.vocab_size)
-    unigram = D.unigram_baseline(data.train, data.val, mc.vocab_size)
+    torch.manual_seed(cfg.train.seed)
+    model = RecursiveMoE(cfg.model).to(device)
+    save_run(run_dir, model, tok.to_str(pretty=False), {"train": cfg.to_dict()["train"]})  # complete from the start
+    return Trainer(cfg, run_dir, device, data, model).run(LoopState(data_fingerprint=data_fingerprint(data.train)))
+
+
+def resume(run_dir: str | os.PathLike, overrides: list[str] = ()) -> dict[str, Any]:
+    """Continue the run in `run_dir` from its newest checkpoint, exactly as if it had never stopped."""
+    run_dir = Path(run_dir)
+    _, saved = load_run_config(run_dir)
+    config_path = run_dir / CONFIG_FILE
+    if not isinstance(saved.get("train"), dict):
+        raise CheckpointError(f"{config_path}: no \"train\" section: not a run written by moe train")
+    sections = {"model": saved["model"], "train": dict(saved["train"])}
+    for item in overrides:
+        section, key, value = parse_override(item)
+        if section != "train" or key not in RESUMABLE:
+            raise ConfigError(f"--set {item!r}: {section}.{key} cannot change when resuming (the run would not "
+                              f"continue the same way); allowed: {', '.join(RESUMABLE)}")
+        sections["train"][key] = value
+    cfg = RunConfig.from_dict(sections, str(config_path))
+    device = select_device(cfg.train.device)
+    t0 = time.perf_counter()
+    docs = D.load_documents(cfg.train.data)
+    _, tok = read_tokenizer(run_dir / TOKENIZER_FILE, cfg.model.vocab_size)
+    data = _tokenize(cfg, docs, tok, t0)
+
+    clean_partial_sets(run_dir)
+    torch.manual_seed(cfg.train.seed)
+    model = RecursiveMoE(cfg.model).to(device)
+    trainer = Trainer(cfg, run_dir, device, data, model)
+    sets = checkpoint_sets(run_dir)
+    if sets:
+        state = load_checkpoint(sets[-1][1], model, trainer.optimizer)
+        print(f"resume: {sets[-1][1]} (step {state.step})")
+    else:  # killed before the first checkpoint: the seeded start is the checkpoint
+        state = LoopState()
+        print("resume: no checkpoint yet, starting again from step 0 with the run's seed")
+    fingerprint = data_fingerprint(data.train)
+    if state.data_fingerprint and state.data_fingerprint != fingerprint:
+        raise CheckpointError(f"{run_dir}: the training data differs from the data this run was trained on "
+                              f"(train.data = {cfg.train.data!r}); resume needs the same data")
+    state.data_fingerprint = fingerprint
+    atomic_write_text(config_path, json.dumps({**saved, "train": cfg.to_dict()["train"]}, indent=2) + "\n")
+    return trainer.run(state, resumed=True)
+
+
+def _tokenize(cfg: RunConfig, docs: list[str], tok: Any, t0: float) -> D.TokenData:
+    data = D.tokenize_corpus(docs, tok, cfg.train.val_fraction, cfg.model.max_seq_len)
+    if data.vocab_size > cfg.model.vocab_size:
+        raise MoeError(f"tokenizer has {data.vocab_size} tokens but model.vocab_size is {cfg.model.vocab_size}")
     print(f"data: {len(docs)} documents, {len(data.train):,} train / {len(data.val):,} val tokens, "
           f"tokenizer {data.vocab_size} tokens ({time.perf_counter() - t0:.1f}s)")
-    print(f"baselines: uniform ln(V) = {uniform:.3f}, unigram = {unigram:.3f} nats/token")
+    return data
 
-    # -- model and optimiser ---------------------------------------------------------------------------
-    model = RecursiveMoE(mc).to(device)
-    save_run(run_dir, model, tok.to_str(pretty=False), {"train": cfg.to_dict()["train"]})  # complete from the start
-    n_params = sum(p.numel() for p in model.parameters())
-    optimizer = build_optimizer(model, cfg)
-    if tc.compile:
-        # Regional compilation: every call of the recursion goes through the same blocks, so compiling each
-        # block (one shared graph) costs a fraction of tracing the whole unrolled step, for the same kernels.
-        for block in model.net.blocks:
-            block.compile()
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else contextlib.nullcontext())
-    warmup = warmup_steps(tc.max_steps, tc.warmup_frac)
-    groups = model.param_groups()
-    print(f"model: {n_params / 1e6:.2f}M parameters on {device}, compile={'on' if tc.compile else 'off'}, "
-          f"{mc.n_steps} supervision step(s) x {mc.H_cycles}x({mc.L_cycles}+1) net calls"
-          if mc.recursive else f"model: {n_params / 1e6:.2f}M parameters on {device} (baseline, no recursion), "
-          f"compile={'on' if tc.compile else 'off'}")
 
-    metrics = MetricsLog(run_dir / METRICS_FILE)
-    ev = evaluate(model, val_batches, device, autocast)
-    metrics.write({"kind": "eval", "step": 0, **ev, "uniform_baseline": uniform, "unigram_baseline": unigram})
-    print(f"step 0: val loss {ev['val_loss']:.4f} (ppl {ev['val_ppl']:.1f}) | uniform ln(V) {uniform:.4f} | "
-          f"unigram {unigram:.4f}")
+class Trainer:
+    """The loop of one run: steps, logging, evaluation, checkpoints, numerical guards, signals."""
 
-    # -- loop ------------------------------------------------------------------------------------------
-    tokens_per_step = tc.batch_size * mc.max_seq_len
-    batch_gen = torch.Generator()
-    grad_norms_after_warmup: list[float] = []
-    first_step_s, step_times = 0.0, []
-    bar = tqdm(range(tc.max_steps), desc="train", dynamic_ncols=True, mininterval=1.0)
-    model.train()
-    for step in bar:
-        t_step = time.perf_counter()
-        mult = lr_multiplier(step, tc.max_steps, warmup, tc.min_lr_ratio)
-        for g in optimizer.param_groups:
-            g["lr"] = tc.lr * g["lr_mult"] * mult
-        batch_gen.manual_seed(tc.seed * 1_000_003 + step)  # the batch is a function of (seed, step): exact resume
-        x, y = (t.to(device) for t in D.get_batch(data.train, tc.batch_size, mc.max_seq_len, batch_gen))
-        with autocast:
-            out = model(x)
-            loss, parts = training_loss(out, y, tc.aux_weights, tc.halt_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        last = step == tc.max_steps - 1
-        log_step = step % tc.log_every == 0 or last
-        if log_step:  # per-group norms (before clipping) only where they are logged: not on the hot path
-            group_norms = {f"grad_norm.{name}": _grad_norm(ps) for name, ps in groups.items()}
-            group_norms["grad_norm.halt"] = _grad_norm(list(model.halt_head.parameters()))
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
-        optimizer.step()
-        dt = time.perf_counter() - t_step
-        if step == 0:
-            first_step_s = dt
+    def __init__(self, cfg: RunConfig, run_dir: Path, device: torch.device, data: D.TokenData,
+                 model: RecursiveMoE) -> None:
+        mc, tc = cfg.model, cfg.train
+        self.cfg, self.run_dir, self.device, self.data, self.model = cfg, run_dir, device, data, model
+        self.optimizer = build_optimizer(model, cfg)
+        self.params = list(model.parameters())
+        self.groups = {**model.param_groups(), "halt": list(model.halt_head.parameters())}
+        self.val_batches = D.eval_batches(data.val, tc.batch_size, mc.max_seq_len, tc.eval_batches)
+        self.uniform = math.log(mc.vocab_size)
+        self.unigram = D.unigram_baseline(data.train, data.val, mc.vocab_size)
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                         else contextlib.nullcontext())
+        self.warmup = warmup_steps(tc.max_steps, tc.warmup_frac)
+        if tc.compile:
+            # Regional compilation: every call of the recursion goes through the same blocks, so compiling each
+            # block (one shared graph) costs a fraction of tracing the whole unrolled step, for the same kernels.
+            for block in model.net.blocks:
+                block.compile()
+
+    def run(self, state: LoopState, resumed: bool = False) -> dict[str, Any]:
+        mc, tc = self.cfg.model, self.cfg.train
+        self.start_step, self.first_step_s, self.step_times = state.step, 0.0, []
+        n_params = sum(p.numel() for p in self.model.parameters())
+        compiled = f"compile={'on' if tc.compile else 'off'}"
+        print(f"baselines: uniform ln(V) = {self.uniform:.3f}, unigram = {self.unigram:.3f} nats/token")
+        print(f"model: {n_params / 1e6:.2f}M parameters on {self.device}, {compiled}, {mc.n_steps} supervision "
+              f"step(s) x {mc.H_cycles}x({mc.L_cycles}+1) net calls" if mc.recursive else
+              f"model: {n_params / 1e6:.2f}M parameters on {self.device} (baseline, no recursion), {compiled}")
+        self.metrics = MetricsLog(self.run_dir / METRICS_FILE, keep_until=state.step if resumed else None)
+        if state.step == 0 and not self.metrics.has_eval_at(0):
+            self._evaluate(0)
+        if state.step >= tc.max_steps:
+            print(f"run is complete at step {state.step} (raise train.max_steps with --set to train further)")
         else:
-            step_times.append(dt)
-        if step >= warmup:
-            grad_norms_after_warmup.append(float(grad_norm))
+            self._loop(state)
 
-        if log_step:
-            tok_s = tokens_per_step / statistics.median(step_times[-tc.log_every:]) if step_times else 0.0
-            rec = {"kind": "train", "step": step + 1, "lr": tc.lr * mult, "grad_norm": float(grad_norm),
-                   "tokens_per_s": tok_s, "halt_step_mean": out.halt_step.float().mean().item(),
-                   **to_record(parts), **to_record(group_norms), **to_record(out.stats)}
-            if not math.isfinite(rec["loss"]):
-                raise MoeError(f"step {step + 1}: loss is not finite ({rec['loss']}); lower train.lr or check data")
-            metrics.write(rec)
-            bar.set_postfix(loss=f"{rec['lm_loss']:.3f}", lr=f"{rec['lr']:.2e}", gnorm=f"{rec['grad_norm']:.2f}",
-                            tok_s=f"{tok_s:.0f}", refresh=False)
-            if step % (tc.log_every * 5) == 0 or last:
-                summary = routing_summary(rec, mc.n_layers)
-                if summary:
-                    tqdm.write(summary)
-        if (step + 1) % tc.eval_every == 0 or last:
-            ev = evaluate(model, val_batches, device, autocast)
-            metrics.write({"kind": "eval", "step": step + 1, **ev, "uniform_baseline": uniform,
-                           "unigram_baseline": unigram})
-            tqdm.write(f"step {step + 1}: val loss {ev['val_loss']:.4f} (ppl {ev['val_ppl']:.1f}) | "
-                       f"uniform {uniform:.4f} | unigram {unigram:.4f} | halt step {ev['val_halt_step']:.2f}")
-            save_checkpoint(run_dir, model, optimizer, step + 1)
-    bar.close()
+        ev = self.metrics.last_eval
+        steady = statistics.median(self.step_times) if self.step_times else self.first_step_s
+        result = {
+            "val_loss": ev["val_loss"], "val_ppl": ev["val_ppl"], "uniform_baseline": self.uniform,
+            "unigram_baseline": self.unigram, "steps": state.step, "skipped_steps": state.skipped_steps,
+            "params": n_params,
+            "median_grad_norm_after_warmup": statistics.median(state.grad_norms) if state.grad_norms else math.nan,
+            "first_step_s": self.first_step_s, "step_s": steady,
+            "tokens_per_s": tc.batch_size * mc.max_seq_len / steady if steady else 0.0,
+        }
+        self.metrics.write({"kind": "summary", **result})
+        write_plots(self.run_dir)
+        print(f"done: val loss {result['val_loss']:.4f} (ppl {result['val_ppl']:.1f}) vs uniform {self.uniform:.4f} "
+              f"/ unigram {self.unigram:.4f} | median grad norm after warmup "
+              f"{result['median_grad_norm_after_warmup']:.2f}")
+        if self.step_times or self.first_step_s:
+            first = f"first step {self.first_step_s:.1f}s"
+            print(f"time: {first} (includes torch.compile, or loading its cache)" if tc.compile else f"time: {first}",
+                  end="")
+            print(f", then {steady * 1000:.0f} ms/step, {result['tokens_per_s']:.0f} tokens/s | run: {self.run_dir}")
+        return result
 
-    steady = statistics.median(step_times) if step_times else first_step_s
-    result = {
-        "val_loss": ev["val_loss"], "val_ppl": ev["val_ppl"], "uniform_baseline": uniform,
-        "unigram_baseline": unigram, "steps": tc.max_steps, "params": n_params,
-        "median_grad_norm_after_warmup": statistics.median(grad_norms_after_warmup) if grad_norms_after_warmup
-        else float("nan"),
-        "first_step_s": first_step_s, "step_s": steady, "tokens_per_s": tokens_per_step / steady,
-    }
-    metrics.write({"kind": "summary", **result})
-    write_plots(run_dir)
-    print(f"done: val loss {result['val_loss']:.4f} (ppl {result['val_ppl']:.1f}) vs uniform {uniform:.4f} / "
-          f"unigram {unigram:.4f} | median grad norm after warmup {result['median_grad_norm_after_warmup']:.2f}")
-    print(f"time: first step {first_step_s:.1f}s (includes torch.compile, or loading its cache)" if tc.compile else
-          f"time: first step {first_step_s:.1f}s", end="")
-    print(f", then {steady * 1000:.0f} ms/step, {result['tokens_per_s']:.0f} tokens/s | run: {run_dir}")
-    return result
+    def _loop(self, state: LoopState) -> None:
+        mc, tc = self.cfg.model, self.cfg.train
+        model, optimizer = self.model, self.optimizer
+        tokens_per_step = tc.batch_size * mc.max_seq_len
+        batch_gen = torch.Generator()
+        bar = tqdm(range(state.step, tc.max_steps), desc="train", dynamic_ncols=True, mininterval=1.0,
+                   initial=state.step, total=tc.max_steps)
+        model.train()
+        with StopSignals() as signals:
+            for step in bar:
+                t_step = time.perf_counter()
+                mult = lr_multiplier(step, tc.max_steps, self.warmup, tc.min_lr_ratio)
+                for g in optimizer.param_groups:
+                    g["lr"] = tc.lr * g["lr_mult"] * mult
+                batch_gen.manual_seed(tc.seed * 1_000_003 + step)  # the batch is a function of (seed, step)
+                x, y = (t.to(self.device) for t in D.get_batch(self.data.train, tc.batch_size, mc.max_seq_len,
+                                                                batch_gen))
+                with self.autocast:
+                    out = model(x)
+                    loss, parts = training_loss(out, y, tc.aux_weights, tc.halt_weight)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                last = step == tc.max_steps - 1
+                log_step = step % tc.log_every == 0 or last
+                if log_step:  # per-group norms (before clipping) only where they are logged: not on the hot path
+                    group_norms = {f"grad_norm.{name}": _grad_norm(ps) for name, ps in self.groups.items()}
+                total_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+                grad_norm, loss_value = float(total_norm), float(parts["loss"])
+                state.step = step + 1
+                if math.isfinite(loss_value) and math.isfinite(grad_norm):
+                    if tc.grad_clip > 0:
+                        torch.nn.utils.clip_grads_with_norm_(self.params, tc.grad_clip, total_norm)
+                    optimizer.step()
+                    state.bad_in_a_row = 0
+                    if step >= self.warmup:
+                        state.grad_norms.append(grad_norm)
+                else:
+                    self._skip(state, loss_value)
+                dt = time.perf_counter() - t_step
+                if step == self.start_step:
+                    self.first_step_s = dt
+                else:
+                    self.step_times.append(dt)
+
+                if log_step:
+                    recent = self.step_times[-tc.log_every:]
+                    tok_s = tokens_per_step / statistics.median(recent) if recent else 0.0
+                    rec = {"kind": "train", "step": step + 1, "lr": tc.lr * mult, "grad_norm": grad_norm,
+                           "tokens_per_s": tok_s, "skipped_steps": state.skipped_steps,
+                           "halt_step_mean": out.halt_step.float().mean().item(),
+                           "halt_hist": torch.bincount(out.halt_step.cpu() - 1, minlength=mc.n_steps).tolist(),
+                           **to_record(parts), **to_record(group_norms), **to_record(out.stats)}
+                    self.metrics.write(rec)
+                    bar.set_postfix(loss=f"{rec['lm_loss']:.3f}", lr=f"{rec['lr']:.2e}", gnorm=f"{grad_norm:.2f}",
+                                    tok_s=f"{tok_s:.0f}", refresh=False)
+                    if step % (tc.log_every * 5) == 0 or last:
+                        summary = routing_summary(rec, mc.n_layers)
+                        if summary:
+                            tqdm.write(summary)
+                if state.step % tc.eval_every == 0 or last:
+                    self._evaluate(state.step)
+                if state.step % tc.checkpoint_every == 0 or last:
+                    save_checkpoint(self.run_dir, model, optimizer, state, tc.keep_checkpoints)
+                if signals.received is not None:
+                    bar.close()
+                    if state.step % tc.checkpoint_every != 0 and not last:
+                        save_checkpoint(self.run_dir, model, optimizer, state, tc.keep_checkpoints)
+                    raise TrainingInterrupted(signals.received, state.step, self.run_dir)
+        bar.close()
+
+    def _skip(self, state: LoopState, loss_value: float) -> None:
+        """A non-finite loss or gradient: no update, count it, name the culprit, stop after too many in a row."""
+        state.skipped_steps += 1
+        state.bad_in_a_row += 1
+        bad = [name for name, ps in self.groups.items() if not math.isfinite(float(_grad_norm(ps)))]
+        what = (f"loss is {loss_value}" if not math.isfinite(loss_value) else "loss is finite") + \
+            (f", gradient non-finite in parameter group(s) {', '.join(bad)}" if bad else "")
+        self.optimizer.zero_grad(set_to_none=True)
+        tqdm.write(f"step {state.step}: skipped ({what}); {state.bad_in_a_row} in a row, "
+                   f"{state.skipped_steps} in total")
+        self.metrics.write({"kind": "skip", "step": state.step, "reason": what, "in_a_row": state.bad_in_a_row})
+        if state.bad_in_a_row >= self.cfg.train.max_bad_steps:
+            raise MoeError(f"step {state.step}: stopped after {state.bad_in_a_row} steps in a row with a non-finite "
+                           f"loss or gradient ({what}); the last checkpoint holds the last good weights. Lower "
+                           f"train.lr or train.grad_clip, or check the data")
+
+    def _evaluate(self, step: int) -> None:
+        ev = evaluate(self.model, self.val_batches, self.device, self.autocast)
+        self.metrics.write({"kind": "eval", "step": step, **ev, "uniform_baseline": self.uniform,
+                            "unigram_baseline": self.unigram})
+        line = f"step {step}: val loss {ev['val_loss']:.4f} (ppl {ev['val_ppl']:.1f}) | uniform ln(V) " \
+               f"{self.uniform:.4f} | unigram {self.unigram:.4f}"
+        tqdm.write(line + (f" | halt step {ev['val_halt_step']:.2f}" if step else ""))
 
 
 def _grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:

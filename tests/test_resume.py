@@ -1,0 +1,216 @@
+"""Exact resume: a real `moe train` killed (SIGKILL, SIGTERM) at random steps and resumed ends with the same
+weights, val losses and metrics as the same run left alone; checkpoint sets, the torn metrics line, the
+numerical guard and the resume errors."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CliResult, finish, run_moe, spawn_moe
+from safetensors.torch import load_file
+
+STEPS = 24
+
+
+def train_args(corpus: Path, out: Path, *extra: str) -> list[str]:
+    # dropout > 0: the global RNG matters, so the test also proves the RNG state is restored
+    return ["--preset", "tiny", "--no-compile", "--data", str(corpus), "--device", "cpu", "--out", str(out),
+            "--set", "model.vocab_size=300", "--set", "model.dropout=0.1", "--set", f"train.max_steps={STEPS}",
+            "--set", "train.eval_every=8", "--set", "train.checkpoint_every=3", "--set", "train.keep_checkpoints=2",
+            "--set", "train.log_every=1", "--set", "train.eval_batches=2", *extra]
+
+
+def records(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock fields (everything else must match exactly)."""
+    out = []
+    for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        if r["kind"] == "summary":
+            r = {k: v for k, v in r.items() if k in ("kind", "val_loss", "steps", "skipped_steps",
+                                                      "median_grad_norm_after_warmup")}
+        r.pop("tokens_per_s", None)
+        out.append(r)
+    return out
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not different, f"weights differ bit-wise in {different[:5]}"
+    ra, rb = records(a), records(b)
+    assert [r["step"] for r in ra if r["kind"] == "train"] == list(range(1, STEPS + 1))
+    assert ra == rb
+
+
+def last_logged_step(run_dir: Path) -> int:
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return -1
+    steps = []
+    for line in lines:
+        try:
+            steps.append(json.loads(line)["step"])
+        except (json.JSONDecodeError, KeyError):
+            pass  # a line being written
+    return max(steps, default=-1)
+
+
+def stop_at(proc: subprocess.Popen, run_dir: Path, step: int, sig: int) -> CliResult:
+    """Send `sig` once the run has logged `step` (0: as soon as the step-0 evaluation is logged)."""
+    deadline = time.monotonic() + 300
+    while last_logged_step(run_dir) < step:
+        assert proc.poll() is None, finish(proc).describe()
+        assert time.monotonic() < deadline, "the run did not reach the step"
+        time.sleep(0.005)
+    proc.send_signal(sig)
+    return finish(proc)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> Path:
+    out = tmp_path_factory.mktemp("resume") / "reference"
+    result = run_moe(train_args(corpus_file, out), module="train")
+    assert result.returncode == 0, result.describe()
+    return out
+
+
+def test_sigkill_at_random_steps_then_resume_is_bit_identical(reference: Path, corpus_file: Path,
+                                                              tmp_path: Path) -> None:
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    out = tmp_path / "killed"
+    # first kill: before the first checkpoint (step 0..2) or after it; the second one inside the resumed run
+    k1 = rng.choice([0, rng.randint(1, 2), rng.randint(3, STEPS // 2)])
+    k2 = rng.randint(k1 + 1, STEPS - 2)
+    killed = stop_at(spawn_moe(train_args(corpus_file, out), module="train"), out, k1, signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL, f"seed {seed}: " + killed.describe()
+    killed = stop_at(spawn_moe(["--resume", out], module="train"), out, k2, signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL, f"seed {seed}: " + killed.describe()
+    result = run_moe(["--resume", out], module="train")
+    assert result.returncode == 0, f"seed {seed}, kills at {k1}, {k2}: " + result.describe()
+    assert "resume: " in result.stdout
+    assert_same_run(reference, out)
+    sets = sorted(p.name for p in (out / "trainer_state").iterdir())
+    assert sets == [f"step-{s:08d}" for s in (STEPS - 3, STEPS)], sets  # keep_checkpoints=2, no temp dirs
+
+
+def test_sigterm_checkpoints_then_resume_is_bit_identical(reference: Path, corpus_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "terminated"
+    step = random.randint(4, STEPS - 4)
+    result = stop_at(spawn_moe(train_args(corpus_file, out), module="train"), out, step, signal.SIGTERM)
+    assert result.returncode == 128 + signal.SIGTERM, result.describe()
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("interrupted by SIGTERM at step ") and f"--resume {out}" in message, message
+    stopped_at = int(message.split("at step ")[1].split(":")[0])
+    assert stopped_at >= step
+    assert (out / "trainer_state" / f"step-{stopped_at:08d}" / "state.json").is_file()
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"kind": "train", "step": 9')  # a torn last line, as a kill mid-write leaves it
+    result = run_moe(["--resume", out], module="train")
+    assert result.returncode == 0, result.describe()
+    assert_same_run(reference, out)
+
+
+def test_resume_a_finished_run_and_extend_it(reference: Path, tmp_path: Path) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    result = run_moe(["--resume", run], module="train", in_process=True)
+    assert result.returncode == 0 and "run is complete at step 24" in result.stdout, result.describe()
+    result = run_moe(["--resume", run, "--set", f"train.max_steps={STEPS + 3}"], module="train", in_process=True)
+    assert result.returncode == 0, result.describe()
+    assert json.loads((run / "config.json").read_text(encoding="utf-8"))["train"]["max_steps"] == STEPS + 3
+    assert [r["step"] for r in records(run) if r["kind"] == "train"][-3:] == [STEPS + 1, STEPS + 2, STEPS + 3]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--set", "model.d_model=64"], "model.d_model cannot change when resuming"),
+    (["--set", "train.lr=1"], "train.lr cannot change when resuming"),
+    (["--out", "elsewhere"], "--out cannot be combined"),
+    (["--preset", "tiny"], "--preset cannot be combined"),
+])
+def test_resume_refuses_changes(reference: Path, args: list[str], needle: str) -> None:
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in reference.rglob("*"))
+    result = run_moe(["--resume", reference, *args], module="train", in_process=True)
+    assert result.returncode == 2 and needle in result.stderr, result.describe()
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in reference.rglob("*")) == before
+
+
+def test_resume_errors(reference: Path, tmp_path: Path) -> None:
+    import shutil
+
+    result = run_moe(["--resume", tmp_path / "nothing"], module="train", in_process=True)
+    assert result.returncode == 2 and "not a run directory" in result.stderr, result.describe()
+
+    other_data = tmp_path / "other.txt"
+    other_data.write_text("Completely different words here.\n" * 400, encoding="utf-8")
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    config = json.loads((run / "config.json").read_text(encoding="utf-8"))
+    config["train"]["data"] = str(other_data)
+    (run / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    result = run_moe(["--resume", run], module="train", in_process=True)
+    assert result.returncode == 2 and "training data differs" in result.stderr, result.describe()
+
+    shutil.rmtree(run)
+    shutil.copytree(reference, run)
+    state = sorted((run / "trainer_state").glob("step-*"))[-1] / "state.json"
+    meta = json.loads(state.read_text(encoding="utf-8"))
+    state.write_text(json.dumps({**meta, "format": 99}), encoding="utf-8")
+    result = run_moe(["--resume", run], module="train", in_process=True)
+    assert result.returncode == 2 and "checkpoint format 99" in result.stderr, result.describe()
+
+
+def test_non_finite_steps_are_skipped_then_stop(monkeypatch: pytest.MonkeyPatch, corpus_file: Path,
+                                                tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from moe_core.errors import MoeError
+    from train import trainer
+    from train.config import build_config
+
+    real_loss = trainer.training_loss
+    calls = {"n": 0}
+    poisoned: set[int] = set()
+
+    def loss_with_nan(out, *args):  # poison the router's gradient on chosen steps
+        calls["n"] += 1
+        total, parts = real_loss(out, *args)
+        if calls["n"] in poisoned:
+            router_param = trainer_model["m"].param_groups()["router"][0]
+            total = total + (router_param * float("nan")).sum()
+        return total, parts
+
+    trainer_model: dict = {}
+    real_init = trainer.Trainer.__init__
+
+    def init(self, cfg, run_dir, device, data, model):
+        trainer_model["m"] = model
+        real_init(self, cfg, run_dir, device, data, model)
+
+    monkeypatch.setattr(trainer, "training_loss", loss_with_nan)
+    monkeypatch.setattr(trainer.Trainer, "__init__", init)
+    cfg = build_config("tiny", None, ["train.compile=false", "train.device=\"cpu\"", f"train.data=\"{corpus_file}\"",
+                                      "model.vocab_size=300", "train.max_steps=8", "train.max_bad_steps=3"])
+
+    poisoned.update({3, 4})
+    result = trainer.train(cfg, tmp_path / "skips")
+    assert result["skipped_steps"] == 2 and result["steps"] == 8
+    skips = [r for r in records(tmp_path / "skips") if r["kind"] == "skip"]
+    assert [(r["step"], r["in_a_row"]) for r in skips] == [(3, 1), (4, 2)]
+    assert "router" in skips[0]["reason"] and "decay" not in skips[0]["reason"]
+    assert "step 3: skipped (loss is finite, gradient non-finite in parameter group(s) router)" in capsys.readouterr().out
+
+    calls["n"] = 0
+    poisoned.update(range(1, 100))
+    cfg.train.max_steps = 8
+    with pytest.raises(MoeError, match=r"step 3: stopped after 3 steps in a row .* parameter group\(s\) router"):
+        trainer.train(cfg, tmp_path / "stops")
