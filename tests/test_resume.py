@@ -207,10 +207,41 @@ def test_non_finite_steps_are_skipped_then_stop(monkeypatch: pytest.MonkeyPatch,
     skips = [r for r in records(tmp_path / "skips") if r["kind"] == "skip"]
     assert [(r["step"], r["in_a_row"]) for r in skips] == [(3, 1), (4, 2)]
     assert "router" in skips[0]["reason"] and "decay" not in skips[0]["reason"]
-    assert "step 3: skipped (loss is finite, gradient non-finite in parameter group(s) router)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "step 3: skipped (loss is finite, gradient non-finite in parameter group(s) router)" in out
 
     calls["n"] = 0
     poisoned.update(range(1, 100))
     cfg.train.max_steps = 8
     with pytest.raises(MoeError, match=r"step 3: stopped after 3 steps in a row .* parameter group\(s\) router"):
         trainer.train(cfg, tmp_path / "stops")
+
+
+def test_metrics_go_to_tensorboard_when_installed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The optional TensorBoard sink gets every numeric train/eval field, and resume purges after the checkpoint."""
+    from train import trainer
+
+    calls: list[tuple] = []
+
+    class FakeWriter:
+        def __init__(self, log_dir: Path, purge_step: int) -> None:
+            calls.append(("open", Path(log_dir).name, purge_step))
+
+        def add_scalar(self, name: str, value: float, step: int) -> None:
+            calls.append((name, value, step))
+
+        def flush(self) -> None: ...
+
+        def close(self) -> None: ...
+
+    monkeypatch.setattr(trainer, "_tensorboard_writer", FakeWriter)
+    log = trainer.MetricsLog(tmp_path / "metrics.jsonl")
+    log.write({"kind": "train", "step": 3, "loss": 2.5, "L1.moe_load": [0.25, 0.75], "note": "text"})
+    log.write({"kind": "eval", "step": 3, "val_loss": 2.0})
+    log.write({"kind": "summary", "val_loss": 2.0})
+    assert calls == [("open", "tensorboard", 1), ("train/loss", 2.5, 3), ("train/L1.moe_load/0", 0.25, 3),
+                     ("train/L1.moe_load/1", 0.75, 3), ("eval/val_loss", 2.0, 3)]
+    calls.clear()
+    trainer.MetricsLog(tmp_path / "metrics.jsonl", keep_until=2)
+    assert calls == [("open", "tensorboard", 3)]
+    assert (tmp_path / "metrics.jsonl").read_text(encoding="utf-8") == ""  # step-3 records dropped on resume

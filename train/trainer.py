@@ -40,6 +40,7 @@ from .plots import write_plots
 from .schedule import lr_multiplier, warmup_steps
 
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 
 
 def select_device(requested: str) -> torch.device:
@@ -65,6 +66,7 @@ def prepare_run_dir(out: Path) -> None:
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / STATE_DIR, ignore_errors=True)
         shutil.rmtree(out / "plots", ignore_errors=True)
+        shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -102,6 +104,7 @@ class MetricsLog:
         self.eval_steps = {r["step"] for r in records if r.get("kind") == "eval"}
         self.last_eval = next((r for r in reversed(records) if r.get("kind") == "eval"), None)
         atomic_write_text(path, "".join(line + "\n" for line in lines))
+        self.tensorboard = _tensorboard_writer(path.parent / TENSORBOARD_DIR, purge_step=(keep_until or 0) + 1)
 
     def has_eval_at(self, step: int) -> bool:
         return step in self.eval_steps
@@ -114,6 +117,30 @@ class MetricsLog:
         if record.get("kind") == "eval":
             self.eval_steps.add(record["step"])
             self.last_eval = record
+        if self.tensorboard is not None and record.get("kind") in ("train", "eval"):
+            for key, value in record.items():
+                values = value if isinstance(value, list) else [value]
+                for i, v in enumerate(values):
+                    if isinstance(v, (int, float)) and key != "step":
+                        name = f"{record['kind']}/{key}" + (f"/{i}" if isinstance(value, list) else "")
+                        self.tensorboard.add_scalar(name, v, record["step"])
+            self.tensorboard.flush()
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def _tensorboard_writer(log_dir: Path, purge_step: int) -> Any:
+    """A SummaryWriter when the optional `tensorboard` package is installed (pip install 'moe[tensorboard]').
+
+    On resume, purge_step drops the events a killed run logged after its checkpoint, as metrics.jsonl does.
+    """
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(log_dir), purge_step=purge_step)
 
 
 def to_record(values: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -318,6 +345,7 @@ class Trainer:
             "tokens_per_s": tc.batch_size * mc.max_seq_len / steady if steady else 0.0,
         }
         self.metrics.write({"kind": "summary", **result})
+        self.metrics.close()
         write_plots(self.run_dir)
         print(f"done: val loss {result['val_loss']:.4f} (ppl {result['val_ppl']:.1f}) vs uniform {self.uniform:.4f} "
               f"/ unigram {self.unigram:.4f} | median grad norm after warmup "
