@@ -1,0 +1,206 @@
+"""`python -m benchmarks [--quick | --smoke] [--run RUN_DIR [--onnx MODEL.onnx]] [--out DIR] [--threads N]
+[--only SECTIONS]`: the whole suite in one process, a table on stdout, DIR/results[-MODE].json and
+DIR/scaling[-MODE].png.
+
+Modes:
+  full   (default, ~5-10 min) the `default` preset's model (random init, or the trained --run), the serving grid
+         batch {1, 8, 32} x seq {32, 128}, the preset's training batch, scaling over 4-5 points per factor.
+  quick  (~1 min) the default preset's block widths with the recursion cut to H1 x L1 x 1 step, so that the ONNX
+         export (~2.5 s per unrolled net call here, 50 s for the full model) fits the minute; batch {1, 32} at
+         seq 128, 3 points per factor. torch.compile still compiles (its cost is reported apart; ~40 s cold,
+         a few seconds from the inductor cache under /tmp).
+  smoke  (seconds) a micro model through every section, torch.compile with the eager backend (dynamo only): checks the
+         plumbing (the test suite runs it); its figures mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe_core import load_model
+from moe_core.checkpoint import atomic_write_text
+from moe_core.model import RecursiveMoE
+from serve.runtime import OrtModel
+from train.config import RunConfig, build_config
+
+from .flops import flops_summary, matmul_peak, measure_routing
+from .report import notes, ratios, table
+from .scaling import plot, scaling
+from .suites import export_graphs, moe_dispatch, random_batch, serving, training
+from .timing import cpu_use, machine_info, set_threads
+
+SECTIONS = ("serving", "training", "dispatch", "scaling")
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    model: dict[str, Any]  # overrides of the default preset's model (not applied to a --run model)
+    serve_batches: tuple[int, ...]
+    serve_seqs: tuple[int | None, ...]  # None: the model's max_seq_len
+    train_batch: int | None  # None: the preset's train.batch_size
+    dispatch_tokens: tuple[int, int]  # (batch, seq) through the MoE layer
+    scaling_base: tuple[int, int]  # (batch, seq)
+    scaling_points: dict[str, list[int]]
+    matmul_n: int
+    warmup: int
+    repeats: int
+    compile_backend: str = "inductor"
+    suffix: str = field(default="")  # of the output file names
+
+    @property
+    def files(self) -> tuple[str, str]:
+        return f"results{self.suffix}.json", f"scaling{self.suffix}.png"
+
+
+MODES = {
+    "full": Mode("full", {}, (1, 8, 32), (32, None), None, (32, 128), (4, 128),
+                 {"seq_len": [32, 64, 128, 256, 512], "batch": [1, 2, 4, 8, 16], "H_cycles": [1, 2, 3, 4],
+                  "L_cycles": [1, 2, 3, 4], "halt_max_steps": [1, 2, 3, 4], "n_experts": [2, 4, 8, 16]},
+                 matmul_n=2048, warmup=2, repeats=5),
+    "quick": Mode("quick", {"H_cycles": 1, "L_cycles": 1, "halt_max_steps": 1}, (1, 32), (None,), 4, (8, 128),
+                  (2, 64), {"seq_len": [32, 128, 512], "batch": [1, 4, 16], "H_cycles": [1, 2, 4],
+                            "L_cycles": [1, 2, 4], "halt_max_steps": [1, 2, 4], "n_experts": [2, 4, 8]},
+                  matmul_n=1024, warmup=1, repeats=5, suffix="-quick"),
+    "smoke": Mode("smoke", {"vocab_size": 128, "max_seq_len": 16, "d_model": 32, "n_layers": 1, "d_expert": 32,
+                            "H_cycles": 1, "L_cycles": 1, "halt_max_steps": 1}, (2,), (None,), 2, (2, 16), (1, 8),
+                  {"seq_len": [8, 16], "batch": [1, 2], "H_cycles": [1, 2], "L_cycles": [1, 2],
+                   "halt_max_steps": [1, 2], "n_experts": [2, 4]},
+                  matmul_n=128, warmup=1, repeats=2, compile_backend="eager", suffix="-smoke"),
+}
+
+
+_T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    """Progress on stderr, with the seconds since start; the table goes to stdout."""
+    print(f"[{time.perf_counter() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def subject(mode: Mode, run_dir: Path | None) -> tuple[RecursiveMoE, RunConfig, str]:
+    """The model under test (eval mode), the run config for its training step, and where it came from."""
+    rc = build_config("default", None, [])  # the preset's model and its training settings
+    if run_dir is not None:
+        model = load_model(run_dir)
+        return model, replace(rc, model=model.config), f"trained run {run_dir}"
+    rc = replace(rc, model=replace(rc.model, **mode.model))
+    rc.model.validate()
+    torch.manual_seed(0)
+    what = "default preset" + (f" with {', '.join(f'{k}={v}' for k, v in mode.model.items())}" if mode.model else "")
+    return RecursiveMoE(rc.model).eval(), rc, f"random init, {what}"
+
+
+def serving_section(model: RecursiveMoE, mode: Mode, run_dir: Path | None, onnx_path: Path | None, threads: int,
+                    peak: float) -> dict[str, Any]:
+    cfg = model.config
+    T = cfg.max_seq_len
+    shapes = list(dict.fromkeys((b, min(s or T, T)) for s in mode.serve_seqs for b in mode.serve_batches))
+    with tempfile.TemporaryDirectory() as tmp:
+        paths, export_s = export_graphs(model, run_dir, onnx_path, Path(tmp), log)
+        sessions = {name: OrtModel(p, provider="cpu", threads=threads) for name, p in paths.items()}
+    log(f"serving: {len(shapes)} shapes x eager / {' / '.join(sessions)}")
+    rows = serving(model, sessions, shapes, mode.warmup, mode.repeats)
+    cell = max(rows, key=lambda row: (row["batch"], row["seq"]))  # the target: largest batch, longest sequence
+    ids = torch.from_numpy(random_batch(cfg.vocab_size, cell["batch"], cell["seq"])[0])  # the cell's own input
+    flops = flops_summary(cfg, cell["seq"], measure_routing(model, ids))
+    flops["executed_per_model"] = flops["executed_flops_per_token"] / flops["model_flops_per_token"]
+    util = {}
+    for name in ("eager", *sessions):
+        tok_s = cell[name]["tokens_per_s"]
+        mf, ef = tok_s * flops["model_flops_per_token"], tok_s * flops["executed_flops_per_token"]
+        util[name] = {"tokens_per_s": tok_s, "model_flops_per_s": mf, "executed_flops_per_s": ef,
+                      "model": mf / peak, "executed": ef / peak}
+    return {"serving": {"onnx": str(onnx_path) if onnx_path else None, "export_s": export_s,
+                        "session": sessions["ort_fp32"].describe(), "rows": rows, "target_cell": cell},
+            "flops": flops, "utilisation": util}
+
+
+def run(mode: Mode, out_dir: Path, run_dir: Path | None = None, onnx_path: Path | None = None,
+        threads: int | None = None, sections: tuple[str, ...] = SECTIONS, command: str = "") -> dict[str, Any]:
+    """Run the suite; write DIR/results[-MODE].json (and the scaling plot); return the results."""
+    t_start = time.perf_counter()
+    threads = set_threads(threads)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results_file, plot_file = mode.files
+    model, rc, source = subject(mode, run_dir)
+    cfg = model.config
+    r: dict[str, Any] = {
+        "mode": mode.name, "command": command, "started": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": machine_info(threads),
+        "settings": {**asdict(mode), "sections": list(sections)},
+        "model": {"source": source, "params": sum(p.numel() for p in model.parameters()), "config": cfg.to_dict()},
+    }
+    cpu = r["cpu_use"] = {}
+    log(f"{mode.name}: {source}; matmul peak ({mode.matmul_n}^3)")
+    with cpu_use(cpu, "matmul_peak"):
+        r["matmul_peak"] = matmul_peak(mode.matmul_n, mode.warmup + 2, mode.repeats)
+    if "serving" in sections:
+        with cpu_use(cpu, "serving"):
+            r.update(serving_section(model, mode, run_dir, onnx_path, threads, r["matmul_peak"]["flops_per_s"]))
+    if "training" in sections:
+        batch = mode.train_batch or rc.train.batch_size
+        log(f"training step: eager vs torch.compile ({mode.compile_backend}), batch {batch}")
+        with cpu_use(cpu, "training"):
+            r["training"] = training(cfg, rc.train, batch, mode.warmup, mode.repeats, mode.compile_backend)
+    if "dispatch" in sections:
+        log("MoE dispatch")
+        with cpu_use(cpu, "moe_dispatch"):
+            r["moe_dispatch"] = moe_dispatch(cfg, *mode.dispatch_tokens, mode.warmup, mode.repeats)
+    if "scaling" in sections:
+        log(f"scaling: {', '.join(mode.scaling_points)}")
+        with cpu_use(cpu, "scaling"):
+            r["scaling"] = scaling(cfg, *mode.scaling_base, mode.scaling_points, mode.warmup, mode.repeats)
+        r["scaling"]["plot"] = str(plot(r["scaling"], out_dir / plot_file,
+                                        f"moe eager scoring time by factor ({mode.name} run, {r['started']})"))
+    r["machine"]["load_average_end"] = machine_info(threads)["load_average"]
+    r["wall_s"] = time.perf_counter() - t_start
+    r["ratios"] = ratios(r)
+    r["notes"] = notes(r)
+    r["results_file"] = str(out_dir / results_file)
+    atomic_write_text(out_dir / results_file, json.dumps(r, indent=1, allow_nan=False) + "\n")
+    return r
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_const", dest="mode", const="quick", help="about a minute")
+    size.add_argument("--smoke", action="store_const", dest="mode", const="smoke", help="seconds; plumbing only")
+    ap.add_argument("--run", type=Path, default=None, help="benchmark this trained run instead of a random-init model")
+    ap.add_argument("--onnx", type=Path, default=None, help="the --run's exported model (default: export it now)")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/out"), help="output folder (default: benchmarks/out)")
+    ap.add_argument("--threads", type=int, default=None, help="threads for PyTorch and ORT (default: physical cores)")
+    ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    args = ap.parse_args(argv)
+    args.mode = args.mode or "full"
+    args.sections = tuple(s.strip() for s in args.only.split(",") if s.strip())
+    bad = [s for s in args.sections if s not in SECTIONS]
+    if bad:
+        ap.error(f"--only: unknown section {bad[0]!r} (choose from {', '.join(SECTIONS)})")
+    if args.onnx is not None and args.run is None:
+        ap.error("--onnx needs --run: the eager side must be the same weights")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    r = run(MODES[args.mode], args.out, args.run, args.onnx, args.threads, args.sections,
+            command=" ".join(["python -m benchmarks", *argv]))
+    print(table(r))
+    print(f"\nwrote {r['results_file']}" + (f" and {r['scaling']['plot']}" if "scaling" in r else ""))
+    return r
+

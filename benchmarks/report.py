@@ -1,0 +1,167 @@
+"""The issue-7 targets as ratios, the closing notes, and the printed table — all from the results dict."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# (key, what it is, comparison, target). None: reported, no target.
+TARGETS: list[tuple[str, str, str | None, float | None]] = [
+    ("serve_ort_fp32_vs_eager", "ORT fp32 / eager serving throughput", ">=", 2.0),
+    ("serve_ort_int8_vs_eager", "ORT int8 / eager serving throughput", None, None),
+    ("train_compiled_vs_eager", "torch.compile / eager training step", ">=", 1.3),
+    ("moe_sparse_vs_dense", "sparse / dense MoE dispatch (8 experts top-2)", ">", 1.0),
+    ("serve_utilisation", "ORT fp32 model FLOP/s / matmul peak", ">=", 0.40),
+    ("serve_hw_utilisation", "ORT fp32 executed FLOP/s / matmul peak", None, None),
+]
+RATIO_KEYS = tuple(key for key, *_ in TARGETS)
+
+
+def ratios(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every target's value (None with a `pending` reason when the part it needs was not run or does not exist)."""
+    values: dict[str, float | None] = dict.fromkeys(RATIO_KEYS)
+    pending: dict[str, str] = {}
+    if "serving" in r:
+        cell = r["serving"]["target_cell"]
+        values["serve_ort_fp32_vs_eager"] = cell["ort_fp32"]["vs_eager"]
+        values["serve_ort_int8_vs_eager"] = cell["ort_int8"]["vs_eager"]
+        values["serve_utilisation"] = r["utilisation"]["ort_fp32"]["model"]
+        values["serve_hw_utilisation"] = r["utilisation"]["ort_fp32"]["executed"]
+    if "training" in r:
+        values["train_compiled_vs_eager"] = r["training"]["compiled_vs_eager"]
+    if "moe_dispatch" in r:
+        values["moe_sparse_vs_dense"] = r["moe_dispatch"]["sparse_vs_dense"]
+        if values["moe_sparse_vs_dense"] is None:
+            pending["moe_sparse_vs_dense"] = "ModelConfig has no moe_dispatch option yet: dense measured only"
+    out = {}
+    for key, what, op, target in TARGETS:
+        v = values[key]
+        met = None if v is None or target is None else (v >= target if op == ">=" else v > target)
+        out[key] = {"what": what, "value": v, "op": op, "target": target, "met": met,
+                    "pending": None if v is not None else pending.get(key, "section not run")}
+    return out
+
+
+def notes(r: dict[str, Any]) -> list[str]:
+    """One line per missed target: by how much, and the measured facts that explain it."""
+    out = []
+    for key, t in r["ratios"].items():
+        if t["met"] is not False:
+            continue
+        short = (1 - t["value"] / t["target"]) * 100
+        line = f"{t['what']}: {fmt_value(key, t['value'])} vs target {t['op']} {fmt_value(key, t['target'])} " \
+               f"(short by {short:.0f}%)"
+        if key == "serve_ort_fp32_vs_eager":
+            cell = r["serving"]["target_cell"]
+            line += (f"; ORT int8 reaches {cell['ort_int8']['vs_eager']:.2f}x; both runtimes run the same static "
+                     f"graph, whose executed FLOPs are {r['flops']['executed_per_model']:.1f}x the model FLOPs")
+        elif key == "train_compiled_vs_eager":
+            tr = r["training"]
+            line += (f"; steady step {tr['eager']['median_s']:.3f} s eager vs {tr['compiled']['median_s']:.3f} s "
+                     f"compiled, first compiled step {tr['first_compiled_step_s']:.1f} s ({tr['backend']})")
+        elif key == "serve_utilisation":
+            f = r["flops"]
+            cfg = r["model"]["config"]
+            line += (f"; executed FLOPs are {f['executed_per_model']:.1f}x the model FLOPs (all {cfg['n_experts']} "
+                     f"experts vs top-{cfg['top_k']}, all {cfg['n_heads']} heads vs {f['heads_per_token']:.2f} used, "
+                     f"{cfg['halt_max_steps'] if cfg['recursive'] else 1} steps vs {f['halt_steps']:.2f} needed, "
+                     f"full vs causal attention); of the executed FLOPs ORT achieves "
+                     f"{r['utilisation']['ort_fp32']['executed']:.0%} of the peak")
+        elif key == "moe_sparse_vs_dense":
+            line += "; sparse dispatch is not faster than dense at this size"
+        out.append(line)
+    for t in r["ratios"].values():
+        if t["pending"] and t["target"] is not None:
+            out.append(f"{t['what']}: not measured ({t['pending']})")
+    return out
+
+
+def fmt_value(key: str, v: float | None) -> str:
+    if v is None:
+        return "—"
+    return f"{v:.1%}" if "utilisation" in key else f"{v:.2f}x"
+
+
+def describe_model(cfg: dict[str, Any]) -> str:
+    rec = (f"H{cfg['H_cycles']} x L{cfg['L_cycles']} x {cfg['halt_max_steps']} steps" if cfg["recursive"]
+           else "no recursion")
+    return (f"d_model {cfg['d_model']}, {cfg['n_layers']} layers, {cfg['n_heads']} heads ({cfg['min_heads']}-"
+            f"{cfg['max_heads']} per token), {cfg['n_experts']} experts top-{cfg['top_k']} (d_expert "
+            f"{cfg['d_expert']}), {rec}, vocab {cfg['vocab_size']}, seq {cfg['max_seq_len']}")
+
+
+def table(r: dict[str, Any]) -> str:
+    m, s = r["machine"], r["settings"]
+    lines = [f"moe benchmarks ({r['mode']}): {r['started']}, {r['wall_s']:.0f} s wall",
+             f"machine: {m['cpu']}, {m['physical_cores']} cores ({m['logical_cpus']} logical), threads: torch "
+             f"{m['torch_threads']} / ORT {m['ort_intra_op_threads']} | load avg {m['load_average'][0]:.2f} at start | "
+             f"python {m['python']} | torch {m['torch']} | onnxruntime {m['onnxruntime']} | onnx {m['onnx']}",
+             f"model: {r['model']['source']}, {r['model']['params'] / 1e6:.2f}M params: "
+             f"{describe_model(r['model']['config'])}",
+             f"timing: median of {s['repeats']} interleaved calls after {s['warmup']} warm-up calls (IQR in the JSON)",
+             "threads kept busy (process CPU time / wall; below the thread count = a shared machine): "
+             + ", ".join(f"{k} {v['busy_threads']:.2f}" for k, v in r["cpu_use"].items())
+             + f" | load avg at end {m['load_average_end'][0]:.2f}",
+             f"matmul peak (fp32 {r['matmul_peak']['n']}^3): {r['matmul_peak']['flops_per_s'] / 1e9:.1f} GFLOP/s"]
+    if "serving" in r:
+        sv = r["serving"]
+        exp = f"exported in {sv['export_s']:.0f} s" if sv["export_s"] is not None else f"graph {sv['onnx']}"
+        lines += ["", f"serving: scoring tokens/s (forward + next-token log-probs), ratio vs eager; {exp}; "
+                      f"ORT {sv['session']}",
+                  f"{'batch':>5} {'seq':>4} {'eager':>9} {'ORT fp32':>17} {'ORT int8':>17}  "
+                  f"{'max|dlogp| fp32/int8':>20}"]
+        for row in sv["rows"]:
+            lines.append(f"{row['batch']:>5} {row['seq']:>4} {row['eager']['tokens_per_s']:>9,.0f} "
+                         + " ".join(f"{row[k]['tokens_per_s']:>9,.0f} ({row[k]['vs_eager']:.2f}x)"
+                                    for k in ("ort_fp32", "ort_int8"))
+                         + f"  {row['ort_fp32']['max_abs_logprob_diff']:>9.1e} / "
+                           f"{row['ort_int8']['max_abs_logprob_diff']:.1e}")
+        f = r["flops"]
+        cell = sv["target_cell"]
+        lines += ["", f"FLOPs per token at seq {f['seq_len']} (routing measured on the batch {cell['batch']} input: "
+                      f"{f['heads_per_token']:.2f} heads/token, halt step {f['halt_steps']:.2f}):",
+                  f"  model    {f['model_flops_per_token'] / 1e6:8.2f} MFLOP (heads used, top-k experts, causal "
+                  f"context, halt steps needed)",
+                  f"  executed {f['executed_flops_per_token'] / 1e6:8.2f} MFLOP (every head and expert, full "
+                  f"attention, every step: {f['executed_per_model']:.1f}x)",
+                  f"utilisation at batch {cell['batch']} x {cell['seq']} (FLOP/s / matmul peak):"]
+        for name, u in r["utilisation"].items():
+            lines.append(f"  {name:<8} model {u['model_flops_per_s'] / 1e9:6.1f} GFLOP/s = {u['model']:5.1%}   "
+                         f"executed {u['executed_flops_per_s'] / 1e9:6.1f} GFLOP/s = {u['executed']:5.1%}"
+                         + ("  (int8 matmuls against the fp32 peak)" if name == "ort_int8" else ""))
+    if "training" in r:
+        tr = r["training"]
+        lines += ["", f"training step (batch {tr['batch']} x {tr['seq']}, loss + backward + clip + AdamW):"]
+        for name in ("eager", "compiled"):
+            lines.append(f"  {name:<9} {tr[name]['median_s']:7.3f} s/step {tr[name]['tokens_per_s']:9,.0f} tokens/s"
+                         + (f"  ({tr['compiled_vs_eager']:.2f}x; first step {tr['first_compiled_step_s']:.1f} s = "
+                            f"compile {tr['compile_s']:.1f} s, backend {tr['backend']}, regional)"
+                            if name == "compiled" else ""))
+    if "moe_dispatch" in r:
+        d = r["moe_dispatch"]
+        lines += ["", f"MoE dispatch: the MoE layer alone, {d['n_experts']} experts top-{d['top_k']}, "
+                      f"{d['batch']} x {d['seq']} tokens, inference forward:"]
+        for mode in d["modes"]:
+            lines.append(f"  {mode:<7} {d[mode]['median_s'] * 1e3:8.2f} ms {d[mode]['tokens_per_s']:11,.0f} tokens/s"
+                         + (f"  ({d[mode]['vs_dense']:.2f}x dense, max |diff| {d[mode]['max_abs_diff']:.1e})"
+                            if mode != "dense" else ""))
+        if "sparse" not in d["modes"]:
+            lines.append("  sparse  — (ModelConfig has no moe_dispatch option yet)")
+    if "scaling" in r:
+        sc = r["scaling"]
+        b = sc["base"]
+        lines += ["", f"scaling: eager scoring time, one factor at a time from batch {b['batch']} x seq {b['seq']}, "
+                      f"H{b['H_cycles']} L{b['L_cycles']} {b['halt_max_steps']} steps {b['n_experts']} experts "
+                      f"(plot: {sc['plot']})",
+                  f"  {'factor':<15} {'values':<22} {'ms':<34} {'time~x^p':>8} {'FLOPs~x^q':>9}  growth"]
+        for factor, f in sc["factors"].items():
+            ms = ",".join(f"{t * 1e3:.0f}" if t >= 0.01 else f"{t * 1e3:.1f}" for t in f["median_s"])
+            lines.append(f"  {factor:<15} {','.join(map(str, f['x'])):<22} {ms:<34} {f['time_exponent']:>8.2f} "
+                         f"{f['flops_exponent']:>9.2f}  {f['growth']}")
+    lines += ["", "targets (ratios measured in this run):"]
+    for key, t in r["ratios"].items():
+        goal = f"{t['op']} {fmt_value(key, t['target'])}" if t["target"] is not None else "(reported)"
+        verdict = {True: "met", False: "MISSED", None: "pending" if t["pending"] else ""}[t["met"]]
+        lines.append(f"  {t['what']:<48} {fmt_value(key, t['value']):>7}  {goal:<9} {verdict}")
+    if r["notes"]:
+        lines += ["", "notes:"] + [f"  - {n}" for n in r["notes"]]
+    return "\n".join(lines)

@@ -1,0 +1,103 @@
+"""Timing and the machine: warm-up, interleaved repeats, median and IQR; CPU, threads and versions.
+
+Every figure of the suite is a median of timed calls made after warm-up calls. Contenders that are compared
+(eager vs ONNX Runtime, eager vs compiled) are timed in the same loop, alternating call by call, so a load
+change on a shared machine hits them alike instead of whichever happened to run at the time.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+import torch
+
+from serve.runtime import physical_cores
+
+
+@dataclass
+class Timing:
+    seconds: list[float]  # every timed call, in order
+    output: Any = field(default=None, repr=False)  # what the last call returned (for correctness checks)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def iqr(self) -> float:
+        if len(self.seconds) < 2:
+            return 0.0
+        q1, _, q3 = statistics.quantiles(self.seconds, n=4, method="inclusive")
+        return q3 - q1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"median_s": self.median, "iqr_s": self.iqr, "repeats": len(self.seconds), "seconds": self.seconds}
+
+
+def measure(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> dict[str, Timing]:
+    """Time each function: `warmup` untimed calls each, then `repeats` timed rounds calling them in turn."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    outputs: dict[str, Any] = {}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            outputs[name] = fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: Timing(times[name], outputs[name]) for name in fns}
+
+
+@contextmanager
+def cpu_use(into: dict[str, Any], key: str) -> Iterator[None]:
+    """Record the wall time of a block and how many threads the process kept busy in it (process CPU time /
+    wall time, every thread counted). Well below the thread count means the machine was shared: the figures of
+    that block are slower than this machine can do."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    yield
+    wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+    into[key] = {"wall_s": wall, "cpu_s": cpu, "busy_threads": cpu / wall if wall > 0 else 0.0}
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def set_threads(threads: int | None) -> int:
+    """Use `threads` (default: the physical cores) for PyTorch; the suite gives ONNX Runtime the same number."""
+    threads = threads or physical_cores()
+    torch.set_num_threads(threads)
+    return threads
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    def version(pkg: str) -> str | None:
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "cpu": cpu_name(), "logical_cpus": os.cpu_count(), "physical_cores": physical_cores(),
+        "torch_threads": torch.get_num_threads(), "ort_intra_op_threads": threads,
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "system": f"{platform.system()} {platform.release()} {platform.machine()}",
+        "python": platform.python_version(), "torch": torch.__version__,
+        **{pkg: version(pkg) for pkg in ("onnxruntime", "onnx", "onnxscript", "numpy")},
+    }

@@ -1,0 +1,45 @@
+"""The benchmark suite's smallest path (`python -m benchmarks --smoke`) runs every section and reports every
+ratio, and the FLOP count agrees with itself. No speed assertions: the targets live in the suite's report."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+from benchmarks.cli import MODES, run
+from benchmarks.flops import Routing, executed_flops_per_token, model_flops_per_token
+from benchmarks.report import RATIO_KEYS, table
+from benchmarks.suites import dispatch_modes
+
+
+def test_smoke_run_writes_every_ratio(tmp_path):
+    run(MODES["smoke"], tmp_path, threads=1)
+    results, plot = MODES["smoke"].files
+    r = json.loads((tmp_path / results).read_text())
+    assert (tmp_path / plot).stat().st_size > 0
+
+    assert list(r["ratios"]) == list(RATIO_KEYS)
+    for key, t in r["ratios"].items():
+        if key == "moe_sparse_vs_dense" and "sparse" not in dispatch_modes():
+            assert t["value"] is None and "moe_dispatch" in t["pending"]  # ready for the option, not faking it
+        else:
+            assert t["value"] is not None and math.isfinite(t["value"]) and t["value"] > 0, key
+    for key in ("cpu", "physical_cores", "torch", "onnxruntime", "onnx", "torch_threads", "ort_intra_op_threads"):
+        assert r["machine"][key], key
+    for factor, f in r["scaling"]["factors"].items():
+        assert math.isfinite(f["time_exponent"]) and math.isfinite(f["flops_exponent"]), factor
+    for row in r["serving"]["rows"]:  # the runtimes compute the same log-probs (int8: roughly)
+        assert row["ort_fp32"]["max_abs_logprob_diff"] < 1e-3
+    text = table(r)
+    assert all(t["what"] in text for t in r["ratios"].values())
+
+
+def test_flop_counts(tiny_config):
+    """With every head, every expert, every step and full context, the model count is the executed count;
+    fewer heads, top-k experts and earlier halting count less."""
+    cfg = dataclasses.replace(tiny_config, causal=False, top_k=tiny_config.n_experts)
+    T = cfg.max_seq_len
+    assert model_flops_per_token(cfg, T, Routing(cfg.n_heads, cfg.halt_max_steps)) == executed_flops_per_token(cfg, T)
+    sparse = dataclasses.replace(tiny_config, top_k=1)
+    assert model_flops_per_token(sparse, T, Routing(1.5, 1.0)) < executed_flops_per_token(sparse, T)
