@@ -7,13 +7,15 @@ elementwise ops are < 2% here). Per block call and token (D = d_model, hd = head
     expert : gate, up, down 3 * 2*D*F
     routers: MoH router 2*D*H, complexity and threshold 2 * 2*D, MoE router 2*D*E
 
-Block calls per token: halt steps * H_cycles * (L_cycles + 1) * n_layers (n_layers for the baseline), plus the
+Block calls per token: steps run * H_cycles * (L_cycles + 1) * n_layers (n_layers for the baseline), plus the
 lm head 2*D*V once. Two counts:
 
 - **model FLOPs** (the useful work, as in MFU): the heads each token selected (mean measured in the real
-  forward), top_k experts, causal context (T+1)/2, and the halt steps samples needed (mean halt_step);
+  forward), top_k experts, causal context (T+1)/2, and the steps the runtime runs — all halt_max_steps for
+  eager eval and the exported graph, which unroll every step and select the halting step with masks (a
+  step-wise runtime would pass the samples' mean halt step instead);
 - **executed FLOPs** (what the static graph computes today): every head with the masked full T x T attention,
-  every expert (dense dispatch), and all halt_max_steps steps (the exported graph runs them all).
+  every expert (dense dispatch), and every step.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from .timing import measure
 @dataclass
 class Routing:
     heads_per_token: float  # mean MoH heads per token, over every layer and block call
-    halt_steps: float  # mean 1-based halt step of the samples (supervision steps they needed)
+    halt_step_mean: float  # mean 1-based halt step of the samples: the steps a step-wise runtime would run
 
 
 def measure_routing(model: RecursiveMoE, input_ids: torch.Tensor) -> Routing:
@@ -64,8 +66,10 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, heads: float, experts: float
     return calls * block_flops(cfg, heads, experts, ctx) + 2 * cfg.d_model * cfg.vocab_size
 
 
-def model_flops_per_token(cfg: ModelConfig, seq_len: int, routing: Routing) -> float:
-    return flops_per_token(cfg, seq_len, routing.heads_per_token, cfg.top_k, routing.halt_steps, causal_ctx=True)
+def model_flops_per_token(cfg: ModelConfig, seq_len: int, routing: Routing, steps: float | None = None) -> float:
+    """Useful FLOPs per token of a runtime that runs `steps` supervision steps (default: all of them)."""
+    steps = cfg.n_steps if steps is None else steps
+    return flops_per_token(cfg, seq_len, routing.heads_per_token, cfg.top_k, steps, causal_ctx=True)
 
 
 def executed_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -73,9 +77,9 @@ def executed_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 
 def flops_summary(cfg: ModelConfig, seq_len: int, routing: Routing) -> dict[str, float]:
-    return {**asdict(routing), "seq_len": seq_len,
-            "model_flops_per_token": model_flops_per_token(cfg, seq_len, routing),
-            "executed_flops_per_token": executed_flops_per_token(cfg, seq_len)}
+    model, executed = model_flops_per_token(cfg, seq_len, routing), executed_flops_per_token(cfg, seq_len)
+    return {**asdict(routing), "seq_len": seq_len, "steps_run": cfg.n_steps, "model_flops_per_token": model,
+            "executed_flops_per_token": executed, "executed_per_model": executed / model}
 
 
 def matmul_peak(n: int, warmup: int, repeats: int) -> dict[str, float]:

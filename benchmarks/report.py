@@ -63,8 +63,7 @@ def notes(r: dict[str, Any]) -> list[str]:
             cfg = r["model"]["config"]
             line += (f"; executed FLOPs are {f['executed_per_model']:.1f}x the model FLOPs (all {cfg['n_experts']} "
                      f"experts vs top-{cfg['top_k']}, all {cfg['n_heads']} heads vs {f['heads_per_token']:.2f} used, "
-                     f"{cfg['halt_max_steps'] if cfg['recursive'] else 1} steps vs {f['halt_steps']:.2f} needed, "
-                     f"full vs causal attention); of the executed FLOPs ORT achieves "
+                     f"full vs causal attention): counting them, ORT runs at "
                      f"{r['utilisation']['ort_fp32']['executed']:.0%} of the peak")
         elif key == "moe_sparse_vs_dense":
             line += "; sparse dispatch is not faster than dense at this size"
@@ -118,11 +117,12 @@ def table(r: dict[str, Any]) -> str:
         f = r["flops"]
         cell = sv["target_cell"]
         lines += ["", f"FLOPs per token at seq {f['seq_len']} (routing measured on the batch {cell['batch']} input: "
-                      f"{f['heads_per_token']:.2f} heads/token, halt step {f['halt_steps']:.2f}):",
+                      f"{f['heads_per_token']:.2f} heads/token; samples halt at step {f['halt_step_mean']:.2f} on "
+                      f"average, every runtime here runs all {f['steps_run']} step(s)):",
                   f"  model    {f['model_flops_per_token'] / 1e6:8.2f} MFLOP (heads used, top-k experts, causal "
-                  f"context, halt steps needed)",
+                  f"context, steps run)",
                   f"  executed {f['executed_flops_per_token'] / 1e6:8.2f} MFLOP (every head and expert, full "
-                  f"attention, every step: {f['executed_per_model']:.1f}x)",
+                  f"attention, steps run: {f['executed_per_model']:.2f}x)",
                   f"utilisation at batch {cell['batch']} x {cell['seq']} (FLOP/s / matmul peak):"]
         for name, u in r["utilisation"].items():
             lines.append(f"  {name:<8} model {u['model_flops_per_s'] / 1e9:6.1f} GFLOP/s = {u['model']:5.1%}   "

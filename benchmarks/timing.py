@@ -96,7 +96,7 @@ def machine_info(threads: int) -> dict[str, Any]:
     return {
         "cpu": cpu_name(), "logical_cpus": os.cpu_count(), "physical_cores": physical_cores(),
         "torch_threads": torch.get_num_threads(), "ort_intra_op_threads": threads,
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "load_average": list(os.getloadavg()),
         "system": f"{platform.system()} {platform.release()} {platform.machine()}",
         "python": platform.python_version(), "torch": torch.__version__,
         **{pkg: version(pkg) for pkg in ("onnxruntime", "onnx", "onnxscript", "numpy")},

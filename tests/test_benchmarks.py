@@ -40,6 +40,9 @@ def test_flop_counts(tiny_config):
     fewer heads, top-k experts and earlier halting count less."""
     cfg = dataclasses.replace(tiny_config, causal=False, top_k=tiny_config.n_experts)
     T = cfg.max_seq_len
-    assert model_flops_per_token(cfg, T, Routing(cfg.n_heads, cfg.halt_max_steps)) == executed_flops_per_token(cfg, T)
+    every_head = Routing(heads_per_token=cfg.n_heads, halt_step_mean=1.0)
+    assert model_flops_per_token(cfg, T, every_head) == executed_flops_per_token(cfg, T)
     sparse = dataclasses.replace(tiny_config, top_k=1)
-    assert model_flops_per_token(sparse, T, Routing(1.5, 1.0)) < executed_flops_per_token(sparse, T)
+    routing = Routing(heads_per_token=1.5, halt_step_mean=1.0)
+    assert model_flops_per_token(sparse, T, routing, steps=1) < model_flops_per_token(sparse, T, routing) \
+        < executed_flops_per_token(sparse, T)
