@@ -16,6 +16,7 @@ SUBCOMMANDS = {  # name -> (module, attribute, one-line help)
     "export": ("export.cli", "export", "Export a run to one static ONNX graph and prove parity."),
     "serve": ("serve.cli", "serve", "Batch inference on ONNX Runtime (CUDA where present, else CPU)."),
     "plot": ("train.plots", "plot", "Write (or refresh) the PNG plots of a run directory."),
+    "ablate": ("train.ablate", "ablate", "Train a grid of config variants and compare them in one table."),
 }
 
 

@@ -67,6 +67,13 @@ def read_metrics(path: str | Path) -> list[Record]:
     return records
 
 
+def split_records(records: list[Record]) -> tuple[list[Record], list[Record]]:
+    """(train, eval) records, each sorted by step."""
+    train = sorted((r for r in records if r.get("kind") == "train"), key=lambda r: _num(r.get("step")) or 0)
+    evals = sorted((r for r in records if r.get("kind") == "eval"), key=lambda r: _num(r.get("step")) or 0)
+    return train, evals
+
+
 def _read_config(run_dir: Path) -> Record:
     try:
         cfg = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
@@ -82,7 +89,7 @@ def _num(v: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def _series(records: list[Record], key: str) -> tuple[list[float], list[float]]:
+def series(records: list[Record], key: str) -> tuple[list[float], list[float]]:
     """(steps, values) of the records that have a finite number under `key`."""
     xs, ys = [], []
     for r in records:
@@ -108,7 +115,7 @@ def _list_series(records: list[Record], key: str) -> tuple[list[float], list[lis
     return [s for s, _ in rows], [v for _, v in rows]
 
 
-def _layers(records: list[Record], suffix: str) -> list[int]:
+def layer_numbers(records: list[Record], suffix: str) -> list[int]:
     pat = re.compile(rf"^L(\d+)\.{re.escape(suffix)}$")
     found = {int(m.group(1)) for r in records for k in r if (m := pat.match(k))}
     return sorted(found)
@@ -135,7 +142,7 @@ def _style(ax, title: str, ylabel: str, xlabel: str = "step (optimizer updates)"
         ax.legend(loc="best", fontsize=8, framealpha=0.85)
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
     return path
 
@@ -149,12 +156,12 @@ def _marker(xs: list[float]) -> str | None:
 
 
 def plot_loss(train: list[Record], evals: list[Record]) -> Figure | None:
-    tx, ty = _series(train, "lm_loss")
+    tx, ty = series(train, "lm_loss")
     train_label = "train lm_loss"
     if not tx:
-        tx, ty = _series(train, "loss")
+        tx, ty = series(train, "loss")
         train_label = "train loss"
-    vx, vy = _series(evals, "val_loss")
+    vx, vy = series(evals, "val_loss")
     if not tx and not vx:
         return None
     fig = Figure(layout="constrained", figsize=(8, 4.8))
@@ -164,7 +171,7 @@ def plot_loss(train: list[Record], evals: list[Record]) -> Figure | None:
     if vx:
         ax.plot(vx, vy, color="C1", lw=1.8, marker="o", ms=5, label="val_loss")
         ax.annotate(f"{vy[-1]:.3f}", (vx[-1], vy[-1]), textcoords="offset points", xytext=(-4, 8), ha="right",
-                    color="C1", fontsize=8)
+                    color="C1", fontsize=8, bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none"})
     uniform, unigram = _first(evals, "uniform_baseline"), _first(evals, "unigram_baseline")
     if uniform is not None:
         ax.axhline(uniform, color="0.35", ls="--", lw=1, label=f"uniform ln(V) = {uniform:.3f}")
@@ -175,7 +182,7 @@ def plot_loss(train: list[Record], evals: list[Record]) -> Figure | None:
 
 
 def plot_lr(train: list[Record]) -> Figure | None:
-    x, y = _series(train, "lr")
+    x, y = series(train, "lr")
     if not x:
         return None
     fig = Figure(layout="constrained", figsize=(8, 3.6))
@@ -192,7 +199,7 @@ def plot_grad_norm(train: list[Record], grad_clip: float | None = None) -> Figur
               ("grad_norm.router", "router params", "C3", 1.2),
               ("grad_norm.predictor", "MoH predictors", "C4", 1.2),
               ("grad_norm.halt", "halt head", "C2", 1.2)]
-    data = [(label, c, lw, *_series(train, key)) for key, label, c, lw in curves]
+    data = [(label, c, lw, *series(train, key)) for key, label, c, lw in curves]
     data = [d for d in data if d[3]]
     if not data:
         return None
@@ -210,16 +217,16 @@ def plot_grad_norm(train: list[Record], grad_clip: float | None = None) -> Figur
 
 
 def plot_heads(train: list[Record], n_heads: int | None = None, min_heads: int | None = None) -> Figure | None:
-    head_layers = [li for li in _layers(train, "moh_heads") if _series(train, f"L{li}.moh_heads")[0]]
-    thr_layers = [li for li in _layers(train, "moh_threshold") if _series(train, f"L{li}.moh_threshold")[0]]
-    cx_layers = [li for li in _layers(train, "moh_complexity") if _series(train, f"L{li}.moh_complexity")[0]]
+    head_layers = [li for li in layer_numbers(train, "moh_heads") if series(train, f"L{li}.moh_heads")[0]]
+    thr_layers = [li for li in layer_numbers(train, "moh_threshold") if series(train, f"L{li}.moh_threshold")[0]]
+    cx_layers = [li for li in layer_numbers(train, "moh_complexity") if series(train, f"L{li}.moh_complexity")[0]]
     if not head_layers and not thr_layers and not cx_layers:
         return None
     second = bool(thr_layers or cx_layers)
     fig = Figure(layout="constrained", figsize=(8, 7.2 if second else 4.2))
     ax1 = fig.add_subplot(2 if second else 1, 1, 1)
     for li in head_layers:
-        x, y = _series(train, f"L{li}.moh_heads")
+        x, y = series(train, f"L{li}.moh_heads")
         ax1.plot(x, y, color=f"C{(li - 1) % 10}", lw=1.5, marker=_marker(x), ms=3, label=f"layer {li}")
     if n_heads:
         ax1.axhline(n_heads, color="0.35", ls="--", lw=1, label=f"all heads = {n_heads}")
@@ -231,16 +238,16 @@ def plot_heads(train: list[Record], n_heads: int | None = None, min_heads: int |
         ax2 = fig.add_subplot(2, 1, 2, sharex=ax1)
         for li in sorted(set(thr_layers) | set(cx_layers)):
             c = f"C{(li - 1) % 10}"
-            x, y = _series(train, f"L{li}.moh_threshold")
+            x, y = series(train, f"L{li}.moh_threshold")
             if x:
                 ax2.plot(x, y, color=c, lw=1.6, marker=_marker(x), ms=3, label=f"L{li} threshold (mean)")
-                lo = dict(zip(*_series(train, f"L{li}.moh_threshold_min"), strict=True))
-                hi = dict(zip(*_series(train, f"L{li}.moh_threshold_max"), strict=True))
+                lo = dict(zip(*series(train, f"L{li}.moh_threshold_min"), strict=True))
+                hi = dict(zip(*series(train, f"L{li}.moh_threshold_max"), strict=True))
                 bx = [s for s in x if s in lo and s in hi]
                 if bx:
                     ax2.fill_between(bx, [lo[s] for s in bx], [hi[s] for s in bx], color=c, alpha=0.18, lw=0,
                                      label=f"L{li} threshold min–max")
-            x, y = _series(train, f"L{li}.moh_complexity")
+            x, y = series(train, f"L{li}.moh_complexity")
             if x:
                 ax2.plot(x, y, color=c, lw=1.2, ls=":", marker=_marker(x) and "s", ms=3,
                          label=f"L{li} complexity (mean)")
@@ -252,7 +259,7 @@ def plot_heads(train: list[Record], n_heads: int | None = None, min_heads: int |
 def _layer_lists(train: list[Record], suffix: str) -> list[tuple[int, list[float], list[list[float]]]]:
     """[(layer, steps, vectors)] for a list-valued per-layer statistic such as `L1.moe_load`."""
     out = []
-    for li in _layers(train, suffix):
+    for li in layer_numbers(train, suffix):
         x, rows = _list_series(train, f"L{li}.{suffix}")
         if x:
             out.append((li, x, rows))
@@ -284,9 +291,9 @@ def plot_expert_load(train: list[Record]) -> Figure | None:
     layers = _layer_lists(train, "moe_load")
     if not layers:
         return None
-    cv = [(li, *_series(train, f"L{li}.moe_load_cv")) for li in _layers(train, "moe_load_cv")]
+    cv = [(li, *series(train, f"L{li}.moe_load_cv")) for li in layer_numbers(train, "moe_load_cv")]
     cv = [c for c in cv if c[1]]
-    dropped = [(li, *_series(train, f"L{li}.moe_dropped")) for li in _layers(train, "moe_dropped")]
+    dropped = [(li, *series(train, f"L{li}.moe_dropped")) for li in layer_numbers(train, "moe_dropped")]
     dropped = [d for d in dropped if d[1]]
     any_dropped = any(v > 0 for *_, y in dropped for v in y)
     n_exp = max(len(v[0]) for *_, v in layers)
@@ -326,9 +333,9 @@ def plot_expert_load(train: list[Record]) -> Figure | None:
 
 
 def plot_halting(train: list[Record], evals: list[Record], halt_max_steps: int | None = None) -> Figure | None:
-    tx, ty = _series(train, "halt_step_mean")
-    vx, vy = _series(evals, "val_halt_step")
-    ax_, ay = _series(train, "halt_acc")
+    tx, ty = series(train, "halt_step_mean")
+    vx, vy = series(evals, "val_halt_step")
+    ax_, ay = series(train, "halt_acc")
     if not ax_ and all(v == 1 for v in ty + vy):  # baseline model: one step always, nothing to show
         return None
     fig = Figure(layout="constrained", figsize=(8, 4.6))
@@ -371,7 +378,8 @@ def plot_halt_hist(train: list[Record]) -> Figure | None:
                  labels=[f"halted at step {s + 1}" for s in range(S)])
     ax.set_ylim(0, 1)
     ax.set_xlim(x[0], x[-1])
-    _style(ax, "Halting: share of samples by halt step (training batches)", "fraction of samples")
+    _style(ax, "Halting: share of samples by halt step (training batches)", "fraction of samples", legend=False)
+    ax.legend(loc="upper left", fontsize=8, framealpha=0.85)  # early training halts late: the top left is quiet
     tail = [row for step, row in zip(x, counts, strict=True) if step >= x[0] + 0.75 * (x[-1] - x[0])]
     width = 0.4
     for j, (rows, label, hatch) in enumerate(((counts, "whole run", None), (tail, "last 25% of steps", "//"))):
@@ -387,6 +395,49 @@ def plot_halt_hist(train: list[Record]) -> Figure | None:
     return fig
 
 
+def plot_val_loss_overlay(curves: dict[str, tuple[list[float], list[float]]], uniform: float | None = None,
+                          unigram: float | None = None, title: str = "Validation loss by variant") -> Figure | None:
+    """Several runs' val-loss curves on one axis (left) and their final val loss, best first (right).
+
+    `curves` maps a run's name to its (steps, val losses). The right panel doubles as the legend: each name is
+    drawn in its curve's colour, with its curve's marker."""
+    curves = {name: xy for name, xy in curves.items() if xy[0]}
+    if not curves:
+        return None
+    ranked = sorted(curves, key=lambda n: curves[n][1][-1])
+    # Ten strong colours, then the same colours with another line style and marker: 30 runs stay distinct.
+    styles = {name: (f"C{i % 10}", ("-", "--", ":")[i // 10 % 3], "os^"[i // 10 % 3]) for i, name in enumerate(curves)}
+    fig = Figure(layout="constrained", figsize=(12, max(4.8, 0.26 * len(curves) + 1.6)))
+    ax, ax_rank = fig.subplots(1, 2, width_ratios=[2.2, 1])
+    for name, (x, y) in curves.items():
+        color, ls, marker = styles[name]
+        ax.plot(x, y, color=color, ls=ls, lw=1.5, marker=_marker(x) and marker, ms=3, label=name)
+    for value, label, ls in ((uniform, "uniform ln(V)", "--"), (unigram, "unigram", ":")):
+        if value is not None:
+            ax.axhline(value, color="0.35", ls=ls, lw=1)
+            ax.annotate(f"{label} = {value:.3f}", (1.0, value), xycoords=("axes fraction", "data"), ha="right",
+                        va="bottom", fontsize=8, color="0.3", xytext=(-4, 2), textcoords="offset points")
+    _style(ax, title, "val loss (nats / token)", legend=False)
+    finals = [curves[n][1][-1] for n in ranked]
+    for rank, name in enumerate(ranked):
+        color, _, marker = styles[name]
+        ax_rank.plot([finals[rank]], [rank], marker, color=color, ms=7)
+        ax_rank.annotate(f"{finals[rank]:.3f}", (finals[rank], rank), xytext=(6, -3), textcoords="offset points",
+                         fontsize=8)
+    ax_rank.set_yticks(range(len(ranked)), ranked, fontsize=8)
+    for tick, name in zip(ax_rank.get_yticklabels(), ranked, strict=True):
+        tick.set_color(styles[name][0])
+    ax_rank.invert_yaxis()
+    lo, hi = min(finals), max(finals)
+    pad = 0.08 * (hi - lo) + 0.02
+    ax_rank.set_xlim(lo - pad, hi + 3 * pad)
+    for value, label, ls in ((uniform, "uniform ln(V)", "--"), (unigram, "unigram", ":")):
+        if value is not None and lo - pad <= value <= hi + 3 * pad:
+            ax_rank.axvline(value, color="0.35", ls=ls, lw=1, label=f"{label} = {value:.3f}")
+    _style(ax_rank, "Final val loss (best first)", "", xlabel="val loss (nats / token)")
+    return fig
+
+
 # -----------------------------------------------------------------------------
 # entry points
 
@@ -394,9 +445,7 @@ def plot_halt_hist(train: list[Record]) -> Figure | None:
 def write_plots(run_dir: str | Path) -> list[Path]:
     """Write RUN_DIR/plots/*.png from RUN_DIR/metrics.jsonl; returns the paths written (skipped plots omitted)."""
     run_dir = Path(run_dir)
-    records = read_metrics(run_dir / METRICS_FILE)
-    train = sorted((r for r in records if r.get("kind") == "train"), key=lambda r: _num(r.get("step")) or 0)
-    evals = sorted((r for r in records if r.get("kind") == "eval"), key=lambda r: _num(r.get("step")) or 0)
+    train, evals = split_records(read_metrics(run_dir / METRICS_FILE))
     cfg = _read_config(run_dir)
     model_cfg = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
     train_cfg = cfg.get("train") if isinstance(cfg.get("train"), dict) else {}
@@ -423,7 +472,7 @@ def write_plots(run_dir: str | Path) -> list[Path]:
         if fig is None:
             continue
         out_dir.mkdir(parents=True, exist_ok=True)
-        written.append(_save(fig, out_dir / name))
+        written.append(save_figure(fig, out_dir / name))
     return written
 
 
