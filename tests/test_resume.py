@@ -192,9 +192,9 @@ def test_non_finite_steps_are_skipped_then_stop(monkeypatch: pytest.MonkeyPatch,
     trainer_model: dict = {}
     real_init = trainer.Trainer.__init__
 
-    def init(self, cfg, run_dir, device, data, model):
+    def init(self, cfg, run_dir, device, data, model, *args):
         trainer_model["m"] = model
-        real_init(self, cfg, run_dir, device, data, model)
+        real_init(self, cfg, run_dir, device, data, model, *args)
 
     monkeypatch.setattr(trainer, "training_loss", loss_with_nan)
     monkeypatch.setattr(trainer.Trainer, "__init__", init)

@@ -70,8 +70,10 @@ def checkpoint_sets(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: LoopState,
-                    keep: int) -> Path:
-    """Write the set for `state.step`, point RUN_DIR/model.safetensors at its weights, keep the newest `keep`."""
+                    keep: int, rng: dict[str, torch.Tensor], world: int = 1) -> Path:
+    """Write the set for `state.step`, point RUN_DIR/model.safetensors at its weights, keep the newest `keep`.
+
+    `rng` holds every rank's generator states by name (`rng.cpu.{rank}`, `rng.cuda.{rank}`)."""
     state_dir = Path(run_dir) / STATE_DIR
     state_dir.mkdir(exist_ok=True)
     final = state_dir / f"step-{state.step:08d}"
@@ -83,13 +85,10 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
         sd = optimizer.state_dict()
         tensors = {f"opt.{i}.{k}": v.detach().cpu().contiguous() for i, s in sd["state"].items() for k, v in s.items()
                    if isinstance(v, torch.Tensor)}
-        tensors["rng.cpu"] = torch.get_rng_state()
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                tensors[f"rng.cuda.{i}"] = s
+        tensors.update(rng)
         tensors["grad_norms"] = torch.tensor(state.grad_norms, dtype=torch.float64)
         atomic_write(tmp / _OPTIMIZER_FILE, lambda p: save_file(tensors, p))
-        meta = {"format": FORMAT, **{k: v for k, v in asdict(state).items() if k != "grad_norms"},
+        meta = {"format": FORMAT, **{k: v for k, v in asdict(state).items() if k != "grad_norms"}, "world_size": world,
                 "param_groups": sd["param_groups"]}
         atomic_write(tmp / _STATE_FILE, lambda p: Path(p).write_text(json.dumps(meta, indent=1), encoding="utf-8"))
         if final.exists():  # the same step saved again (a resumed run that was interrupted at once): replace it
@@ -130,8 +129,13 @@ def clean_partial_sets(run_dir: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> LoopState:
-    """Restore model, optimizer and RNG from the set at `path`; return the loop state. Errors name the file."""
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0,
+                    world: int = 1) -> LoopState:
+    """Restore model, optimizer and this rank's RNG from the set at `path`; return the loop state.
+
+    Errors name the file. A set saved with another number of ranks resumes too, but the ranks' dropout
+    streams cannot continue where they were, so such a run is no longer bit-identical to an uninterrupted one.
+    """
     meta = read_json(path / _STATE_FILE)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         got = meta.get("format") if isinstance(meta, dict) else None
@@ -158,10 +162,14 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
             opt_state.setdefault(int(i), {})[k] = t
     try:
         optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
-        torch.set_rng_state(tensors["rng.cpu"])
-        cuda_states = [tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda.{i}" in tensors]
-        if cuda_states and len(cuda_states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda_states)
+        if meta.get("world_size", 1) == world:
+            torch.set_rng_state(tensors[f"rng.cpu.{rank}"])
+            if f"rng.cuda.{rank}" in tensors and torch.cuda.is_available():
+                torch.cuda.set_rng_state(tensors[f"rng.cuda.{rank}"])
+        else:
+            print(f"note: {path} was saved by {meta.get('world_size')} rank(s), resuming on {world}: the random "
+                  f"streams (dropout) restart from the seed, so this run will not be bit-identical to an "
+                  f"uninterrupted one")
         state.grad_norms = tensors["grad_norms"].tolist()
     except (KeyError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{opt_path}: does not match this model's optimizer ({str(e).splitlines()[0]})") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -66,7 +67,8 @@ def train(config_file, preset, overrides, data, tokenizer, out, resume_dir, over
         if preset is None and config_file is None:
             preset = "default"
         cfg = build_config(preset, config_file, extra)
-        click.echo("config:\n" + json.dumps(cfg.to_dict(), indent=2))
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+            click.echo("config:\n" + json.dumps(cfg.to_dict(), indent=2))
         trainer.train(cfg, out, overwrite=overwrite)
     except trainer.TrainingInterrupted as e:
         click.echo(str(e), err=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from moe_core.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, atomic_write_text, load_run_config, save_run
@@ -35,20 +36,13 @@ from .checkpointing import (
     save_checkpoint,
 )
 from .config import RunConfig, parse_override
+from .distributed import SINGLE, Dist, init_from_env, shutdown
 from .loss import per_sample_nll, training_loss
 from .plots import write_plots
 from .schedule import lr_multiplier, warmup_steps
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
-
-
-def select_device(requested: str) -> torch.device:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise MoeError("train.device: 'cuda' requested but no CUDA device is available (use auto or cpu)")
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
 
 
 def check_run_dir(out: Path, overwrite: bool) -> None:
@@ -97,23 +91,26 @@ class MetricsLog:
     killed run logged after the checkpoint), so the file reads as if the run had never stopped.
     """
 
-    def __init__(self, path: Path, keep_until: int | None = None) -> None:
-        self.path = path
-        lines = read_metrics_until(path, keep_until)[0] if keep_until is not None else []
+    def __init__(self, path: Path, keep_until: int | None = None, files: bool = True) -> None:
+        self.path, self.files = path, files  # files=False on ranks other than 0: track, write nothing
+        lines = read_metrics_until(path, keep_until)[0] if keep_until is not None and files else []
         records = [json.loads(line) for line in lines]
         self.eval_steps = {r["step"] for r in records if r.get("kind") == "eval"}
         self.last_eval = next((r for r in reversed(records) if r.get("kind") == "eval"), None)
-        atomic_write_text(path, "".join(line + "\n" for line in lines))
-        self.tensorboard = _tensorboard_writer(path.parent / TENSORBOARD_DIR, purge_step=(keep_until or 0) + 1)
+        self.tensorboard = None
+        if files:
+            atomic_write_text(path, "".join(line + "\n" for line in lines))
+            self.tensorboard = _tensorboard_writer(path.parent / TENSORBOARD_DIR, purge_step=(keep_until or 0) + 1)
 
     def has_eval_at(self, step: int) -> bool:
         return step in self.eval_steps
 
     def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        if self.files:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
         if record.get("kind") == "eval":
             self.eval_steps.add(record["step"])
             self.last_eval = record
@@ -168,12 +165,13 @@ def routing_summary(stats: dict[str, Any], n_layers: int) -> str:
 
 @torch.no_grad()
 def evaluate(model: RecursiveMoE, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
-             autocast: contextlib.AbstractContextManager) -> dict[str, float]:
-    """Val loss of the eval-mode model: the halting-selected logits, exactly what export and serve compute."""
+             autocast: contextlib.AbstractContextManager, dist: Dist = SINGLE) -> dict[str, float]:
+    """Val loss of the eval-mode model: the halting-selected logits, exactly what export and serve compute.
+    With several ranks each evaluates every world-th batch and the sums are reduced."""
     was_training = model.training
     model.eval()
     nll_sum, n_tokens, halt_sum, n_samples = 0.0, 0, 0.0, 0
-    for x, y in batches:
+    for x, y in batches[dist.rank::dist.world]:
         x, y = x.to(device), y.to(device)
         with autocast:
             out = model(x)
@@ -182,6 +180,7 @@ def evaluate(model: RecursiveMoE, batches: list[tuple[torch.Tensor, torch.Tensor
         halt_sum += out.halt_step.float().sum().item()
         n_samples += y.shape[0]
     model.train(was_training)
+    nll_sum, n_tokens, halt_sum, n_samples = dist.sum_([nll_sum, n_tokens, halt_sum, n_samples], device)
     val_loss = nll_sum / n_tokens
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_halt_step": halt_sum / n_samples}
 
@@ -226,23 +225,41 @@ RESUMABLE = ("max_steps", "eval_every", "log_every", "checkpoint_every", "keep_c
 
 
 def train(cfg: RunConfig, out: str | os.PathLike, overwrite: bool = False) -> dict[str, Any]:
-    """Train per `cfg`, writing the run directory `out`. Returns the final figures."""
+    """Train per `cfg`, writing the run directory `out`. Returns the final figures (on rank 0; {} elsewhere).
+
+    Under torchrun, rank 0 checks the output, trains the tokenizer and writes the run directory; the other ranks
+    get the tokenizer from it, so every rank tokenizes the same way.
+    """
     run_dir = Path(out)
-    device = select_device(cfg.train.device)
-    check_run_dir(run_dir, overwrite)
-    t0 = time.perf_counter()
-    docs = D.load_documents(cfg.train.data)
-    if cfg.train.tokenizer is not None:
-        tok = D.load_tokenizer(cfg.train.tokenizer)
-        cfg.model.vocab_size = tok.get_vocab_size()  # the model's vocabulary is the tokenizer's
-    else:
-        tok = D.train_tokenizer(docs, cfg.model.vocab_size)
-    data = _tokenize(cfg, docs, tok, t0)
-    prepare_run_dir(run_dir)  # only now: bad data leaves no empty run directory behind
-    torch.manual_seed(cfg.train.seed)
-    model = RecursiveMoE(cfg.model).to(device)
-    save_run(run_dir, model, tok.to_str(pretty=False), {"train": cfg.to_dict()["train"]})  # complete from the start
-    return Trainer(cfg, run_dir, device, data, model).run(LoopState(data_fingerprint=data_fingerprint(data.train)))
+    dist, device = init_from_env(cfg.train.device)
+    try:
+        t0 = time.perf_counter()
+        tok_text = None
+        if dist.is_main:
+            try:
+                check_run_dir(run_dir, overwrite)
+                docs = D.load_documents(cfg.train.data)
+                tok = (D.load_tokenizer(cfg.train.tokenizer) if cfg.train.tokenizer is not None
+                       else D.train_tokenizer(docs, cfg.model.vocab_size))
+                _apply_tokenizer(cfg, tok)
+                data = _tokenize(cfg, docs, tok, t0, dist)
+                prepare_run_dir(run_dir)  # only now: bad data leaves no empty run directory behind
+                tok_text = tok.to_str(pretty=False)
+            finally:
+                tok_text = dist.broadcast_text(tok_text, device)  # None (rank 0 failed) stops the other ranks
+        else:
+            tok_text = dist.broadcast_text(None, device)
+            docs = D.load_documents(cfg.train.data)
+            tok = Tokenizer.from_str(tok_text)
+            _apply_tokenizer(cfg, tok)
+            data = _tokenize(cfg, docs, tok, t0, dist)
+        model = _seeded_model(cfg, device, dist)
+        if dist.is_main:
+            save_run(run_dir, model, tok_text, {"train": cfg.to_dict()["train"]})  # complete from the start
+        state = LoopState(data_fingerprint=data_fingerprint(data.train))
+        return Trainer(cfg, run_dir, device, data, model, dist).run(state)
+    finally:
+        shutdown(dist)
 
 
 def resume(run_dir: str | os.PathLike, overrides: list[str] = ()) -> dict[str, Any]:
@@ -260,37 +277,56 @@ def resume(run_dir: str | os.PathLike, overrides: list[str] = ()) -> dict[str, A
                               f"continue the same way); allowed: {', '.join(RESUMABLE)}")
         sections["train"][key] = value
     cfg = RunConfig.from_dict(sections, str(config_path))
-    device = select_device(cfg.train.device)
-    t0 = time.perf_counter()
-    docs = D.load_documents(cfg.train.data)
-    _, tok = read_tokenizer(run_dir / TOKENIZER_FILE, cfg.model.vocab_size)
-    data = _tokenize(cfg, docs, tok, t0)
+    dist, device = init_from_env(cfg.train.device)  # every rank reads the run directory (a shared filesystem)
+    try:
+        t0 = time.perf_counter()
+        docs = D.load_documents(cfg.train.data)
+        _, tok = read_tokenizer(run_dir / TOKENIZER_FILE, cfg.model.vocab_size)
+        data = _tokenize(cfg, docs, tok, t0, dist)
+        fingerprint = data_fingerprint(data.train)
+        sets = checkpoint_sets(run_dir)
+        dist.barrier()  # every rank has listed the sets before rank 0 tidies up
+        if dist.is_main:
+            clean_partial_sets(run_dir)
+        model = _seeded_model(cfg, device, dist)
+        trainer = Trainer(cfg, run_dir, device, data, model, dist)
+        if sets:
+            state = load_checkpoint(sets[-1][1], model, trainer.optimizer, dist.rank, dist.world)
+            dist.log(f"resume: {sets[-1][1]} (step {state.step})")
+        else:  # killed before the first checkpoint: the seeded start is the checkpoint
+            state = LoopState()
+            dist.log("resume: no checkpoint yet, starting again from step 0 with the run's seed")
+        if state.data_fingerprint and state.data_fingerprint != fingerprint:
+            raise CheckpointError(f"{run_dir}: the training data differs from the data this run was trained on "
+                                  f"(train.data = {cfg.train.data!r}); resume needs the same data")
+        state.data_fingerprint = fingerprint
+        if dist.is_main:
+            atomic_write_text(config_path, json.dumps({**saved, "train": cfg.to_dict()["train"]}, indent=2) + "\n")
+        return trainer.run(state, resumed=True)
+    finally:
+        shutdown(dist)
 
-    clean_partial_sets(run_dir)
+
+def _apply_tokenizer(cfg: RunConfig, tok: Tokenizer) -> None:
+    if cfg.train.tokenizer is not None:
+        cfg.model.vocab_size = tok.get_vocab_size()  # the model's vocabulary is the user tokenizer's
+
+
+def _seeded_model(cfg: RunConfig, device: torch.device, dist: Dist) -> RecursiveMoE:
+    """The model as seeded by train.seed: identical on every rank. Ranks then draw different dropout masks."""
     torch.manual_seed(cfg.train.seed)
     model = RecursiveMoE(cfg.model).to(device)
-    trainer = Trainer(cfg, run_dir, device, data, model)
-    sets = checkpoint_sets(run_dir)
-    if sets:
-        state = load_checkpoint(sets[-1][1], model, trainer.optimizer)
-        print(f"resume: {sets[-1][1]} (step {state.step})")
-    else:  # killed before the first checkpoint: the seeded start is the checkpoint
-        state = LoopState()
-        print("resume: no checkpoint yet, starting again from step 0 with the run's seed")
-    fingerprint = data_fingerprint(data.train)
-    if state.data_fingerprint and state.data_fingerprint != fingerprint:
-        raise CheckpointError(f"{run_dir}: the training data differs from the data this run was trained on "
-                              f"(train.data = {cfg.train.data!r}); resume needs the same data")
-    state.data_fingerprint = fingerprint
-    atomic_write_text(config_path, json.dumps({**saved, "train": cfg.to_dict()["train"]}, indent=2) + "\n")
-    return trainer.run(state, resumed=True)
+    if dist.enabled:
+        torch.manual_seed(cfg.train.seed + 1_000_003 * dist.rank)
+    return model
 
 
-def _tokenize(cfg: RunConfig, docs: list[str], tok: Any, t0: float) -> D.TokenData:
+def _tokenize(cfg: RunConfig, docs: list[str], tok: Tokenizer, t0: float, dist: Dist) -> D.TokenData:
     data = D.tokenize_corpus(docs, tok, cfg.train.val_fraction, cfg.model.max_seq_len)
     if data.vocab_size > cfg.model.vocab_size:
         raise MoeError(f"tokenizer has {data.vocab_size} tokens but model.vocab_size is {cfg.model.vocab_size}")
-    print(f"data: {len(docs)} documents, {len(data.train):,} train / {len(data.val):,} val tokens, "
+    dist.shard(cfg.train.batch_size)  # a global batch the ranks cannot split evenly fails here, before any work
+    dist.log(f"data: {len(docs)} documents, {len(data.train):,} train / {len(data.val):,} val tokens, "
           f"tokenizer {data.vocab_size} tokens ({time.perf_counter() - t0:.1f}s)")
     return data
 
@@ -299,9 +335,10 @@ class Trainer:
     """The loop of one run: steps, logging, evaluation, checkpoints, numerical guards, signals."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, device: torch.device, data: D.TokenData,
-                 model: RecursiveMoE) -> None:
+                 model: RecursiveMoE, dist: Dist = SINGLE) -> None:
         mc, tc = cfg.model, cfg.train
         self.cfg, self.run_dir, self.device, self.data, self.model = cfg, run_dir, device, data, model
+        self.dist, self.log = dist, dist.log
         self.optimizer = build_optimizer(model, cfg)
         self.params = list(model.parameters())
         self.groups = {**model.param_groups(), "halt": list(model.halt_head.parameters())}
@@ -316,24 +353,35 @@ class Trainer:
             # block (one shared graph) costs a fraction of tracing the whole unrolled step, for the same kernels.
             for block in model.net.blocks:
                 block.compile()
+        self.forward = model
+        if dist.enabled:
+            # Averages the gradients over ranks during backward. The baseline never uses the halt head or the
+            # initial carry, so DDP must look for unused parameters there; the recursive model uses every one.
+            self.forward = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=not mc.recursive)
 
     def run(self, state: LoopState, resumed: bool = False) -> dict[str, Any]:
         mc, tc = self.cfg.model, self.cfg.train
         self.start_step, self.first_step_s, self.step_times = state.step, 0.0, []
         n_params = sum(p.numel() for p in self.model.parameters())
         compiled = f"compile={'on' if tc.compile else 'off'}"
-        print(f"baselines: uniform ln(V) = {self.uniform:.3f}, unigram = {self.unigram:.3f} nats/token")
-        print(f"model: {n_params / 1e6:.2f}M parameters on {self.device}, {compiled}, {mc.n_steps} supervision "
+        self.log(f"baselines: uniform ln(V) = {self.uniform:.3f}, unigram = {self.unigram:.3f} nats/token")
+        self.log(f"model: {n_params / 1e6:.2f}M parameters on {self.device}, {compiled}, {mc.n_steps} supervision "
               f"step(s) x {mc.H_cycles}x({mc.L_cycles}+1) net calls" if mc.recursive else
               f"model: {n_params / 1e6:.2f}M parameters on {self.device} (baseline, no recursion), {compiled}")
-        self.metrics = MetricsLog(self.run_dir / METRICS_FILE, keep_until=state.step if resumed else None)
+        self.metrics = MetricsLog(self.run_dir / METRICS_FILE, keep_until=state.step if resumed else None,
+                                  files=self.dist.is_main)
         if state.step == 0 and not self.metrics.has_eval_at(0):
             self._evaluate(0)
         if state.step >= tc.max_steps:
-            print(f"run is complete at step {state.step} (raise train.max_steps with --set to train further)")
+            self.log(f"run is complete at step {state.step} (raise train.max_steps with --set to train further)")
         else:
             self._loop(state)
 
+        self.dist.barrier()  # rank 0 has written the last checkpoint before any rank exits
+        if not self.dist.is_main:
+            return {}
         ev = self.metrics.last_eval
         steady = statistics.median(self.step_times) if self.step_times else self.first_step_s
         result = {
@@ -359,11 +407,12 @@ class Trainer:
 
     def _loop(self, state: LoopState) -> None:
         mc, tc = self.cfg.model, self.cfg.train
-        model, optimizer = self.model, self.optimizer
-        tokens_per_step = tc.batch_size * mc.max_seq_len
+        model, optimizer, dist = self.model, self.optimizer, self.dist
+        tokens_per_step = tc.batch_size * mc.max_seq_len  # the global batch
+        rows = dist.shard(tc.batch_size)
         batch_gen = torch.Generator()
         bar = tqdm(range(state.step, tc.max_steps), desc="train", dynamic_ncols=True, mininterval=1.0,
-                   initial=state.step, total=tc.max_steps)
+                   initial=state.step, total=tc.max_steps, disable=True if not dist.is_main else None)
         model.train()
         with StopSignals() as signals:
             for step in bar:
@@ -371,11 +420,12 @@ class Trainer:
                 mult = lr_multiplier(step, tc.max_steps, self.warmup, tc.min_lr_ratio)
                 for g in optimizer.param_groups:
                     g["lr"] = tc.lr * g["lr_mult"] * mult
-                batch_gen.manual_seed(tc.seed * 1_000_003 + step)  # the batch is a function of (seed, step)
-                x, y = (t.to(self.device) for t in D.get_batch(self.data.train, tc.batch_size, mc.max_seq_len,
-                                                                batch_gen))
+                # The global batch is a function of (seed, step); each rank computes its own rows of it.
+                batch_gen.manual_seed(tc.seed * 1_000_003 + step)
+                x, y = (t[rows].to(self.device) for t in D.get_batch(self.data.train, tc.batch_size,
+                                                                      mc.max_seq_len, batch_gen))
                 with self.autocast:
-                    out = model(x)
+                    out = self.forward(x)
                     loss, parts = training_loss(out, y, tc.aux_weights, tc.halt_weight)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -386,7 +436,10 @@ class Trainer:
                 total_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
                 grad_norm, loss_value = float(total_norm), float(parts["loss"])
                 state.step = step + 1
-                if math.isfinite(loss_value) and math.isfinite(grad_norm):
+                # Decisions every rank takes together (the gradients are already the same on all ranks).
+                bad, stop = dist.flags([not (math.isfinite(loss_value) and math.isfinite(grad_norm)),
+                                        signals.received is not None], self.device)
+                if not bad:
                     if tc.grad_clip > 0:
                         torch.nn.utils.clip_grads_with_norm_(self.params, tc.grad_clip, total_norm)
                     optimizer.step()
@@ -404,28 +457,38 @@ class Trainer:
                 if log_step:
                     recent = self.step_times[-tc.log_every:]
                     tok_s = tokens_per_step / statistics.median(recent) if recent else 0.0
+                    stats = dist.reduce_stats({  # over all ranks' samples
+                        **parts, **out.stats, "halt_step_mean": out.halt_step.float().mean(),
+                        "halt_hist": torch.bincount(out.halt_step - 1, minlength=mc.n_steps)})
                     rec = {"kind": "train", "step": step + 1, "lr": tc.lr * mult, "grad_norm": grad_norm,
                            "tokens_per_s": tok_s, "skipped_steps": state.skipped_steps,
-                           "halt_step_mean": out.halt_step.float().mean().item(),
-                           "halt_hist": torch.bincount(out.halt_step.cpu() - 1, minlength=mc.n_steps).tolist(),
-                           **to_record(parts), **to_record(group_norms), **to_record(out.stats)}
+                           **to_record(stats), **to_record(group_norms)}
+                    rec["halt_hist"] = [int(c) for c in rec["halt_hist"]]
                     self.metrics.write(rec)
                     bar.set_postfix(loss=f"{rec['lm_loss']:.3f}", lr=f"{rec['lr']:.2e}", gnorm=f"{grad_norm:.2f}",
                                     tok_s=f"{tok_s:.0f}", refresh=False)
                     if step % (tc.log_every * 5) == 0 or last:
                         summary = routing_summary(rec, mc.n_layers)
                         if summary:
-                            tqdm.write(summary)
+                            self.log(summary)
                 if state.step % tc.eval_every == 0 or last:
                     self._evaluate(state.step)
-                if state.step % tc.checkpoint_every == 0 or last:
-                    save_checkpoint(self.run_dir, model, optimizer, state, tc.keep_checkpoints)
-                if signals.received is not None:
+                if state.step % tc.checkpoint_every == 0 or last or stop:
+                    self._checkpoint(state)
+                if stop:
                     bar.close()
-                    if state.step % tc.checkpoint_every != 0 and not last:
-                        save_checkpoint(self.run_dir, model, optimizer, state, tc.keep_checkpoints)
-                    raise TrainingInterrupted(signals.received, state.step, self.run_dir)
+                    dist.barrier()  # the checkpoint is complete before any rank exits
+                    raise TrainingInterrupted(signals.received or signal.SIGTERM, state.step, self.run_dir)
         bar.close()
+
+    def _checkpoint(self, state: LoopState) -> None:
+        rng = {f"rng.cpu.{r}": s for r, s in enumerate(self.dist.gather_bytes(torch.get_rng_state(), self.device))}
+        if self.device.type == "cuda":
+            states = self.dist.gather_bytes(torch.cuda.get_rng_state(self.device), self.device)
+            rng.update({f"rng.cuda.{r}": s for r, s in enumerate(states)})
+        if self.dist.is_main:
+            save_checkpoint(self.run_dir, self.model, self.optimizer, state, self.cfg.train.keep_checkpoints, rng,
+                            self.dist.world)
 
     def _skip(self, state: LoopState, loss_value: float) -> None:
         """A non-finite loss or gradient: no update, count it, name the culprit, stop after too many in a row."""
@@ -435,7 +498,7 @@ class Trainer:
         what = (f"loss is {loss_value}" if not math.isfinite(loss_value) else "loss is finite") + \
             (f", gradient non-finite in parameter group(s) {', '.join(bad)}" if bad else "")
         self.optimizer.zero_grad(set_to_none=True)
-        tqdm.write(f"step {state.step}: skipped ({what}); {state.bad_in_a_row} in a row, "
+        self.log(f"step {state.step}: skipped ({what}); {state.bad_in_a_row} in a row, "
                    f"{state.skipped_steps} in total")
         self.metrics.write({"kind": "skip", "step": state.step, "reason": what, "in_a_row": state.bad_in_a_row})
         if state.bad_in_a_row >= self.cfg.train.max_bad_steps:
@@ -444,12 +507,12 @@ class Trainer:
                            f"train.lr or train.grad_clip, or check the data")
 
     def _evaluate(self, step: int) -> None:
-        ev = evaluate(self.model, self.val_batches, self.device, self.autocast)
+        ev = evaluate(self.model, self.val_batches, self.device, self.autocast, self.dist)
         self.metrics.write({"kind": "eval", "step": step, **ev, "uniform_baseline": self.uniform,
                             "unigram_baseline": self.unigram})
         line = f"step {step}: val loss {ev['val_loss']:.4f} (ppl {ev['val_ppl']:.1f}) | uniform ln(V) " \
                f"{self.uniform:.4f} | unigram {self.unigram:.4f}"
-        tqdm.write(line + (f" | halt step {ev['val_halt_step']:.2f}" if step else ""))
+        self.log(line + (f" | halt step {ev['val_halt_step']:.2f}" if step else ""))
 
 
 def _grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:

@@ -1,0 +1,150 @@
+"""Data-parallel training on PyTorch's own stack: `torchrun ... -m train` sets RANK/WORLD_SIZE/LOCAL_RANK and
+the trainer joins the process group here (gloo on CPU, nccl on CUDA).
+
+One `Dist` object answers every "which rank / reduce this" question, so the trainer reads the same with one
+process or many: with a single process every method is the identity and nothing touches torch.distributed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as td
+from tqdm import tqdm
+
+from moe_core.errors import MoeError
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, global_batch: int, what: str = "train.batch_size") -> slice:
+        """The rows of a global batch this rank computes: contiguous, equal-sized blocks."""
+        if global_batch % self.world:
+            raise MoeError(f"{what}: {global_batch} is not divisible by the {self.world} ranks (it is the global "
+                           f"batch, split evenly across ranks)")
+        b = global_batch // self.world
+        return slice(self.rank * b, (self.rank + 1) * b)
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """True on every rank if `flag` is true on any rank (a decision all ranks must take together)."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([float(flag)], device=device)
+        td.all_reduce(t, op=td.ReduceOp.MAX)
+        return bool(t.item())
+
+    def flags(self, values: list[bool], device: torch.device) -> list[bool]:
+        """`any` for several flags in one collective."""
+        if not self.enabled:
+            return values
+        t = torch.tensor([float(v) for v in values], device=device)
+        td.all_reduce(t, op=td.ReduceOp.MAX)
+        return [bool(v) for v in t.tolist()]
+
+    def reduce_stats(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Logged statistics over all ranks: counts (`*_hist`, `*dropped`) summed, `*_min`/`*_max` by min/max,
+        everything else averaged (every rank holds the same number of samples)."""
+        if not self.enabled or not stats:
+            return stats
+        ops = {"sum": td.ReduceOp.SUM, "min": td.ReduceOp.MIN, "max": td.ReduceOp.MAX, "mean": td.ReduceOp.SUM}
+        out: dict[str, torch.Tensor] = {}
+        for kind, op in ops.items():
+            keys = [k for k in sorted(stats) if _reduction(k) == kind]
+            if not keys:
+                continue
+            flat = torch.cat([stats[k].detach().float().reshape(-1) for k in keys])
+            td.all_reduce(flat, op=op)
+            if kind == "mean":
+                flat /= self.world
+            for k, piece in zip(keys, flat.split([stats[k].numel() for k in keys]), strict=True):
+                out[k] = piece.reshape(stats[k].shape)
+        return out
+
+    def sum_(self, values: list[float], device: torch.device) -> list[float]:
+        if not self.enabled:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        td.all_reduce(t)
+        return t.tolist()
+
+    def gather_bytes(self, data: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
+        """Every rank's uint8 tensor of the same length (e.g. RNG states), on every rank, on the CPU."""
+        if not self.enabled:
+            return [data.cpu()]
+        data = data.to(device)  # nccl moves CUDA tensors only
+        parts = [torch.empty_like(data) for _ in range(self.world)]
+        td.all_gather(parts, data)
+        return [p.cpu() for p in parts]
+
+    def log(self, message: str) -> None:
+        """Console output, from rank 0 only (through tqdm, so a progress bar stays intact)."""
+        if self.is_main:
+            tqdm.write(message)
+
+    def broadcast_text(self, text: str | None, device: torch.device) -> str:
+        """Rank 0's string on every rank. Rank 0 passes None when it failed: it gets "" back (its own error is on
+        its way), and the other ranks stop with a MoeError instead of waiting for it forever."""
+        if not self.enabled:
+            return text or ""
+        data = torch.tensor(list(text.encode("utf-8")) if text is not None else [], dtype=torch.uint8)
+        n = torch.tensor([len(data) if text is not None else -1], dtype=torch.int64, device=device)
+        td.broadcast(n, src=0)
+        if n.item() < 0:
+            if self.is_main:
+                return ""
+            raise MoeError(f"rank {self.rank}: stopping, rank 0 failed to set up the run (its error is above)")
+        buf = data.to(device) if self.is_main else torch.empty(int(n.item()), dtype=torch.uint8, device=device)
+        td.broadcast(buf, src=0)
+        return bytes(buf.cpu().tolist()).decode("utf-8")
+
+    def barrier(self) -> None:
+        if self.enabled:
+            td.barrier()
+
+
+SINGLE = Dist()  # one process, no process group
+
+
+def _reduction(key: str) -> str:
+    if key.endswith("_hist") or key.endswith("dropped"):
+        return "sum"
+    if key.endswith("_min"):
+        return "min"
+    if key.endswith("_max"):
+        return "max"
+    return "mean"
+
+
+def init_from_env(requested_device: str) -> tuple[Dist, torch.device]:
+    """Join the process group torchrun describes (if any) and pick this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = requested_device == "cuda" or (requested_device == "auto" and torch.cuda.is_available())
+    if requested_device == "cuda" and not torch.cuda.is_available():
+        raise MoeError("train.device: 'cuda' requested but no CUDA device is available (use auto or cpu)")
+    if world <= 1:
+        return Dist(), torch.device("cuda" if cuda else "cpu")
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not td.is_initialized():
+        td.init_process_group(backend="nccl" if cuda else "gloo")
+    return Dist(rank, world, local_rank), torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+
+
+def shutdown(dist: Dist) -> None:
+    if dist.enabled and td.is_initialized():
+        td.destroy_process_group()
