@@ -9,16 +9,16 @@ from moe_core.cli import run
 
 @click.command(context_settings={"show_default": True})
 @click.argument("run_dir", type=click.Path())
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The ONNX file to write.")
+@click.option("--out", required=True, type=click.Path(), help="The ONNX file to write.")
 @click.option("--opset", default=20, type=click.IntRange(18, 23), help="ONNX opset version.")
 @click.option("--check/--no-check", default=True,
               help="Run the parity check (ONNX Runtime vs eager PyTorch) and refuse to write on failure.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32",
               help="fp16: half-precision weights for GPU serving; int8: dynamic int8 quantisation for CPU serving. "
                    "The fp32 graph must pass parity first; the variant's own figures are printed.")
-@click.option("--eval-text", type=click.Path(dir_okay=False), default=None,
+@click.option("--eval-text", type=click.Path(), default=None,
               help="A text file: report eager vs exported mean loss on it (the accuracy cost of --precision).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file (and its tokenizer).")
 def export(run_dir, out, opset, check, precision, eval_text, overwrite) -> None:
     """Export the model of RUN_DIR to one static ONNX graph.
 

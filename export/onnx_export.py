@@ -22,7 +22,15 @@ from onnx import numpy_helper
 from torch import Tensor, nn
 
 from moe_core import __version__
-from moe_core.checkpoint import TOKENIZER_FILE, atomic_write, atomic_write_text, load_model, load_run_config
+from moe_core.checkpoint import (
+    FORMAT_VERSION,
+    TOKENIZER_FILE,
+    atomic_write,
+    atomic_write_text,
+    check_output,
+    load_model,
+    load_run_config,
+)
 from moe_core.errors import MoeError
 from moe_core.model import RecursiveMoE
 from moe_core.tokenizer import read_tokenizer
@@ -162,22 +170,20 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, opset: int = 
     """
     if precision not in PRECISIONS:
         raise MoeError(f"--precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
-    run_dir, out = Path(run_dir), Path(out)
-    if out.exists() and not overwrite:
-        raise MoeError(f"{out}: already exists (pass --overwrite to replace it)")
-    if not out.parent.is_dir():
-        raise MoeError(f"{out.parent}: output directory does not exist")
+    run_dir, out = Path(run_dir), check_output(out, overwrite)
+    tok_path = check_output(tokenizer_path_for(out), overwrite)
     t0 = time.perf_counter()
     model = load_model(run_dir)
     cfg = model.config
     _, full_config = load_run_config(run_dir)
     tokenizer_text, _ = read_tokenizer(run_dir / TOKENIZER_FILE, cfg.vocab_size, owner=f"the model in {run_dir}")
     eval_ids = text_windows(eval_text, tokenizer_text, cfg.max_seq_len) if eval_text is not None else None
-    tok_path = tokenizer_path_for(out)
 
     reports: list[ParityReport] = []
+    wrote_tokenizer = False
 
     def build(tmp: str) -> None:
+        nonlocal wrote_tokenizer
         to_onnx(model, tmp, opset)
         proto = onnx.load(tmp)
         dedupe_initializers(proto)
@@ -186,6 +192,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, opset: int = 
             node.doc_string = ""
         metadata = {
             "moe_version": __version__,
+            "format_version": str(FORMAT_VERSION),
             "config": json.dumps(full_config, sort_keys=True),
             "vocab_size": str(cfg.vocab_size),
             "max_seq_len": str(cfg.max_seq_len),
@@ -215,8 +222,14 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, opset: int = 
             log(f"accuracy on {eval_text} ({eval_ids.size:,} tokens): eager loss {eager_nll:.4f}, ONNX {precision} "
                 f"loss {onnx_nll:.4f} (cost {onnx_nll - eager_nll:+.2e} nats/token)")
         atomic_write_text(tok_path, tokenizer_text)  # last: only a model that passed gets its tokenizer
+        wrote_tokenizer = True
 
-    atomic_write(out, build)
+    try:
+        atomic_write(out, build)
+    except BaseException:
+        if wrote_tokenizer:  # the model's own rename failed: its tokenizer must not stay behind alone
+            tok_path.unlink(missing_ok=True)
+        raise
     final = onnx.load(str(out))
     n_params = sum(int(np.prod(t.dims)) for t in final.graph.initializer)
     return ExportResult(out, tok_path, opset, precision, len(final.graph.node), n_params, out.stat().st_size,

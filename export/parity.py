@@ -131,16 +131,12 @@ def check_parity(model: RecursiveMoE, onnx_path: str, seed: int = 0, label: str 
 
 def text_windows(path, tokenizer_json: str, seq_len: int, max_windows: int = 64) -> np.ndarray:
     """Up to `max_windows` non-overlapping windows of seq_len + 1 tokens of a text file: [N, seq_len + 1]."""
-    from pathlib import Path
-
     from tokenizers import Tokenizer
 
     from moe_core.errors import MoeError
+    from moe_core.jsonl import read_text_file
 
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise MoeError(f"{path}: cannot read as UTF-8 text ({e})") from None
+    text = read_text_file(path, "--eval-text file")
     ids = np.asarray(Tokenizer.from_str(tokenizer_json).encode(text).ids, dtype=np.int64)
     n = min(max_windows, len(ids) // (seq_len + 1))
     if n == 0:

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError
+
+
+def show(value: Any, limit: int = 60) -> str:
+    """repr(value), cut to `limit` characters: an error message stays one short line whatever the input."""
+    r = repr(value)
+    return r if len(r) <= limit else r[: limit - 1] + "…"
 
 
 def _type_name(tp: Any) -> str:
@@ -30,42 +37,54 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(f"{where}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+        raise ConfigError(f"{where}: expected {' or '.join(_type_name(a) for a in args)}, got {show(value)}")
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a table, got {value!r}")
+            raise ConfigError(f"{where}: expected a table, got {show(value)}")
         _, vt = typing.get_args(tp)
         return {str(k): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+            raise ConfigError(f"{where}: expected true or false, got {show(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {show(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+            raise ConfigError(f"{where}: expected a number, got {show(value)}")
+        try:
+            value = float(value)
+        except OverflowError:  # an int too large for a float
+            value = math.inf
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {show(value)}")
+        return value
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {show(value)}")
         return value
     raise TypeError(f"unsupported config annotation {tp!r} at {where}")
 
 
-def from_dict(cls: type, data: dict[str, Any], where: str, validate: bool = True) -> Any:
+def from_dict(cls: type, data: dict[str, Any], where: str, validate: bool = True, complete: bool = False) -> Any:
     """Build dataclass `cls` from `data`, naming `where` (file and section) in every error.
 
-    validate=False checks keys and types only (for one layer of a config that is merged later)."""
+    validate=False checks keys and types only (for one layer of a config that is merged later). complete=True
+    demands every key (a file that moe wrote in full, such as a run's config.json: a missing key there means a
+    damaged file, and a default would silently describe another model)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a table of settings, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - fields)
+    unknown = sorted(set(data) - fields, key=str)
     if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known keys: {', '.join(sorted(fields))})")
+        raise ConfigError(f"{where}: unknown key {show(unknown[0])} (known keys: {', '.join(sorted(fields))})")
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in data] if complete else []
+    if missing:
+        raise ConfigError(f"{where}: missing key {missing[0]!r} ({len(missing)} missing; expected every key of "
+                          f"the {cls.__name__})")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
     obj = cls(**kwargs)
     if validate:
@@ -76,6 +95,14 @@ def from_dict(cls: type, data: dict[str, Any], where: str, validate: bool = True
 def _check(cond: bool, where: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{where}.{msg}")
+
+
+# Upper bounds that keep a hostile or mistyped config from asking for unbounded work before any weights are
+# read: the rotary tables are max_seq_len long, the blocks are built one by one, the forward (and the exported
+# graph) unrolls H_cycles * (L_cycles + 1) * halt_max_steps calls of the net.
+MAX_SEQ_LEN = 1 << 16
+MAX_LAYERS = 256
+MAX_CYCLES = 64
 
 
 @dataclass
@@ -117,6 +144,9 @@ class ModelConfig:
         for name in ("vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads", "n_experts", "top_k",
                      "d_expert", "min_heads", "max_heads", "H_cycles", "L_cycles", "halt_max_steps"):
             _check(getattr(self, name) >= 1, where, f"{name}: expected >= 1, got {getattr(self, name)}")
+        for name, limit in (("max_seq_len", MAX_SEQ_LEN), ("n_layers", MAX_LAYERS), ("H_cycles", MAX_CYCLES),
+                            ("L_cycles", MAX_CYCLES), ("halt_max_steps", MAX_CYCLES)):
+            _check(getattr(self, name) <= limit, where, f"{name}: expected <= {limit}, got {getattr(self, name)}")
         _check(self.d_model % self.n_heads == 0, where,
                f"d_model: expected a multiple of n_heads={self.n_heads}, got {self.d_model}")
         _check(self.head_dim % 2 == 0, where,
@@ -135,5 +165,6 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "model", validate: bool = True) -> ModelConfig:
-        return from_dict(cls, data, where, validate)
+    def from_dict(cls, data: dict[str, Any], where: str = "model", validate: bool = True,
+                  complete: bool = False) -> ModelConfig:
+        return from_dict(cls, data, where, validate, complete)

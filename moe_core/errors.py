@@ -1,5 +1,10 @@
 """User-facing errors: every command turns these into one line on stderr and exit code 2."""
 
+from __future__ import annotations
+
+import os
+import re
+
 
 class MoeError(Exception):
     """An error the user can act on. The message names the file / field / value and what was expected."""
@@ -11,3 +16,23 @@ class ConfigError(MoeError):
 
 class CheckpointError(MoeError):
     """A run directory or its files are missing, corrupt or do not match each other."""
+
+
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def os_reason(e: BaseException) -> str:
+    """What went wrong in an I/O error, in a few words: "No space left on device", "Read-only file system", ...
+
+    Also for the errors of Rust writers (safetensors), which carry the OS error only as "(os error 28)"."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    m = _RUST_OS_ERROR.search(str(e))
+    if m:
+        return os.strerror(int(m.group(1)))
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def is_io_error(e: BaseException) -> bool:
+    """An OSError, or a Rust library's error that wraps one ("... I/O error: ... (os error N)")."""
+    return isinstance(e, OSError) or bool(_RUST_OS_ERROR.search(str(e)))

