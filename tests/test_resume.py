@@ -174,16 +174,16 @@ def test_resume_errors(reference: Path, tmp_path: Path) -> None:
 def test_non_finite_steps_are_skipped_then_stop(monkeypatch: pytest.MonkeyPatch, corpus_file: Path,
                                                 tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from moe_core.errors import MoeError
-    from train import trainer
+    from train import tasks, trainer
     from train.config import build_config
 
-    real_loss = trainer.training_loss
+    real_loss = tasks.training_loss
     calls = {"n": 0}
     poisoned: set[int] = set()
 
-    def loss_with_nan(out, *args):  # poison the router's gradient on chosen steps
+    def loss_with_nan(out, *args, **kwargs):  # poison the router's gradient on chosen steps
         calls["n"] += 1
-        total, parts = real_loss(out, *args)
+        total, parts = real_loss(out, *args, **kwargs)
         if calls["n"] in poisoned:
             router_param = trainer_model["m"].param_groups()["router"][0]
             total = total + (router_param * float("nan")).sum()
@@ -196,7 +196,7 @@ def test_non_finite_steps_are_skipped_then_stop(monkeypatch: pytest.MonkeyPatch,
         trainer_model["m"] = model
         real_init(self, cfg, run_dir, device, data, model, *args)
 
-    monkeypatch.setattr(trainer, "training_loss", loss_with_nan)
+    monkeypatch.setattr(tasks, "training_loss", loss_with_nan)
     monkeypatch.setattr(trainer.Trainer, "__init__", init)
     cfg = build_config("tiny", None, ["train.compile=false", "train.device=\"cpu\"", f"train.data=\"{corpus_file}\"",
                                       "model.vocab_size=300", "train.max_steps=8", "train.max_bad_steps=3"])

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from moe_core.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, atomic_write_text, load_run_config, save_run
@@ -24,22 +23,20 @@ from moe_core.errors import CheckpointError, ConfigError, MoeError
 from moe_core.model import RecursiveMoE
 from moe_core.tokenizer import read_tokenizer
 
-from . import data as D
 from .checkpointing import (
     STATE_DIR,
     LoopState,
     checkpoint_sets,
     clean_partial_sets,
-    data_fingerprint,
     load_checkpoint,
     read_metrics_until,
     save_checkpoint,
 )
 from .config import RunConfig, parse_override
 from .distributed import SINGLE, Dist, init_from_env, shutdown
-from .loss import per_sample_nll, training_loss
 from .plots import write_plots
 from .schedule import lr_multiplier, warmup_steps
+from .tasks import Task, evaluate, make_task  # noqa: F401 - evaluate: part of this module's API
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -163,28 +160,6 @@ def routing_summary(stats: dict[str, Any], n_layers: int) -> str:
             f"MoE load {loads}")
 
 
-@torch.no_grad()
-def evaluate(model: RecursiveMoE, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
-             autocast: contextlib.AbstractContextManager, dist: Dist = SINGLE) -> dict[str, float]:
-    """Val loss of the eval-mode model: the halting-selected logits, exactly what export and serve compute.
-    With several ranks each evaluates every world-th batch and the sums are reduced."""
-    was_training = model.training
-    model.eval()
-    nll_sum, n_tokens, halt_sum, n_samples = 0.0, 0, 0.0, 0
-    for x, y in batches[dist.rank::dist.world]:
-        x, y = x.to(device), y.to(device)
-        with autocast:
-            out = model(x)
-        nll_sum += per_sample_nll(out.logits, y).sum().item() * y.shape[1]
-        n_tokens += y.numel()
-        halt_sum += out.halt_step.float().sum().item()
-        n_samples += y.shape[0]
-    model.train(was_training)
-    nll_sum, n_tokens, halt_sum, n_samples = dist.sum_([nll_sum, n_tokens, halt_sum, n_samples], device)
-    val_loss = nll_sum / n_tokens
-    return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_halt_step": halt_sum / n_samples}
-
-
 class TrainingInterrupted(Exception):
     """SIGINT/SIGTERM arrived: the loop saved a checkpoint at `step` and stopped."""
 
@@ -233,31 +208,22 @@ def train(cfg: RunConfig, out: str | os.PathLike, overwrite: bool = False) -> di
     run_dir = Path(out)
     dist, device = init_from_env(cfg.train.device)
     try:
-        t0 = time.perf_counter()
+        dist.shard(cfg.train.batch_size)  # a global batch the ranks cannot split evenly fails before any work
         tok_text = None
         if dist.is_main:
             try:
                 check_run_dir(run_dir, overwrite)
-                docs = D.load_documents(cfg.train.data)
-                tok = (D.load_tokenizer(cfg.train.tokenizer) if cfg.train.tokenizer is not None
-                       else D.train_tokenizer(docs, cfg.model.vocab_size))
-                _apply_tokenizer(cfg, tok)
-                data = _tokenize(cfg, docs, tok, t0, dist)
+                task = make_task(cfg, None, dist.log)
                 prepare_run_dir(run_dir)  # only now: bad data leaves no empty run directory behind
-                tok_text = tok.to_str(pretty=False)
+                tok_text = task.tokenizer_json
             finally:
                 tok_text = dist.broadcast_text(tok_text, device)  # None (rank 0 failed) stops the other ranks
         else:
-            tok_text = dist.broadcast_text(None, device)
-            docs = D.load_documents(cfg.train.data)
-            tok = Tokenizer.from_str(tok_text)
-            _apply_tokenizer(cfg, tok)
-            data = _tokenize(cfg, docs, tok, t0, dist)
+            task = make_task(cfg, dist.broadcast_text(None, device), dist.log)
         model = _seeded_model(cfg, device, dist)
         if dist.is_main:
             save_run(run_dir, model, tok_text, {"train": cfg.to_dict()["train"]})  # complete from the start
-        state = LoopState(data_fingerprint=data_fingerprint(data.train))
-        return Trainer(cfg, run_dir, device, data, model, dist).run(state)
+        return Trainer(cfg, run_dir, device, task, model, dist).run(LoopState(data_fingerprint=task.fingerprint))
     finally:
         shutdown(dist)
 
@@ -279,37 +245,29 @@ def resume(run_dir: str | os.PathLike, overrides: list[str] = ()) -> dict[str, A
     cfg = RunConfig.from_dict(sections, str(config_path))
     dist, device = init_from_env(cfg.train.device)  # every rank reads the run directory (a shared filesystem)
     try:
-        t0 = time.perf_counter()
-        docs = D.load_documents(cfg.train.data)
-        _, tok = read_tokenizer(run_dir / TOKENIZER_FILE, cfg.model.vocab_size)
-        data = _tokenize(cfg, docs, tok, t0, dist)
-        fingerprint = data_fingerprint(data.train)
+        tok_text, _ = read_tokenizer(run_dir / TOKENIZER_FILE, cfg.model.vocab_size)
+        task = make_task(cfg, tok_text, dist.log)
         sets = checkpoint_sets(run_dir)
         dist.barrier()  # every rank has listed the sets before rank 0 tidies up
         if dist.is_main:
             clean_partial_sets(run_dir)
         model = _seeded_model(cfg, device, dist)
-        trainer = Trainer(cfg, run_dir, device, data, model, dist)
+        trainer = Trainer(cfg, run_dir, device, task, model, dist)
         if sets:
             state = load_checkpoint(sets[-1][1], model, trainer.optimizer, dist.rank, dist.world)
             dist.log(f"resume: {sets[-1][1]} (step {state.step})")
         else:  # killed before the first checkpoint: the seeded start is the checkpoint
             state = LoopState()
             dist.log("resume: no checkpoint yet, starting again from step 0 with the run's seed")
-        if state.data_fingerprint and state.data_fingerprint != fingerprint:
+        if state.data_fingerprint and state.data_fingerprint != task.fingerprint:
             raise CheckpointError(f"{run_dir}: the training data differs from the data this run was trained on "
                                   f"(train.data = {cfg.train.data!r}); resume needs the same data")
-        state.data_fingerprint = fingerprint
+        state.data_fingerprint = task.fingerprint
         if dist.is_main:
             atomic_write_text(config_path, json.dumps({**saved, "train": cfg.to_dict()["train"]}, indent=2) + "\n")
         return trainer.run(state, resumed=True)
     finally:
         shutdown(dist)
-
-
-def _apply_tokenizer(cfg: RunConfig, tok: Tokenizer) -> None:
-    if cfg.train.tokenizer is not None:
-        cfg.model.vocab_size = tok.get_vocab_size()  # the model's vocabulary is the user tokenizer's
 
 
 def _seeded_model(cfg: RunConfig, device: torch.device, dist: Dist) -> RecursiveMoE:
@@ -321,30 +279,17 @@ def _seeded_model(cfg: RunConfig, device: torch.device, dist: Dist) -> Recursive
     return model
 
 
-def _tokenize(cfg: RunConfig, docs: list[str], tok: Tokenizer, t0: float, dist: Dist) -> D.TokenData:
-    data = D.tokenize_corpus(docs, tok, cfg.train.val_fraction, cfg.model.max_seq_len)
-    if data.vocab_size > cfg.model.vocab_size:
-        raise MoeError(f"tokenizer has {data.vocab_size} tokens but model.vocab_size is {cfg.model.vocab_size}")
-    dist.shard(cfg.train.batch_size)  # a global batch the ranks cannot split evenly fails here, before any work
-    dist.log(f"data: {len(docs)} documents, {len(data.train):,} train / {len(data.val):,} val tokens, "
-          f"tokenizer {data.vocab_size} tokens ({time.perf_counter() - t0:.1f}s)")
-    return data
-
-
 class Trainer:
     """The loop of one run: steps, logging, evaluation, checkpoints, numerical guards, signals."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, device: torch.device, data: D.TokenData,
-                 model: RecursiveMoE, dist: Dist = SINGLE) -> None:
+    def __init__(self, cfg: RunConfig, run_dir: Path, device: torch.device, task: Task, model: RecursiveMoE,
+                 dist: Dist = SINGLE) -> None:
         mc, tc = cfg.model, cfg.train
-        self.cfg, self.run_dir, self.device, self.data, self.model = cfg, run_dir, device, data, model
+        self.cfg, self.run_dir, self.device, self.task, self.model = cfg, run_dir, device, task, model
         self.dist, self.log = dist, dist.log
         self.optimizer = build_optimizer(model, cfg)
         self.params = list(model.parameters())
         self.groups = {**model.param_groups(), "halt": list(model.halt_head.parameters())}
-        self.val_batches = D.eval_batches(data.val, tc.batch_size, mc.max_seq_len, tc.eval_batches)
-        self.uniform = math.log(mc.vocab_size)
-        self.unigram = D.unigram_baseline(data.train, data.val, mc.vocab_size)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                          else contextlib.nullcontext())
         self.warmup = warmup_steps(tc.max_steps, tc.warmup_frac)
@@ -366,7 +311,6 @@ class Trainer:
         self.start_step, self.first_step_s, self.step_times = state.step, 0.0, []
         n_params = sum(p.numel() for p in self.model.parameters())
         compiled = f"compile={'on' if tc.compile else 'off'}"
-        self.log(f"baselines: uniform ln(V) = {self.uniform:.3f}, unigram = {self.unigram:.3f} nats/token")
         self.log(f"model: {n_params / 1e6:.2f}M parameters on {self.device}, {compiled}, {mc.n_steps} supervision "
               f"step(s) x {mc.H_cycles}x({mc.L_cycles}+1) net calls" if mc.recursive else
               f"model: {n_params / 1e6:.2f}M parameters on {self.device} (baseline, no recursion), {compiled}")
@@ -385,9 +329,8 @@ class Trainer:
         ev = self.metrics.last_eval
         steady = statistics.median(self.step_times) if self.step_times else self.first_step_s
         result = {
-            "val_loss": ev["val_loss"], "val_ppl": ev["val_ppl"], "uniform_baseline": self.uniform,
-            "unigram_baseline": self.unigram, "steps": state.step, "skipped_steps": state.skipped_steps,
-            "params": n_params,
+            **{k: v for k, v in ev.items() if k not in ("kind", "step")}, "steps": state.step,
+            "skipped_steps": state.skipped_steps, "params": n_params,
             "median_grad_norm_after_warmup": statistics.median(state.grad_norms) if state.grad_norms else math.nan,
             "first_step_s": self.first_step_s, "step_s": steady,
             "tokens_per_s": tc.batch_size * mc.max_seq_len / steady if steady else 0.0,
@@ -395,8 +338,7 @@ class Trainer:
         self.metrics.write({"kind": "summary", **result})
         self.metrics.close()
         write_plots(self.run_dir)
-        print(f"done: val loss {result['val_loss']:.4f} (ppl {result['val_ppl']:.1f}) vs uniform {self.uniform:.4f} "
-              f"/ unigram {self.unigram:.4f} | median grad norm after warmup "
+        print(f"done: {self.task.describe(ev)} | median grad norm after warmup "
               f"{result['median_grad_norm_after_warmup']:.2f}")
         if self.step_times or self.first_step_s:
             first = f"first step {self.first_step_s:.1f}s"
@@ -410,7 +352,6 @@ class Trainer:
         model, optimizer, dist = self.model, self.optimizer, self.dist
         tokens_per_step = tc.batch_size * mc.max_seq_len  # the global batch
         rows = dist.shard(tc.batch_size)
-        batch_gen = torch.Generator()
         bar = tqdm(range(state.step, tc.max_steps), desc="train", dynamic_ncols=True, mininterval=1.0,
                    initial=state.step, total=tc.max_steps, disable=True if not dist.is_main else None)
         model.train()
@@ -420,13 +361,10 @@ class Trainer:
                 mult = lr_multiplier(step, tc.max_steps, self.warmup, tc.min_lr_ratio)
                 for g in optimizer.param_groups:
                     g["lr"] = tc.lr * g["lr_mult"] * mult
-                # The global batch is a function of (seed, step); each rank computes its own rows of it.
-                batch_gen.manual_seed(tc.seed * 1_000_003 + step)
-                x, y = (t[rows].to(self.device) for t in D.get_batch(self.data.train, tc.batch_size,
-                                                                      mc.max_seq_len, batch_gen))
+                x, y = (t.to(self.device) for t in self.task.batch(step, rows))  # this rank's rows of the batch
                 with self.autocast:
                     out = self.forward(x)
-                    loss, parts = training_loss(out, y, tc.aux_weights, tc.halt_weight)
+                    loss, parts = self.task.loss(out, y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 last = step == tc.max_steps - 1
@@ -507,12 +445,9 @@ class Trainer:
                            f"train.lr or train.grad_clip, or check the data")
 
     def _evaluate(self, step: int) -> None:
-        ev = evaluate(self.model, self.val_batches, self.device, self.autocast, self.dist)
-        self.metrics.write({"kind": "eval", "step": step, **ev, "uniform_baseline": self.uniform,
-                            "unigram_baseline": self.unigram})
-        line = f"step {step}: val loss {ev['val_loss']:.4f} (ppl {ev['val_ppl']:.1f}) | uniform ln(V) " \
-               f"{self.uniform:.4f} | unigram {self.unigram:.4f}"
-        self.log(line + (f" | halt step {ev['val_halt_step']:.2f}" if step else ""))
+        ev = self.task.evaluate(self.model, self.device, self.autocast, self.dist)
+        self.metrics.write({"kind": "eval", "step": step, **ev, **self.task.baselines})
+        self.log(f"step {step}: {self.task.describe(ev)}" + (f" | halt step {ev['val_halt_step']:.2f}" if step else ""))
 
 
 def _grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:

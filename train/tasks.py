@@ -1,0 +1,136 @@
+"""What the trainer trains on. A task owns its data, batches, loss, evaluation and baselines; the training loop
+(train/trainer.py) is the same for every task.
+
+  lm      next-token language modelling on a text corpus (the default): causal, val loss against ln(V) and
+          the unigram baseline.
+  sudoku  one token per cell, bidirectional: loss on the cells, cell and whole-puzzle accuracy, the halt head
+          trained on "is the current answer completely right".
+
+Every batch is a function of (seed, step), so a resumed run sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+from torch import Tensor
+
+from moe_core.errors import MoeError
+from moe_core.model import ModelOutput, RecursiveMoE
+
+from . import data as D
+from .checkpointing import data_fingerprint
+from .config import RunConfig
+from .distributed import SINGLE, Dist
+from .loss import per_sample_nll, training_loss
+
+TASKS = ("lm", "sudoku")
+
+
+class Task:
+    """The interface the trainer uses (LanguageTask is the reference implementation)."""
+
+    name: str
+    tokenizer_json: str  # written to RUN_DIR/tokenizer.json: export and serve read it
+    fingerprint: str  # identity of the training data: resume refuses other data
+    baselines: dict[str, float]  # logged with every evaluation
+
+    def batch(self, step: int, rows: slice) -> tuple[Tensor, Tensor]: ...
+
+    def loss(self, out: ModelOutput, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]: ...
+
+    def evaluate(self, model: RecursiveMoE, device: torch.device, autocast: contextlib.AbstractContextManager,
+                 dist: Dist = SINGLE) -> dict[str, float]: ...
+
+    def describe(self, ev: dict[str, float]) -> str: ...
+
+
+def make_task(cfg: RunConfig, tokenizer_json: str | None, log: Any = print) -> Task:
+    """The run's task. tokenizer_json: the tokenizer to use (resume, and ranks > 0), None to build it."""
+    if getattr(cfg.train, "task", "lm") == "sudoku":
+        from .sudoku_task import SudokuTask  # noqa: PLC0415 - only sudoku runs need the generator
+
+        return SudokuTask(cfg, log)
+    return LanguageTask(cfg, tokenizer_json, log)
+
+
+# -----------------------------------------------------------------------------
+# language modelling
+
+
+class LanguageTask(Task):
+    name = "lm"
+
+    def __init__(self, cfg: RunConfig, tokenizer_json: str | None, log: Any = print) -> None:
+        import time
+
+        mc, tc = cfg.model, cfg.train
+        self.cfg = cfg
+        t0 = time.perf_counter()
+        docs = D.load_documents(tc.data)
+        if tokenizer_json is not None:
+            tok = Tokenizer.from_str(tokenizer_json)
+        elif tc.tokenizer is not None:
+            tok = D.load_tokenizer(tc.tokenizer)
+        else:
+            tok = D.train_tokenizer(docs, mc.vocab_size)
+        if tc.tokenizer is not None:
+            mc.vocab_size = tok.get_vocab_size()  # the model's vocabulary is the user tokenizer's
+        self.tokenizer_json = tokenizer_json or tok.to_str(pretty=False)
+        self.data = D.tokenize_corpus(docs, tok, tc.val_fraction, mc.max_seq_len)
+        if self.data.vocab_size > mc.vocab_size:
+            raise MoeError(f"tokenizer has {self.data.vocab_size} tokens but model.vocab_size is {mc.vocab_size}")
+        self.val_batches = D.eval_batches(self.data.val, tc.batch_size, mc.max_seq_len, tc.eval_batches)
+        self.fingerprint = data_fingerprint(self.data.train)
+        self.baselines = {"uniform_baseline": math.log(mc.vocab_size),
+                          "unigram_baseline": D.unigram_baseline(self.data.train, self.data.val, mc.vocab_size)}
+        self._gen = torch.Generator()
+        log(f"data: {len(docs)} documents, {len(self.data.train):,} train / {len(self.data.val):,} val tokens, "
+            f"tokenizer {self.data.vocab_size} tokens ({time.perf_counter() - t0:.1f}s)")
+        log(f"baselines: uniform ln(V) = {self.baselines['uniform_baseline']:.3f}, unigram = "
+            f"{self.baselines['unigram_baseline']:.3f} nats/token")
+
+    def batch(self, step: int, rows: slice) -> tuple[Tensor, Tensor]:
+        tc = self.cfg.train
+        self._gen.manual_seed(tc.seed * 1_000_003 + step)  # the global batch; each rank takes its rows
+        x, y = D.get_batch(self.data.train, tc.batch_size, self.cfg.model.max_seq_len, self._gen)
+        return x[rows], y[rows]
+
+    def loss(self, out: ModelOutput, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        tc = self.cfg.train
+        return training_loss(out, y, tc.aux_weights, tc.halt_weight, halt_target="no_gain")
+
+    def evaluate(self, model: RecursiveMoE, device: torch.device, autocast: contextlib.AbstractContextManager,
+                 dist: Dist = SINGLE) -> dict[str, float]:
+        return evaluate(model, self.val_batches, device, autocast, dist)
+
+    def describe(self, ev: dict[str, float]) -> str:
+        b = self.baselines
+        return (f"val loss {ev['val_loss']:.4f} (ppl {ev['val_ppl']:.1f}) | uniform ln(V) {b['uniform_baseline']:.4f} "
+                f"| unigram {b['unigram_baseline']:.4f}")
+
+
+@torch.no_grad()
+def evaluate(model: RecursiveMoE, batches: list[tuple[Tensor, Tensor]], device: torch.device,
+             autocast: contextlib.AbstractContextManager, dist: Dist = SINGLE) -> dict[str, float]:
+    """Val loss of the eval-mode model: the halting-selected logits, exactly what export and serve compute.
+    With several ranks each evaluates every world-th batch and the sums are reduced."""
+    was_training = model.training
+    model.eval()
+    nll_sum, n_tokens, halt_sum, n_samples = 0.0, 0, 0.0, 0
+    for x, y in batches[dist.rank::dist.world]:
+        x, y = x.to(device), y.to(device)
+        with autocast:
+            out = model(x)
+        nll_sum += per_sample_nll(out.logits, y).sum().item() * y.shape[1]
+        n_tokens += y.numel()
+        halt_sum += out.halt_step.float().sum().item()
+        n_samples += y.shape[0]
+    model.train(was_training)
+    nll_sum, n_tokens, halt_sum, n_samples = dist.sum_([nll_sum, n_tokens, halt_sum, n_samples], device)
+    val_loss = nll_sum / n_tokens
+    return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_halt_step": halt_sum / n_samples}
