@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 import warnings
@@ -89,15 +90,22 @@ def to_onnx(model: RecursiveMoE, path: str | os.PathLike, opset: int = DEFAULT_O
     batch = torch.export.Dim("batch", min=1, max=65536)
     seq = torch.export.Dim("seq", min=1, max=max(cfg.max_seq_len, 2))
     dims = {0: batch, 1: seq}
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(graph, (ids, mask), dynamo=True, opset_version=opset,
-                                    input_names=list(INPUTS), output_names=list(OUTPUTS),
-                                    dynamic_shapes={"input_ids": dims, "attention_mask": dims},
-                                    external_data=False, verbose=False,
-                                    # The exporter's own graph optimiser took 40% of the export time and
-                                    # made the graph slower on ONNX Runtime, which optimises on load anyway.
-                                    optimize=False)
+    # The exporter logs "torchvision is not installed. Skipping torchvision::..." on every export: noise on stderr.
+    registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration_log.level
+    registration_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(graph, (ids, mask), dynamo=True, opset_version=opset,
+                                        input_names=list(INPUTS), output_names=list(OUTPUTS),
+                                        dynamic_shapes={"input_ids": dims, "attention_mask": dims},
+                                        external_data=False, verbose=False,
+                                        # The exporter's own graph optimiser took 40% of the export time and
+                                        # made the graph slower on ONNX Runtime, which optimises on load anyway.
+                                        optimize=False)
+    finally:
+        registration_log.setLevel(level)
     program.save(str(path), external_data=False)
 
 

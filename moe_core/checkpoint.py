@@ -9,6 +9,7 @@ written before the field existed are format 1. Within a format, config.json must
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -45,7 +46,9 @@ def check_output(path: str | os.PathLike, overwrite: bool) -> Path:
     if not path.parent.is_dir():
         raise MoeError(f"{path.parent}: output directory does not exist")
     if not os.access(path.parent, os.W_OK):
-        raise MoeError(f"{path.parent}: output directory is not writable")
+        read_only = os.statvfs(path.parent).f_flag & os.ST_RDONLY
+        raise MoeError(f"{path.parent}: output directory is not writable "
+                       f"({os.strerror(errno.EROFS if read_only else errno.EACCES)})")
     return path
 
 
