@@ -41,6 +41,8 @@ def check_output(path: str | os.PathLike, overwrite: bool) -> Path:
     path = Path(path)
     if path.is_dir():
         raise MoeError(f"{path}: is a directory; expected the path of a file to write")
+    if path.exists() and not path.is_file():  # a device or a pipe: a rename would replace it, not write to it
+        raise MoeError(f"{path}: not a regular file (a device, pipe or socket); expected the path of a file to write")
     if (path.exists() or path.is_symlink()) and not overwrite:
         raise MoeError(f"{path}: already exists (pass --overwrite to replace it)")
     if not path.parent.is_dir():

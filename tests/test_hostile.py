@@ -549,6 +549,11 @@ def test_serve_refuses_existing_or_bad_output(exported, tmp_path):
     assert_refused(moe("serve", exported, "--input", inp, "--output", tmp_path / "outdir"), "outdir: is a directory")
     assert_refused(moe("serve", exported, "--input", inp, "--output", tmp_path / "nope" / "o.jsonl"),
                    "nope: output directory does not exist")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # as root, --overwrite would otherwise rename a regular file over a device or a pipe
+    assert_refused(moe("serve", exported, "--input", inp, "--output", fifo, "--overwrite"),
+                   "fifo: not a regular file (a device, pipe or socket)")
+    assert fifo.is_fifo()
 
 
 def test_export_and_serve_check_the_output_directory_is_writable(run_dir, exported, tmp_path, monkeypatch):
