@@ -141,12 +141,15 @@ def to_record(values: dict[str, torch.Tensor]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in values.items():
         v = v.detach().float().cpu()
-        out[k] = round(v.item(), 6) if v.numel() == 1 else [round(x, 6) for x in v.tolist()]
+        out[k] = round(v.item(), 6) if v.dim() == 0 else [round(x, 6) for x in v.reshape(-1).tolist()]
     return out
 
 
 def routing_summary(stats: dict[str, Any], n_layers: int) -> str:
-    """One console line per mechanism, e.g. `MoH L1: 2.80h@0.55θ | Complexity 0.59 [0.50-0.68] | PredNorm 2.2`."""
+    """One console line per mechanism, e.g.
+    `MoH L1: 2.80h@0.55θ | Complexity 0.59 [0.50-0.68] | PredNorm 2.2 | grad router 1.2e-03 predictor 4.0e-04`
+    `MoE L1: load 0.31 0.22 0.25 0.22 CV 0.14 dropped 0`
+    `Halt steps 1:12% 2:30% 3:58% | mean 2.46 | head acc 0.81 | grad 2.1e-02`"""
     layers = [f"L{i + 1}" for i in range(n_layers)]
     if f"{layers[0]}.moh_heads" not in stats:
         return ""
@@ -155,9 +158,19 @@ def routing_summary(stats: dict[str, Any], n_layers: int) -> str:
     cx_lo = min(stats[f"{L}.moh_complexity_min"] for L in layers)
     cx_hi = max(stats[f"{L}.moh_complexity_max"] for L in layers)
     pred = statistics.fmean(stats[f"{L}.moh_pred_norm"] for L in layers)
-    loads = " | ".join(f"{L}: " + " ".join(f"{x:.2f}" for x in stats[f"{L}.moe_load"]) for L in layers)
-    return (f"MoH {moh} | Complexity {statistics.fmean(cx):.2f} [{cx_lo:.2f}-{cx_hi:.2f}] | PredNorm {pred:.2f}\n"
-            f"MoE load {loads}")
+    grads = " ".join(f"{g} {stats[f'grad_norm.{g}']:.1e}" for g in ("router", "predictor") if f"grad_norm.{g}" in stats)
+    moe = " | ".join(f"{L}: load " + " ".join(f"{x:.2f}" for x in stats[f"{L}.moe_load"])
+                     + f" CV {stats.get(f'{L}.moe_load_cv', float('nan')):.2f}"
+                     + f" dropped {stats.get(f'{L}.moe_dropped', 0):g}" for L in layers)
+    lines = [f"MoH {moh} | Complexity {statistics.fmean(cx):.2f} [{cx_lo:.2f}-{cx_hi:.2f}] | PredNorm {pred:.2f}"
+             + (f" | grad {grads}" if grads else ""), f"MoE {moe}"]
+    hist = stats.get("halt_hist")
+    if isinstance(hist, list) and len(hist) > 1 and sum(hist):
+        shares = " ".join(f"{i + 1}:{100 * c / sum(hist):.0f}%" for i, c in enumerate(hist))
+        lines.append(f"Halt steps {shares} | mean {stats['halt_step_mean']:.2f}"
+                     + (f" | head acc {stats['halt_acc']:.2f}" if "halt_acc" in stats else "")
+                     + (f" | grad {stats['grad_norm.halt']:.1e}" if "grad_norm.halt" in stats else ""))
+    return "\n".join(lines)
 
 
 class TrainingInterrupted(Exception):
@@ -289,7 +302,12 @@ class Trainer:
         self.dist, self.log = dist, dist.log
         self.optimizer = build_optimizer(model, cfg)
         self.params = list(model.parameters())
+        # Gradient norms are logged per group, so "does gradient reach the router" is a number, not a guess.
+        named = dict(model.named_parameters())
+        predictor = [p for n, p in named.items() if "complexity_head" in n or "threshold_head" in n]
         self.groups = {**model.param_groups(), "halt": list(model.halt_head.parameters())}
+        self.groups["router"] = [p for p in self.groups["router"] if not any(p is q for q in predictor)]
+        self.groups["predictor"] = predictor
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                          else contextlib.nullcontext())
         self.warmup = warmup_steps(tc.max_steps, tc.warmup_frac)
