@@ -7,7 +7,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from .errors import ConfigError
 
@@ -81,7 +81,9 @@ def from_dict(cls: type, data: dict[str, Any], where: str, validate: bool = True
     unknown = sorted(set(data) - fields, key=str)
     if unknown:
         raise ConfigError(f"{where}: unknown key {show(unknown[0])} (known keys: {', '.join(sorted(fields))})")
-    missing = [f.name for f in dataclasses.fields(cls) if f.name not in data] if complete else []
+    optional = getattr(cls, "ADDED_LATER", ())  # older files lack these keys: their default is what they meant
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in data and f.name not in optional] \
+        if complete else []
     if missing:
         raise ConfigError(f"{where}: missing key {missing[0]!r} ({len(missing)} missing; expected every key of "
                           f"the {cls.__name__})")
@@ -127,9 +129,14 @@ class ModelConfig:
     # TRM's trick: in training, all but the last H-cycle of a supervision step run without gradient.
     no_grad_cycles: bool = True
     causal: bool = True
+    # A learned absolute position embedding added to the token embedding, besides rotary attention: on a grid
+    # task it gives every cell its identity (row, column and box are then one lookup away).
+    learned_pos: bool = False
     dropout: float = 0.0
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+
+    ADDED_LATER: ClassVar[tuple[str, ...]] = ("learned_pos",)  # keys a run's config.json may lack (moe 0.1)
 
     @property
     def head_dim(self) -> int:

@@ -308,6 +308,7 @@ class RecursiveMoE(nn.Module):
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.embed_scale = math.sqrt(cfg.d_model)
+        self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.learned_pos else None
         self.net = ReasoningNet(cfg)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -328,7 +329,9 @@ class RecursiveMoE(nn.Module):
             elif p.dim() >= 2:
                 nn.init.normal_(p, std=std)
         # Unit-RMS embeddings after the sqrt(d_model) scale.
-        nn.init.normal_(self.embed.weight, std=1.0 / math.sqrt(cfg.d_model))
+        for emb in (self.embed, self.pos_embed):
+            if emb is not None:
+                nn.init.normal_(emb.weight, std=1.0 / math.sqrt(cfg.d_model))
         for norm in (m for m in self.modules() if isinstance(m, RMSNorm)):
             norm.weight.fill_(1.0)
         for m in self.net.modules():
@@ -381,6 +384,8 @@ class RecursiveMoE(nn.Module):
         key_mask = None if attention_mask is None else attention_mask.bool()
         acc = AuxAccumulator() if self.training else None
         x = self.embed(input_ids) * self.embed_scale  # [B, T, D]: the only place the scale is applied
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(torch.arange(T, device=input_ids.device)) * self.embed_scale
 
         if not cfg.recursive:
             logits = self.lm_head(self.norm(self.net(x, key_mask, acc)))
@@ -427,7 +432,7 @@ class RecursiveMoE(nn.Module):
         for name, p in self.named_parameters():
             if any(s in name for s in ("router", "complexity_head", "threshold_head")):
                 groups["router"].append(p)
-            elif p.dim() < 2 or name.startswith("embed."):
+            elif p.dim() < 2 or name.startswith(("embed.", "pos_embed.")):
                 groups["no_decay"].append(p)
             else:
                 groups["decay"].append(p)

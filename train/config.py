@@ -45,6 +45,16 @@ class TrainConfig:
     seed: int = 1337
     compile: bool = True
     device: str = "auto"  # auto | cpu | cuda
+    parallel: str = "ddp"  # under torchrun: ddp (weights on every rank) | fsdp (weights, grads, optimizer sharded)
+    task: str = "lm"  # lm: language modelling on `data` | sudoku: one token per cell (configs/sudoku*.toml)
+    # sudoku: base puzzles generated (augmented on the fly by the symmetry group) and held-out test puzzles, no
+    # test puzzle equivalent to a train one; givens per puzzle; 1 = only puzzles that singles alone do not solve.
+    # `data` may name a puzzle file (81-character lines, '.' or '0' for blanks) to train on instead.
+    sudoku_train: int = 1000
+    sudoku_test: int = 500
+    sudoku_givens_min: int = 25
+    sudoku_givens_max: int = 35
+    sudoku_min_guesses: int = 0
 
     def validate(self, where: str = "train") -> None:
         for name in ("batch_size", "max_steps", "eval_every", "eval_batches", "log_every", "checkpoint_every",
@@ -62,6 +72,14 @@ class TrainConfig:
                 _check(getattr(self, f.name) >= 0, where, f"{f.name}: expected >= 0, got {getattr(self, f.name)}")
         _check(self.device in ("auto", "cpu", "cuda"), where,
                f"device: expected auto, cpu or cuda, got {show(self.device)}")
+        _check(self.parallel in ("ddp", "fsdp"), where, f"parallel: expected ddp or fsdp, got {show(self.parallel)}")
+        _check(self.task in ("lm", "sudoku"), where, f"task: expected lm or sudoku, got {show(self.task)}")
+        for name in ("sudoku_train", "sudoku_test"):
+            _check(getattr(self, name) >= 1, where, f"{name}: expected >= 1, got {getattr(self, name)}")
+        _check(22 <= self.sudoku_givens_min <= self.sudoku_givens_max <= 80, where,
+               f"sudoku_givens_min/max: expected 22 <= min <= max <= 80, got {self.sudoku_givens_min}, "
+               f"{self.sudoku_givens_max}")
+        _check(self.sudoku_min_guesses >= 0, where, f"sudoku_min_guesses: expected >= 0, got {self.sudoku_min_guesses}")
 
     @property
     def aux_weights(self) -> dict[str, float]:

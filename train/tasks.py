@@ -51,7 +51,7 @@ class Task:
 
 def make_task(cfg: RunConfig, tokenizer_json: str | None, log: Any = print) -> Task:
     """The run's task. tokenizer_json: the tokenizer to use (resume, and ranks > 0), None to build it."""
-    if getattr(cfg.train, "task", "lm") == "sudoku":
+    if cfg.train.task == "sudoku":
         from .sudoku_task import SudokuTask  # noqa: PLC0415 - only sudoku runs need the generator
 
         return SudokuTask(cfg, log)

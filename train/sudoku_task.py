@@ -1,0 +1,146 @@
+"""The Sudoku task: one token per cell (0 = blank, 1..9), a bidirectional model, loss on the cells, and the halt
+head trained on "is the current answer completely right" (TRM's rule).
+
+Puzzles are generated at start-up (moe_core.sudoku: unique solutions, deterministic by train.seed), train and
+test disjoint under the symmetry group; every training batch is drawn from the train puzzles and augmented with
+a random symmetry, both a function of (seed, step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+from torch import Tensor
+
+from moe_core import sudoku as S
+from moe_core.errors import ConfigError
+from moe_core.model import ModelOutput, RecursiveMoE
+
+from .checkpointing import data_fingerprint
+from .config import RunConfig
+from .distributed import SINGLE, Dist
+from .loss import per_sample_nll, training_loss
+from .tasks import Task
+
+VOCAB = 10  # blank + 9 digits; the token of a cell is its digit
+
+
+def digit_tokenizer() -> Tokenizer:
+    """A `tokenizers` tokenizer for grids: one token per character, '.' read as '0' (blank)."""
+    tok = Tokenizer(models.WordLevel({str(d): d for d in range(VOCAB)}, unk_token="0"))
+    tok.normalizer = normalizers.Replace(".", "0")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return tok
+
+
+def check_model(cfg: RunConfig) -> None:
+    mc = cfg.model
+    for ok, msg in ((mc.vocab_size == VOCAB, f"model.vocab_size: expected {VOCAB} (blank + 9 digits), got "
+                     f"{mc.vocab_size}"),
+                    (mc.max_seq_len >= S.CELLS, f"model.max_seq_len: expected >= {S.CELLS}, got {mc.max_seq_len}"),
+                    (not mc.causal, "model.causal: expected false (every cell attends to every cell)")):
+        if not ok:
+            raise ConfigError(f"train.task = 'sudoku': {msg}; start from --preset sudoku-tiny or sudoku")
+
+
+@torch.no_grad()
+def solve_batches(model: RecursiveMoE, puzzles: np.ndarray, batch_size: int, device: torch.device,
+                  autocast: contextlib.AbstractContextManager | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, Tensor]:
+    """The eval-mode model on puzzles [N, 81]: (answers [N, 81] digits, halt steps [N], logits [N, 81, V])."""
+    autocast = autocast or contextlib.nullcontext()
+    was_training = model.training
+    model.eval()
+    answers, steps, logits_all = [], [], []
+    for i in range(0, len(puzzles), batch_size):
+        x = torch.from_numpy(puzzles[i:i + batch_size].astype(np.int64)).to(device)
+        with autocast:
+            out = model(x)
+        answers.append(digits(out.logits).cpu().numpy())
+        steps.append(out.halt_step.cpu().numpy())
+        logits_all.append(out.logits.float().cpu())
+    model.train(was_training)
+    return np.concatenate(answers), np.concatenate(steps), torch.cat(logits_all)
+
+
+def digits(logits: Tensor) -> Tensor:
+    """The digit (1..9) of each cell: the blank token is never an answer."""
+    return logits[..., 1:VOCAB].argmax(dim=-1) + 1
+
+
+class SudokuTask(Task):
+    name = "sudoku"
+
+    def __init__(self, cfg: RunConfig, log: Any = print) -> None:
+        check_model(cfg)
+        tc = cfg.train
+        self.cfg = cfg
+        t0 = time.perf_counter()
+        givens = (tc.sudoku_givens_min, tc.sudoku_givens_max)
+        if tc.data is not None:  # the user's puzzles to train on; test puzzles generated, none equivalent
+            puzzles, solutions = S.read_puzzle_file(tc.data)
+            if solutions is None:
+                solutions = np.stack([_solve_unique(p, f"{tc.data}: puzzle {i + 1}") for i, p in enumerate(puzzles)])
+            taken = set(S.equivalence_keys(puzzles))
+            _, test = S.make_splits(1, tc.sudoku_test * 2, tc.seed, givens, tc.sudoku_min_guesses)
+            keep = [i for i, k in enumerate(S.equivalence_keys(test.puzzles)) if k not in taken][:tc.sudoku_test]
+            self.train_puzzles, self.train_solutions = puzzles, solutions
+            self.test_puzzles, self.test_solutions = test.puzzles[keep], test.solutions[keep]
+            source = str(tc.data)
+        else:
+            train, test = S.make_splits(tc.sudoku_train, tc.sudoku_test, tc.seed, givens, tc.sudoku_min_guesses)
+            self.train_puzzles, self.train_solutions = train.puzzles, train.solutions
+            self.test_puzzles, self.test_solutions = test.puzzles, test.solutions
+            source = f"generated, {givens[0]}-{givens[1]} givens"
+        self.tokenizer_json = digit_tokenizer().to_str(pretty=False)
+        self.fingerprint = data_fingerprint(np.concatenate([self.train_puzzles, self.train_solutions], axis=1))
+        self.baselines = {"uniform_baseline": math.log(VOCAB)}
+        blanks = (self.test_puzzles == 0).sum(axis=1).mean()
+        log(f"data: sudoku ({source}): {len(self.train_puzzles):,} train puzzles (augmented every batch), "
+            f"{len(self.test_puzzles):,} test puzzles with {blanks:.1f} blanks on average "
+            f"({time.perf_counter() - t0:.1f}s)")
+
+    def batch(self, step: int, rows: slice) -> tuple[Tensor, Tensor]:
+        tc = self.cfg.train
+        rng = np.random.default_rng([tc.seed, step])  # the global batch: a function of (seed, step)
+        idx = rng.integers(0, len(self.train_puzzles), tc.batch_size)
+        p, s = S.augment(self.train_puzzles[idx], self.train_solutions[idx], rng)
+        return torch.from_numpy(p[rows].astype(np.int64)), torch.from_numpy(s[rows].astype(np.int64))
+
+    def loss(self, out: ModelOutput, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        tc = self.cfg.train
+        return training_loss(out, y, tc.aux_weights, tc.halt_weight, halt_target="correct")
+
+    def evaluate(self, model: RecursiveMoE, device: torch.device, autocast: contextlib.AbstractContextManager,
+                 dist: Dist = SINGLE) -> dict[str, float]:
+        """Cell accuracy (blank cells), whole-puzzle accuracy (rule-checked) and loss on the test puzzles."""
+        puzzles, solutions = self.test_puzzles[dist.rank::dist.world], self.test_solutions[dist.rank::dist.world]
+        answers, steps, logits = solve_batches(model, puzzles, self.cfg.train.batch_size, device, autocast)
+        blank = puzzles == 0
+        nll = per_sample_nll(logits, torch.from_numpy(solutions.astype(np.int64))).sum().item() * S.CELLS
+        sums = dist.sum_([nll, float(((answers == solutions) & blank).sum()), float(blank.sum()),
+                          float(S.valid_solutions(puzzles, answers).sum()), float(steps.sum()), float(len(puzzles))],
+                         device)
+        nll, right_cells, blank_cells, solved, step_sum, n = sums
+        val_loss = nll / (n * S.CELLS)
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "cell_acc": right_cells / blank_cells,
+                "puzzle_acc": solved / n, "val_halt_step": step_sum / n}
+
+    def describe(self, ev: dict[str, float]) -> str:
+        return (f"val loss {ev['val_loss']:.4f} | cell acc {ev['cell_acc']:.4f} (blanks) | "
+                f"puzzle acc {ev['puzzle_acc']:.4f} (rule-checked)")
+
+
+def _solve_unique(puzzle: np.ndarray, where: str) -> np.ndarray:
+    found = S.search(puzzle, limit=2)
+    if len(found.solutions) != 1:
+        raise ConfigError(f"{where}: has {len(found.solutions)} solutions; expected exactly one "
+                          f"(or give its solution after the puzzle on the same line)")
+    return np.asarray(found.solutions[0], dtype=np.uint8)
