@@ -699,13 +699,6 @@ def test_train_refuses_an_existing_run_directory(tmp_path, corpus_file):
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
-CLICK_PATH_CHECKS = pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "train/cli.py declares --out click.Path(file_okay=False) and --config / --tokenizer click.Path(dir_okay=False): "
-    "click rejects these paths itself, with a 3-line usage error; needs plain click.Path() so the checks in "
-    "train (check_run_dir, read_text_file) give the one-line error"))
-
-
-@CLICK_PATH_CHECKS
 @pytest.mark.parametrize("option, message", [
     ("--out", "a_file: exists and is not a directory"),
     ("--config", "a_dir: is a directory; expected a config file"),
@@ -731,9 +724,6 @@ def test_train_on_a_full_or_read_only_disk_names_the_file(tmp_path, corpus_file,
     assert not (out / CONFIG_FILE).exists() and not (out / WEIGHTS_FILE).exists()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "train/trainer.py keeps the run directory it created when the run fails before its first complete save "
-    "(needs: remove it on failure)"))
 def test_train_that_fails_before_its_first_save_leaves_no_run_directory(tmp_path, corpus_file, disk_fault):
     out = tmp_path / "run"
     disk_fault("full")
@@ -780,9 +770,6 @@ def test_plot_on_a_full_or_read_only_disk(tmp_path, disk_fault, kind, reason):
     assert list((run_dir / "plots").iterdir()) == []
 
 
-@pytest.mark.xfail(strict=True, raises=OSError, reason=(
-    "train/plots.py write_plots creates RUN_DIR/plots with a bare mkdir: on a read-only run directory the OSError "
-    "escapes as a traceback (needs: turn it into MoeError naming the directory and the reason)"))
 def test_plot_in_a_read_only_run_directory(tmp_path, monkeypatch):
     run_dir = metrics_run(tmp_path, GOOD_METRICS)
     real_mkdir = Path.mkdir

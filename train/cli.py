@@ -14,7 +14,7 @@ from .config import build_config, preset_names
 
 
 @click.command(context_settings={"show_default": True})
-@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+@click.option("--config", "config_file", type=click.Path(),
               help="TOML file with [model] and [train] sections, applied over the preset.")
 @click.option("--preset", default=None, metavar="NAME",
               help=f"Named config from configs/: {', '.join(preset_names())}. Default: 'default' when no --config.")
@@ -23,10 +23,10 @@ from .config import build_config, preset_names
 @click.option("--data", default=None, type=click.Path(),
               help="Training text: a .txt file, a folder of .txt files, or .jsonl with a \"text\" field. "
                    "Default: the embedded corpus (Shakespeare's plays).")
-@click.option("--tokenizer", default=None, type=click.Path(dir_okay=False),
+@click.option("--tokenizer", default=None, type=click.Path(),
               help="Use this tokenizer.json (its vocabulary sets model.vocab_size) instead of training a BPE.")
-@click.option("--out", default=None, type=click.Path(file_okay=False), help="Run directory to write.")
-@click.option("--resume", "resume_dir", default=None, type=click.Path(file_okay=False),
+@click.option("--out", default=None, type=click.Path(), help="Run directory to write.")
+@click.option("--resume", "resume_dir", default=None, type=click.Path(),
               help="Continue the run in this directory from its newest checkpoint, exactly where it stopped. "
                    "Only --set train.max_steps/eval_every/log_every/checkpoint_every/keep_checkpoints/"
                    "max_bad_steps/compile/device may change.")

@@ -28,7 +28,7 @@ import click
 from matplotlib.figure import Figure
 
 from moe_core.checkpoint import atomic_write
-from moe_core.errors import MoeError
+from moe_core.errors import MoeError, os_reason
 from moe_core.jsonl import json_error, read_lines
 
 METRICS_FILE = "metrics.jsonl"
@@ -474,7 +474,10 @@ def write_plots(run_dir: str | Path) -> list[Path]:
     for name, fig in figures.items():
         if fig is None:
             continue
-        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise MoeError(f"{out_dir}: cannot write ({os_reason(e)})") from None
         written.append(save_figure(fig, out_dir / name))
     return written
 

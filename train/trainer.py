@@ -227,6 +227,7 @@ def train(cfg: RunConfig, out: str | os.PathLike, overwrite: bool = False) -> di
             try:
                 check_run_dir(run_dir, overwrite)
                 task = make_task(cfg, None, dist.log)
+                created = not run_dir.exists()
                 prepare_run_dir(run_dir)  # only now: bad data leaves no empty run directory behind
                 tok_text = task.tokenizer_json
             finally:
@@ -235,7 +236,12 @@ def train(cfg: RunConfig, out: str | os.PathLike, overwrite: bool = False) -> di
             task = make_task(cfg, dist.broadcast_text(None, device), dist.log)
         model = _seeded_model(cfg, device, dist)
         if dist.is_main:
-            save_run(run_dir, model, tok_text, {"train": cfg.to_dict()["train"]})  # complete from the start
+            try:
+                save_run(run_dir, model, tok_text, {"train": cfg.to_dict()["train"]})  # complete from the start
+            except BaseException:
+                if created:  # a run that never saved leaves nothing a later command could mistake for a run
+                    shutil.rmtree(run_dir, ignore_errors=True)
+                raise
         return Trainer(cfg, run_dir, device, task, model, dist).run(LoopState(data_fingerprint=task.fingerprint))
     finally:
         shutdown(dist)
