@@ -17,7 +17,8 @@ from moe_core.cli import run
               help="fp16: half-precision weights for GPU serving; int8: dynamic int8 quantisation for CPU serving. "
                    "The fp32 graph must pass parity first; the variant's own figures are printed.")
 @click.option("--eval-text", type=click.Path(), default=None,
-              help="A text file: report eager vs exported mean loss on it (the accuracy cost of --precision).")
+              help="A text file: report eager vs exported mean loss on it (the accuracy cost of --precision). "
+                   "Language models only.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file (and its tokenizer).")
 def export(run_dir, out, opset, check, precision, eval_text, overwrite) -> None:
     """Export the model of RUN_DIR to one static ONNX graph.

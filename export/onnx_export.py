@@ -73,6 +73,12 @@ class ExportResult:
         return self.reports[0] if self.reports else None
 
 
+def run_task(full_config: dict) -> str:
+    """The run's task (train.task of its config.json): "lm" (runs from before tasks existed too) or "sudoku"."""
+    train = full_config.get("train")
+    return train.get("task", "lm") if isinstance(train, dict) else "lm"
+
+
 def tokenizer_path_for(onnx_path: str | os.PathLike) -> Path:
     """The tokenizer written beside MODEL.onnx: MODEL.tokenizer.json."""
     p = Path(onnx_path)
@@ -181,9 +187,13 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, opset: int = 
     run_dir, out = Path(run_dir), check_output(out, overwrite)
     tok_path = check_output(tokenizer_path_for(out), overwrite)
     t0 = time.perf_counter()
+    _, full_config = load_run_config(run_dir)
+    task = run_task(full_config)
+    if eval_text is not None and task != "lm":
+        raise MoeError(f"--eval-text: a language-model option (mean next-token loss on a text); {run_dir} is a {task} "
+                       "run")
     model = load_model(run_dir)
     cfg = model.config
-    _, full_config = load_run_config(run_dir)
     tokenizer_text, _ = read_tokenizer(run_dir / TOKENIZER_FILE, cfg.vocab_size, owner=f"the model in {run_dir}")
     eval_ids = text_windows(eval_text, tokenizer_text, cfg.max_seq_len) if eval_text is not None else None
 
@@ -206,6 +216,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, opset: int = 
             "max_seq_len": str(cfg.max_seq_len),
             "halt_max_steps": str(cfg.n_steps),
             "causal": str(cfg.causal).lower(),
+            "task": task,
             "tokenizer_file": tok_path.name,
             "tokenizer_sha256": hashlib.sha256(tokenizer_text.encode("utf-8")).hexdigest(),
         }
@@ -216,14 +227,14 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, opset: int = 
             raise MoeError(f"{out}: exported graph fails onnx.checker ({str(e).splitlines()[0]})") from None
         onnx.save(proto, tmp)
         if check:
-            reports.append(check_parity(model, tmp))
+            reports.append(check_parity(model, tmp, task=task))
             log(reports[-1].summary())
             if not reports[-1].ok:
                 raise MoeError(f"{out}: parity check failed ({reports[-1].failure}); nothing was written")
         if precision != "fp32":
             convert_precision(tmp, precision, metadata)
             if check:
-                reports.append(check_parity(model, tmp, label=precision, tolerance=None))
+                reports.append(check_parity(model, tmp, label=precision, tolerance=None, task=task))
                 log(reports[-1].summary())
         if eval_ids is not None:
             eager_nll, onnx_nll = text_nll(model, eval_ids), text_nll(ort_cpu_session(tmp), eval_ids)

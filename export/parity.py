@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from moe_core import sudoku as S
 from moe_core.model import RecursiveMoE
 
 TOLERANCE = 1e-4
@@ -73,9 +74,11 @@ class ParityReport:
         return "\n".join(lines)
 
 
-def parity_inputs(vocab_size: int, max_seq_len: int, seed: int = 0) -> list[tuple[str, np.ndarray, np.ndarray]]:
+def parity_inputs(vocab_size: int, max_seq_len: int, seed: int = 0,
+                  task: str = "lm") -> list[tuple[str, np.ndarray, np.ndarray]]:
     """(name, input_ids, attention_mask) cases: batch 1 and larger, lengths 1 / middle / maximum, right-padded
-    batches, and every token id of the vocabulary."""
+    batches, and every token id of the vocabulary. A Sudoku model (task "sudoku") also gets real puzzles: its
+    inputs are 81-cell grids, but the graph's axes stay dynamic, so the other cases hold for it too."""
     rng = np.random.default_rng(seed)
     T, mid = max_seq_len, max(1, max_seq_len // 2)
 
@@ -94,6 +97,9 @@ def parity_inputs(vocab_size: int, max_seq_len: int, seed: int = 0) -> list[tupl
     lengths = np.concatenate([[1, T], rng.integers(1, T + 1, size=4)])
     mask = (np.arange(T)[None, :] < lengths[:, None]).astype(np.int64)
     out.append(("padded_batch6", np.where(mask == 1, rand(6, T), 0), mask))
+    if task == "sudoku":
+        puzzles = S.generate(8, seed, givens=(25, 50)).puzzles.astype(np.int64)  # ~20 ms
+        out.append(("sudoku_grids", puzzles, np.ones_like(puzzles)))
     return out
 
 
@@ -120,12 +126,12 @@ def compare(model: RecursiveMoE, session, name: str, ids: np.ndarray, mask: np.n
 
 
 def check_parity(model: RecursiveMoE, onnx_path: str, seed: int = 0, label: str = "fp32",
-                 tolerance: float | None = TOLERANCE) -> ParityReport:
+                 tolerance: float | None = TOLERANCE, task: str = "lm") -> ParityReport:
     model.eval()
     session = ort_cpu_session(onnx_path)
     cfg = model.config
     return ParityReport([compare(model, session, name, ids, mask)
-                         for name, ids, mask in parity_inputs(cfg.vocab_size, cfg.max_seq_len, seed)],
+                         for name, ids, mask in parity_inputs(cfg.vocab_size, cfg.max_seq_len, seed, task)],
                         label, tolerance)
 
 

@@ -139,13 +139,14 @@ def _unicode_ok(value: Any) -> bool:
     return True
 
 
-def read_records(path: str | os.PathLike) -> Iterator[Record]:
-    """Records of a JSONL file, lazily; MoeError naming the file and line for anything malformed."""
+def read_objects(path: str | os.PathLike, expected: str = EXPECTED) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """(line number, "path:line", object) of every non-blank line of a JSONL file, lazily; MoeError naming the file
+    and line for a line that is not a JSON object (`expected`: what the caller wants, for the message)."""
     path = Path(path)
     if not path.exists():
         raise MoeError(f"{path}: input file not found")
     if not path.is_file():
-        raise MoeError(f"{path}: not a file; {EXPECTED}")
+        raise MoeError(f"{path}: not a file; {expected}")
     for lineno, raw in read_lines(path):
         where = f"{path}:{lineno}"
         line = decode_text(raw, where, unit="column")
@@ -154,16 +155,36 @@ def read_records(path: str | os.PathLike) -> Iterator[Record]:
         try:
             obj = parse_json(line)
         except ValueError as e:
-            raise MoeError(f"{where}: invalid JSON ({json_error(e)}); {EXPECTED}") from None
+            raise MoeError(f"{where}: invalid JSON ({json_error(e)}); {expected}") from None
         if not isinstance(obj, dict):
-            raise MoeError(f"{where}: got a JSON {json_type(obj)}; {EXPECTED}")
-        if "text" not in obj:
-            raise MoeError(f'{where}: missing "text" field; {EXPECTED}')
-        if not isinstance(obj["text"], str):
-            raise MoeError(f'{where}: "text" is a JSON {json_type(obj["text"])}; {EXPECTED}')
-        for key in ("text", "id"):
-            if not _unicode_ok(obj.get(key)):
-                raise MoeError(f'{where}: "{key}" holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff); '
-                               "expected valid Unicode")
-        yield Record(lineno, obj.get("id", lineno), obj["text"])
+            raise MoeError(f"{where}: got a JSON {json_type(obj)}; {expected}")
+        yield lineno, where, obj
 
+
+def _check_unicode(obj: dict[str, Any], key: str, where: str) -> None:
+    if not _unicode_ok(obj.get(key)):
+        raise MoeError(f'{where}: "{key}" holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff); '
+                       "expected valid Unicode")
+
+
+def string_field(obj: dict[str, Any], key: str, where: str, expected: str = EXPECTED) -> str:
+    """obj[key] of a record read at `where`: present, a string, valid Unicode."""
+    if key not in obj:
+        raise MoeError(f'{where}: missing "{key}" field; {expected}')
+    if not isinstance(obj[key], str):
+        raise MoeError(f'{where}: "{key}" is a JSON {json_type(obj[key])}; {expected}')
+    _check_unicode(obj, key, where)
+    return obj[key]
+
+
+def record_id(obj: dict[str, Any], where: str, lineno: int) -> Any:
+    """The record's "id" (any JSON value that can be written back), else its line number."""
+    _check_unicode(obj, "id", where)
+    return obj.get("id", lineno)
+
+
+def read_records(path: str | os.PathLike) -> Iterator[Record]:
+    """Records of a JSONL file, lazily; MoeError naming the file and line for anything malformed."""
+    for lineno, where, obj in read_objects(path):
+        text = string_field(obj, "text", where)
+        yield Record(lineno, record_id(obj, where, lineno), text)

@@ -1,8 +1,9 @@
 """serve: batch inference of exported models on ONNX Runtime (CUDA where present, else CPU).
 
-`Server.open(MODEL.onnx)` then `.score(texts)` / `.generate(texts)`; `moe serve` is a thin command over it.
+`Server.open(MODEL.onnx)` then `.score(texts)` / `.generate(texts)` (a language model) or `.solve(puzzles)` (a Sudoku
+model); `moe serve` is a thin command over it.
 """
 
-from .server import GenerateResult, ScoreResult, Server, ServeStats
+from .server import GenerateResult, ScoreResult, Server, ServeStats, SolveResult
 
-__all__ = ["GenerateResult", "ScoreResult", "ServeStats", "Server"]
+__all__ = ["GenerateResult", "ScoreResult", "ServeStats", "Server", "SolveResult"]

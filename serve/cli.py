@@ -16,10 +16,13 @@ CHUNK_BATCHES = 64  # records read at a time = CHUNK_BATCHES * batch_size: bound
 @click.command(context_settings={"show_default": True})
 @click.argument("model", type=click.Path())
 @click.option("--input", "input_path", required=True, type=click.Path(),
-              help='JSONL, one {"text": ..., "id": ...} object per line ("id" optional: the line number).')
+              help='JSONL, one {"text": ..., "id": ...} object per line ("id" optional: the line number); solve: '
+                   '{"puzzle": ..., "solution": ..., "id": ...} lines ("solution" optional), or a puzzle file '
+                   '(.txt / .csv: one 81-character puzzle a line, optionally followed by its solution).')
 @click.option("--output", "output_path", required=True, type=click.Path(),
               help="JSONL results, one object per input record, in input order.")
-@click.option("--mode", type=click.Choice(["score", "generate"]), default="score")
+@click.option("--mode", type=click.Choice(["score", "generate", "solve"]), default="score",
+              help="score / generate: a language model (task lm); solve: a Sudoku model (task sudoku).")
 @click.option("--batch-size", default=32, type=click.IntRange(1), help="Rows per forward pass.")
 @click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto",
               help="auto: CUDA when onnxruntime-gpu and a GPU are present, else CPU.")
@@ -51,22 +54,28 @@ def serve(model, input_path, output_path, mode, batch_size, provider, threads, s
     generate: {"id", "completion", "n_new_tokens", "finish_reason", "halt_step"} per record. The context is
               the last max_seq_len tokens of prompt + continuation; stops at <|endoftext|> ("eot") or after
               --max-new-tokens ("length"); halt_step is that of the last step.
+    solve:    {"id", "puzzle", "solution", "steps", "valid"[, "correct"]} per puzzle. solution = the model's answer
+              (81 digits); steps = the halting step it came from; valid = the answer obeys the rules and keeps every
+              given, checked by the rules (never by the model); correct = it equals the solution given in the
+              input (only when one was given). A puzzle file's ids are the puzzles' positions (1-based).
 
     Inputs are read in chunks of 64 batches, each sorted by length so that padding is small. Every line is
-    checked before any compute; the output is written to a temp file beside --output and renamed at the end,
-    so a failed run leaves nothing behind.
+    checked before any compute (a mode the model's task does not serve is refused first); the output is written
+    to a temp file beside --output and renamed at the end, so a failed run leaves nothing behind.
     """
     from moe_core.checkpoint import atomic_write, check_output
     from moe_core.errors import MoeError
 
-    from .jsonl import chunked, count_records, read_records
+    from .jsonl import EXPECTED, PUZZLE_EXPECTED, chunked, count_records, read_puzzles, read_records
     from .server import Server
 
     out, inp = check_output(output_path, overwrite), Path(input_path)
     if inp.exists() and out.exists() and out.samefile(inp):
         raise MoeError(f"{out}: --output is the --input file")
-    n_records = count_records(inp)  # every line checked before the model is loaded or any compute is spent
     server = Server.open(model, provider=provider, threads=threads)
+    server.require_task(mode)
+    read, expected = (read_puzzles, PUZZLE_EXPECTED) if mode == "solve" else (read_records, EXPECTED)
+    n_records = count_records(inp, read, expected)  # every record checked before any compute is spent
     if mode == "score":
         stride = server.window_stride(stride)
     info = server.info
@@ -81,14 +90,18 @@ def serve(model, input_path, output_path, mode, batch_size, provider, threads, s
 
     def write(tmp: str) -> None:
         done = 0
-        with open(tmp, "w", encoding="utf-8") as f, tqdm(total=n_records, unit="seq", desc=mode) as bar:
-            for chunk in chunked(read_records(inp), CHUNK_BATCHES * batch_size):
-                texts = [r.text for r in chunk]
-                if mode == "score":
-                    results = server.score(texts, batch_size, token_logprobs, stride, progress=bar.update)
+        unit = "puzzle" if mode == "solve" else "seq"
+        with open(tmp, "w", encoding="utf-8") as f, tqdm(total=n_records, unit=unit, desc=mode) as bar:
+            for chunk in chunked(read(inp), CHUNK_BATCHES * batch_size):
+                if mode == "solve":
+                    results = server.solve([r.puzzle for r in chunk], [r.solution for r in chunk], batch_size,
+                                           progress=bar.update)
+                elif mode == "score":
+                    results = server.score([r.text for r in chunk], batch_size, token_logprobs, stride,
+                                           progress=bar.update)
                 else:
-                    results = server.generate(texts, max_new_tokens, temperature, top_k, top_p, seed, batch_size,
-                                              first_index=done, progress=bar.update)
+                    results = server.generate([r.text for r in chunk], max_new_tokens, temperature, top_k, top_p,
+                                              seed, batch_size, first_index=done, progress=bar.update)
                 for rec, res in zip(chunk, results, strict=True):
                     f.write(json.dumps({"id": rec.id, **res.as_record()}, ensure_ascii=False) + "\n")
                 done += len(chunk)
@@ -96,11 +109,17 @@ def serve(model, input_path, output_path, mode, batch_size, provider, threads, s
     atomic_write(out, write)
     seconds = time.perf_counter() - t0
     s = server.stats
+    tail = f"provider {server.provider} | {seconds:.1f}s -> {out}"
+    if mode == "solve":
+        correct = f" | correct {s.correct}/{s.checked} ({s.correct / s.checked:.1%})" if s.checked else ""
+        click.echo(f"solve: {s.sequences} puzzles | valid {s.valid}/{s.sequences} ({s.valid / s.sequences:.1%}, "
+                   f"rule-checked){correct} | mean steps {s.mean_halt_step:.2f} | {s.sequences / seconds:,.1f} "
+                   f"puzzles/s | {tail}")
+        return
     what = "tokens" if mode == "score" else "new tokens"
     long = f" | {s.long_inputs} longer than max_seq_len" if s.long_inputs else ""
     click.echo(f"{mode}: {s.sequences} sequences | {s.tokens} {what} | {s.tokens / seconds:,.0f} {what}/s | "
-               f"padding {100 * s.padding_fraction:.1f}% | mean halt_step {s.mean_halt_step:.2f}{long} | "
-               f"provider {server.provider} | {seconds:.1f}s -> {out}")
+               f"padding {100 * s.padding_fraction:.1f}% | mean halt_step {s.mean_halt_step:.2f}{long} | {tail}")
 
 
 def main() -> None:

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from moe_core import sudoku as S
 from moe_core.checkpoint import check_format
 from moe_core.errors import MoeError
 from moe_core.jsonl import json_error, json_type, parse_json
@@ -49,11 +50,13 @@ CUDA_EP, CPU_EP = "CUDAExecutionProvider", "CPUExecutionProvider"
 # fp32 parity with eager PyTorch: no TF32 matmuls (the CUDA EP's default is TF32 on).
 CUDA_OPTIONS = {"use_tf32": "0"}
 
-HALT_STEP = "halt_step"
+LOGITS, HALT_STEP = "logits", "halt_step"
 INPUTS = ("input_ids", "attention_mask")  # the exported graph's contract (export/onnx_export.py)
-OUTPUTS = ("logits", HALT_STEP)
+OUTPUTS = (LOGITS, HALT_STEP)
 METADATA_KEYS = ("moe_version", "config", "vocab_size", "max_seq_len", "halt_max_steps", "causal",
                  "tokenizer_file", "tokenizer_sha256")
+TASKS = ("lm", "sudoku")  # the run's train.task (metadata "task"; models exported before it existed: the config's)
+SUDOKU_VOCAB = 10  # a Sudoku model's tokens are the cell digits, 0 = blank (train/sudoku_task.py)
 
 
 # -----------------------------------------------------------------------------
@@ -132,6 +135,7 @@ class ModelInfo:
     config: dict[str, Any]  # the run's full config: {"model": {...}, "train": {...}}
     tokenizer_sha256: str
     precision: str  # "fp32", or the reduced-precision variant `moe export --precision` wrote
+    task: str  # "lm" (score, generate) or "sudoku" (solve)
 
 
 def read_model(path: str | os.PathLike):
@@ -178,18 +182,25 @@ def read_model(path: str | os.PathLike):
     tok_name = meta["tokenizer_file"]
     if Path(tok_name).name != tok_name or tok_name in ("", ".", ".."):
         raise MoeError(f"{path}: metadata tokenizer_file must be a file name beside the model, got {tok_name[:80]!r}")
+    train = config.get("train")
+    task = meta.get("task", train.get("task", "lm") if isinstance(train, dict) else "lm")
+    if task not in TASKS:
+        raise MoeError(f"{path}: malformed metadata task: expected one of {', '.join(TASKS)}, got {str(task)[:40]!r}")
     info = ModelInfo(path, path.with_name(tok_name), sizes["vocab_size"], sizes["max_seq_len"],
                      sizes["halt_max_steps"], meta["moe_version"], config, meta["tokenizer_sha256"],
-                     meta.get("precision", "fp32"))
+                     meta.get("precision", "fp32"), task)
     logits = next(o for o in proto.graph.output if o.name == "logits")
     dims = logits.type.tensor_type.shape.dim
     if dims and (len(dims) != 3 or (dims[2].HasField("dim_value") and dims[2].dim_value != info.vocab_size)):
         shape = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims]
         raise MoeError(f"{path}: output logits has shape {shape}; expected [batch, seq, {info.vocab_size}] "
                        "(the metadata's vocab_size)")
-    if meta["causal"] != "true":
+    if task == "lm" and meta["causal"] != "true":
         raise MoeError(f"{path}: the model is not causal (metadata causal={meta['causal']}); "
                        "scoring and generation need a causal language model")
+    if task == "sudoku" and (info.vocab_size != SUDOKU_VOCAB or info.max_seq_len < S.CELLS):
+        raise MoeError(f"{path}: a sudoku model with vocab_size {info.vocab_size} and max_seq_len {info.max_seq_len}; "
+                       f"expected vocab_size {SUDOKU_VOCAB} (blank + 9 digits) and max_seq_len >= {S.CELLS}")
     return proto, info
 
 

@@ -4,6 +4,7 @@
     server = Server.open("model.onnx")                      # provider="auto" | "cuda" | "cpu", threads=None
     server.score(["To be, or not to be"])                   # -> [ScoreResult(nll=..., ppl=..., n_tokens=5, ...)]
     server.generate(["ROMEO:"], max_new_tokens=32)          # -> [GenerateResult(text=..., tokens=[...], ...)]
+    Server.open("sudoku.onnx").solve([".5..83.17..."])     # -> [SolveResult(solution="..." , steps=2, valid=True)]
 
 Scoring. A text of n tokens has n - 1 scored tokens: position t's logits predict token t + 1, and nothing
 predicts the first token. nll is the mean negative log-likelihood (nats/token) over them, ppl = exp(nll).
@@ -21,6 +22,13 @@ or order. Only ids the tokenizer knows are ever produced. Generation stops at <|
 the output) or after max_new_tokens. An empty prompt starts from <|endoftext|>, the document separator the
 model was trained with.
 
+Solving (a Sudoku model, task "sudoku"). A puzzle is 81 cells, 0 (or '.') for a blank; its tokens are its digits.
+The answer of a cell is the likeliest digit 1..9 of the halting-selected logits (the blank token is never an
+answer; the same rule as training's evaluation, train/sudoku_task.digits); givens are not overwritten, so a model
+that changes one gives an invalid solution. `valid` is decided by the rules alone (moe_core.sudoku.valid_solutions:
+every row, column and box a permutation of 1..9 and every given kept), never by the model; `correct` compares with
+a solution given with the puzzle.
+
 Batching. Work is sorted by length (longest first) and cut into batches of batch_size rows, right-padded with
 attention_mask = 0, so padding stays small; results come back in input order. Finished generations leave their
 batch, so the remaining ones do not pay for them.
@@ -37,12 +45,15 @@ from typing import Any
 import numpy as np
 
 from moe_core import EOT
+from moe_core import sudoku as S
 from moe_core.errors import MoeError
 
 from .graph import LAST_LOGITS, TOKEN_LOGPROBS
-from .runtime import HALT_STEP, ModelInfo, OrtModel
+from .runtime import HALT_STEP, LOGITS, SUDOKU_VOCAB, ModelInfo, OrtModel
 
 Progress = Callable[[int], Any]  # called with the number of input texts a batch has finished
+MODE_TASK = {"score": "lm", "generate": "lm", "solve": "sudoku"}  # what each mode serves
+TASK_NAMES = {"lm": "a language model", "sudoku": "a Sudoku model"}
 
 
 @dataclass
@@ -75,6 +86,21 @@ class GenerateResult:
 
 
 @dataclass
+class SolveResult:
+    puzzle: str  # the puzzle, 81 characters, '.' for a blank
+    solution: str  # the model's answer, 81 digits
+    steps: int  # 1-based halting step whose logits gave the answer
+    valid: bool  # the answer obeys the rules and keeps every given (checked by moe_core.sudoku, not the model)
+    correct: bool | None = None  # the answer equals the solution given with the puzzle; None when none was given
+
+    def as_record(self) -> dict[str, Any]:
+        r = {"puzzle": self.puzzle, "solution": self.solution, "steps": self.steps, "valid": self.valid}
+        if self.correct is not None:
+            r["correct"] = self.correct
+        return r
+
+
+@dataclass
 class ServeStats:
     """Running totals over every call of one Server (the CLI's final summary)."""
 
@@ -85,6 +111,9 @@ class ServeStats:
     halt_sum: int = 0  # sum of the reported halt_step values
     halt_count: int = 0
     long_inputs: int = 0  # texts longer than max_seq_len (scored with a sliding window / prompt cut to its end)
+    valid: int = 0  # solve: rule-checked valid solutions
+    checked: int = 0  # solve: puzzles given with a solution
+    correct: int = 0  # solve: answers equal to the given solution
 
     @property
     def padding_fraction(self) -> float:
@@ -157,6 +186,13 @@ def pick_token(logits: np.ndarray, temperature: float = 0.0, top_k: int = 0, top
     return int(rng.choice(len(p), p=p))
 
 
+def to_grid(value: str | np.ndarray, where: str) -> np.ndarray:
+    """A puzzle or solution as uint8 [81]: parsed from 81 characters, or checked (81 integers 0-9)."""
+    if isinstance(value, str):
+        return S.parse_grid(value, where)
+    return S.parse_grid(S.format_grid(np.asarray(value)), where)
+
+
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
     if max_new_tokens < 1:
         raise MoeError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
@@ -216,6 +252,7 @@ class Server:
     def score(self, texts: Sequence[str], batch_size: int = 32, return_token_logprobs: bool = False,
               stride: int | None = None, progress: Progress | None = None) -> list[ScoreResult]:
         """Per-text mean NLL / perplexity of the scored tokens, in input order (see the module docstring)."""
+        self.require_task("score")
         T = self.info.max_seq_len
         stride = self.window_stride(stride)
         if batch_size < 1:
@@ -252,7 +289,7 @@ class Server:
                 ppl = math.exp(nll) if nll < 700 else math.inf  # exp overflows a float past ~709
             results.append(ScoreResult(nll, ppl, len(lp_i), halt[i], n_windows[i],
                                        lp_i.tolist() if return_token_logprobs else None))
-        self._account(results, tokens=sum(map(len, ids)), long=sum(len(x) > T for x in ids))
+        self._account([r.halt_step for r in results], tokens=sum(map(len, ids)), long=sum(len(x) > T for x in ids))
         return results
 
     # -- generate --------------------------------------------------------------------------------------
@@ -262,6 +299,7 @@ class Server:
                  progress: Progress | None = None) -> list[GenerateResult]:
         """Continue each text (see the module docstring). `first_index` is the index of texts[0] in a longer
         stream, so that a sample's random generator does not depend on how the stream was cut into calls."""
+        self.require_task("generate")
         check_sampling(max_new_tokens, temperature, top_k, top_p)
         if batch_size < 1:
             raise MoeError(f"batch_size: expected >= 1, got {batch_size}")
@@ -295,14 +333,64 @@ class Server:
                 if progress is not None and len(still) < len(active):
                     progress(len(active) - len(still))
                 active = still
-        self._account(results, tokens=sum(len(r.tokens) for r in results), long=sum(len(p) > T for p in prompts))
+        self._account([r.halt_step for r in results], tokens=sum(len(r.tokens) for r in results),
+                      long=sum(len(p) > T for p in prompts))
         return results
 
-    def _account(self, results: Sequence[ScoreResult | GenerateResult], tokens: int, long: int) -> None:
+    # -- solve -----------------------------------------------------------------------------------------
+
+    def solve(self, puzzles: Sequence[str | np.ndarray] | np.ndarray,
+              solutions: Sequence[str | np.ndarray | None] | np.ndarray | None = None, batch_size: int = 32,
+              progress: Progress | None = None) -> list[SolveResult]:
+        """Solve each puzzle (81-character strings, '.' or '0' for a blank, or uint8 grids [81]), in input order;
+        `solutions` (same forms, None where unknown) sets each result's `correct`. See the module docstring."""
+        self.require_task("solve")
+        if batch_size < 1:
+            raise MoeError(f"batch_size: expected >= 1, got {batch_size}")
+        grids = np.zeros((len(puzzles), S.CELLS), dtype=np.uint8)
+        for i, p in enumerate(puzzles):
+            grids[i] = to_grid(p, f"puzzle {i + 1}")
+        if solutions is None:
+            solutions = [None] * len(grids)
+        given = [None if g is None else to_grid(g, f"solution {i + 1}") for i, g in enumerate(solutions)]
+        if len(given) != len(grids):
+            raise MoeError(f"solutions: {len(given)} for {len(grids)} puzzles; expected one per puzzle "
+                           "(None where unknown)")
+        answers = np.zeros_like(grids)
+        steps = np.zeros(len(grids), dtype=np.int64)
+        for i in range(0, len(grids), batch_size):
+            rows = grids[i:i + batch_size].astype(np.int64)
+            logits, hs = self._forward(rows, [LOGITS, HALT_STEP])
+            answers[i:i + len(rows)] = logits[..., 1:SUDOKU_VOCAB].argmax(-1) + 1  # a cell's answer is a digit 1..9
+            steps[i:i + len(rows)] = hs
+            if progress is not None:
+                progress(len(rows))
+        valid = S.valid_solutions(grids, answers)  # the rules decide, never the model
+        results = [SolveResult(S.format_grid(p), "".join(map(str, a)), int(n), bool(v),
+                               None if g is None else bool(np.array_equal(a, g)))
+                   for p, a, n, v, g in zip(grids, answers, steps, valid, given, strict=True)]
+        self._account(steps.tolist(), tokens=grids.size, long=0)
+        st = self.stats
+        st.valid += int(valid.sum())
+        st.checked += sum(r.correct is not None for r in results)
+        st.correct += sum(bool(r.correct) for r in results)
+        return results
+
+    # -- bookkeeping -----------------------------------------------------------------------------------
+
+    def require_task(self, mode: str) -> None:
+        """MoeError naming the model file when `mode` (score / generate / solve) is not for its task."""
+        task = self.info.task
+        if MODE_TASK[mode] != task:
+            raise MoeError(f"{self.info.path}: --mode {mode} needs {TASK_NAMES[MODE_TASK[mode]]} (task "
+                           f"{MODE_TASK[mode]}), but this model's task is {task}; use --mode "
+                           f"{' or --mode '.join(m for m, t in MODE_TASK.items() if t == task)}")
+
+    def _account(self, halts: Sequence[int | None], tokens: int, long: int) -> None:
         s = self.stats
-        s.sequences += len(results)
+        s.sequences += len(halts)
         s.tokens += tokens
         s.long_inputs += long
-        halts = [r.halt_step for r in results if r.halt_step is not None]
+        halts = [h for h in halts if h is not None]
         s.halt_sum += sum(halts)
         s.halt_count += len(halts)

@@ -386,6 +386,13 @@ def test_cli_refuses_existing_output_bad_stride_and_unavailable_cuda(exported, t
                              out_name="cuda.jsonl")
 
 
+def test_cli_refuses_solve_for_a_language_model(exported, tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"puzzle": "' + "." * 81 + '"}\n', encoding="utf-8")
+    assert_clean_failure(tmp_path, "m.onnx: --mode solve needs a Sudoku model (task sudoku), but this model's task "
+                         "is lm; use --mode score or --mode generate", exported[1], "--input", inp, "--mode", "solve")
+
+
 def assert_clean_failure(tmp_path: Path, message: str, *args, out_name: str = "out.jsonl") -> None:
     out = tmp_path / out_name
     code, _, stderr = moe_serve(*args, "--output", out)

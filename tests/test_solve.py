@@ -1,0 +1,185 @@
+"""`moe serve --mode solve` and Server.solve: a Sudoku run exported to ONNX gives the eager model's answers and halting
+steps exactly, every served solution is checked by the rules, and bad puzzles and mode / task mismatches fail cleanly.
+One sudoku-tiny run is trained in-process and exported once for the whole module."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_moe
+from test_serve import assert_clean_failure, moe_serve, write_jsonl
+
+from export.onnx_export import export_run
+from moe_core import MoeError, load_model
+from moe_core import sudoku as S
+from moe_core.checkpoint import load_run_config
+from serve import Server
+from train.config import RunConfig
+from train.sudoku_task import SudokuTask, solve_batches
+
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def sudoku(tmp_path_factory) -> tuple[Path, Path, SudokuTask]:
+    """(run_dir, model.onnx, the run's task with its test puzzles) of a briefly trained sudoku-tiny run. The recursion
+    is cut to H2 x L1 x 2 steps: the export (which unrolls every step) takes a third of the preset's time."""
+    tmp = tmp_path_factory.mktemp("solve")
+    run = tmp / "run"
+    result = run_moe(["--preset", "sudoku-tiny", "--no-compile", "--device", "cpu", "--out", run,
+                      "--set", f"train.max_steps={STEPS}", "--set", f"train.eval_every={STEPS}",
+                      "--set", "model.L_cycles=1", "--set", "model.halt_max_steps=2",
+                      "--set", "train.sudoku_train=32", "--set", "train.sudoku_test=24"],
+                     module="train", in_process=True)
+    assert result.returncode == 0, result.describe()
+    out = tmp / "sudoku.onnx"
+    lines: list[str] = []
+    export_run(run, out, log=lines.append)
+    assert any("sudoku_grids" in line and "ok" in line for line in lines), lines  # parity on real puzzles too
+    _, data = load_run_config(run)
+    task = SudokuTask(RunConfig.from_dict({k: data[k] for k in ("model", "train")}, "config.json"), log=lambda _: None)
+    return run, out, task
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def grids(rows: list[dict], key: str) -> np.ndarray:
+    return np.array([[int(c) for c in r[key].replace(".", "0")] for r in rows], dtype=np.uint8)
+
+
+def test_solve_reproduces_the_eager_model(sudoku, tmp_path):
+    """Served answers and steps equal eager PyTorch's (train/sudoku_task.solve_batches, what evaluation runs) on the
+    run's own test puzzles; the served accuracy is the one the trainer logged; valid is the rules' verdict."""
+    run, onnx_path, task = sudoku
+    puzzles, solutions = task.test_puzzles, task.test_solutions
+    answers, steps, _ = solve_batches(load_model(run), puzzles, 16, torch.device("cpu"))
+    pairs = enumerate(zip(puzzles, solutions, strict=True))
+    records = [{"id": f"q{i}", "puzzle": S.format_grid(p), "solution": S.format_grid(s)} if i % 2 else
+               {"text": S.format_grid(p).replace(".", "0")} for i, (p, s) in pairs]
+    inp = write_jsonl(tmp_path / "in.jsonl", records)
+    out = tmp_path / "out.jsonl"
+    code, stdout, stderr = moe_serve(onnx_path, "--input", inp, "--output", out, "--mode", "solve", "--batch-size", 5)
+    assert code == 0, stderr
+    rows = read_rows(out)
+    assert [r["id"] for r in rows] == [f"q{i}" if i % 2 else i + 1 for i in range(len(puzzles))]
+    served = grids(rows, "solution")
+    assert np.array_equal(served, answers) and [r["steps"] for r in rows] == steps.tolist()
+    assert np.array_equal(grids(rows, "puzzle"), puzzles)
+    valid = S.valid_solutions(puzzles, served)
+    assert [r["valid"] for r in rows] == valid.tolist()
+    assert [r.get("correct") for r in rows] == [bool((a == s).all()) if i % 2 else None
+                                               for i, (a, s) in enumerate(zip(served, solutions, strict=True))]
+    # The accuracy the trainer logged at its last evaluation (same weights, same puzzles) is the served one.
+    last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+            if '"kind": "eval"' in line][-1]
+    blank = puzzles == 0
+    assert ((served == solutions) & blank).sum() / blank.sum() == pytest.approx(last["cell_acc"], abs=1e-12)
+    assert valid.mean() == pytest.approx(last["puzzle_acc"], abs=1e-12)
+    summary = stdout.strip().splitlines()[-1]
+    n = len(puzzles)
+    assert summary.startswith(f"solve: {n} puzzles | valid {valid.sum()}/{n}") and "rule-checked" in summary
+    assert f"correct {sum(bool(r.get('correct')) for r in rows)}/{n // 2}" in summary
+    assert f"mean steps {steps.mean():.2f}" in summary
+
+
+def test_puzzle_file_input(sudoku, tmp_path):
+    """A plain puzzle file (CSV with a header, '0' blanks) gives the same answers as the API; ids are positions."""
+    _, onnx_path, task = sudoku
+    puzzles, solutions = task.test_puzzles[:7], task.test_solutions[:7]
+    inp = tmp_path / "puzzles.csv"
+    lines = [f"{S.format_grid(p).replace('.', '0')},{S.format_grid(s)}\n"
+             for p, s in zip(puzzles, solutions, strict=True)]
+    inp.write_text("quizzes,solutions\n" + "".join(lines), encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    code, _, stderr = moe_serve(onnx_path, "--input", inp, "--output", out, "--mode", "solve")
+    assert code == 0, stderr
+    rows = read_rows(out)
+    api = Server.open(onnx_path, provider="cpu", threads=1).solve(puzzles, solutions, batch_size=3)
+    assert [r["id"] for r in rows] == list(range(1, 8))
+    assert [{k: v for k, v in r.items() if k != "id"} for r in rows] == [r.as_record() for r in api]
+    assert all("correct" in r for r in rows)
+
+
+def test_valid_is_decided_by_the_rules(sudoku):
+    """Whatever the model answers, `valid` is moe_core.sudoku's verdict: a right answer, a repeated digit and a
+    changed given, through Server.solve with the model's logits replaced."""
+    _, onnx_path, task = sudoku
+    server = Server.open(onnx_path, provider="cpu", threads=1)
+    p, s = task.test_puzzles[:3], task.test_solutions[:3].copy()
+    wrong_digit, changed_given = s[1].copy(), s[2].copy()
+    blank = int(np.argmax(p[1] == 0))
+    wrong_digit[blank] = wrong_digit[blank] % 9 + 1  # the row now holds a digit twice
+    given = int(np.argmax(p[2] > 0))
+    row = given // 9 * 9
+    other = next(c for c in range(row, row + 9) if p[2][c] == 0)  # swap a given with a blank of its row: rows stay
+    changed_given[[given, other]] = changed_given[[other, given]]  # permutations, the given does not
+    answers = {p[0].tobytes(): s[0], p[1].tobytes(): wrong_digit, p[2].tobytes(): changed_given}
+
+    def fake_forward(rows, outputs):
+        digits = np.stack([answers[r.astype(np.uint8).tobytes()] for r in rows])
+        return [np.eye(10, dtype=np.float32)[digits], np.full(len(rows), 2, dtype=np.int64)]
+
+    server._forward = fake_forward
+    results = server.solve([S.format_grid(g) for g in p], list(s), batch_size=2)
+    assert [(r.valid, r.correct, r.steps) for r in results] == [(True, True, 2), (False, False, 2), (False, False, 2)]
+    assert S.why_invalid(p[1], wrong_digit) and "the given" in S.why_invalid(p[2], changed_given)
+    assert server.stats.valid == 1 and server.stats.correct == 1 and server.stats.checked == 3
+
+
+# -- bad input: one line naming the file and line, exit 2, no output -----------------------------------------------
+
+def test_bad_puzzles_are_named_by_line(sudoku, tmp_path):
+    _, onnx_path, task = sudoku
+    good = json.dumps({"puzzle": S.format_grid(task.test_puzzles[0])}) + "\n"
+    conflicting = "11" + S.format_grid(task.test_puzzles[0])[2:]
+    unsolved = json.dumps({"puzzle": S.format_grid(task.test_puzzles[0]),
+                           "solution": S.format_grid(task.test_solutions[1])})
+    cases = [
+        (good + '{"puzzle": "123"}\n', "in.jsonl", 'in.jsonl:2: "puzzle": a grid of 3 characters; expected 81'),
+        (good + good + json.dumps({"text": "x" * 81}) + "\n", "in.jsonl",
+         "in.jsonl:3: \"text\": character 'x' at cell 1"),
+        (good + '{"id": 4}\n', "in.jsonl", 'in.jsonl:2: missing "puzzle" field'),
+        (good + json.dumps({"puzzle": 81}) + "\n", "in.jsonl", 'in.jsonl:2: "puzzle" is a JSON number'),
+        (good + json.dumps({"puzzle": conflicting}) + "\n", "in.jsonl", "in.jsonl:2: \"puzzle\": the givens conflict"),
+        (good + unsolved + "\n", "in.jsonl", 'in.jsonl:2: "solution" does not solve the puzzle'),
+        ("", "in.jsonl", "in.jsonl: no input records"),
+        ("# puzzles\n" + S.format_grid(task.test_puzzles[0]) + "\n" + "5" * 80 + "\n", "in.txt",
+         "in.txt:3 (puzzle): a grid of 80 characters"),
+    ]
+    for i, (content, name, message) in enumerate(cases):
+        case = tmp_path / str(i)
+        case.mkdir()
+        inp = case / name
+        inp.write_text(content, encoding="utf-8")
+        assert_clean_failure(case, message, onnx_path, "--input", inp, "--mode", "solve")
+
+
+def test_modes_other_than_solve_are_refused(sudoku, tmp_path):
+    _, onnx_path, task = sudoku
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"text": S.format_grid(task.test_puzzles[0])}])
+    for mode in ("score", "generate"):
+        assert_clean_failure(tmp_path, f"sudoku.onnx: --mode {mode} needs a language model (task lm), but this "
+                             "model's task is sudoku; use --mode solve", onnx_path, "--input", inp, "--mode", mode)
+    server = Server.open(onnx_path, provider="cpu", threads=1)
+    with pytest.raises(MoeError, match="task is sudoku"):
+        server.score(["123"])
+
+
+def test_eval_text_is_refused_for_a_sudoku_run(sudoku, tmp_path):
+    from click.testing import CliRunner
+
+    from moe_core.cli import cli
+
+    text = tmp_path / "eval.txt"
+    text.write_text("some text\n", encoding="utf-8")
+    out = tmp_path / "m.onnx"
+    r = CliRunner().invoke(cli, ["export", str(sudoku[0]), "--out", str(out), "--eval-text", str(text)])
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and "--eval-text: a language-model option" in lines[0], r.output
+    assert "is a sudoku run" in lines[0] and not out.exists()
