@@ -4,6 +4,20 @@ Compatibility: every file moe writes for another command to read (a run's config
 metadata) carries `format_version`, an integer bumped on any change a reader of the previous format would
 misread. A reader accepts exactly its own FORMAT_VERSION and refuses any other, naming both versions; files
 written before the field existed are format 1. Within a format, config.json must hold every model key.
+
+Sharded weights. A run trained with FSDP (train.parallel = "fsdp" under torchrun) publishes its model as one
+safetensors file per rank plus an index, `model.shards.json`, in place of model.safetensors:
+
+    {"format_version": 1, "moe_version": "...", "world_size": 2, "step": 150,
+     "files": ["model-00000150-rank00000-of-00002.safetensors", ...],            # one per rank, in rank order
+     "tensors": {"embed.weight": {"shape": [512, 64], "dtype": "float32", "sharded": true,
+                                  "local_shapes": [[256, 64], [256, 64]]},      # rank r's rows, in order
+                 "z_H_init": {"shape": [64], "dtype": "float32", "sharded": false}, ...}}
+
+A sharded tensor is the concatenation on dim 0 of its pieces in the rank files (FSDP2 splits dim 0 as
+torch.chunk does: pieces may be uneven or empty); an unsharded one is stored whole in every rank file. The
+same layout (with another file prefix) holds the optimizer state of train/checkpointing.py's sharded sets.
+`read_weights`, `load_weights` and `load_model` merge shards transparently when given / finding the index.
 """
 
 from __future__ import annotations
@@ -29,6 +43,8 @@ from .model import RecursiveMoE
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+SHARD_INDEX = "model.shards.json"  # a sharded model (see above), read in place of WEIGHTS_FILE when present
+SHARD_FILES = "model-*-rank*-of-*.safetensors"  # glob of the rank files an index names (shard_file_name)
 TOKENIZER_FILE = "tokenizer.json"
 
 _UMASK = os.umask(0)
@@ -100,6 +116,28 @@ def save_run(run_dir: str | os.PathLike, model: RecursiveMoE, tokenizer_json: st
     atomic_write_text(run_dir / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
     atomic_write_text(run_dir / TOKENIZER_FILE, tokenizer_json)
     save_weights(model, run_dir / WEIGHTS_FILE)
+    drop_sharded_weights(run_dir)
+
+
+def shard_file_name(prefix: str, step: int, rank: int, world: int) -> str:
+    """The file of rank `rank`'s shards at `step`: the step in the name keeps the files of two checkpoints apart,
+    so a reader never pairs one rank's new file with another rank's old one."""
+    return f"{prefix}-{step:08d}-rank{rank:05d}-of-{world:05d}.safetensors"
+
+
+def weights_path(run_dir: str | os.PathLike) -> Path:
+    """The weights load_model reads: the shard index an FSDP run published, else model.safetensors."""
+    index = Path(run_dir) / SHARD_INDEX
+    return index if index.is_file() else Path(run_dir) / WEIGHTS_FILE
+
+
+def drop_sharded_weights(run_dir: str | os.PathLike) -> None:
+    """Remove a published sharded model (index first, so no reader finds an index without its files): called
+    once model.safetensors holds the run's weights."""
+    run_dir = Path(run_dir)
+    (run_dir / SHARD_INDEX).unlink(missing_ok=True)
+    for f in run_dir.glob(SHARD_FILES):
+        f.unlink(missing_ok=True)
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -145,8 +183,11 @@ def load_run_config(run_dir: str | os.PathLike) -> tuple[ModelConfig, dict[str, 
 
 
 def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file; CheckpointError naming the file if it is missing or malformed."""
+    """Every tensor of a safetensors file, or of a sharded checkpoint (`path` its JSON index) merged into whole
+    tensors; CheckpointError naming the file if it is missing or malformed."""
     path = Path(path)
+    if path.suffix == ".json":
+        return read_shards(read_json(path), path)
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found" if not path.exists() else f"{path}: not a file")
     try:
@@ -154,6 +195,65 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except Exception as e:  # SafetensorError for a bad header, OSError, and whatever a hostile header provokes
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a valid safetensors file ({reason})") from None
+
+
+def read_shards(index: Any, where: str | os.PathLike, rank: int | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a sharded checkpoint (layout in the module docstring) whose index `index` was read from
+    `where` (the rank files sit beside it). rank=None: merged — every sharded tensor concatenated on dim 0 in
+    rank order, every unsharded one from rank 0's file. rank=r: rank r's own file as written (its pieces, the
+    unsharded tensors and anything else it holds), checked against the index. Errors name the file at fault."""
+    where = Path(where)
+    tensors, files = _check_index(index, where)
+    ranks = range(len(files)) if rank is None else [rank]
+    if rank is not None and not 0 <= rank < len(files):
+        raise CheckpointError(f"{where}: written by {len(files)} rank(s), has no shard for rank {rank}")
+    parts = {r: read_weights(where.parent / files[r]) for r in ranks}
+    out: dict[str, torch.Tensor] = dict(parts[rank]) if rank is not None else {}
+    for name, info in tensors.items():
+        for r in ranks if info["sharded"] else ranks[:1]:
+            piece = parts[r].get(name)
+            shape = info["local_shapes"][r] if info["sharded"] else info["shape"]
+            if piece is None or list(piece.shape) != shape:
+                got = "is missing" if piece is None else f"has shape {tuple(piece.shape)}"
+                raise CheckpointError(f"{where.parent / files[r]}: tensor {name} {got}, {where.name} says "
+                                      f"{tuple(shape)} (a shard of another checkpoint, or a corrupt one)")
+        if rank is None:
+            out[name] = torch.cat([parts[r][name] for r in ranks]) if info["sharded"] else parts[0][name]
+    return out
+
+
+def _check_index(index: Any, where: Path) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """The tensors and files of a shard index, each field checked; CheckpointError naming `where` otherwise."""
+    def fail(msg: str) -> CheckpointError:
+        return CheckpointError(f"{where}: {msg} (not a shard index written by moe train)")
+
+    def is_shape(v: Any) -> bool:
+        return isinstance(v, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in v)
+
+    if not isinstance(index, dict):
+        raise fail(f"got a JSON {json_type(index)}, expected an object")
+    if "format_version" in index:
+        check_format(index["format_version"], index.get("moe_version", "(unknown version)"), where)
+    files, tensors = index.get("files"), index.get("tensors")
+    plain_names = isinstance(files, list) and all(isinstance(f, str) and f == Path(f).name and f not in ("", ".", "..")
+                                                  for f in files)
+    if not (plain_names and files):
+        raise fail('"files": expected a list of file names, one per rank')
+    if index.get("world_size", len(files)) != len(files):
+        raise fail(f'"world_size" is {str(index.get("world_size"))[:20]} but {len(files)} file(s) are listed')
+    if not isinstance(tensors, dict):
+        raise fail('"tensors": expected an object')
+    for name, info in tensors.items():
+        ok = isinstance(info, dict) and is_shape(info.get("shape")) and isinstance(info.get("sharded"), bool)
+        if ok and info["sharded"]:
+            local = info.get("local_shapes")
+            ok = (isinstance(local, list) and len(local) == len(files) and all(is_shape(s) for s in local)
+                  and sum(s[0] if s else -1 for s in local) == (info["shape"] or [0])[0]
+                  and all(s[1:] == info["shape"][1:] for s in local))
+        if not ok:
+            raise fail(f"tensor {name}: expected shape, sharded and (when sharded) one local shape per rank whose "
+                       f"rows add up to the shape")
+    return tensors, files
 
 
 def check_weights(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
@@ -187,7 +287,7 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
 def load_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> RecursiveMoE:
     """The eval-mode model of a run directory. `model.config` is its ModelConfig."""
     cfg, _ = load_run_config(run_dir)
-    path = Path(run_dir) / WEIGHTS_FILE
+    path = weights_path(run_dir)
     state = read_weights(path)
     try:
         with torch.device("meta"):  # the config's tensors, checked against the file before memory is spent on them

@@ -1,12 +1,23 @@
-"""Data-parallel training on torchrun (CPU, gloo, 2 processes): two ranks with a per-rank batch of b give the
-same weights as one process with batch 2b, and a 2-rank run stopped with SIGTERM resumes bit-identically."""
+"""Data-parallel training on torchrun (CPU, gloo, 2 processes), with DDP and with FSDP2 (train.parallel=fsdp):
+two ranks with a per-rank batch of b give the same weights as one process with batch 2b, a 2-rank run stopped
+with SIGTERM resumes bit-identically, and FSDP's sharded checkpoints (per-rank safetensors + a JSON index) are
+what load_model reads, merged.
+
+Every run of the file starts at once in the module fixture (the ranks of a run wait on each other, so
+concurrent runs fill the gaps): ~55 s and ~100 CPU-seconds on 2 shared CPU cores. `moe export` reads a run
+through load_model, tested here on a sharded run; the export itself (~40 s even with --no-check) is not
+repeated here (test_export.py covers it on an unsharded run)."""
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -15,16 +26,21 @@ from conftest import REPO, CliResult, finish, run_moe, subprocess_env
 from safetensors.torch import load_file
 from test_resume import stop_at
 
+from moe_core import CheckpointError, load_model
+from moe_core.checkpoint import SHARD_INDEX, WEIGHTS_FILE
+from train.distributed import Dist
+
 STEPS = 8
 NO_AUX = [f"train.{name}_weight=0" for name in ("moe_balance", "moe_z", "moh_balance", "moh_complexity",
                                                  "moh_sparsity")]
+FSDP = "train.parallel=fsdp"
 
 
 def args(corpus: Path, out: Path, *sets: str) -> list[str]:
     base = ["--preset", "tiny", "--no-compile", "--data", str(corpus), "--device", "cpu", "--out", str(out),
             "--set", "model.vocab_size=300", "--set", f"train.max_steps={STEPS}", "--set", "train.batch_size=8",
             "--set", "train.eval_every=4", "--set", "train.log_every=1", "--set", "train.checkpoint_every=2",
-            "--set", "train.eval_batches=2"]
+            "--set", "train.eval_batches=3"]  # 3 batches (8, 8, 7 rows) on 2 ranks: uneven shares
     return base + [a for s in sets for a in ("--set", s)]
 
 
@@ -35,8 +51,19 @@ def spawn_torchrun(train_args: list[str], nproc: int = 2) -> subprocess.Popen:
                             text=True)
 
 
+def merged_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """A run's weights: model.safetensors, or (FSDP) the rank files concatenated on dim 0 as the index says —
+    read here without moe_core, so the test checks load_model's merge against an independent one."""
+    if not (run_dir / SHARD_INDEX).exists():
+        return load_file(run_dir / WEIGHTS_FILE)
+    index = json.loads((run_dir / SHARD_INDEX).read_text(encoding="utf-8"))
+    files = [load_file(run_dir / name) for name in index["files"]]
+    return {name: torch.cat([f[name] for f in files]) if info["sharded"] else files[0][name]
+            for name, info in index["tensors"].items()}
+
+
 def weights_diff(a: Path, b: Path) -> float:
-    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    wa, wb = merged_weights(a), merged_weights(b)
     assert wa.keys() == wb.keys()
     return max((wa[k] - wb[k]).abs().max().item() for k in wa)
 
@@ -48,41 +75,64 @@ def train_records(run_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> dict[str, tuple[CliResult, Path]]:
-    """One process with batch 8 and two ranks with 4 each, with the aux losses off (see the test) and on."""
-    root = tmp_path_factory.mktemp("ddp")
-    procs = {
-        "ddp": (spawn_torchrun(args(corpus_file, root / "ddp", *NO_AUX)), root / "ddp"),
-        "ddp_aux": (spawn_torchrun(args(corpus_file, root / "ddp_aux")), root / "ddp_aux"),
-    }
+    """All at once: two ranks with 4 rows each (DDP and FSDP, aux losses off — see the test — and DDP with them
+    on), one process with batch 8 (aux off and on), and for DDP and FSDP a 2-rank run stopped with SIGTERM after
+    step 3 ("NAME_stopped") then resumed under torchrun ("NAME_resumed")."""
+    root = tmp_path_factory.mktemp("dist")
+    procs: list[subprocess.Popen] = []
+
+    def torchrun(train_args: list) -> subprocess.Popen:
+        procs.append(spawn_torchrun(train_args))
+        return procs[-1]
+
+    def full_run(name: str, *sets: str) -> Callable[[], dict[str, tuple[CliResult, Path]]]:
+        return lambda: {name: (finish(torchrun(args(corpus_file, root / name, *sets)), timeout=300), root / name)}
+
+    def stop_and_resume(name: str, *sets: str) -> Callable[[], dict[str, tuple[CliResult, Path]]]:
+        def run() -> dict[str, tuple[CliResult, Path]]:
+            out = root / f"{name}_resumed"
+            stopped = stop_at(torchrun(args(corpus_file, out, *sets)), out, 3, signal.SIGTERM)
+            return {f"{name}_stopped": (stopped, out), f"{name}_resumed": (finish(torchrun(["--resume", out])), out)}
+        return run
+
+    def single_runs() -> dict[str, tuple[CliResult, Path]]:  # in-process (one at a time): no import cost
+        return {name: (run_moe(args(corpus_file, root / name, *sets), module="train", in_process=True), root / name)
+                for name, sets in (("single", NO_AUX), ("single_aux", []))}
+
+    jobs = [full_run("ddp", *NO_AUX), full_run("fsdp", FSDP, *NO_AUX), full_run("ddp_aux"), single_runs,
+            stop_and_resume("ddp", *NO_AUX), stop_and_resume("fsdp", FSDP, *NO_AUX)]
     try:
-        results = {name: (finish(p, timeout=300), out) for name, (p, out) in procs.items()}
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            return {k: v for future in [pool.submit(job) for job in jobs] for k, v in future.result().items()}
     finally:
-        for p, _ in procs.values():
+        for p in procs:
             if p.poll() is None:
                 p.kill()
-    for name, sets in (("single", NO_AUX), ("single_aux", [])):
-        out = root / name
-        results[name] = (run_moe(args(corpus_file, out, *sets), module="train"), out)
-    return results
 
 
-def test_two_ranks_match_one_process_with_the_global_batch(runs) -> None:
-    for result, _ in runs.values():
-        assert result.returncode == 0, result.describe()
-    (ddp, ddp_dir), (_, single_dir) = runs["ddp"], runs["single"]
-    assert "config:" in ddp.stdout and ddp.stdout.count("config:") == 1  # rank 0 speaks for both
-    assert ddp.stdout.count("done: val loss") == 1
-    # Same global batch, gradients averaged over ranks: equal up to float summation order.
-    assert weights_diff(ddp_dir, single_dir) < 1e-6
-    for a, b in zip(train_records(ddp_dir), train_records(single_dir), strict=True):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_ranks_match_one_process_with_the_global_batch(runs, mode: str) -> None:
+    for name in (mode, "single"):
+        assert runs[name][0].returncode == 0, runs[name][0].describe()
+    (ranks, ranks_dir), (_, single_dir) = runs[mode], runs["single"]
+    assert "config:" in ranks.stdout and ranks.stdout.count("config:") == 1  # rank 0 speaks for both
+    assert ranks.stdout.count("done: val loss") == 1
+    # Same global batch, gradients averaged over ranks: equal up to float summation order. Measured max |dw|
+    # after 8 steps: 9.0e-7 for both (router weights, LR x10); FSDP's weights equal DDP's bit for bit.
+    assert weights_diff(ranks_dir, single_dir) < 1e-6
+    for a, b in zip(train_records(ranks_dir), train_records(single_dir), strict=True):
         assert a["lm_loss"] == pytest.approx(b["lm_loss"], abs=1e-5)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)  # FSDP: the global norm of the shards
+        assert a["grad_norm.router"] == pytest.approx(b["grad_norm.router"], rel=1e-3, abs=1e-6)
         assert a["halt_hist"] == b["halt_hist"]  # statistics reduced over ranks: counts over all 8 samples
         assert sum(a["halt_hist"]) == 8
         assert a["L1.moh_heads"] == pytest.approx(b["L1.moh_heads"], abs=1e-4)
         assert a["L1.moe_load"] == pytest.approx(b["L1.moe_load"], abs=1e-4)
+    evals = [[r["val_loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+              if r["kind"] == "eval"] for d in (ranks_dir, single_dir)]
+    assert evals[0] == pytest.approx(evals[1], abs=1e-5)  # the eval batches split over ranks, counted once
     # Only rank 0 writes: one metrics file, checkpoint sets, plots; no stray files.
-    assert (ddp_dir / "plots").is_dir() and (ddp_dir / "trainer_state").is_dir()
+    assert (ranks_dir / "plots").is_dir() and (ranks_dir / "trainer_state").is_dir()
 
 
 def test_aux_losses_are_per_rank(runs) -> None:
@@ -95,14 +145,78 @@ def test_aux_losses_are_per_rank(runs) -> None:
         assert a["lm_loss"] == pytest.approx(b["lm_loss"], abs=2e-2)
 
 
-def test_resume_under_torchrun_is_bit_identical(runs, corpus_file: Path, tmp_path: Path) -> None:
-    reference, out = runs["ddp"][1], tmp_path / "stopped"
-    result = stop_at(spawn_torchrun(args(corpus_file, out, *NO_AUX)), out, 3, signal.SIGTERM)
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_resume_under_torchrun_is_bit_identical(runs, mode: str) -> None:
+    (result, out), reference = runs[f"{mode}_stopped"], runs[mode][1]
     assert result.returncode != 0, result.describe()
     assert "interrupted by SIGTERM" in result.stderr, result.describe()
     assert len(list((out / "trainer_state").glob("step-*"))) >= 1
-    result = finish(spawn_torchrun(["--resume", out]))
+    result = runs[f"{mode}_resumed"][0]
     assert result.returncode == 0, result.describe()
-    wa, wb = load_file(reference / "model.safetensors"), load_file(out / "model.safetensors")
+    wa, wb = merged_weights(reference), merged_weights(out)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert [r["lm_loss"] for r in train_records(out)] == [r["lm_loss"] for r in train_records(reference)]
+
+
+def test_fsdp_checkpoints_are_sharded_and_load_model_merges_them(runs, tmp_path: Path) -> None:
+    run = runs["fsdp"][1]
+    files = [f"model-{STEPS:08d}-rank{r:05d}-of-00002.safetensors" for r in range(2)]
+    for step_dir in sorted((run / "trainer_state").glob("step-*")):
+        names = {p.name for p in step_dir.iterdir()}
+        step = int(step_dir.name.removeprefix("step-"))
+        assert names == {"state.json", SHARD_INDEX, *(f"{kind}-{step:08d}-rank{r:05d}-of-00002.safetensors"
+                                                       for kind in ("model", "optimizer") for r in range(2))}
+        meta = json.loads((step_dir / "state.json").read_text(encoding="utf-8"))
+        assert meta["format"] == 2 and meta["world_size"] == 2 and meta["step"] == step
+        assert meta["optimizer"]["tensors"]["opt.0.exp_avg"]["sharded"] and meta["param_groups"]
+    # The run directory publishes the last set's shards and index instead of model.safetensors (and nothing older).
+    assert sorted(p.name for p in run.glob("model*")) == sorted([*files, SHARD_INDEX])
+    index = json.loads((run / SHARD_INDEX).read_text(encoding="utf-8"))
+    assert index["world_size"] == 2 and index["step"] == STEPS and index["files"] == files
+    emb = index["tensors"]["embed.weight"]
+    assert emb["sharded"] and emb["shape"] == [300, 32] and emb["local_shapes"] == [[150, 32], [150, 32]]
+    assert index["tensors"]["halt_head.weight"]["local_shapes"] == [[1, 32], [0, 32]]  # torch.chunk: may be empty
+    pieces = [load_file(run / f) for f in files]
+    assert pieces[0]["embed.weight"].shape == (150, 32) and "z_H_init" in pieces[1]  # unsharded: in every file
+    merged = merged_weights(run)
+    model = load_model(run)
+    assert all(torch.equal(v, merged[k]) for k, v in model.state_dict().items())
+    # A missing or corrupt rank file: one line naming it.
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken, ignore=shutil.ignore_patterns("trainer_state", "plots", "tensorboard"))
+    (broken / files[1]).write_bytes((broken / files[1]).read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(broken / files[1]))}: not a valid safetensors file"):
+        load_model(broken)
+    (broken / files[1]).unlink()
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(broken / files[1]))}: file not found"):
+        load_model(broken)
+    shutil.copy(run / files[1], broken / files[1])
+    bad_rows = {**index["tensors"], "embed.weight": {**emb, "local_shapes": [[150, 32]]}}
+    for field, value, needle in (("files", ["../model.safetensors", files[1]], '"files": expected a list of file'),
+                                 ("world_size", 3, '"world_size" is 3 but 2 file'),
+                                 ("tensors", bad_rows, "tensor embed.weight: expected shape"),
+                                 ("files", files[::-1], rf"{re.escape(str(broken / files[1]))}: tensor .* has shape")):
+        (broken / SHARD_INDEX).write_text(json.dumps({**index, field: value}), encoding="utf-8")
+        with pytest.raises(CheckpointError, match=rf"^({re.escape(str(broken / SHARD_INDEX))}: )?{needle}"):
+            load_model(broken)
+
+
+def test_fsdp_run_resumes_in_one_process(runs, tmp_path: Path) -> None:
+    """Another world size reads the sharded set whole (and says the dropout streams restart); the single process
+    then publishes model.safetensors again, dropping the shards."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["fsdp"][1], run)
+    result = run_moe(["--resume", run, "--set", f"train.max_steps={STEPS + 1}"], module="train", in_process=True)
+    assert result.returncode == 0, result.describe()
+    assert "saved by 2 rank(s), resuming on 1" in result.stdout
+    assert (run / WEIGHTS_FILE).is_file() and not list(run.glob("model-*")) and not (run / SHARD_INDEX).exists()
+    assert weights_diff(run, runs["fsdp"][1]) > 0  # one more step was taken from the sharded weights
+    assert len(train_records(run)) == STEPS + 1
+
+
+def test_eval_indices_keep_fsdp_ranks_in_lockstep() -> None:
+    """3 eval items on 2 ranks: rank 1 computes 1 of them; under FSDP it also repeats item 0, uncounted."""
+    assert Dist(0, 2).eval_indices(3, lockstep=True) == ([0, 2], 2)
+    assert Dist(1, 2).eval_indices(3, lockstep=False) == ([1], 1)
+    assert Dist(1, 2).eval_indices(3, lockstep=True) == ([1, 0], 1)
+    assert Dist().eval_indices(3, lockstep=False) == ([0, 1, 2], 3)

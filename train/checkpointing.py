@@ -5,32 +5,65 @@
       optimizer.safetensors   # AdamW moments, the RNG states and the grad-norm history, as tensors
       state.json              # step, optimizer param groups, counters, data fingerprint, format version
 
+A model sharded with FSDP is saved sharded (format 2): no rank ever holds the whole model or optimizer.
+
+    trainer_state/step-00000150/
+      model-00000150-rank00000-of-00002.safetensors      # rank 0's pieces of the weights (one file per rank)
+      optimizer-00000150-rank00000-of-00002.safetensors  # its pieces of the AdamW moments, the step counts, the
+                                                         # grad-norm history and its own RNG states
+      model.shards.json       # the model's shard index (moe_core.checkpoint: global shapes, which tensors
+                              # are sharded, each rank's local shapes, files, world size, step)
+      state.json              # as above, plus "optimizer": the optimizer files' index in the same layout
+
+and the model's rank files and index are published at the run directory's top level in place of
+model.safetensors, which load_model and `moe export` read, merging the shards.
+
 A set is built in a hidden temp directory and renamed into place in one step, so `step-*` directories are
 always complete: a run killed at any instant leaves the previous sets intact and at most a temp directory,
 which the next resume deletes. The newest K sets are kept. Nothing is pickled: tensors go to safetensors,
-everything else to JSON.
+everything else to JSON (torch.distributed.checkpoint is not used: its writer pickles its metadata).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from moe_core.checkpoint import WEIGHTS_FILE, atomic_write, load_weights, read_json, save_weights
+from moe_core import __version__
+from moe_core.checkpoint import (
+    FORMAT_VERSION,
+    SHARD_FILES,
+    SHARD_INDEX,
+    WEIGHTS_FILE,
+    atomic_write,
+    check_weights,
+    drop_sharded_weights,
+    read_json,
+    read_shards,
+    read_weights,
+    save_weights,
+    shard_file_name,
+)
 from moe_core.errors import CheckpointError
+
+from .distributed import SINGLE, Dist, is_dtensor, is_sharded
 
 STATE_DIR = "trainer_state"
 FORMAT = 1  # bump when the layout below changes; resume refuses other formats by name
+SHARDED_FORMAT = 2  # the sharded layout below (FSDP); format 1 readers refuse it by name
+_CPU = torch.device("cpu")
 _SET = re.compile(r"^step-(\d{8})$")
 _OPTIMIZER_FILE = "optimizer.safetensors"
 _STATE_FILE = "state.json"
@@ -70,46 +103,135 @@ def checkpoint_sets(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: LoopState,
-                    keep: int, rng: dict[str, torch.Tensor], world: int = 1) -> Path:
-    """Write the set for `state.step`, point RUN_DIR/model.safetensors at its weights, keep the newest `keep`.
+                    keep: int, rng: dict[str, torch.Tensor], dist: Dist = SINGLE,
+                    device: torch.device = _CPU) -> Path:
+    """Write the set for `state.step`, publish its weights as what load_model reads, keep the newest `keep`.
 
-    `rng` holds every rank's generator states by name (`rng.cpu.{rank}`, `rng.cuda.{rank}`)."""
-    state_dir = Path(run_dir) / STATE_DIR
-    state_dir.mkdir(exist_ok=True)
-    final = state_dir / f"step-{state.step:08d}"
-    tmp = state_dir / f".{final.name}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        save_weights(model, tmp / WEIGHTS_FILE)
-        sd = optimizer.state_dict()
-        tensors = {f"opt.{i}.{k}": v.detach().cpu().contiguous() for i, s in sd["state"].items() for k, v in s.items()
-                   if isinstance(v, torch.Tensor)}
-        tensors.update(rng)
-        tensors["grad_norms"] = torch.tensor(state.grad_norms, dtype=torch.float64)
-        atomic_write(tmp / _OPTIMIZER_FILE, lambda p: save_file(tensors, p))
-        meta = {"format": FORMAT, **{k: v for k, v in asdict(state).items() if k != "grad_norms"}, "world_size": world,
-                "param_groups": sd["param_groups"]}
-        atomic_write(tmp / _STATE_FILE, lambda p: Path(p).write_text(json.dumps(meta, indent=1), encoding="utf-8"))
-        if final.exists():  # the same step saved again (a resumed run that was interrupted at once): replace it
-            old = state_dir / f".{final.name}.{os.getpid()}.old"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(state_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _publish_weights(final / WEIGHTS_FILE, Path(run_dir) / WEIGHTS_FILE)
-    for _, old_set in checkpoint_sets(run_dir)[:-keep]:
-        shutil.rmtree(old_set, ignore_errors=True)
+    Called on every rank. `rng` holds every rank's generator states by name (`rng.cpu.{rank}`,
+    `rng.cuda.{rank}`). A model sharded with FSDP is saved sharded (every rank writes its pieces, rank 0 the
+    indexes); otherwise rank 0 writes the whole set and the other ranks return at once."""
+    sd = optimizer.state_dict()
+    opt = {f"opt.{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items() if isinstance(v, torch.Tensor)}
+    norms = {"grad_norms": torch.tensor(state.grad_norms, dtype=torch.float64)}
+    meta = {"format": FORMAT, **{k: v for k, v in asdict(state).items() if k != "grad_norms"},
+            "world_size": dist.world, "param_groups": sd["param_groups"]}
+    final = Path(run_dir) / STATE_DIR / f"step-{state.step:08d}"
+    tmp = final.parent / f".{final.name}.tmp"
+    if is_sharded(model):
+        mine = {k: v for k, v in rng.items() if k.rsplit(".", 1)[1] == str(dist.rank)}
+        _save_sharded(Path(run_dir), final, tmp, model.state_dict(), {**opt, **norms}, mine, meta, keep, dist,
+                      device)
+    elif dist.is_main:
+        _start_set(tmp)
+        try:
+            save_weights(model, tmp / WEIGHTS_FILE)
+            tensors = {**{k: v.detach().cpu().contiguous() for k, v in opt.items()}, **rng, **norms}
+            atomic_write(tmp / _OPTIMIZER_FILE, lambda p: save_file(tensors, p))
+            _write_json(tmp / _STATE_FILE, meta)
+            _finish_set(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _publish(final / WEIGHTS_FILE, Path(run_dir) / WEIGHTS_FILE)
+        drop_sharded_weights(run_dir)
+        _prune(Path(run_dir), keep)
     return final
 
 
-def _publish_weights(src: Path, dst: Path) -> None:
-    """Make `dst` (what load_model and export read) the set's weights: a hard link where possible, else a copy."""
+def _save_sharded(run_dir: Path, final: Path, tmp: Path, model_state: dict[str, torch.Tensor],
+                  opt_state: dict[str, torch.Tensor], rng: dict[str, torch.Tensor], meta: dict[str, Any], keep: int,
+                  dist: Dist, device: torch.device) -> None:
+    """The sharded set: each rank writes its model and optimizer pieces (with its own RNG states), rank 0 the
+    model's shard index, state.json (with the optimizer's index), and publishes the model shards. A failure on
+    any rank fails every rank, and no set appears."""
+    step, rank = meta["step"], dist.rank
+    with _all_or_none(dist, device, final, tmp):
+        if dist.is_main:
+            _start_set(tmp)
+    model_local, model_index = _shard(model_state, "model", step, dist, device)
+    opt_local, opt_index = _shard(opt_state, "optimizer", step, dist, device)
+    with _all_or_none(dist, device, final, tmp):
+        atomic_write(tmp / model_index["files"][rank], lambda p: save_file(model_local, p))
+        atomic_write(tmp / opt_index["files"][rank], lambda p: save_file({**opt_local, **rng}, p))
+    with _all_or_none(dist, device, final, tmp):
+        if dist.is_main:
+            _write_json(tmp / SHARD_INDEX, {"format_version": FORMAT_VERSION, "moe_version": __version__,
+                                            **model_index})
+            _write_json(tmp / _STATE_FILE, {**meta, "format": SHARDED_FORMAT, "optimizer": opt_index})
+            _finish_set(tmp, final)
+            for name in (*model_index["files"], SHARD_INDEX):  # the index last: it switches readers over
+                _publish(final / name, run_dir / name)
+            (run_dir / WEIGHTS_FILE).unlink(missing_ok=True)
+            for f in run_dir.glob(SHARD_FILES):
+                if f.name not in model_index["files"]:
+                    f.unlink(missing_ok=True)
+            _prune(run_dir, keep)
+
+
+def _shard(tensors: dict[str, torch.Tensor], prefix: str, step: int, dist: Dist,
+           device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """This rank's part of `tensors` (a DTensor's local piece, any other tensor whole) and the index of every
+    rank's parts (moe_core.checkpoint's shard layout). Gathers the ranks' row counts: call it on every rank."""
+    local: dict[str, torch.Tensor] = {}
+    info: dict[str, dict[str, Any]] = {}
+    for name, t in tensors.items():
+        local[name] = (t.to_local() if is_dtensor(t) else t).detach().cpu().contiguous()
+        info[name] = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "sharded": is_dtensor(t)}
+    sharded = [name for name, i in info.items() if i["sharded"]]
+    rows = dist.gather(torch.tensor([local[name].shape[0] for name in sharded], dtype=torch.int64), device)
+    for j, name in enumerate(sharded):
+        info[name]["local_shapes"] = [[int(r[j]), *info[name]["shape"][1:]] for r in rows]
+    files = [shard_file_name(prefix, step, r, dist.world) for r in range(dist.world)]
+    return local, {"world_size": dist.world, "step": step, "files": files, "tensors": info}
+
+
+@contextlib.contextmanager
+def _all_or_none(dist: Dist, device: torch.device, final: Path, tmp: Path) -> Iterator[None]:
+    """Run the body on every rank and agree on the outcome: if it failed on any rank, every rank fails (the
+    failing one with its own error) and rank 0 removes the partial set, rather than leaving the others to wait
+    for it in the next collective."""
+    error: Exception | None = None
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - re-raised below, after the ranks agree
+        error = e
+    if dist.any(error is not None, device):
+        if dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if error is not None:
+            raise error
+        raise CheckpointError(f"{final}: not written: another rank failed to write its part (its error is above)")
+
+
+def _start_set(tmp: Path) -> None:
+    tmp.parent.mkdir(exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    atomic_write(path, lambda p: Path(p).write_text(json.dumps(data, indent=1), encoding="utf-8"))
+
+
+def _finish_set(tmp: Path, final: Path) -> None:
+    """Rename the complete temp set into place in one step."""
+    if final.exists():  # the same step saved again (a resumed run that was interrupted at once): replace it
+        old = final.parent / f".{final.name}.{os.getpid()}.old"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def _prune(run_dir: Path, keep: int) -> None:
+    for _, old_set in checkpoint_sets(run_dir)[:-keep]:
+        shutil.rmtree(old_set, ignore_errors=True)
+
+
+def _publish(src: Path, dst: Path) -> None:
+    """Make `dst` (what load_model and export read) the set's file `src`: a hard link where possible, else a copy."""
     def link_or_copy(tmp: str) -> None:
         os.unlink(tmp)
         try:
@@ -133,40 +255,49 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
                     world: int = 1) -> LoopState:
     """Restore model, optimizer and this rank's RNG from the set at `path`; return the loop state.
 
-    Errors name the file. A set saved with another number of ranks resumes too, but the ranks' dropout
+    Errors name the file. A sharded set resumed on as many ranks reads only this rank's files; any other
+    combination (another number of ranks, a sharded set into a whole model or the reverse) reads whole tensors
+    and takes this rank's piece. A set saved with another number of ranks resumes, but the ranks' dropout
     streams cannot continue where they were, so such a run is no longer bit-identical to an uninterrupted one.
     """
     meta = read_json(path / _STATE_FILE)
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        got = meta.get("format") if isinstance(meta, dict) else None
-        raise CheckpointError(f"{path / _STATE_FILE}: checkpoint format {got!r}, this version of moe reads "
-                              f"format {FORMAT} (resume it with the moe version that wrote it)")
+    fmt = meta.get("format") if isinstance(meta, dict) else None
+    if fmt not in (FORMAT, SHARDED_FORMAT):
+        raise CheckpointError(f"{path / _STATE_FILE}: checkpoint format {fmt!r}, this version of moe reads "
+                              f"format {FORMAT} and {SHARDED_FORMAT} (resume it with the moe version that wrote it)")
     try:
         state = LoopState(step=int(meta["step"]), skipped_steps=int(meta["skipped_steps"]),
                           bad_in_a_row=int(meta["bad_in_a_row"]), data_fingerprint=str(meta["data_fingerprint"]))
         groups = meta["param_groups"]
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path / _STATE_FILE}: missing or invalid field {e}") from None
-    load_weights(model, path / WEIGHTS_FILE)
-    opt_path = path / _OPTIMIZER_FILE
-    try:
-        tensors = load_file(opt_path)
-    except FileNotFoundError:
-        raise CheckpointError(f"{opt_path}: file not found") from None
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{opt_path}: not a valid safetensors file ({e})") from None
+    own = fmt == SHARDED_FORMAT and meta.get("world_size") == world and is_sharded(model)
+    if fmt == SHARDED_FORMAT:
+        index = read_json(path / SHARD_INDEX)
+        weights = read_shards(index, path / SHARD_INDEX, rank if own else None)
+        tensors = read_shards(meta.get("optimizer"), path / _STATE_FILE, rank if own else None)
+        model_path, opt_path = (path / index["files"][rank], path / meta["optimizer"]["files"][rank]) if own else \
+            (path / SHARD_INDEX, path / _STATE_FILE)
+    else:
+        model_path, opt_path = path / WEIGHTS_FILE, path / _OPTIMIZER_FILE
+        weights, tensors = read_weights(model_path), read_weights(opt_path)
+    ours = model.state_dict()
+    check_weights({k: v.to_local() if own and is_dtensor(v) else v for k, v in ours.items()}, weights, model_path)
+    model.load_state_dict({k: _like(weights[k], v, own, model_path, k) for k, v in ours.items()})
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     opt_state: dict[int, dict[str, torch.Tensor]] = {}
-    for name, t in tensors.items():
-        if name.startswith("opt."):
-            _, i, k = name.split(".", 2)
-            opt_state.setdefault(int(i), {})[k] = t
     try:
+        for name, t in tensors.items():
+            if name.startswith("opt."):
+                _, i, k = name.split(".", 2)
+                like = params[int(i)] if int(i) < len(params) else t
+                opt_state.setdefault(int(i), {})[k] = _like(t, like, own, opt_path, name)
         optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
         if meta.get("world_size", 1) == world:
             torch.set_rng_state(tensors[f"rng.cpu.{rank}"])
             if f"rng.cuda.{rank}" in tensors and torch.cuda.is_available():
                 torch.cuda.set_rng_state(tensors[f"rng.cuda.{rank}"])
-        else:
+        elif rank == 0:
             print(f"note: {path} was saved by {meta.get('world_size')} rank(s), resuming on {world}: the random "
                   f"streams (dropout) restart from the seed, so this run will not be bit-identical to an "
                   f"uninterrupted one")
@@ -174,6 +305,26 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     except (KeyError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{opt_path}: does not match this model's optimizer ({str(e).splitlines()[0]})") from None
     return state
+
+
+def _like(value: torch.Tensor, like: torch.Tensor, own: bool, where: Path, name: str) -> torch.Tensor:
+    """`value` in the form the model's / optimizer's tensor `like` takes. `like` a DTensor (FSDP): `value` is
+    this rank's piece (own) or the whole tensor, of which this rank takes its rows as FSDP splits dim 0
+    (torch.chunk: ceil(n / world) rows per rank, the last ones shorter or empty). Otherwise `value` itself."""
+    if not is_dtensor(like) or value.dim() == 0:  # AdamW's step count is a plain scalar in every mode
+        return value
+    from torch.distributed.tensor import DTensor  # noqa: PLC0415 - a DTensor exists, so this is loaded
+
+    if not own:
+        n, parts = value.shape[0], like.device_mesh.size()
+        rows = -(-n // parts)
+        start = min(like.device_mesh.get_local_rank() * rows, n)
+        value = value[start:min(start + rows, n)]
+    if value.shape != like.to_local().shape:
+        raise CheckpointError(f"{where}: tensor {name}: this rank's piece has shape {tuple(value.shape)}, the "
+                              f"sharded model holds {tuple(like.to_local().shape)}")
+    return DTensor.from_local(value.to(like.device), like.device_mesh, like.placements, run_check=False,
+                              shape=like.shape, stride=like.stride())
 
 
 def data_fingerprint(tokens: np.ndarray) -> str:

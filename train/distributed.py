@@ -3,15 +3,22 @@ the trainer joins the process group here (gloo on CPU, nccl on CUDA).
 
 One `Dist` object answers every "which rank / reduce this" question, so the trainer reads the same with one
 process or many: with a single process every method is the identity and nothing touches torch.distributed.
+
+`train.parallel` picks how the ranks hold the model (`parallelize`): `ddp` keeps all weights on every rank and
+averages gradients; `fsdp` (FSDP2, `fully_shard`) keeps 1/world of every weight, gradient and AdamW moment per
+rank (dim-0 shards, as DTensors) and gathers a block's weights only while it runs. Under FSDP every forward is
+a collective, so evaluation runs the same number of forwards on every rank (`Dist.eval_indices`).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as td
+from torch import nn
 from tqdm import tqdm
 
 from moe_core.errors import MoeError
@@ -81,8 +88,19 @@ class Dist:
         td.all_reduce(t)
         return t.tolist()
 
-    def gather_bytes(self, data: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
-        """Every rank's uint8 tensor of the same length (e.g. RNG states), on every rank, on the CPU."""
+    def eval_indices(self, n: int, lockstep: bool) -> tuple[list[int], int]:
+        """Which of `n` evaluation items this rank computes: every world-th one, and how many of them count.
+
+        With `lockstep` (an FSDP model: each forward is a collective) a rank with a shorter share repeats item 0
+        until every rank runs as many as rank 0; the repeats are computed, not counted."""
+        mine = list(range(self.rank, n, self.world))
+        counted = len(mine)
+        if lockstep:
+            mine += [0] * (len(range(0, n, self.world)) - counted)
+        return mine, counted
+
+    def gather(self, data: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
+        """Every rank's tensor of the same shape and dtype (e.g. RNG states), on every rank, on the CPU."""
         if not self.enabled:
             return [data.cpu()]
         data = data.to(device)  # nccl moves CUDA tensors only
@@ -117,6 +135,45 @@ class Dist:
 
 
 SINGLE = Dist()  # one process, no process group
+
+
+def parallelize(model: nn.Module, dist: Dist, device: torch.device, parallel: str, find_unused: bool) -> nn.Module:
+    """The module a training step calls. One process: `model` itself. `ddp`: a DistributedDataParallel wrapper
+    (find_unused: parameters some steps leave without gradient). `fsdp`: `model` itself, sharded in place — each
+    block of `model.net.blocks` is its own FSDP unit (gathered per call: the recursion calls each block many
+    times) and the root holds the rest. Build the optimizer afterwards: sharding replaces the parameters.
+    Compile blocks before this (as torchtitan does): FSDP's hooks then run around the compiled block."""
+    if not dist.enabled:
+        return model
+    if parallel == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh  # noqa: PLC0415 - only FSDP runs need them
+        from torch.distributed.fsdp import fully_shard  # noqa: PLC0415
+
+        mesh = init_device_mesh(device.type, (dist.world,))
+        for block in model.net.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                               find_unused_parameters=find_unused)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True for a model `parallelize` sharded with FSDP (its forward is a collective, its weights DTensors)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: no model can be sharded (and no import cost)
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    """True for a DTensor: an FSDP weight, its gradient or AdamW moment (this rank holds a dim-0 piece)."""
+    dtensor = sys.modules.get("torch.distributed.tensor")  # not imported: no DTensor exists
+    return dtensor is not None and isinstance(t, dtensor.DTensor)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor of the global value: a DTensor (an FSDP weight, or a norm of FSDP gradients) is gathered —
+    a collective, so every rank calls it together — anything else is returned as it is."""
+    return t.full_tensor() if is_dtensor(t) else t
 
 
 def _reduction(key: str) -> str:

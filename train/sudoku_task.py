@@ -24,7 +24,7 @@ from moe_core.model import ModelOutput, RecursiveMoE
 
 from .checkpointing import data_fingerprint
 from .config import RunConfig
-from .distributed import SINGLE, Dist
+from .distributed import SINGLE, Dist, is_sharded
 from .loss import per_sample_nll, training_loss
 from .tasks import Task
 
@@ -121,8 +121,10 @@ class SudokuTask(Task):
     def evaluate(self, model: RecursiveMoE, device: torch.device, autocast: contextlib.AbstractContextManager,
                  dist: Dist = SINGLE) -> dict[str, float]:
         """Cell accuracy (blank cells), whole-puzzle accuracy (rule-checked) and loss on the test puzzles."""
-        puzzles, solutions = self.test_puzzles[dist.rank::dist.world], self.test_solutions[dist.rank::dist.world]
-        answers, steps, logits = solve_batches(model, puzzles, self.cfg.train.batch_size, device, autocast)
+        indices, n = dist.eval_indices(len(self.test_puzzles), is_sharded(model))  # FSDP: equal forwards per rank
+        puzzles, solutions = self.test_puzzles[indices][:n], self.test_solutions[indices][:n]
+        answers, steps, logits = (a[:n] for a in solve_batches(model, self.test_puzzles[indices],
+                                                               self.cfg.train.batch_size, device, autocast))
         blank = puzzles == 0
         nll = per_sample_nll(logits, torch.from_numpy(solutions.astype(np.int64))).sum().item() * S.CELLS
         sums = dist.sum_([nll, float(((answers == solutions) & blank).sum()), float(blank.sum()),

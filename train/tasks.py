@@ -25,7 +25,7 @@ from moe_core.model import ModelOutput, RecursiveMoE
 from . import data as D
 from .checkpointing import data_fingerprint
 from .config import RunConfig
-from .distributed import SINGLE, Dist
+from .distributed import SINGLE, Dist, is_sharded
 from .loss import per_sample_nll, training_loss
 
 TASKS = ("lm", "sudoku")
@@ -118,14 +118,18 @@ class LanguageTask(Task):
 def evaluate(model: RecursiveMoE, batches: list[tuple[Tensor, Tensor]], device: torch.device,
              autocast: contextlib.AbstractContextManager, dist: Dist = SINGLE) -> dict[str, float]:
     """Val loss of the eval-mode model: the halting-selected logits, exactly what export and serve compute.
-    With several ranks each evaluates every world-th batch and the sums are reduced."""
+    With several ranks each evaluates every world-th batch and the sums are reduced (an FSDP model runs as many
+    forwards on every rank: a short share repeats a batch it does not count)."""
     was_training = model.training
     model.eval()
     nll_sum, n_tokens, halt_sum, n_samples = 0.0, 0, 0.0, 0
-    for x, y in batches[dist.rank::dist.world]:
-        x, y = x.to(device), y.to(device)
+    indices, counted = dist.eval_indices(len(batches), is_sharded(model))
+    for j, i in enumerate(indices):
+        x, y = (t.to(device) for t in batches[i])
         with autocast:
             out = model(x)
+        if j >= counted:
+            continue
         nll_sum += per_sample_nll(out.logits, y).sum().item() * y.shape[1]
         n_tokens += y.numel()
         halt_sum += out.halt_step.float().sum().item()

@@ -33,7 +33,7 @@ from .checkpointing import (
     save_checkpoint,
 )
 from .config import RunConfig, parse_override
-from .distributed import SINGLE, Dist, init_from_env, shutdown
+from .distributed import SINGLE, Dist, full_tensor, init_from_env, parallelize, shutdown
 from .plots import write_plots
 from .schedule import lr_multiplier, warmup_steps
 from .tasks import Task, evaluate, make_task  # noqa: F401 - evaluate: part of this module's API
@@ -306,6 +306,15 @@ class Trainer:
         mc, tc = cfg.model, cfg.train
         self.cfg, self.run_dir, self.device, self.task, self.model = cfg, run_dir, device, task, model
         self.dist, self.log = dist, dist.log
+        if tc.compile:
+            # Regional compilation: every call of the recursion goes through the same blocks, so compiling each
+            # block (one shared graph) costs a fraction of tracing the whole unrolled step, for the same kernels.
+            for block in model.net.blocks:
+                block.compile()
+        # Under torchrun: DDP averages the gradients over ranks during backward (the baseline never uses the halt
+        # head or the initial carry, so DDP must look for unused parameters there; the recursive model uses every
+        # one), or FSDP shards the model in place. Before the optimizer and the groups: FSDP replaces parameters.
+        self.forward = parallelize(model, dist, device, tc.parallel, find_unused=not mc.recursive)
         self.optimizer = build_optimizer(model, cfg)
         self.params = list(model.parameters())
         # Gradient norms are logged per group, so "does gradient reach the router" is a number, not a guess.
@@ -317,18 +326,6 @@ class Trainer:
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                          else contextlib.nullcontext())
         self.warmup = warmup_steps(tc.max_steps, tc.warmup_frac)
-        if tc.compile:
-            # Regional compilation: every call of the recursion goes through the same blocks, so compiling each
-            # block (one shared graph) costs a fraction of tracing the whole unrolled step, for the same kernels.
-            for block in model.net.blocks:
-                block.compile()
-        self.forward = model
-        if dist.enabled:
-            # Averages the gradients over ranks during backward. The baseline never uses the halt head or the
-            # initial carry, so DDP must look for unused parameters there; the recursive model uses every one.
-            self.forward = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=not mc.recursive)
 
     def run(self, state: LoopState, resumed: bool = False) -> dict[str, Any]:
         mc, tc = self.cfg.model, self.cfg.train
@@ -395,7 +392,9 @@ class Trainer:
                 log_step = step % tc.log_every == 0 or last
                 if log_step:  # per-group norms (before clipping) only where they are logged: not on the hot path
                     group_norms = {f"grad_norm.{name}": _grad_norm(ps) for name, ps in self.groups.items()}
-                total_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+                # FSDP: the gradients are DTensor pieces; the norm is the global one, as a plain tensor
+                total_norm = full_tensor(torch.nn.utils.get_total_norm([p.grad for p in self.params
+                                                                        if p.grad is not None]))
                 grad_norm, loss_value = float(total_norm), float(parts["loss"])
                 state.step = step + 1
                 # Decisions every rank takes together (the gradients are already the same on all ranks).
@@ -444,13 +443,12 @@ class Trainer:
         bar.close()
 
     def _checkpoint(self, state: LoopState) -> None:
-        rng = {f"rng.cpu.{r}": s for r, s in enumerate(self.dist.gather_bytes(torch.get_rng_state(), self.device))}
+        rng = {f"rng.cpu.{r}": s for r, s in enumerate(self.dist.gather(torch.get_rng_state(), self.device))}
         if self.device.type == "cuda":
-            states = self.dist.gather_bytes(torch.cuda.get_rng_state(self.device), self.device)
+            states = self.dist.gather(torch.cuda.get_rng_state(self.device), self.device)
             rng.update({f"rng.cuda.{r}": s for r, s in enumerate(states)})
-        if self.dist.is_main:
-            save_checkpoint(self.run_dir, self.model, self.optimizer, state, self.cfg.train.keep_checkpoints, rng,
-                            self.dist.world)
+        save_checkpoint(self.run_dir, self.model, self.optimizer, state, self.cfg.train.keep_checkpoints, rng,
+                        self.dist, self.device)  # every rank: each writes its shards of an FSDP model
 
     def _skip(self, state: LoopState, loss_value: float) -> None:
         """A non-finite loss or gradient: no update, count it, name the culprit, stop after too many in a row."""
@@ -475,8 +473,9 @@ class Trainer:
 
 
 def _grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """The global L2 norm of the group's gradients, a plain tensor (with FSDP a collective: all ranks call it)."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    return full_tensor(torch.nn.utils.get_total_norm(grads))
 
