@@ -34,7 +34,7 @@ from moe_core.model import RecursiveMoE
 from serve.runtime import OrtModel
 from train.config import RunConfig, build_config
 
-from .flops import flops_summary, matmul_peak, measure_routing
+from .flops import PEAK, flops_summary, matmul_peak, measure_routing
 from .report import notes, ratios, table
 from .scaling import plot, scaling
 from .suites import export_graphs, moe_dispatch, random_batch, serving, training
@@ -109,8 +109,8 @@ def subject(mode: Mode, run_dir: Path | None) -> tuple[RecursiveMoE, RunConfig, 
     return RecursiveMoE(rc.model).eval(), rc, f"random init, {what}"
 
 
-def serving_section(model: RecursiveMoE, mode: Mode, run_dir: Path | None, onnx_path: Path | None, threads: int,
-                    peak: float) -> dict[str, Any]:
+def serving_section(model: RecursiveMoE, mode: Mode, run_dir: Path | None, onnx_path: Path | None,
+                    threads: int) -> dict[str, Any]:
     cfg = model.config
     T = cfg.max_seq_len
     shapes = list(dict.fromkeys((b, min(s or T, T)) for s in mode.serve_seqs for b in mode.serve_batches))
@@ -118,8 +118,9 @@ def serving_section(model: RecursiveMoE, mode: Mode, run_dir: Path | None, onnx_
         paths, export_s = export_graphs(model, run_dir, onnx_path, Path(tmp), log)
         sessions = {name: OrtModel(p, provider="cpu", threads=threads) for name, p in paths.items()}
     log(f"serving: {len(shapes)} shapes x eager / {' / '.join(sessions)}")
-    rows = serving(model, sessions, shapes, mode.warmup, mode.repeats)
+    rows = serving(model, sessions, shapes, mode.warmup, mode.repeats, mode.matmul_n)
     cell = max(rows, key=lambda row: (row["batch"], row["seq"]))  # the target: largest batch, longest sequence
+    peak = cell[PEAK]["flops_per_s"]
     ids = torch.from_numpy(random_batch(cfg.vocab_size, cell["batch"], cell["seq"])[0])  # the cell's own input
     flops = flops_summary(cfg, cell["seq"], measure_routing(model, ids))
     util = {}
@@ -130,6 +131,8 @@ def serving_section(model: RecursiveMoE, mode: Mode, run_dir: Path | None, onnx_
                       "model": mf / peak, "executed": ef / peak}
     return {"serving": {"onnx": str(onnx_path) if onnx_path else None, "export_s": export_s,
                         "session": sessions["ort_fp32"].describe(), "rows": rows, "target_cell": cell},
+            PEAK: {**cell[PEAK], "timed": f"interleaved with the serving calls at batch {cell['batch']} x "
+                                          f"{cell['seq']}"},
             "flops": flops, "utilisation": util}
 
 
@@ -149,12 +152,13 @@ def run(mode: Mode, out_dir: Path, run_dir: Path | None = None, onnx_path: Path 
         "model": {"source": source, "params": sum(p.numel() for p in model.parameters()), "config": cfg.to_dict()},
     }
     cpu = r["cpu_use"] = {}
-    log(f"{mode.name}: {source}; matmul peak ({mode.matmul_n}^3)")
-    with cpu_use(cpu, "matmul_peak"):
-        r["matmul_peak"] = matmul_peak(mode.matmul_n, mode.warmup + 2, mode.repeats)
+    log(f"{mode.name}: {source}")
     if "serving" in sections:
         with cpu_use(cpu, "serving"):
-            r.update(serving_section(model, mode, run_dir, onnx_path, threads, r["matmul_peak"]["flops_per_s"]))
+            r.update(serving_section(model, mode, run_dir, onnx_path, threads))
+    else:
+        with cpu_use(cpu, "matmul_peak"):
+            r["matmul_peak"] = {**matmul_peak(mode.matmul_n, mode.warmup + 2, mode.repeats), "timed": "alone"}
     if "training" in sections:
         batch = mode.train_batch or rc.train.batch_size
         log(f"training step: eager vs torch.compile ({mode.compile_backend}), batch {batch}")

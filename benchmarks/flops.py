@@ -20,14 +20,16 @@ lm head 2*D*V once. Two counts:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
 from moe_core.config import ModelConfig
 from moe_core.model import RecursiveMoE
 
-from .timing import measure
+from .timing import Timing, measure
 
 
 @dataclass
@@ -82,10 +84,22 @@ def flops_summary(cfg: ModelConfig, seq_len: int, routing: Routing) -> dict[str,
             "executed_flops_per_token": executed, "executed_per_model": executed / model}
 
 
-def matmul_peak(n: int, warmup: int, repeats: int) -> dict[str, float]:
-    """FLOP/s of one large fp32 [n, n] @ [n, n] torch.matmul: the machine's dense peak, measured in this run."""
+PEAK = "matmul_peak"
+
+
+def matmul_call(n: int) -> Callable[[], torch.Tensor]:
+    """One large fp32 [n, n] @ [n, n] torch.matmul (2 n^3 FLOPs): timed, the machine's dense peak. The serving
+    suite times it in the same loop as the runtimes, so the peak and the throughput see the same machine load."""
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
     c = torch.empty(n, n)
-    t = measure({"matmul": lambda: torch.matmul(a, b, out=c)}, warmup, repeats)["matmul"]
+    return lambda: torch.matmul(a, b, out=c)
+
+
+def peak_record(n: int, t: Timing) -> dict[str, Any]:
     return {"n": n, "flops_per_s": 2 * n**3 / t.median, **t.to_dict()}
+
+
+def matmul_peak(n: int, warmup: int, repeats: int) -> dict[str, Any]:
+    """The peak timed alone (when the serving suite, which times it with the runtimes, does not run)."""
+    return peak_record(n, measure({PEAK: matmul_call(n)}, warmup, repeats)[PEAK])

@@ -100,20 +100,22 @@ def table(r: dict[str, Any]) -> str:
              "threads kept busy (process CPU time / wall; below the thread count = a shared machine): "
              + ", ".join(f"{k} {v['busy_threads']:.2f}" for k, v in r["cpu_use"].items())
              + f" | load avg at end {m['load_average_end'][0]:.2f}",
-             f"matmul peak (fp32 {r['matmul_peak']['n']}^3): {r['matmul_peak']['flops_per_s'] / 1e9:.1f} GFLOP/s"]
+             f"matmul peak (fp32 {r['matmul_peak']['n']}^3, timed {r['matmul_peak']['timed']}): "
+             f"{r['matmul_peak']['flops_per_s'] / 1e9:.1f} GFLOP/s"]
     if "serving" in r:
         sv = r["serving"]
         exp = f"exported in {sv['export_s']:.0f} s" if sv["export_s"] is not None else f"graph {sv['onnx']}"
         lines += ["", f"serving: scoring tokens/s (forward + next-token log-probs), ratio vs eager; {exp}; "
                       f"ORT {sv['session']}",
                   f"{'batch':>5} {'seq':>4} {'eager':>9} {'ORT fp32':>17} {'ORT int8':>17}  "
-                  f"{'max|dlogp| fp32/int8':>20}"]
+                  f"{'max|dlogp| fp32/int8':>20}  {'peak GFLOP/s':>12}"]
         for row in sv["rows"]:
             lines.append(f"{row['batch']:>5} {row['seq']:>4} {row['eager']['tokens_per_s']:>9,.0f} "
                          + " ".join(f"{row[k]['tokens_per_s']:>9,.0f} ({row[k]['vs_eager']:.2f}x)"
                                     for k in ("ort_fp32", "ort_int8"))
                          + f"  {row['ort_fp32']['max_abs_logprob_diff']:>9.1e} / "
-                           f"{row['ort_int8']['max_abs_logprob_diff']:.1e}")
+                           f"{row['ort_int8']['max_abs_logprob_diff']:.1e}"
+                         + f"  {row['matmul_peak']['flops_per_s'] / 1e9:>12.1f}")
         f = r["flops"]
         cell = sv["target_cell"]
         lines += ["", f"FLOPs per token at seq {f['seq_len']} (routing measured on the batch {cell['batch']} input: "

@@ -28,6 +28,7 @@ from train.config import RunConfig, TrainConfig
 from train.loss import training_loss
 from train.trainer import build_optimizer
 
+from .flops import PEAK, matmul_call, peak_record
 from .timing import measure
 
 # -----------------------------------------------------------------------------
@@ -79,9 +80,10 @@ def export_graphs(model: RecursiveMoE, run_dir: Path | None, onnx_path: Path | N
 
 
 def serving(model: RecursiveMoE, sessions: dict[str, OrtModel], shapes: list[tuple[int, int]], warmup: int,
-            repeats: int) -> list[dict[str, Any]]:
-    """Scoring throughput of eager PyTorch and of each ORT session, per (batch, seq), in one loop per cell.
-    Each runtime also reports its largest log-prob difference from eager on the same inputs."""
+            repeats: int, peak_n: int) -> list[dict[str, Any]]:
+    """Scoring throughput of eager PyTorch and of each ORT session, per (batch, seq), in one loop per cell
+    together with the matmul peak (benchmarks/flops.py). Each runtime also reports its largest log-prob
+    difference from eager on the same inputs."""
     rows = []
     for B, T in shapes:
         ids, mask = random_batch(model.config.vocab_size, B, T)
@@ -89,9 +91,9 @@ def serving(model: RecursiveMoE, sessions: dict[str, OrtModel], shapes: list[tup
         runtimes: dict[str, Callable[[], np.ndarray]] = {"eager": lambda: eager_logprobs(model, t_ids, t_mask)}  # noqa: B023
         for name, s in sessions.items():
             runtimes[name] = lambda s=s: s.run(ids, mask, [TOKEN_LOGPROBS])[0]  # noqa: B023
-        timings = measure(runtimes, warmup, repeats)
+        timings = measure({**runtimes, PEAK: matmul_call(peak_n)}, warmup, repeats)
+        row: dict[str, Any] = {"batch": B, "seq": T, PEAK: peak_record(peak_n, timings.pop(PEAK))}
         ref = timings["eager"]
-        row: dict[str, Any] = {"batch": B, "seq": T}
         for name, t in timings.items():
             row[name] = {**t.to_dict(), "tokens_per_s": B * T / t.median, "vs_eager": ref.median / t.median,
                          "max_abs_logprob_diff": float(np.abs(t.output - ref.output).max()) if T > 1 else 0.0}

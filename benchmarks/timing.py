@@ -2,7 +2,9 @@
 
 Every figure of the suite is a median of timed calls made after warm-up calls. Contenders that are compared
 (eager vs ONNX Runtime, eager vs compiled) are timed in the same loop, alternating call by call, so a load
-change on a shared machine hits them alike instead of whichever happened to run at the time.
+change on a shared machine hits them alike instead of whichever happened to run at the time. A short untimed
+pause before each timed call lets the previous call's thread pool go idle: ONNX Runtime's and OpenMP's worker
+threads spin for a while after their work, and on 2 cores they would slow whichever call came next.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ class Timing:
         return {"median_s": self.median, "iqr_s": self.iqr, "repeats": len(self.seconds), "seconds": self.seconds}
 
 
+PAUSE_S = 0.02
+
+
 def measure(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> dict[str, Timing]:
     """Time each function: `warmup` untimed calls each, then `repeats` timed rounds calling them in turn."""
     for fn in fns.values():
@@ -51,6 +56,7 @@ def measure(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> dic
     outputs: dict[str, Any] = {}
     for _ in range(repeats):
         for name, fn in fns.items():
+            time.sleep(PAUSE_S)
             t0 = time.perf_counter()
             outputs[name] = fn()
             times[name].append(time.perf_counter() - t0)
