@@ -35,12 +35,13 @@ from serve.runtime import OrtModel
 from train.config import RunConfig, build_config
 
 from .flops import PEAK, flops_summary, matmul_peak, measure_routing
+from .halting import halting_section
 from .report import notes, ratios, table
 from .scaling import plot, scaling
 from .suites import export_graphs, moe_dispatch, random_batch, serving, training
 from .timing import cpu_use, machine_info, set_threads
 
-SECTIONS = ("serving", "training", "dispatch", "scaling")
+SECTIONS = ("serving", "training", "dispatch", "scaling", "halting")
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,10 @@ def run(mode: Mode, out_dir: Path, run_dir: Path | None = None, onnx_path: Path 
             r["scaling"] = scaling(cfg, *mode.scaling_base, mode.scaling_points, mode.warmup, mode.repeats)
         r["scaling"]["plot"] = str(plot(r["scaling"], out_dir / plot_file,
                                         f"moe eager scoring time by factor ({mode.name} run, {r['started']})"))
+    if "halting" in sections:
+        with cpu_use(cpu, "halting"):
+            r["halting"] = halting_section(model, run_dir, onnx_path, mode.serve_batches, mode.warmup, mode.repeats,
+                                           threads, log)
     r["machine"]["load_average_end"] = list(os.getloadavg())
     r["wall_s"] = time.perf_counter() - t_start
     r["ratios"] = ratios(r)

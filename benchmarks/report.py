@@ -12,6 +12,7 @@ TARGETS: list[tuple[str, str, str | None, float | None]] = [
     ("moe_sparse_vs_dense", "sparse / dense MoE dispatch (8 experts top-2)", ">", 1.0),
     ("serve_utilisation", "ORT fp32 model FLOP/s / matmul peak", ">=", 0.40),
     ("serve_hw_utilisation", "ORT fp32 executed FLOP/s / matmul peak", None, None),
+    ("serve_stepwise_vs_unrolled", "ORT step-wise / unrolled serving (largest batch)", None, None),
 ]
 RATIO_KEYS = tuple(key for key, *_ in TARGETS)
 
@@ -26,6 +27,8 @@ def ratios(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
         values["serve_ort_int8_vs_eager"] = cell["ort_int8"]["vs_eager"]
         values["serve_utilisation"] = r["utilisation"]["ort_fp32"]["model"]
         values["serve_hw_utilisation"] = r["utilisation"]["ort_fp32"]["executed"]
+    if "halting" in r:
+        values["serve_stepwise_vs_unrolled"] = r["halting"]["rows"][-1]["stepwise_vs_unrolled"]
     if "training" in r:
         values["train_compiled_vs_eager"] = r["training"]["compiled_vs_eager"]
     if "moe_dispatch" in r:
@@ -159,6 +162,10 @@ def table(r: dict[str, Any]) -> str:
             ms = ",".join(f"{t * 1e3:.0f}" if t >= 0.01 else f"{t * 1e3:.1f}" for t in f["median_s"])
             lines.append(f"  {factor:<15} {','.join(map(str, f['x'])):<22} {ms:<34} {f['time_exponent']:>8.2f} "
                          f"{f['flops_exponent']:>9.2f}  {f['growth']}")
+    if "halting" in r:
+        from .halting import table_lines  # noqa: PLC0415 - the report itself needs no runtime
+
+        lines += ["", *table_lines(r["halting"])]
     lines += ["", "targets (ratios measured in this run):"]
     for key, t in r["ratios"].items():
         goal = f"{t['op']} {fmt_value(key, t['target'])}" if t["target"] is not None else "(reported)"

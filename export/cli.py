@@ -19,22 +19,32 @@ from moe_core.cli import run
 @click.option("--eval-text", type=click.Path(), default=None,
               help="A text file: report eager vs exported mean loss on it (the accuracy cost of --precision). "
                    "Language models only.")
+@click.option("--stepwise", is_flag=True,
+              help="Also write OUT's stem + .step.onnx: one supervision step as its own graph (carry in, carry out), "
+                   "which `moe serve` runs step by step, dropping each sample from the batch once it halts.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file (and its tokenizer).")
-def export(run_dir, out, opset, check, precision, eval_text, overwrite) -> None:
+def export(run_dir, out, opset, check, precision, eval_text, stepwise, overwrite) -> None:
     """Export the model of RUN_DIR to one static ONNX graph.
 
     Inputs input_ids and attention_mask (int64 [batch, seq], both axes dynamic; pass ones when not padded),
     outputs logits (float32 [batch, seq, vocab]) and halt_step (int64 [batch]). All H/L cycles and halting steps
     are unrolled. The tokenizer is written beside the model as OUT's stem + .tokenizer.json.
+
+    \b
+    --stepwise adds OUT's stem + .step.onnx, one supervision step:
+      inputs  input_ids, attention_mask [batch, seq]; z_H, z_L (the carry) [batch, seq, d_model]
+      outputs next_z_H, next_z_L; logits [batch, seq, vocab]; halt_logit [batch] (halts when > 0)
+    with the initial carry's vectors in its metadata. It passes the same parity check, run step by step.
     """
     from .onnx_export import export_run
 
     r = export_run(run_dir, out, opset=opset, check=check, overwrite=overwrite, precision=precision,
-                   eval_text=eval_text, log=click.echo)
+                   eval_text=eval_text, stepwise=stepwise, log=click.echo)
     click.echo(f"exported {r.path} | {r.precision} | opset {r.opset} | {r.nodes} nodes | "
                f"{r.params / 1e6:.2f}M parameters | "
                f"{r.size_bytes / 1e6:.1f} MB | tokenizer {r.tokenizer_path.name} | {r.seconds:.1f}s"
-               + (f" | parity max rel {r.parity.max_rel:.1e}" if r.parity else " | parity not checked"))
+               + (f" | parity max rel {r.parity.max_rel:.1e}" if r.parity else " | parity not checked")
+               + (f" | step graph {r.step_path.name}" if r.step_path else ""))
 
 
 def main() -> None:

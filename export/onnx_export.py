@@ -3,6 +3,10 @@
 The eval-mode model already is a static function: every H/L cycle and every halting step runs, halting is
 selected with masks, MoE and MoH routing use TopK / sort / cumsum / scatter. Export therefore traces the
 plain module with `torch.export` (the `dynamo=True` exporter) and unrolls the fixed-range Python loops.
+
+With `stepwise`, one supervision step (RecursiveMoE.step) is also exported as MODEL.step.onnx, for serving that
+stops each sample when it halts (serve/stepwise.py); it passes its own parity check, run step by step as serve
+runs it.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +38,9 @@ from moe_core.checkpoint import (
     load_run_config,
 )
 from moe_core.errors import MoeError
-from moe_core.model import RecursiveMoE
+from moe_core.model import Carry, RecursiveMoE
 from moe_core.tokenizer import read_tokenizer
+from serve.stepwise import STEP_INPUTS, STEP_OUTPUTS, init_metadata, step_path_for
 
 from .parity import ParityReport, check_parity, ort_cpu_session, text_nll, text_windows
 
@@ -56,6 +62,20 @@ class ExportGraph(nn.Module):
         return out.logits, out.halt_step
 
 
+class StepGraph(nn.Module):
+    """One supervision step: (input_ids, attention_mask, z_H, z_L) -> (next_z_H, next_z_L, logits, halt_logit)."""
+
+    def __init__(self, model: RecursiveMoE) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, z_H: Tensor,
+                z_L: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        m = self.model
+        c, h, q = m.step(Carry(z_H, z_L), m.embed_inputs(input_ids), attention_mask.bool())
+        return c.z_H, c.z_L, m.lm_head(h), q
+
+
 @dataclass
 class ExportResult:
     path: Path
@@ -67,6 +87,8 @@ class ExportResult:
     size_bytes: int
     seconds: float
     reports: list[ParityReport]  # fp32 parity, then the precision variant's figures (empty with check=False)
+    step_path: Path | None = None  # the step graph (stepwise=True)
+    step_reports: list[ParityReport] | None = None  # the same checks, of the step graph run step by step
 
     @property
     def parity(self) -> ParityReport | None:
@@ -87,15 +109,34 @@ def tokenizer_path_for(onnx_path: str | os.PathLike) -> Path:
 
 def to_onnx(model: RecursiveMoE, path: str | os.PathLike, opset: int = DEFAULT_OPSET) -> None:
     """Trace the eval-mode `model` and write the ONNX graph to `path` (one file, no external data)."""
+    ids, mask, dims = example_inputs(model)
+    trace(ExportGraph(model), (ids, mask), INPUTS, OUTPUTS, {"input_ids": dims, "attention_mask": dims}, path, opset)
+
+
+def step_to_onnx(model: RecursiveMoE, path: str | os.PathLike, opset: int = DEFAULT_OPSET) -> None:
+    """Trace one supervision step of the eval-mode `model` (StepGraph) and write it to `path`."""
+    ids, mask, dims = example_inputs(model)
+    z = torch.randn(*ids.shape, model.config.d_model)
+    trace(StepGraph(model), (ids, mask, z, z.clone()), STEP_INPUTS, STEP_OUTPUTS, dict.fromkeys(STEP_INPUTS, dims),
+          path, opset)
+
+
+def example_inputs(model: RecursiveMoE) -> tuple[Tensor, Tensor, dict[int, torch.export.Dim]]:
+    """Example input_ids and attention_mask, and the dynamic batch and sequence axes."""
     cfg = model.config
-    graph = ExportGraph(model).eval()
     # Example inputs of size >= 2 on both axes: torch.export specialises dimensions of size 0 and 1.
     T = min(cfg.max_seq_len, 8) if cfg.max_seq_len >= 2 else 2
     ids = torch.randint(0, cfg.vocab_size, (2, T))
     mask = torch.ones(2, T, dtype=torch.long)
     batch = torch.export.Dim("batch", min=1, max=65536)
     seq = torch.export.Dim("seq", min=1, max=max(cfg.max_seq_len, 2))
-    dims = {0: batch, 1: seq}
+    return ids, mask, {0: batch, 1: seq}
+
+
+def trace(graph: nn.Module, args: tuple[Tensor, ...], input_names: tuple[str, ...], output_names: tuple[str, ...],
+          dynamic_shapes: dict[str, dict[int, torch.export.Dim]], path: str | os.PathLike, opset: int) -> None:
+    """torch.onnx.export (dynamo) of the eval-mode `graph` to `path`, one file."""
+    graph.eval()
     # The exporter logs "torchvision is not installed. Skipping torchvision::..." on every export: noise on stderr.
     registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = registration_log.level
@@ -103,10 +144,9 @@ def to_onnx(model: RecursiveMoE, path: str | os.PathLike, opset: int = DEFAULT_O
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(graph, (ids, mask), dynamo=True, opset_version=opset,
-                                        input_names=list(INPUTS), output_names=list(OUTPUTS),
-                                        dynamic_shapes={"input_ids": dims, "attention_mask": dims},
-                                        external_data=False, verbose=False,
+            program = torch.onnx.export(graph, args, dynamo=True, opset_version=opset,
+                                        input_names=list(input_names), output_names=list(output_names),
+                                        dynamic_shapes=dynamic_shapes, external_data=False, verbose=False,
                                         # The exporter's own graph optimiser took 40% of the export time and
                                         # made the graph slower on ONNX Runtime, which optimises on load anyway.
                                         optimize=False)
@@ -175,17 +215,20 @@ def convert_precision(path: str, precision: str, metadata: dict[str, str]) -> No
 
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, opset: int = DEFAULT_OPSET,
                check: bool = True, overwrite: bool = False, precision: str = "fp32",
-               eval_text: str | os.PathLike | None = None, log=print) -> ExportResult:
-    """Export RUN_DIR to OUT (+ OUT's tokenizer). Nothing is left at OUT unless export and parity succeed.
+               eval_text: str | os.PathLike | None = None, stepwise: bool = False, log=print) -> ExportResult:
+    """Export RUN_DIR to OUT (+ OUT's tokenizer, + OUT's step graph with `stepwise`). Nothing is left at OUT (or
+    beside it) unless every graph exports and passes parity.
 
     The fp32 graph must pass the parity check; an fp16 / int8 variant is converted from it and its own
     parity figures are reported (reduced precision has no 1e-4 tolerance to meet). With `eval_text`, the mean
     next-token loss of eager PyTorch and of the written graph on that text is reported: the accuracy cost.
+    With `stepwise`, the step graph (serve/stepwise.py) goes through the same, run step by step as serve runs it.
     """
     if precision not in PRECISIONS:
         raise MoeError(f"--precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
     run_dir, out = Path(run_dir), check_output(out, overwrite)
     tok_path = check_output(tokenizer_path_for(out), overwrite)
+    step_path = check_output(step_path_for(out), overwrite) if stepwise else None
     t0 = time.perf_counter()
     _, full_config = load_run_config(run_dir)
     task = run_task(full_config)
@@ -194,62 +237,89 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, opset: int = 
                        "run")
     model = load_model(run_dir)
     cfg = model.config
+    if stepwise and not cfg.recursive:
+        raise MoeError(f"--stepwise: the model of {run_dir} has no recursion (model.recursive = false): it runs one "
+                       "step, which the exported graph already is")
     tokenizer_text, _ = read_tokenizer(run_dir / TOKENIZER_FILE, cfg.vocab_size, owner=f"the model in {run_dir}")
     eval_ids = text_windows(eval_text, tokenizer_text, cfg.max_seq_len) if eval_text is not None else None
+    metadata = {
+        "moe_version": __version__,
+        "format_version": str(FORMAT_VERSION),
+        "config": json.dumps(full_config, sort_keys=True),
+        "vocab_size": str(cfg.vocab_size),
+        "max_seq_len": str(cfg.max_seq_len),
+        "halt_max_steps": str(cfg.n_steps),
+        "causal": str(cfg.causal).lower(),
+        "task": task,
+        "tokenizer_file": tok_path.name,
+        "tokenizer_sha256": hashlib.sha256(tokenizer_text.encode("utf-8")).hexdigest(),
+        "weights_sha256": weights_sha256(model),
+    }
+    if step_path is not None:
+        step_metadata = {**metadata, "graph": "step", **init_metadata(model.z_H_init.numpy(), model.z_L_init.numpy())}
+        metadata["step_graph"] = step_path.name
 
-    reports: list[ParityReport] = []
-    wrote_tokenizer = False
-
-    def build(tmp: str) -> None:
-        nonlocal wrote_tokenizer
-        to_onnx(model, tmp, opset)
+    def write_graph(tmp: str, make: Callable[[RecursiveMoE, str, int], None], meta: dict[str, str], name: Path,
+                    step: bool) -> list[ParityReport]:
+        make(model, tmp, opset)
         proto = onnx.load(tmp)
         dedupe_initializers(proto)
         for node in proto.graph.node:  # per-node stack traces and FX names: half the file, no use to a runtime
             del node.metadata_props[:]
             node.doc_string = ""
-        metadata = {
-            "moe_version": __version__,
-            "format_version": str(FORMAT_VERSION),
-            "config": json.dumps(full_config, sort_keys=True),
-            "vocab_size": str(cfg.vocab_size),
-            "max_seq_len": str(cfg.max_seq_len),
-            "halt_max_steps": str(cfg.n_steps),
-            "causal": str(cfg.causal).lower(),
-            "task": task,
-            "tokenizer_file": tok_path.name,
-            "tokenizer_sha256": hashlib.sha256(tokenizer_text.encode("utf-8")).hexdigest(),
-        }
-        set_metadata(proto, {**metadata, "precision": "fp32"})
+        set_metadata(proto, {**meta, "precision": "fp32"})
         try:
             onnx.checker.check_model(proto, full_check=True)
         except onnx.checker.ValidationError as e:
-            raise MoeError(f"{out}: exported graph fails onnx.checker ({str(e).splitlines()[0]})") from None
+            raise MoeError(f"{name}: exported graph fails onnx.checker ({str(e).splitlines()[0]})") from None
         onnx.save(proto, tmp)
+        got: list[ParityReport] = []
         if check:
-            reports.append(check_parity(model, tmp, task=task))
-            log(reports[-1].summary())
-            if not reports[-1].ok:
-                raise MoeError(f"{out}: parity check failed ({reports[-1].failure}); nothing was written")
+            got.append(check_parity(model, tmp, task=task, stepwise=step))
+            log(got[-1].summary())
+            if not got[-1].ok:
+                raise MoeError(f"{name}: parity check failed ({got[-1].failure}); nothing was written")
         if precision != "fp32":
-            convert_precision(tmp, precision, metadata)
+            convert_precision(tmp, precision, meta)
             if check:
-                reports.append(check_parity(model, tmp, label=precision, tolerance=None, task=task))
-                log(reports[-1].summary())
+                got.append(check_parity(model, tmp, label=precision, tolerance=None, task=task, stepwise=step))
+                log(got[-1].summary())
+        return got
+
+    reports: list[ParityReport] = []
+    step_reports: list[ParityReport] = []
+    written: list[Path] = []  # beside OUT, before OUT's own rename
+
+    def build(tmp: str) -> None:
+        reports.extend(write_graph(tmp, to_onnx, metadata, out, step=False))
         if eval_ids is not None:
             eager_nll, onnx_nll = text_nll(model, eval_ids), text_nll(ort_cpu_session(tmp), eval_ids)
             log(f"accuracy on {eval_text} ({eval_ids.size:,} tokens): eager loss {eager_nll:.4f}, ONNX {precision} "
                 f"loss {onnx_nll:.4f} (cost {onnx_nll - eager_nll:+.2e} nats/token)")
+        if step_path is not None:
+            atomic_write(step_path, lambda t: step_reports.extend(write_graph(t, step_to_onnx, step_metadata,
+                                                                              step_path, step=True)))
+            written.append(step_path)
         atomic_write_text(tok_path, tokenizer_text)  # last: only a model that passed gets its tokenizer
-        wrote_tokenizer = True
+        written.append(tok_path)
 
     try:
         atomic_write(out, build)
     except BaseException:
-        if wrote_tokenizer:  # the model's own rename failed: its tokenizer must not stay behind alone
-            tok_path.unlink(missing_ok=True)
+        for path in written:  # the model's own rename failed: what belongs to it must not stay behind alone
+            path.unlink(missing_ok=True)
         raise
     final = onnx.load(str(out))
     n_params = sum(int(np.prod(t.dims)) for t in final.graph.initializer)
     return ExportResult(out, tok_path, opset, precision, len(final.graph.node), n_params, out.stat().st_size,
-                        time.perf_counter() - t0, reports)
+                        time.perf_counter() - t0, reports, step_path, step_reports if step_path else None)
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """sha256 of the model's weights (names, dtypes, shapes and bytes): ties a step graph to its unrolled graph."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}:".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype, bf16 included
+    return h.hexdigest()

@@ -16,6 +16,7 @@ import torch
 
 from moe_core import sudoku as S
 from moe_core.model import RecursiveMoE
+from serve.stepwise import StepwiseSession
 
 TOLERANCE = 1e-4
 
@@ -126,9 +127,14 @@ def compare(model: RecursiveMoE, session, name: str, ids: np.ndarray, mask: np.n
 
 
 def check_parity(model: RecursiveMoE, onnx_path: str, seed: int = 0, label: str = "fp32",
-                 tolerance: float | None = TOLERANCE, task: str = "lm") -> ParityReport:
+                 tolerance: float | None = TOLERANCE, task: str = "lm", stepwise: bool = False) -> ParityReport:
+    """Eager vs the graph at `onnx_path` on parity_inputs. `stepwise`: the graph is a step graph, run step by step
+    with halted samples dropped, exactly as `moe serve --runtime stepwise` runs it (serve/stepwise.py)."""
     model.eval()
     session = ort_cpu_session(onnx_path)
+    if stepwise:
+        session = StepwiseSession(session, onnx_path)
+        label = f"{label}, step graph run step-wise"
     cfg = model.config
     return ParityReport([compare(model, session, name, ids, mask)
                          for name, ids, mask in parity_inputs(cfg.vocab_size, cfg.max_seq_len, seed, task)],

@@ -363,6 +363,26 @@ class RecursiveMoE(nn.Module):
             c = self._h_cycle(c, x, key_mask, acc)
         return c
 
+    def embed_inputs(self, input_ids: Tensor) -> Tensor:
+        """x = embed(ids) * sqrt(d_model) (+ learned positions, likewise scaled): [B, T, D]. The only place the
+        scale is applied."""
+        x = self.embed(input_ids) * self.embed_scale
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(torch.arange(input_ids.shape[1], device=input_ids.device)) * self.embed_scale
+        return x
+
+    def initial_carry(self, B: int, T: int) -> Carry:
+        return Carry(self.z_H_init.expand(B, T, -1), self.z_L_init.expand(B, T, -1))
+
+    def step(self, c: Carry, x: Tensor, key_mask: Tensor | None,
+             acc: AuxAccumulator | None = None) -> tuple[Carry, Tensor, Tensor]:
+        """One supervision step from the carry `c`: (the carry after it, h = norm(z_H) [B, T, D] — what lm_head
+        reads — and the halt logit [B]: the sample halts at this step when it is > 0). forward runs it
+        halt_max_steps times; a step-wise runtime (`moe export --stepwise`) runs it as a graph of its own."""
+        c = self._supervision_step(c, x, key_mask, acc)
+        h = self.norm(c.z_H)
+        return c, h, self._halt_logit(h, key_mask)
+
     def _halt_logit(self, h: Tensor, key_mask: Tensor | None) -> Tensor:  # h = norm(z_H): [B, T, D] -> [B]
         if self.config.causal:
             # The first position sees only the first token, so halting never lets a later token change an
@@ -383,24 +403,20 @@ class RecursiveMoE(nn.Module):
         B, T = input_ids.shape
         key_mask = None if attention_mask is None else attention_mask.bool()
         acc = AuxAccumulator() if self.training else None
-        x = self.embed(input_ids) * self.embed_scale  # [B, T, D]: the only place the scale is applied
-        if self.pos_embed is not None:
-            x = x + self.pos_embed(torch.arange(T, device=input_ids.device)) * self.embed_scale
+        x = self.embed_inputs(input_ids)  # [B, T, D]
 
         if not cfg.recursive:
             logits = self.lm_head(self.norm(self.net(x, key_mask, acc)))
             halt_step = torch.ones(B, dtype=torch.long, device=input_ids.device)
             return self._output(logits, halt_step, [logits], None, acc)
 
-        c = Carry(self.z_H_init.expand(B, T, -1), self.z_L_init.expand(B, T, -1))
+        c = self.initial_carry(B, T)
         halted = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         halt_step = torch.full((B,), cfg.halt_max_steps, dtype=torch.long, device=input_ids.device)
         kept = c.z_H  # eval: the normed state of the step each sample halted at
         step_logits, halt_logits = [], []
         for step in range(1, cfg.halt_max_steps + 1):
-            c = self._supervision_step(c, x, key_mask, acc)
-            h = self.norm(c.z_H)
-            q = self._halt_logit(h, key_mask)  # [B]
+            c, h, q = self.step(c, x, key_mask, acc)  # q: [B] halt logits
             # A sample keeps the first step whose halt probability is > 0.5; the last step if none.
             newly = ~halted & (q > 0)
             halt_step = torch.where(newly, torch.full_like(halt_step, step), halt_step)

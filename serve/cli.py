@@ -26,6 +26,10 @@ CHUNK_BATCHES = 64  # records read at a time = CHUNK_BATCHES * batch_size: bound
 @click.option("--batch-size", default=32, type=click.IntRange(1), help="Rows per forward pass.")
 @click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto",
               help="auto: CUDA when onnxruntime-gpu and a GPU are present, else CPU.")
+@click.option("--runtime", type=click.Choice(["auto", "unrolled", "stepwise"]), default="auto",
+              help="unrolled: MODEL.onnx, every halting step for every sample; stepwise: MODEL.step.onnx (moe export "
+                   "--stepwise) one step at a time, each sample leaving the batch when it halts (same results); "
+                   "auto: stepwise when the step graph is there.")
 @click.option("--threads", type=click.IntRange(1), default=None,
               help="CPU intra-op threads. [default: physical cores]")
 @click.option("--stride", type=click.IntRange(1), default=None,
@@ -40,7 +44,7 @@ CHUNK_BATCHES = 64  # records read at a time = CHUNK_BATCHES * batch_size: bound
 @click.option("--seed", default=0, type=int, help="generate: sampling seed (a sample's draws depend on the seed "
                                                    "and its position in the input only).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output file.")
-def serve(model, input_path, output_path, mode, batch_size, provider, threads, stride, token_logprobs,
+def serve(model, input_path, output_path, mode, batch_size, provider, runtime, threads, stride, token_logprobs,
           max_new_tokens, temperature, top_k, top_p, seed, overwrite) -> None:
     """Score or continue every text of a JSONL file with an exported MODEL.onnx on ONNX Runtime.
 
@@ -59,6 +63,10 @@ def serve(model, input_path, output_path, mode, batch_size, provider, threads, s
               given, checked by the rules (never by the model); correct = it equals the solution given in the
               input (only when one was given). A puzzle file's ids are the puzzles' positions (1-based).
 
+    A model exported with `moe export --stepwise` has a step graph beside it (MODEL.step.onnx): by default it is
+    run one supervision step at a time and each sample leaves the batch at the step it halts, with the same results
+    as the unrolled graph (--runtime unrolled), which runs every step for every sample.
+
     Inputs are read in chunks of 64 batches, each sorted by length so that padding is small. Every line is
     checked before any compute (a mode the model's task does not serve is refused first); the output is written
     to a temp file beside --output and renamed at the end, so a failed run leaves nothing behind.
@@ -72,7 +80,7 @@ def serve(model, input_path, output_path, mode, batch_size, provider, threads, s
     out, inp = check_output(output_path, overwrite), Path(input_path)
     if inp.exists() and out.exists() and out.samefile(inp):
         raise MoeError(f"{out}: --output is the --input file")
-    server = Server.open(model, provider=provider, threads=threads)
+    server = Server.open(model, provider=provider, threads=threads, runtime=runtime)
     server.require_task(mode)
     read, expected = (read_puzzles, PUZZLE_EXPECTED) if mode == "solve" else (read_records, EXPECTED)
     n_records = count_records(inp, read, expected)  # every record checked before any compute is spent
@@ -108,8 +116,9 @@ def serve(model, input_path, output_path, mode, batch_size, provider, threads, s
 
     atomic_write(out, write)
     seconds = time.perf_counter() - t0
-    s = server.stats
-    tail = f"provider {server.provider} | {seconds:.1f}s -> {out}"
+    s, c = server.stats, server.model.counts
+    tail = (f"runtime {server.model.runtime}: {c.rows:,} sample-steps computed ({c.rows / max(1, c.full):.0%} of "
+            f"unrolled) | provider {server.provider} | {seconds:.1f}s -> {out}")
     if mode == "solve":
         correct = f" | correct {s.correct}/{s.checked} ({s.correct / s.checked:.1%})" if s.checked else ""
         click.echo(f"solve: {s.sequences} puzzles | valid {s.valid}/{s.sequences} ({s.valid / s.sequences:.1%}, "

@@ -14,6 +14,15 @@ the reductions serving needs (serve/graph.py): per-token log-probs [B, T-1] for 
 position's logits [B, V] for generation. The full [B, T, V] logits stay on the device as an intermediate.
 The CPU session runs through the same IO-binding code, so the tests exercise it; only the device name differs.
 
+Runtimes
+--------
+`open_model` gives an `OrtModel` of the unrolled graph (every halting step for every sample) or, for a model
+exported with `moe export --stepwise`, a `StepwiseModel`: its step graph MODEL.step.onnx run one supervision step at
+a time with halted samples dropped from the batch (serve/stepwise.py) — same `run`, same results. The step graph
+must come from the same export (weights sha256, precision, tokenizer and halt_max_steps in both files' metadata).
+With dynamic int8 quantisation (`--precision int8`) activations are quantised per batch, so there the two runtimes'
+results differ by what quantisation noise a different batch composition brings; fp32 and fp16 results are equal.
+
 CPU session options: graph optimisation ORT_ENABLE_ALL (constant folding and the generic fusions; the
 transformer fusions do not match a custom MoE/MoH graph, but nothing is lost by trying), intra-op threads =
 physical cores (a second hyper-thread on the same core only contends for the same FMA units), one inter-op
@@ -44,15 +53,26 @@ from moe_core.jsonl import json_error, json_type, parse_json
 from moe_core.tokenizer import read_tokenizer
 
 from .graph import add_serving_outputs
+from .stepwise import (
+    HALT_STEP,
+    STEP_INPUTS,
+    STEP_OUTPUTS,
+    STEP_SUFFIX,
+    StepCounts,
+    read_step_metadata,
+    run_stepwise,
+)
 
 PROVIDER_CHOICES = ("auto", "cuda", "cpu")
 CUDA_EP, CPU_EP = "CUDAExecutionProvider", "CPUExecutionProvider"
 # fp32 parity with eager PyTorch: no TF32 matmuls (the CUDA EP's default is TF32 on).
 CUDA_OPTIONS = {"use_tf32": "0"}
 
-LOGITS, HALT_STEP = "logits", "halt_step"
+LOGITS = "logits"
 INPUTS = ("input_ids", "attention_mask")  # the exported graph's contract (export/onnx_export.py)
 OUTPUTS = (LOGITS, HALT_STEP)
+GRAPH_IO = {"unrolled": (INPUTS, OUTPUTS), "step": (STEP_INPUTS, STEP_OUTPUTS)}  # by metadata "graph"
+RUNTIMES = ("auto", "unrolled", "stepwise")
 METADATA_KEYS = ("moe_version", "config", "vocab_size", "max_seq_len", "halt_max_steps", "causal",
                  "tokenizer_file", "tokenizer_sha256")
 TASKS = ("lm", "sudoku")  # the run's train.task (metadata "task"; models exported before it existed: the config's)
@@ -136,10 +156,14 @@ class ModelInfo:
     tokenizer_sha256: str
     precision: str  # "fp32", or the reduced-precision variant `moe export --precision` wrote
     task: str  # "lm" (score, generate) or "sudoku" (solve)
+    graph: str = "unrolled"  # or "step": one supervision step (`moe export --stepwise`)
+    step_graph: str | None = None  # an unrolled graph's step graph, a file name beside it (when exported)
+    weights_sha256: str | None = None  # of the weights both graphs of one export were traced from
 
 
-def read_model(path: str | os.PathLike):
-    """(onnx.ModelProto, ModelInfo) of an exported model; MoeError naming the file for anything unexpected."""
+def read_model(path: str | os.PathLike, graph: str = "unrolled"):
+    """(onnx.ModelProto, ModelInfo) of an exported model, the unrolled graph or a step graph; MoeError naming the
+    file for anything unexpected."""
     import onnx
 
     path = Path(path)
@@ -155,10 +179,15 @@ def read_model(path: str | os.PathLike):
                        "`moe export` writes")
     inputs = [i.name for i in proto.graph.input]
     outputs = [o.name for o in proto.graph.output]
-    if sorted(inputs) != sorted(INPUTS) or not set(OUTPUTS) <= set(outputs):
-        raise MoeError(f"{path}: not a `moe export` model: expected inputs {', '.join(INPUTS)} and outputs "
-                       f"{', '.join(OUTPUTS)}, found inputs [{', '.join(inputs)}] outputs [{', '.join(outputs)}]")
     meta = {p.key: p.value for p in proto.metadata_props}
+    if graph == "unrolled" and meta.get("graph") == "step":
+        raise MoeError(f"{path}: a step graph (`moe export --stepwise`); serve the model it belongs to "
+                       f"({path.name.removesuffix(STEP_SUFFIX)}.onnx), which runs it with --runtime stepwise")
+    want_in, want_out = GRAPH_IO[graph]
+    if sorted(inputs) != sorted(want_in) or not set(want_out) <= set(outputs):
+        raise MoeError(f"{path}: not a `moe export` {'step graph' if graph == 'step' else 'model'}: expected inputs "
+                       f"{', '.join(want_in)} and outputs {', '.join(want_out)}, found inputs [{', '.join(inputs)}] "
+                       f"outputs [{', '.join(outputs)}]")
     missing = [k for k in METADATA_KEYS if k not in meta]
     if missing:
         raise MoeError(f"{path}: missing metadata {', '.join(missing)} (expected a model written by `moe export`)")
@@ -179,16 +208,15 @@ def read_model(path: str | os.PathLike):
         raise MoeError(f"{path}: malformed metadata config: invalid JSON ({json_error(e)})") from None
     if not isinstance(config, dict):
         raise MoeError(f"{path}: malformed metadata config: expected a JSON object, got a JSON {json_type(config)}")
-    tok_name = meta["tokenizer_file"]
-    if Path(tok_name).name != tok_name or tok_name in ("", ".", ".."):
-        raise MoeError(f"{path}: metadata tokenizer_file must be a file name beside the model, got {tok_name[:80]!r}")
+    tok_name = file_beside(meta, "tokenizer_file", path)
     train = config.get("train")
     task = meta.get("task", train.get("task", "lm") if isinstance(train, dict) else "lm")
     if task not in TASKS:
         raise MoeError(f"{path}: malformed metadata task: expected one of {', '.join(TASKS)}, got {str(task)[:40]!r}")
     info = ModelInfo(path, path.with_name(tok_name), sizes["vocab_size"], sizes["max_seq_len"],
                      sizes["halt_max_steps"], meta["moe_version"], config, meta["tokenizer_sha256"],
-                     meta.get("precision", "fp32"), task)
+                     meta.get("precision", "fp32"), task, graph, file_beside(meta, "step_graph", path),
+                     meta.get("weights_sha256"))
     logits = next(o for o in proto.graph.output if o.name == "logits")
     dims = logits.type.tensor_type.shape.dim
     if dims and (len(dims) != 3 or (dims[2].HasField("dim_value") and dims[2].dim_value != info.vocab_size)):
@@ -202,6 +230,14 @@ def read_model(path: str | os.PathLike):
         raise MoeError(f"{path}: a sudoku model with vocab_size {info.vocab_size} and max_seq_len {info.max_seq_len}; "
                        f"expected vocab_size {SUDOKU_VOCAB} (blank + 9 digits) and max_seq_len >= {S.CELLS}")
     return proto, info
+
+
+def file_beside(meta: dict[str, str], key: str, path: Path) -> str | None:
+    """A metadata value naming a file beside the model (None when the key is absent); MoeError for a path."""
+    name = meta.get(key)
+    if name is not None and (Path(name).name != name or name in ("", ".", "..")):
+        raise MoeError(f"{path}: metadata {key} must be a file name beside the model, got {name[:80]!r}")
+    return name
 
 
 def load_tokenizer(info: ModelInfo):
@@ -219,12 +255,16 @@ def load_tokenizer(info: ModelInfo):
 
 
 class OrtModel:
-    """An ONNX Runtime session of an exported model (plus the serving outputs) on the chosen provider."""
+    """An ONNX Runtime session of an exported model (plus the serving outputs) on the chosen provider: the unrolled
+    graph, which runs every halting step (`run`), or a step graph (`run_feeds`, used by StepwiseModel)."""
 
-    def __init__(self, path: str | os.PathLike, provider: str = "auto", threads: int | None = None) -> None:
+    runtime = "unrolled"
+
+    def __init__(self, path: str | os.PathLike, provider: str = "auto", threads: int | None = None,
+                 graph: str = "unrolled", loaded: tuple[Any, ModelInfo] | None = None) -> None:
         import onnxruntime as ort
 
-        proto, self.info = read_model(path)
+        proto, self.info = loaded or read_model(path, graph)
         self.tokenizer = load_tokenizer(self.info)
         add_serving_outputs(proto)
         available = ort.get_available_providers()
@@ -238,6 +278,7 @@ class OrtModel:
         except Exception as e:  # ORT raises its own exception types for invalid graphs
             raise MoeError(f"{self.info.path}: ONNX Runtime cannot load the model ({str(e).splitlines()[0]})") from None
         self.provider, self.note = resolve_provider(provider, providers, self.session.get_providers())
+        self.counts = StepCounts()
 
     def describe(self) -> str:
         if self.provider == "cuda":
@@ -245,15 +286,79 @@ class OrtModel:
         return f"cpu (CPUExecutionProvider, {self.threads} threads)"
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
-        """Run one right-padded batch (int64 [B, T] each) and return the named outputs as host arrays.
+        """Run one right-padded batch (int64 [B, T] each) and return the named outputs as host arrays."""
+        self.counts.calls += 1
+        self.counts.rows += len(input_ids) * self.info.halt_max_steps  # every step, for every row
+        self.counts.full = self.counts.rows
+        return self.run_feeds({"input_ids": input_ids, "attention_mask": attention_mask}, outputs)
+
+    def run_feeds(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+        """The named outputs for these inputs, as host arrays.
 
         IO binding on every provider (so CI exercises the code the CUDA path runs): inputs are bound from host
         memory, the outputs are allocated on the session's device and copied back once.
         """
         io = self.session.io_binding()
-        io.bind_cpu_input("input_ids", input_ids)
-        io.bind_cpu_input("attention_mask", attention_mask)
+        for name, value in feeds.items():
+            io.bind_cpu_input(name, value)
         for name in outputs:
             io.bind_output(name, self.provider)  # "cuda" | "cpu": ORT's device names are the provider names
         self.session.run_with_iobinding(io)
         return io.copy_outputs_to_cpu()
+
+
+class StepwiseModel:
+    """The step graph of an exported model, run step by step with halted samples dropped from the batch
+    (serve/stepwise.py): the same `run` and results as the unrolled graph's OrtModel, less compute when samples
+    halt early. The carry goes through host memory between steps (on CUDA too)."""
+
+    runtime = "stepwise"
+
+    def __init__(self, info: ModelInfo, step: OrtModel) -> None:
+        s = step.info
+        for what, mine, theirs in (("weights", info.weights_sha256, s.weights_sha256),
+                                   ("precision", info.precision, s.precision),
+                                   ("halt_max_steps", info.halt_max_steps, s.halt_max_steps),
+                                   ("tokenizer", info.tokenizer_sha256, s.tokenizer_sha256)):
+            if mine is None or mine != theirs:
+                raise MoeError(f"{s.path}: the step graph does not belong to {info.path.name} ({what} differ); "
+                               "export both again with `moe export RUN --stepwise`")
+        self.info, self.step = info, step
+        self.tokenizer, self.provider, self.note = step.tokenizer, step.provider, step.note
+        z_H, z_L, self.n_steps = read_step_metadata(step.session.get_modelmeta().custom_metadata_map, s.path)
+        self.z_init = (z_H, z_L)
+        self.counts = StepCounts()
+
+    def describe(self) -> str:
+        return f"{self.step.describe()}, step-wise ({self.step.info.path.name})"
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
+        """Run one right-padded batch (int64 [B, T] each) and return the named outputs as host arrays."""
+        return run_stepwise(self.step.run_feeds, self.z_init, self.n_steps, input_ids, attention_mask, outputs,
+                            self.counts)
+
+
+def open_model(path: str | os.PathLike, provider: str = "auto", threads: int | None = None,
+               runtime: str = "auto") -> OrtModel | StepwiseModel:
+    """The exported model at `path` on ONNX Runtime. runtime "unrolled": its graph; "stepwise": its step graph
+    (written beside it by `moe export --stepwise`; an error when there is none); "auto": the step graph when the
+    model has one, else the unrolled graph."""
+    if runtime not in RUNTIMES:
+        raise MoeError(f"--runtime: expected one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if runtime == "unrolled":
+        return OrtModel(path, provider, threads)
+    proto, info = read_model(path)
+    step = info.path.with_name(info.step_graph) if info.step_graph else None
+    if runtime == "stepwise" and step is None:
+        raise MoeError(f"{info.path}: --runtime stepwise needs the model's step graph, and it was exported without "
+                       "one; export it with `moe export RUN --out MODEL.onnx --stepwise`")
+    if runtime == "stepwise" and not step.exists():
+        raise MoeError(f"{step}: step graph not found (the model {info.path.name} was exported with it; copy it "
+                       "beside the model, or serve with --runtime unrolled)")
+    if runtime == "auto" and (step is None or not step.exists()):
+        model = OrtModel(path, provider, threads, loaded=(proto, info))
+        if step is not None:
+            missing = f"step graph {step.name} not found: running the unrolled graph (every halting step)"
+            model.note = f"{model.note}; {missing}" if model.note else missing
+        return model
+    return StepwiseModel(info, OrtModel(step, provider, threads, graph="step"))

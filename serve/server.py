@@ -29,6 +29,11 @@ that changes one gives an invalid solution. `valid` is decided by the rules alon
 every row, column and box a permutation of 1..9 and every given kept), never by the model; `correct` compares with
 a solution given with the puzzle.
 
+Runtimes. The unrolled graph (MODEL.onnx) runs every halting step for every sample; a model exported with
+`moe export --stepwise` also has MODEL.step.onnx, which serve runs one supervision step at a time, dropping each
+sample from the batch at the step it halts (serve/stepwise.py): the same results, less compute when samples halt
+early. runtime="auto" takes the step graph when there is one. `server.model.counts` counts the steps computed.
+
 Batching. Work is sorted by length (longest first) and cut into batches of batch_size rows, right-padded with
 attention_mask = 0, so padding stays small; results come back in input order. Finished generations leave their
 batch, so the remaining ones do not pay for them.
@@ -49,7 +54,7 @@ from moe_core import sudoku as S
 from moe_core.errors import MoeError
 
 from .graph import LAST_LOGITS, TOKEN_LOGPROBS
-from .runtime import HALT_STEP, LOGITS, SUDOKU_VOCAB, ModelInfo, OrtModel
+from .runtime import HALT_STEP, LOGITS, SUDOKU_VOCAB, ModelInfo, OrtModel, StepwiseModel, open_model
 
 Progress = Callable[[int], Any]  # called with the number of input texts a batch has finished
 MODE_TASK = {"score": "lm", "generate": "lm", "solve": "sudoku"}  # what each mode serves
@@ -209,16 +214,18 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: f
 
 
 class Server:
-    def __init__(self, model: OrtModel) -> None:
+    def __init__(self, model: OrtModel | StepwiseModel) -> None:
         self.model = model
         self.tokenizer = model.tokenizer
         self.eot_id: int | None = self.tokenizer.token_to_id(EOT)
         self.stats = ServeStats()
 
     @classmethod
-    def open(cls, model_path: str | os.PathLike, provider: str = "auto", threads: int | None = None) -> Server:
-        """Load MODEL.onnx and the tokenizer beside it (both checked); provider "auto" | "cuda" | "cpu"."""
-        return cls(OrtModel(model_path, provider, threads))
+    def open(cls, model_path: str | os.PathLike, provider: str = "auto", threads: int | None = None,
+             runtime: str = "auto") -> Server:
+        """Load MODEL.onnx and the tokenizer beside it (both checked); provider "auto" | "cuda" | "cpu"; runtime
+        "auto" (the step graph when the model has one) | "unrolled" | "stepwise" (see the module docstring)."""
+        return cls(open_model(model_path, provider, threads, runtime))
 
     @property
     def info(self) -> ModelInfo:

@@ -21,6 +21,7 @@ from export.parity import check_parity, ort_cpu_session, parity_inputs
 from moe_core import ModelConfig, RecursiveMoE, load_model
 from moe_core.checkpoint import save_run
 from moe_core.cli import cli
+from serve.stepwise import STEP_INPUTS, STEP_OUTPUTS, StepwiseSession, read_step_metadata, step_path_for
 
 VOCAB = 300
 WORDS = ("the king queen lord night day sword crown love death heart blood sleep dream fair foul "
@@ -57,11 +58,11 @@ def make_run(tmp: Path, seed: int, halt_scale: float, **overrides) -> Path:
     return run
 
 
-def exported(tmp_path_factory, seed: int, halt_scale: float = 1.0, **overrides):
+def exported(tmp_path_factory, seed: int, halt_scale: float = 1.0, stepwise: bool = False, **overrides):
     tmp = tmp_path_factory.mktemp(f"export{seed}")
     run = make_run(tmp, seed, halt_scale, **overrides)
     out = tmp / "model.onnx"
-    result = export_run(run, out, log=lambda _: None)
+    result = export_run(run, out, stepwise=stepwise, log=lambda _: None)
     return run, out, result
 
 
@@ -73,8 +74,9 @@ def recursive_top2(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def recursive_top1_bidir(tmp_path_factory):
-    """Recursive, bidirectional (padding enters attention and the halting pool), MoE top-1, MoH 2..3 heads."""
-    return exported(tmp_path_factory, seed=2, top_k=1, min_heads=2, max_heads=3, causal=False)
+    """Recursive, bidirectional (padding enters attention and the halting pool), MoE top-1, MoH 2..3 heads; with
+    its step graph (--stepwise)."""
+    return exported(tmp_path_factory, seed=2, stepwise=True, top_k=1, min_heads=2, max_heads=3, causal=False)
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +118,84 @@ def test_parity_recursive_top1_bidirectional(recursive_top1_bidir):
 
 def test_parity_baseline_top1(baseline_top1):
     assert_parity(*baseline_top1, expect_varied_halting=False)
+
+
+# -- the step graph (--stepwise): one supervision step, run step by step with halted samples dropped ------------
+
+def test_step_graph_contract_and_parity(recursive_top1_bidir):
+    import onnx
+
+    run, out, result = recursive_top1_bidir
+    step = step_path_for(out)
+    assert result.step_path == step and step.is_file()
+    report = result.step_reports[0]
+    assert report.ok and report.label == "fp32, step graph run step-wise", report.summary()
+    assert len({s for c in report.cases for s in c.halt_steps}) >= 2
+    proto, main = onnx.load(str(step)), onnx.load(str(out))
+    onnx.checker.check_model(proto, full_check=True)
+    assert [i.name for i in proto.graph.input] == list(STEP_INPUTS)
+    assert [o.name for o in proto.graph.output] == list(STEP_OUTPUTS)
+    meta, main_meta = ({p.key: p.value for p in m.metadata_props} for m in (proto, main))
+    assert meta["graph"] == "step" and main_meta["step_graph"] == step.name and "graph" not in main_meta
+    assert meta["weights_sha256"] == main_meta["weights_sha256"] and meta["config"] == main_meta["config"]
+    model = load_model(run)
+    z_H, z_L, n_steps = read_step_metadata(meta, step)
+    assert np.array_equal(z_H, model.z_H_init.numpy()) and np.array_equal(z_L, model.z_L_init.numpy())
+    assert n_steps == model.config.halt_max_steps == 3
+    assert len(proto.graph.node) < len(main.graph.node) / 2  # one step of three
+
+
+def test_stepwise_equals_unrolled_and_drops_halted_rows(recursive_top1_bidir):
+    """On a padded batch whose samples halt at every step: the halt steps of the unrolled graph and of eager
+    PyTorch, logits within the parity tolerance, and each step runs only the samples that have not halted."""
+    run, out, _ = recursive_top1_bidir
+    rng = np.random.default_rng(11)
+    B, T = 48, 16
+    mask = (np.arange(T)[None, :] < rng.integers(1, T + 1, size=(B, 1))).astype(np.int64)
+    feeds = {"input_ids": rng.integers(0, VOCAB, size=(B, T), dtype=np.int64) * mask, "attention_mask": mask}
+    stepwise = StepwiseSession(ort_cpu_session(str(step_path_for(out))))
+    rows, run_step = [], stepwise.session.run
+    stepwise.session.run = lambda names, f: rows.append(len(f["input_ids"])) or run_step(names, f)
+    logits, halt = stepwise.run(["logits", "halt_step"], feeds)
+    ref_logits, ref_halt = ort_cpu_session(str(out)).run(["logits", "halt_step"], feeds)
+    with torch.no_grad():
+        eager = load_model(run)(torch.from_numpy(feeds["input_ids"]), torch.from_numpy(mask))
+    assert np.array_equal(halt, ref_halt) and np.array_equal(halt, eager.halt_step.numpy())
+    assert set(halt.tolist()) == {1, 2, 3}, np.bincount(halt)
+    assert rows == [B, int((halt > 1).sum()), int((halt > 2).sum())]  # halted samples left the batch
+    assert stepwise.counts.rows == halt.sum() < stepwise.counts.full == 3 * B
+    valid = mask.astype(bool)
+    assert np.abs(logits - ref_logits)[valid].max() / np.abs(ref_logits[valid]).max() < 1e-4
+
+
+def test_stepwise_is_refused_without_recursion(baseline_top1, tmp_path):
+    out = tmp_path / "m.onnx"
+    r = run_export([str(baseline_top1[0]), "--out", str(out), "--stepwise"])
+    assert r.exit_code == 2 and "--stepwise: the model of" in r.output and "no recursion" in r.output, r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_step_parity_writes_nothing(recursive_top1_bidir, tmp_path, monkeypatch):
+    """The step graph fails its parity check: neither graph nor the tokenizer is left."""
+    import shutil
+
+    import export.onnx_export as ox
+    from export.parity import check_parity
+
+    run, out, _ = recursive_top1_bidir
+    monkeypatch.setattr(ox, "to_onnx", lambda model, path, opset: shutil.copyfile(out, path))
+    monkeypatch.setattr(ox, "step_to_onnx", lambda model, path, opset: shutil.copyfile(step_path_for(out), path))
+
+    def broken_step_parity(model, path, stepwise=False, **kw):
+        if stepwise:
+            with torch.no_grad():
+                model.halt_head.bias += 0.5
+        return check_parity(model, path, stepwise=stepwise, **kw)
+
+    monkeypatch.setattr(ox, "check_parity", broken_step_parity)
+    r = run_export([str(run), "--out", str(tmp_path / "m.onnx"), "--stepwise"])
+    assert r.exit_code == 2 and "m.step.onnx: parity check failed" in r.output, r.output
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_parity_trained_tiny_model(tmp_path):

@@ -20,8 +20,10 @@ from moe_core import ModelConfig, MoeError, RecursiveMoE, load_model
 from moe_core.checkpoint import save_run
 from moe_core.cli import cli, run
 from serve import Server
-from serve.runtime import CPU_EP, CUDA_EP, choose_providers, resolve_provider
+from serve.graph import LAST_LOGITS, TOKEN_LOGPROBS
+from serve.runtime import CPU_EP, CUDA_EP, HALT_STEP, choose_providers, resolve_provider
 from serve.server import length_batches, pick_token, windows
+from serve.stepwise import StepCounts
 from train.data import train_tokenizer
 
 T = 16  # the model's max_seq_len
@@ -60,13 +62,23 @@ def exported(tmp_path_factory) -> tuple[Path, Path]:
     run_dir = tmp / "run"
     save_run(run_dir, model, train_tokenizer(corpus, cfg.vocab_size).to_str())
     onnx_path = tmp / "m.onnx"
-    export_run(run_dir, onnx_path, check=False, log=lambda _: None)
+    export_run(run_dir, onnx_path, check=False, stepwise=True, log=lambda _: None)  # + m.step.onnx
     return run_dir, onnx_path
 
 
 @pytest.fixture(scope="module")
 def server(exported) -> Server:
-    return Server.open(exported[1], provider="cpu", threads=1)
+    return Server.open(exported[1], provider="cpu", threads=1, runtime="unrolled")
+
+
+@pytest.fixture(scope="module")
+def stepwise_server(exported) -> Server:
+    return Server.open(exported[1], provider="cpu", threads=1, runtime="stepwise")
+
+
+@pytest.fixture(params=["unrolled", "stepwise"])
+def any_server(request, server, stepwise_server) -> Server:
+    return server if request.param == "unrolled" else stepwise_server
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +131,7 @@ def eager_greedy(model: RecursiveMoE, prompt: list[int], max_new: int, eot: int,
 
 
 def test_score_matches_eager(server, eager):
+    # The step-wise runtime: test_stepwise_equals_unrolled_and_drops_halted_rows (the eager loop here is slow).
     texts = make_texts(24, seed=0) + [" ".join(WORDS * 2)]  # the last one takes ~9 windows
     results = server.score(texts, batch_size=5, return_token_logprobs=True)
     assert len({r.halt_step for r in results if r.halt_step}) == 2, "the fixture must exercise both halt steps"
@@ -138,7 +151,8 @@ def test_score_matches_eager(server, eager):
     assert results[-1].n_windows > 2 and results[-1].n_tokens == len(server.encode([texts[-1]])[0]) - 1
 
 
-def test_greedy_generate_matches_eager(server, eager):
+def test_greedy_generate_matches_eager(any_server, eager):
+    server = any_server
     # Prompts up to 2T tokens and 12 new tokens: the context fills up and slides.
     texts = ["", "a", "the king", "ALICE walked through the garden", " ".join(WORDS[:6]), " ".join(WORDS)]
     results = server.generate(texts, max_new_tokens=12, batch_size=4)
@@ -178,6 +192,97 @@ def test_padding_is_small_and_counted(server):
     input_order_pad = sum(max(lengths[i:i + 8]) * len(lengths[i:i + 8]) - sum(lengths[i:i + 8])
                           for i in range(0, len(lengths), 8))
     assert padding == sorted_pad < input_order_pad
+
+
+# -----------------------------------------------------------------------------
+# step-wise serving: the step graph run step by step, halted samples dropped from the batch
+
+
+def test_stepwise_equals_unrolled_and_drops_halted_rows(server, stepwise_server):
+    """Same halt steps and outputs as the unrolled graph on a padded batch whose samples halt at step 1 or 2, and
+    the second step runs only the samples that did not halt at the first."""
+    rng = np.random.default_rng(5)
+    ids = rng.integers(0, 300, size=(24, T), dtype=np.int64)
+    mask = (np.arange(T)[None, :] < rng.integers(1, T + 1, size=(24, 1))).astype(np.int64)
+    ids *= mask
+    outputs = [TOKEN_LOGPROBS, LAST_LOGITS, "logits", HALT_STEP]
+    step, rows = stepwise_server.model.step, []
+    run_feeds = step.run_feeds
+    step.run_feeds = lambda feeds, names: rows.append(len(feeds["input_ids"])) or run_feeds(feeds, names)
+    try:
+        *got, halt = stepwise_server.model.run(ids, mask, outputs)
+    finally:
+        del step.run_feeds
+    *ref, ref_halt = server.model.run(ids, mask, outputs)
+    assert np.array_equal(halt, ref_halt) and set(ref_halt.tolist()) == {1, 2}
+    assert rows == [24, int((ref_halt > 1).sum())]
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(got[0][valid[:, 1:]], ref[0][valid[:, 1:]], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[1], ref[1], rtol=1e-5, atol=1e-5)
+    scale = np.abs(ref[2][valid]).max()
+    assert np.abs(got[2][valid] - ref[2][valid]).max() / scale < 1e-4  # the parity tolerance
+
+
+def test_stepwise_server_counts_the_steps_it_skips(stepwise_server, server):
+    texts = make_texts(30, seed=17)
+    stepwise_server.model.counts = StepCounts()
+    a, b = stepwise_server.score(texts, batch_size=8), server.score(texts, batch_size=8)
+    assert [r.halt_step for r in a] == [r.halt_step for r in b]
+    assert all(x.nll == y.nll or abs(x.nll - y.nll) <= 1e-5 * y.nll for x, y in zip(a, b, strict=True))
+    c, n_rows = stepwise_server.model.counts, sum(r.n_windows for r in a)  # one row per window
+    assert c.full == 2 * n_rows and n_rows <= c.rows < c.full  # samples halting at step 1 ran one step only
+    assert c.calls <= 2 * -(-n_rows // 8)
+
+
+def test_cli_runtimes(exported, tmp_path):
+    """--runtime auto takes the step graph, --runtime unrolled does not; both write the same records."""
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in make_texts(20, seed=23)])
+    rows = {}
+    for runtime in ("auto", "unrolled"):
+        out = tmp_path / f"{runtime}.jsonl"
+        code, stdout, stderr = moe_serve(exported[1], "--input", inp, "--output", out, "--runtime", runtime,
+                                         "--provider", "cpu")
+        assert code == 0, stderr
+        rows[runtime] = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+        shown = "stepwise" if runtime == "auto" else "unrolled"
+        assert f"runtime {shown}: " in stdout.splitlines()[-1] and "of unrolled" in stdout.splitlines()[-1]
+        assert ("step-wise (m.step.onnx)" in stdout.splitlines()[0]) == (runtime == "auto")
+    for a, b in zip(rows["auto"], rows["unrolled"], strict=True):
+        assert a["halt_step"] == b["halt_step"] and (a["nll"] == b["nll"] or abs(a["nll"] - b["nll"]) <= 1e-5)
+
+
+def test_step_graph_errors(exported, tmp_path):
+    """A missing, foreign or absent step graph: --runtime stepwise fails naming it; auto falls back, saying so."""
+    models = tmp_path / "models"
+    models.mkdir()
+    model = damaged_model(exported[1], models, "none")
+    step = models / "m.step.onnx"
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(GOOD, encoding="utf-8")
+    assert_clean_failure(tmp_path, "m.step.onnx: step graph not found", model, "--input", inp, "--runtime", "stepwise")
+    code, stdout, stderr = moe_serve(model, "--input", inp, "--output", tmp_path / "auto.jsonl")
+    assert code == 0 and "note: step graph m.step.onnx not found: running the unrolled graph" in stdout, stderr
+    assert "runtime unrolled" in stdout.splitlines()[-1]
+
+    shutil.copy(exported[1].with_name("m.step.onnx"), step)
+    set_metadata_value(step, "weights_sha256", "0" * 64)
+    assert_clean_failure(tmp_path, "m.step.onnx: the step graph does not belong to m.onnx (weights differ)", model,
+                         "--input", inp, out_name="foreign.jsonl")
+    assert_clean_failure(tmp_path, "m.step.onnx: a step graph (`moe export --stepwise`); serve the model it belongs "
+                         "to (m.onnx)", step, "--input", inp, out_name="step.jsonl")
+    set_metadata_value(model, "step_graph", None)
+    assert_clean_failure(tmp_path, "m.onnx: --runtime stepwise needs the model's step graph, and it was exported "
+                         "without one", model, "--input", inp, "--runtime", "stepwise", out_name="none.jsonl")
+
+
+def set_metadata_value(path: Path, key: str, value: str | None) -> None:
+    proto = onnx.load(str(path))
+    keep = [p for p in proto.metadata_props if p.key != key]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(keep)
+    if value is not None:
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, str(path))
 
 
 # -----------------------------------------------------------------------------
@@ -314,11 +419,7 @@ def damaged_model(src: Path, dst: Path, damage: str) -> Path:
     if damage == "not_onnx":
         model.write_bytes(b"this is not an onnx model\n")
     elif damage == "no_metadata":
-        proto = onnx.load(str(model))
-        keep = [p for p in proto.metadata_props if p.key != "tokenizer_sha256"]
-        del proto.metadata_props[:]
-        proto.metadata_props.extend(keep)
-        onnx.save(proto, str(model))
+        set_metadata_value(model, "tokenizer_sha256", None)
     elif damage == "no_tokenizer":
         tok.unlink()
     elif damage == "tokenizer_sha":

@@ -1,0 +1,134 @@
+"""Serving that uses halting: the unrolled graph (every halting step for every sample, halting selected with masks)
+against the step graph run step by step with halted samples dropped from the batch (serve/stepwise.py), on the same
+inputs, batch by batch as `moe serve` cuts them.
+
+Real inputs matter here, since the saving is the fraction of steps samples skip: with --run, windows of the run's
+own validation text (a language model: the last train.val_fraction of its corpus, as training split it) or fresh
+puzzles of the run's difficulty (a Sudoku model); without a run, random ids (a random-init model halts nowhere
+before the last step: the step-wise runtime's overhead, not its gain).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from export.onnx_export import export_run
+from moe_core import sudoku as S
+from moe_core.model import RecursiveMoE
+from serve.graph import TOKEN_LOGPROBS
+from serve.runtime import LOGITS, OrtModel, StepwiseModel, open_model
+from serve.stepwise import HALT_STEP, StepCounts, step_path_for
+
+from .timing import measure
+
+
+def real_inputs(model: RecursiveMoE, run_dir: Path | None, n: int, seed: int = 0) -> tuple[np.ndarray, str, str]:
+    """(input_ids [n, T], the output serving reads, what the inputs are). T = the model's max_seq_len (81 cells)."""
+    cfg = model.config
+    T = cfg.max_seq_len
+    config = json.loads((run_dir / "config.json").read_text()) if run_dir is not None else {}
+    tc = config.get("train", {})
+    if tc.get("task") == "sudoku":
+        givens = (tc.get("sudoku_givens_min", 36), tc.get("sudoku_givens_max", 46))
+        puzzles = S.generate(n, f"halting-benchmark-{seed}", givens=givens).puzzles.astype(np.int64)
+        return puzzles, LOGITS, f"{n} new puzzles of {givens[0]}-{givens[1]} givens (the run's range)"
+    if run_dir is None:
+        ids = np.random.default_rng(seed).integers(0, cfg.vocab_size, size=(n, T), dtype=np.int64)
+        return ids, TOKEN_LOGPROBS, f"{n} x {T} random ids (no --run: a random-init model halts at the last step)"
+    from train.data import load_documents, load_tokenizer, tokenize_corpus  # noqa: PLC0415 - a --run only
+
+    data = tc.get("data")
+    tokens = tokenize_corpus(load_documents(data), load_tokenizer(run_dir / "tokenizer.json"),
+                             tc.get("val_fraction", 0.1), T)
+    val = tokens.val[: len(tokens.val) // T * T].reshape(-1, T).astype(np.int64)
+    idx = np.random.default_rng(seed).choice(len(val), size=min(n, len(val)), replace=False)
+    return val[np.sort(idx)], TOKEN_LOGPROBS, (f"{len(idx)} windows of {T} tokens of the run's validation text "
+                                                f"({data or 'the default corpus'})")
+
+
+def step_graphs(model: RecursiveMoE, run_dir: Path | None, onnx_path: Path | None, tmp: Path,
+                log: Callable[[str], None]) -> tuple[Path, float | None]:
+    """An exported model with its step graph: `onnx_path` when a step graph is beside it, else `moe export
+    --stepwise` of the run (or of the random-init model, saved as a run first) into `tmp`; and the export time."""
+    if onnx_path is not None and step_path_for(onnx_path).exists():
+        return onnx_path, None
+    if run_dir is None:
+        from moe_core.checkpoint import save_run  # noqa: PLC0415
+
+        from .suites import placeholder_tokenizer  # noqa: PLC0415
+
+        run_dir = tmp / "run"
+        save_run(run_dir, model, placeholder_tokenizer(model.config.vocab_size))
+    log("exporting the model and its step graph (moe export --stepwise, no parity check) ...")
+    result = export_run(run_dir, tmp / "stepwise.onnx", check=False, stepwise=True, log=log)
+    return result.path, result.seconds
+
+
+def halting_section(model: RecursiveMoE, run_dir: Path | None, onnx_path: Path | None, batches: tuple[int, ...],
+                    warmup: int, repeats: int, threads: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """The suite's section: the step graph (exported unless beside --onnx), real inputs (2x the largest batch),
+    `halting` on them."""
+    ids, output, what = real_inputs(model, run_dir, 2 * max(batches))
+    with tempfile.TemporaryDirectory() as tmp:
+        path, export_s = step_graphs(model, run_dir, onnx_path, Path(tmp), log)
+        log(f"halting: unrolled vs step-wise on {what}, batch {', '.join(map(str, batches))}")
+        return {**halting(path, ids, output, batches, warmup, repeats, threads), "inputs_what": what,
+                "export_s": export_s}
+
+
+def halting(path: Path, ids: np.ndarray, output: str, batches: tuple[int, ...], warmup: int, repeats: int,
+            threads: int) -> dict[str, Any]:
+    """Per batch size: the time to serve all of `ids` in batches of that size with each runtime (interleaved
+    calls), tokens/s, the step-wise speed-up, the sample-steps it computed against the unrolled graph's, and
+    the check that both give the same halt steps and outputs."""
+    runtimes: dict[str, OrtModel | StepwiseModel] = {
+        name: open_model(path, provider="cpu", threads=threads, runtime=name) for name in ("unrolled", "stepwise")}
+    mask = np.ones_like(ids)
+    rows = []
+    for B in batches:
+        def serve_all(m: OrtModel | StepwiseModel, B: int = B) -> list[np.ndarray]:
+            parts = [m.run(ids[i:i + B], mask[i:i + B], [output, HALT_STEP]) for i in range(0, len(ids), B)]
+            return [np.concatenate([p[k] for p in parts]) for k in range(2)]
+
+        for m in runtimes.values():
+            m.counts = StepCounts()
+        t = measure({name: lambda m=m: serve_all(m) for name, m in runtimes.items()}, warmup, repeats)
+        (out_u, halt_u), (out_s, halt_s) = t["unrolled"].output, t["stepwise"].output
+        c = runtimes["stepwise"].counts
+        row: dict[str, Any] = {"batch": B, "inputs": len(ids), "seq": ids.shape[1],
+                               "halt_steps_equal": bool(np.array_equal(halt_u, halt_s)),
+                               "max_abs_output_diff": float(np.abs(out_u - out_s).max()),
+                               "sample_steps_fraction": c.rows / c.full,
+                               "stepwise_calls_per_pass": c.calls / (warmup + repeats)}
+        for name, timing in t.items():
+            row[name] = {**timing.to_dict(), "tokens_per_s": ids.size / timing.median}
+        row["stepwise_vs_unrolled"] = t["unrolled"].median / t["stepwise"].median
+        rows.append(row)
+    halt = halt_u  # the same inputs in every cell: the same halting
+    hist = np.bincount(halt, minlength=runtimes["unrolled"].info.halt_max_steps + 1)[1:]
+    return {"graph": str(path), "output": output, "halt_step_mean": float(halt.mean()), "halt_hist": hist.tolist(),
+            "halt_max_steps": runtimes["unrolled"].info.halt_max_steps, "rows": rows}
+
+
+def table_lines(h: dict[str, Any]) -> list[str]:
+    """The section of the printed table."""
+    hist = " ".join(f"{s + 1}:{n}" for s, n in enumerate(h["halt_hist"]))
+    exported = "" if h["export_s"] is None else f"; exported in {h['export_s']:.0f} s"
+    lines = [f"halting: unrolled graph (all {h['halt_max_steps']} steps) vs step graph run step-wise (halted samples "
+             f"leave the batch), ORT CPU, same inputs: {h['inputs_what']}; halt steps {hist} (mean "
+             f"{h['halt_step_mean']:.2f}){exported}",
+             f"  {'batch':>5} {'unrolled tok/s':>15} {'stepwise tok/s':>15} {'speed-up':>9} {'steps computed':>15}  "
+             f"{'same halting':>12} {'max|diff|':>9}"]
+    for r in h["rows"]:
+        lines.append(f"  {r['batch']:>5} {r['unrolled']['tokens_per_s']:>15,.0f} "
+                     f"{r['stepwise']['tokens_per_s']:>15,.0f} {r['stepwise_vs_unrolled']:>8.2f}x "
+                     f"{r['sample_steps_fraction']:>14.0%}  "
+                     f"{'yes' if r['halt_steps_equal'] else 'NO':>12} {r['max_abs_output_diff']:>9.1e}")
+    return lines
+
