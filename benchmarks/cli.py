@@ -4,7 +4,8 @@ DIR/scaling[-MODE].png.
 
 Modes:
   full   (default, ~5-10 min) the `default` preset's model (random init, or the trained --run), the serving grid
-         batch {1, 8, 32} x seq {32, 128}, the preset's training batch, scaling over 4-5 points per factor.
+         batch {1, 8, 32} x seq {32, 128}, the preset's training batch, the MoE layer dense vs sparse at 4 experts
+         top-2, 8 top-2 and 8 top-1 (16 x 128 tokens), scaling over 4-5 points per factor.
   quick  (~1 min) the default preset's block widths with the recursion cut to H1 x L1 x 1 step, so that the ONNX
          export (~2.5 s per unrolled net call here, 50 s for the full model) fits the minute; batch {1, 32} at
          seq 128, 3 points per factor. torch.compile still compiles (its cost is reported apart; ~40 s cold,
@@ -52,6 +53,7 @@ class Mode:
     serve_seqs: tuple[int | None, ...]  # None: the model's max_seq_len
     train_batch: int | None  # None: the preset's train.batch_size
     dispatch_tokens: tuple[int, int]  # (batch, seq) through the MoE layer
+    dispatch_settings: tuple[tuple[int, int], ...]  # (n_experts, top_k) of the MoE layer, dense vs sparse
     scaling_base: tuple[int, int]  # (batch, seq)
     scaling_points: dict[str, list[int]]
     matmul_n: int
@@ -67,14 +69,15 @@ class Mode:
 
 MODES = {
     "full": Mode(
-        "full", model={}, serve_batches=(1, 8, 32), serve_seqs=(32, None), train_batch=None, dispatch_tokens=(32, 128),
+        "full", model={}, serve_batches=(1, 8, 32), serve_seqs=(32, None), train_batch=None, dispatch_tokens=(16, 128),
+        dispatch_settings=((4, 2), (8, 2), (8, 1)),
         scaling_base=(4, 128), scaling_points={"seq_len": [32, 64, 128, 256, 512], "batch": [1, 2, 4, 8, 16],
                                                "H_cycles": [1, 2, 3, 4], "L_cycles": [1, 2, 3, 4],
                                                "halt_max_steps": [1, 2, 3, 4], "n_experts": [2, 4, 8, 16]},
         matmul_n=2048, warmup=2, repeats=5),
     "quick": Mode(
         "quick", model={"H_cycles": 1, "L_cycles": 1, "halt_max_steps": 1}, serve_batches=(1, 32), serve_seqs=(None,),
-        train_batch=4, dispatch_tokens=(8, 128),
+        train_batch=4, dispatch_tokens=(8, 128), dispatch_settings=((8, 2),),
         scaling_base=(2, 64), scaling_points={"seq_len": [32, 128, 512], "batch": [1, 4, 16],
                                               "H_cycles": [1, 2, 4], "L_cycles": [1, 2, 4],
                                               "halt_max_steps": [1, 2, 4], "n_experts": [2, 4, 8]},
@@ -82,7 +85,7 @@ MODES = {
     "smoke": Mode(
         "smoke", model={"vocab_size": 128, "max_seq_len": 16, "d_model": 32, "n_layers": 1, "d_expert": 32,
                         "H_cycles": 1, "L_cycles": 1, "halt_max_steps": 1},
-        serve_batches=(2,), serve_seqs=(None,), train_batch=2, dispatch_tokens=(2, 16),
+        serve_batches=(2,), serve_seqs=(None,), train_batch=2, dispatch_tokens=(2, 16), dispatch_settings=((8, 2),),
         scaling_base=(1, 8), scaling_points={"seq_len": [8, 16], "batch": [1, 2], "H_cycles": [1, 2],
                                              "L_cycles": [1, 2], "halt_max_steps": [1, 2], "n_experts": [2, 4]},
         matmul_n=128, warmup=1, repeats=2, compile_backend="eager", suffix="-smoke"),
@@ -168,7 +171,8 @@ def run(mode: Mode, out_dir: Path, run_dir: Path | None = None, onnx_path: Path 
     if "dispatch" in sections:
         log("MoE dispatch")
         with cpu_use(cpu, "moe_dispatch"):
-            r["moe_dispatch"] = moe_dispatch(cfg, *mode.dispatch_tokens, mode.warmup, mode.repeats)
+            r["moe_dispatch"] = moe_dispatch(cfg, *mode.dispatch_tokens, mode.warmup, mode.repeats,
+                                             mode.dispatch_settings, mode.compile_backend, threads)
     if "scaling" in sections:
         log(f"scaling: {', '.join(mode.scaling_points)}")
         with cpu_use(cpu, "scaling"):

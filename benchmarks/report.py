@@ -69,7 +69,7 @@ def notes(r: dict[str, Any]) -> list[str]:
                      f"full vs causal attention): counting them, ORT runs at "
                      f"{r['utilisation']['ort_fp32']['executed']:.0%} of the peak")
         elif key == "moe_sparse_vs_dense":
-            line += "; sparse dispatch is not faster than dense at this size"
+            line += f"; sparse dispatch is not faster than dense on {r['moe_dispatch']['headline']}"
         out.append(line)
     for t in r["ratios"].values():
         if t["pending"] and t["target"] is not None:
@@ -143,14 +143,19 @@ def table(r: dict[str, Any]) -> str:
                             if name == "compiled" else ""))
     if "moe_dispatch" in r:
         d = r["moe_dispatch"]
-        lines += ["", f"MoE dispatch: the MoE layer alone, {d['n_experts']} experts top-{d['top_k']}, "
-                      f"{d['batch']} x {d['seq']} tokens, inference forward:"]
-        for mode in d["modes"]:
-            lines.append(f"  {mode:<7} {d[mode]['median_s'] * 1e3:8.2f} ms {d[mode]['tokens_per_s']:11,.0f} tokens/s"
-                         + (f"  ({d[mode]['vs_dense']:.2f}x dense, max |diff| {d[mode]['max_abs_diff']:.1e})"
-                            if mode != "dense" else ""))
-        if "sparse" not in d["modes"]:
-            lines.append("  sparse  — (ModelConfig has no moe_dispatch option yet)")
+        lines += ["", f"MoE dispatch: the MoE layer alone, {d['batch']} x {d['seq']} tokens, ms per call dense / "
+                      f"sparse (dense time / sparse time): inference forward eager and ONNX Runtime, training forward "
+                      f"+ backward eager and torch.compile ({d['backend']}); max |sparse - dense| over all paths",
+                  f"  {'experts':<9} {'auto':<7}" + "".join(f"{p:>24}" for p in d["paths"]) + f"{'max|diff|':>11}"]
+        for s in d["settings"]:
+            cells = "".join(f"{s[p]['dense']['median_s'] * 1e3:>9.1f} /{s[p]['sparse']['median_s'] * 1e3:>6.1f} "
+                            f"({s[p]['sparse']['vs_dense']:.2f}x)" for p in d["paths"])
+            diff = max(s[p]["sparse"]["max_abs_diff"] for p in d["paths"])
+            lines.append(f"  {s['n_experts']} top-{s['top_k']:<3} {s['auto']:<7}{cells}{diff:>11.1e}")
+        first = ", ".join(f"{s['n_experts']} top-{s['top_k']} {s['train_compiled']['dense']['first_call_s']:.0f} / "
+                          f"{s['train_compiled']['sparse']['first_call_s']:.0f} s" for s in d["settings"])
+        lines.append(f"  compiled: first call (compile) dense / sparse {first}; graphs compiled after the first calls "
+                     f"(routing changing per call): {sum(s['recompiles_after_first_call'] for s in d['settings'])}")
     if "scaling" in r:
         sc = r["scaling"]
         b = sc["base"]

@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
+import logging
 import shutil
+import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +25,7 @@ from tokenizers import Tokenizer, models
 from export.onnx_export import convert_precision, export_run, tokenizer_path_for
 from moe_core.checkpoint import save_run
 from moe_core.config import ModelConfig
-from moe_core.model import RecursiveMoE
+from moe_core.model import RecursiveMoE, resolve_moe_dispatch
 from serve.graph import TOKEN_LOGPROBS
 from serve.runtime import OrtModel
 from train.config import RunConfig, TrainConfig
@@ -149,9 +153,10 @@ def training(cfg: ModelConfig, tc: TrainConfig, batch: int, warmup: int, repeats
 
 
 # -----------------------------------------------------------------------------
-# MoE dispatch
+# MoE dispatch: dense (every expert on every token) vs sparse (each expert on its own tokens)
 
-DISPATCH_OPTION = "moe_dispatch"  # the ModelConfig field that will choose the dispatch, once it exists
+DISPATCH_OPTION = "moe_dispatch"  # the ModelConfig field that chooses the dispatch
+DISPATCH_PATHS = ("eager", "ort", "train_eager", "train_compiled")  # the four timings of each mode
 
 
 def dispatch_modes() -> tuple[str, ...]:
@@ -160,29 +165,118 @@ def dispatch_modes() -> tuple[str, ...]:
     return ("dense", "sparse") if DISPATCH_OPTION in names else ("dense",)
 
 
-def moe_dispatch(cfg: ModelConfig, batch: int, seq: int, warmup: int, repeats: int, n_experts: int = 8,
-                 top_k: int = 2) -> dict[str, Any]:
-    """The MoE feed-forward layer alone (inference forward) at n_experts / top_k, per dispatch mode, with the
-    same weights and inputs; each mode's largest output difference from dense."""
-    base = dataclasses.replace(cfg, n_experts=n_experts, top_k=top_k)
+class MoELayer(torch.nn.Module):
+    """The MoE feed-forward layer's inference function x [B, T, D] -> y, as a module the exporter can trace."""
+
+    def __init__(self, ffn: torch.nn.Module) -> None:
+        super().__init__()
+        self.ffn = ffn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn(x, False)[0]
+
+
+def layer_session(ffn: torch.nn.Module, path: Path, max_seq: int, threads: int | None) -> Any:
+    """`ffn` exported alone by the dynamo exporter (dynamic batch and sequence axes, as `moe export` makes the
+    model's graph) to `path`, in an ONNX Runtime CPU session with the serving options."""
+    import onnxruntime as ort
+
+    from serve.runtime import session_options
+
+    x = torch.randn(2, min(max_seq, 8), ffn.router.in_features)
+    dims = {0: torch.export.Dim("batch", min=1, max=65536), 1: torch.export.Dim("seq", min=1, max=max(max_seq, 2))}
+    registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")  # "torchvision is not ..."
+    level = registration_log.level
+    registration_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the exporter's own deprecation noise, silenced as `moe export` does
+            program = torch.onnx.export(MoELayer(ffn).eval(), (x,), dynamo=True, input_names=["x"],
+                                        output_names=["y"], dynamic_shapes={"x": dims}, optimize=False, verbose=False)
+    finally:
+        registration_log.setLevel(level)
+    program.save(str(path))
+    return ort.InferenceSession(str(path), sess_options=session_options(threads), providers=["CPUExecutionProvider"])
+
+
+def dispatch_setting(cfg: ModelConfig, batch: int, seq: int, warmup: int, repeats: int, backend: str,
+                     threads: int | None, tmp: Path) -> dict[str, Any]:
+    """Every dispatch mode of the MoE layer of `cfg`, with the same weights and inputs, on four paths:
+    inference forward in eager PyTorch and in ONNX Runtime, and a training forward + backward (output and aux
+    losses) eager and torch.compile'd (the layer compiled as the trainer compiles a block). Each path is timed
+    in its own interleaved loop (ORT's spinning threads slowed the eager calls interleaved with them); the
+    training paths cycle over three inputs so that routing changes from call to call, and the compiled one counts
+    the graphs dynamo compiled after the first call (a recompile per routing would show here)."""
+    from torch._dynamo.utils import counters
+
     layers, state = {}, None
     for mode in dispatch_modes():
-        c = dataclasses.replace(base, **{DISPATCH_OPTION: mode}) if mode != "dense" else base
         torch.manual_seed(0)
-        ffn = RecursiveMoE(c).net.blocks[0].ffn.eval()  # initialised as the model initialises it
+        ffn = RecursiveMoE(dataclasses.replace(cfg, **{DISPATCH_OPTION: mode})).net.blocks[0].ffn
         if state is None:
-            state = ffn.state_dict()
+            state = ffn.state_dict()  # initialised as the model initialises it
         else:
             ffn.load_state_dict(state)
         layers[mode] = ffn
-    x = torch.randn(batch, seq, cfg.d_model, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, seq, cfg.d_model, generator=g)
+    xs = [torch.randn(batch, seq, cfg.d_model, generator=g, requires_grad=True) for _ in range(3)]
+
+    def train_step(ffn: torch.nn.Module) -> Callable[[], torch.Tensor]:
+        inputs = itertools.cycle(xs)
+
+        def step() -> torch.Tensor:
+            xi = next(inputs)
+            xi.grad = None
+            ffn.zero_grad(set_to_none=True)
+            y, aux = ffn(xi, True)
+            (y.square().mean() + sum(aux.losses.values())).backward()
+            return xi.grad
+
+        return step
+
+    timings: dict[str, dict[str, Any]] = {}
     with torch.inference_mode():
-        timings = measure({m: lambda f=f: f(x, False)[0] for m, f in layers.items()}, warmup, repeats)
-    dense = timings["dense"]
-    out: dict[str, Any] = {"batch": batch, "seq": seq, "n_experts": n_experts, "top_k": top_k,
-                           "modes": list(layers)}
-    for mode, t in timings.items():
-        out[mode] = {**t.to_dict(), "tokens_per_s": batch * seq / t.median, "vs_dense": dense.median / t.median,
-                     "max_abs_diff": float((t.output - dense.output).abs().max())}
-    out["sparse_vs_dense"] = out["sparse"]["vs_dense"] if "sparse" in out else None
+        timings["eager"] = measure({m: lambda f=f: f(x, False)[0] for m, f in layers.items()}, warmup, repeats)
+    sessions = {m: layer_session(f, tmp / f"moe-{m}.onnx", seq, threads) for m, f in layers.items()}
+    xn = x.numpy()
+    timings["ort"] = measure({m: lambda s=s: torch.from_numpy(s.run(None, {"x": xn})[0])
+                              for m, s in sessions.items()}, warmup, repeats)
+    timings["train_eager"] = measure({m: train_step(f) for m, f in layers.items()}, warmup, repeats)
+    compiled, first = {}, {}
+    for m, f in layers.items():
+        c = copy.deepcopy(f)
+        c.compile(backend=backend)
+        compiled[m] = train_step(c)
+        t0 = time.perf_counter()
+        compiled[m]()
+        first[m] = time.perf_counter() - t0
+    graphs_before = counters["stats"]["unique_graphs"]
+    timings["train_compiled"] = measure(compiled, warmup, repeats)
+    out: dict[str, Any] = {"n_experts": cfg.n_experts, "top_k": cfg.top_k, "modes": list(layers),
+                           "auto": resolve_moe_dispatch(dataclasses.replace(cfg, **{DISPATCH_OPTION: "auto"})),
+                           "recompiles_after_first_call": counters["stats"]["unique_graphs"] - graphs_before}
+    for path, ts in timings.items():
+        dense = ts["dense"]
+        out[path] = {m: {**t.to_dict(), "tokens_per_s": batch * seq / t.median, "vs_dense": dense.median / t.median,
+                         "max_abs_diff": float((t.output - dense.output).abs().max())} for m, t in ts.items()}
+    for m, t in first.items():
+        out["train_compiled"][m]["first_call_s"] = t
+    return out
+
+
+def moe_dispatch(cfg: ModelConfig, batch: int, seq: int, warmup: int, repeats: int,
+                 settings: tuple[tuple[int, int], ...] = ((4, 2), (8, 2), (8, 1)), backend: str = "inductor",
+                 threads: int | None = None) -> dict[str, Any]:
+    """The MoE layer alone at each (n_experts, top_k) of `settings` (dispatch_setting). The headline ratio is
+    sparse / dense at 8 experts top-2 on the slowest of the four paths for sparse (it must win on all of them)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [dispatch_setting(dataclasses.replace(cfg, n_experts=e, top_k=k), batch, seq, warmup, repeats,
+                                 backend, threads, Path(tmp)) for e, k in settings]
+    out: dict[str, Any] = {"batch": batch, "seq": seq, "backend": backend, "paths": list(DISPATCH_PATHS),
+                           "settings": rows, "sparse_vs_dense": None, "headline": None}
+    head = next((r for r in rows if (r["n_experts"], r["top_k"]) == (8, 2)), None)
+    if head is not None and "sparse" in head["modes"]:
+        worst = min(DISPATCH_PATHS, key=lambda p: head[p]["sparse"]["vs_dense"])
+        out["sparse_vs_dense"], out["headline"] = head[worst]["sparse"]["vs_dense"], f"8 experts top-2, {worst}"
     return out

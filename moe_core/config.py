@@ -121,6 +121,10 @@ class ModelConfig:
     n_experts: int = 4
     top_k: int = 2
     d_expert: int = 256
+    # How the experts are computed: "dense" runs every expert on every token (zero weight outside the top k),
+    # "sparse" groups the routed (token, expert) pairs by expert and runs each expert on its own tokens only;
+    # both give the same outputs. "auto" picks the faster as measured (moe_core.model.resolve_moe_dispatch).
+    moe_dispatch: str = "auto"
     # Recursion (TRM/HRM style). recursive = false is the plain MoE/MoH baseline with the same blocks.
     recursive: bool = True
     H_cycles: int = 2
@@ -136,7 +140,10 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
 
-    ADDED_LATER: ClassVar[tuple[str, ...]] = ("learned_pos",)  # keys a run's config.json may lack (moe 0.1)
+    # Keys a run's config.json may lack (written before they existed): learned_pos's default is what those runs
+    # had; moe_dispatch changes how the model computes, not what.
+    ADDED_LATER: ClassVar[tuple[str, ...]] = ("learned_pos", "moe_dispatch")
+    MOE_DISPATCHES: ClassVar[tuple[str, ...]] = ("dense", "sparse", "auto")
 
     @property
     def head_dim(self) -> int:
@@ -160,6 +167,8 @@ class ModelConfig:
                f"d_model: d_model / n_heads must be even for rotary embeddings, got {self.head_dim}")
         _check(self.top_k <= self.n_experts, where,
                f"top_k: expected <= n_experts={self.n_experts}, got {self.top_k}")
+        _check(self.moe_dispatch in self.MOE_DISPATCHES, where,
+               f"moe_dispatch: expected one of {', '.join(self.MOE_DISPATCHES)}, got {show(self.moe_dispatch)}")
         _check(self.min_heads <= self.max_heads, where,
                f"min_heads: expected <= max_heads={self.max_heads}, got {self.min_heads}")
         _check(self.max_heads <= self.n_heads, where,

@@ -6,6 +6,7 @@ and carries several of the variations the parity must cover.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -85,6 +87,13 @@ def baseline_top1(tmp_path_factory):
     return exported(tmp_path_factory, seed=3, top_k=1, min_heads=1, max_heads=2, recursive=False, n_layers=2)
 
 
+@pytest.fixture(scope="module")
+def recursive_sparse(tmp_path_factory):
+    """Recursive, MoE 8 experts top-2 with sparse dispatch: tokens sorted by expert, each expert's rows sliced by
+    the runtime counts."""
+    return exported(tmp_path_factory, seed=4, n_experts=8, top_k=2, moe_dispatch="sparse", halt_max_steps=2)
+
+
 def assert_parity(run, out, result, expect_varied_halting: bool) -> None:
     assert result.parity is not None and result.parity.ok, result.parity.summary()
     model = load_model(run)
@@ -118,6 +127,23 @@ def test_parity_recursive_top1_bidirectional(recursive_top1_bidir):
 
 def test_parity_baseline_top1(baseline_top1):
     assert_parity(*baseline_top1, expect_varied_halting=False)
+
+
+def test_parity_sparse_dispatch(recursive_sparse):
+    """The sparse graph has the parity of the others, is sparse (per-expert MatMuls in every MoE call), and is the
+    same function as dense dispatch with the same weights."""
+    run, out, _ = recursive_sparse
+    assert_parity(*recursive_sparse, expect_varied_halting=True)
+    model = load_model(run)
+    cfg = model.config
+    assert model.net.blocks[0].ffn.dispatch == "sparse"
+    moe_calls = cfg.n_layers * cfg.n_steps * cfg.H_cycles * (cfg.L_cycles + 1)
+    matmuls = sum(node.op_type == "MatMul" for node in onnx.load(str(out)).graph.node)
+    assert matmuls >= 3 * cfg.n_experts * moe_calls, matmuls
+    dense = RecursiveMoE(dataclasses.replace(cfg, moe_dispatch="dense"))
+    dense.load_state_dict(model.state_dict())
+    report = check_parity(dense.eval(), str(out), seed=7)
+    assert report.ok and report.max_rel < 1e-4, report.summary()
 
 
 # -- the step graph (--stepwise): one supervision step, run step by step with halted samples dropped ------------

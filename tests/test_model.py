@@ -5,6 +5,7 @@ Tiny configs on CPU; every test seeds its own RNG.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -17,7 +18,14 @@ import torch.nn.functional as F
 
 from moe_core import CheckpointError, ConfigError, ModelConfig, RecursiveMoE, load_model
 from moe_core.checkpoint import CONFIG_FILE, WEIGHTS_FILE, save_weights
-from moe_core.model import MoEFeedForward, MoHAttention
+from moe_core.model import (
+    SPARSE_MIN_SKIPPED_MACS,
+    MoEFeedForward,
+    MoHAttention,
+    grouped_mm,
+    grouped_mm_weight_grad,
+    resolve_moe_dispatch,
+)
 from train.config import TrainConfig
 from train.loss import training_loss
 
@@ -219,9 +227,13 @@ def expert_output(ffn: MoEFeedForward, x: torch.Tensor, e: int) -> torch.Tensor:
     return (F.silu(x @ gate[e]) * (x @ up[e])) @ down[e]
 
 
-def make_ffn(cfg: ModelConfig, seed: int) -> MoEFeedForward:
+DISPATCHES = ("dense", "sparse")
+
+
+def make_ffn(cfg: ModelConfig, seed: int, dispatch: str = "dense") -> MoEFeedForward:
     g = seeded(seed)
-    ffn = MoEFeedForward(cfg)
+    ffn = MoEFeedForward(dataclasses.replace(cfg, moe_dispatch=dispatch))
+    assert ffn.dispatch == dispatch
     with torch.no_grad():
         for p in (ffn.w_gate, ffn.w_up, ffn.w_down):
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
@@ -229,10 +241,11 @@ def make_ffn(cfg: ModelConfig, seed: int) -> MoEFeedForward:
     return ffn
 
 
+@pytest.mark.parametrize("dispatch", DISPATCHES)
 @pytest.mark.parametrize("n_experts,top_k", [(4, 1), (4, 2), (4, 4), (6, 3)])
-def test_moe_output_is_top_k_renormalised_mixture(make_config, n_experts, top_k) -> None:
+def test_moe_output_is_top_k_renormalised_mixture(make_config, n_experts, top_k, dispatch) -> None:
     cfg = make_config(n_experts=n_experts, top_k=top_k)
-    ffn = make_ffn(cfg, seed=20 + n_experts + top_k)
+    ffn = make_ffn(cfg, seed=20 + n_experts + top_k, dispatch=dispatch)
     x = torch.randn(2, 5, cfg.d_model, generator=torch.Generator().manual_seed(21))
     with torch.no_grad():
         y = ffn(x, False)[0]
@@ -257,10 +270,11 @@ def test_moe_combine_weights_sum_to_one(make_config) -> None:
         assert torch.allclose(ffn(x, False)[0], expert_output(ffn, x, 0), atol=1e-5, rtol=1e-4)
 
 
-def test_moe_token_uses_exactly_its_top_k_experts(make_config) -> None:
+@pytest.mark.parametrize("dispatch", DISPATCHES)
+def test_moe_token_uses_exactly_its_top_k_experts(make_config, dispatch) -> None:
     """Changing an expert changes exactly the tokens that route to it (among their top k)."""
     cfg = make_config(n_experts=4, top_k=2)
-    ffn = make_ffn(cfg, seed=40)
+    ffn = make_ffn(cfg, seed=40, dispatch=dispatch)
     x = torch.randn(2, 8, cfg.d_model, generator=torch.Generator().manual_seed(41))
     with torch.no_grad():
         top = (x @ ffn.router.weight.T).topk(2, dim=-1).indices  # [B, T, k]
@@ -275,9 +289,10 @@ def test_moe_token_uses_exactly_its_top_k_experts(make_config) -> None:
             assert torch.equal(changed, uses), f"expert {e}"
 
 
-def test_moe_aux_losses_and_load(make_config) -> None:
+@pytest.mark.parametrize("dispatch", DISPATCHES)
+def test_moe_aux_losses_and_load(make_config, dispatch) -> None:
     cfg = make_config(n_experts=4, top_k=2)
-    ffn = make_ffn(cfg, seed=50)
+    ffn = make_ffn(cfg, seed=50, dispatch=dispatch)
     x = torch.randn(2, 8, cfg.d_model, generator=torch.Generator().manual_seed(51))
     _, aux = ffn(x, True)
     res = {**aux.losses, **aux.stats}
@@ -291,19 +306,173 @@ def test_moe_aux_losses_and_load(make_config) -> None:
     assert torch.isclose(res["moe_balance"], expected_balance, atol=1e-5)
     assert res["moe_z"] > 0
     assert torch.isclose(res["moe_load_cv"], f.std(correction=0) / f.mean(), atol=1e-5)
-    assert res["moe_dropped"] == 0  # dense dispatch computes every routed (token, expert) pair
+    assert res["moe_dropped"] == 0  # both dispatches compute every routed (token, expert) pair
 
 
-def test_moe_dropped_counts_routed_pairs_that_carry_no_weight(make_config) -> None:
+@pytest.mark.parametrize("dispatch", DISPATCHES)
+def test_moe_dropped_counts_routed_pairs_that_carry_no_weight(make_config, dispatch) -> None:
     """A second choice whose probability underflows to 0 never reaches its token: it is counted as dropped."""
     cfg = make_config(n_experts=4, top_k=2)
-    ffn = make_ffn(cfg, seed=52)
+    ffn = make_ffn(cfg, seed=52, dispatch=dispatch)
     x = torch.randn(2, 8, cfg.d_model, generator=torch.Generator().manual_seed(53))
     with torch.no_grad():
         ffn.router.weight.mul_(1e4)  # softmax saturates: the top expert takes all the probability
     _, aux = ffn(x, True)
     assert aux.stats["moe_dropped"] == 2 * 8  # one of the two slots of every token
     assert aux.stats["moe_load_cv"] >= 0
+
+
+def ffn_pair(cfg: ModelConfig, seed: int) -> dict[str, MoEFeedForward]:
+    """A dense and a sparse MoE layer with the same weights."""
+    dense = make_ffn(cfg, seed)
+    sparse = make_ffn(cfg, seed, dispatch="sparse")
+    sparse.load_state_dict(dense.state_dict())
+    return {"dense": dense, "sparse": sparse}
+
+
+def run_ffn(ffn: MoEFeedForward, x: torch.Tensor, dy: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Output, aux losses and stats of a training call, and the gradients of <y, dy> + aux losses."""
+    x = x.clone().requires_grad_()
+    y, aux = ffn(x, True)
+    ((y * dy).sum() + sum(aux.losses.values())).backward()
+    return {"y": y.detach(), "x.grad": x.grad, **{f"{n}.grad": p.grad for n, p in ffn.named_parameters()},
+            **{k: v.detach() for k, v in aux.losses.items()}, **aux.stats}
+
+
+@pytest.mark.parametrize("n_experts,top_k", [(4, 1), (4, 2), (8, 2), (8, 1), (6, 3), (4, 4)])
+def test_moe_sparse_dispatch_equals_dense_forward_and_backward(make_config, n_experts, top_k) -> None:
+    """Same weights, same inputs: the outputs, every gradient, the aux losses and the statistics agree within fp32
+    rounding (the two dispatches sum the same products in another order)."""
+    cfg = make_config(d_model=32, d_expert=48, n_experts=n_experts, top_k=top_k)
+    g = torch.Generator().manual_seed(60 + n_experts + top_k)
+    x, dy = torch.randn(3, 17, cfg.d_model, generator=g), torch.randn(3, 17, cfg.d_model, generator=g)
+    res = {name: run_ffn(ffn, x, dy) for name, ffn in ffn_pair(cfg, seed=61).items()}
+    dense, sparse = res["dense"], res["sparse"]
+    assert dense.keys() == sparse.keys()
+    for key in dense:
+        # Relative to the tensor's scale; the router's gradient at top-1 is only the aux losses' (the combine weight
+        # p / p is 1 whatever p), so its scale is that of the aux terms.
+        scale = max(float(dense[key].abs().max()), 1e-3)
+        diff = float((dense[key] - sparse[key]).abs().max())
+        assert diff <= 2e-6 * scale, f"{key}: max |dense - sparse| {diff:.2e} at scale {scale:.2e}"
+    assert torch.equal(dense["moe_load"], sparse["moe_load"]) and sparse["moe_dropped"] == 0
+
+
+def test_moe_sparse_dispatch_handles_experts_without_tokens(make_config) -> None:
+    """Experts no token routes to form empty groups: outputs still agree, and their weights get exactly zero
+    gradient in both dispatches (a 1-token batch uses at most top_k of the experts)."""
+    cfg = make_config(n_experts=8, top_k=2)
+    pair = ffn_pair(cfg, seed=62)
+    g = torch.Generator().manual_seed(63)
+    x, dy = torch.randn(1, 1, cfg.d_model, generator=g), torch.randn(1, 1, cfg.d_model, generator=g)
+    res = {name: run_ffn(ffn, x, dy) for name, ffn in pair.items()}
+    assert torch.allclose(res["dense"]["y"], res["sparse"]["y"], atol=1e-6, rtol=1e-5)
+    used = set(pair["dense"].router(x).topk(2, dim=-1).indices.flatten().tolist())
+    for name, r in res.items():
+        down = r["w_down.grad"].unflatten(0, (8, cfg.d_expert))  # [E, F, D]
+        for e in range(8):
+            assert (down[e].abs().max() > 0) == (e in used), (name, e)
+
+
+def test_moe_grouped_mm_custom_op() -> None:
+    """The custom ops behind sparse dispatch pass torch's own checks (schema, fake tensors, autograd)."""
+    g = torch.Generator().manual_seed(64)
+    counts = torch.tensor([3, 0, 5, 1])
+    x = torch.randn(9, 6, generator=g, requires_grad=True)
+    w = torch.randn(6, 4 * 5, generator=g).unflatten(1, (4, 5)).transpose(0, 1).requires_grad_()  # strided [E, K, N]
+    y = grouped_mm(x, w, counts)
+    ref = torch.cat([x[0:3] @ w[0], x[3:8] @ w[2], x[8:9] @ w[3]])
+    assert torch.allclose(y, ref, atol=1e-6)
+    torch.library.opcheck(grouped_mm, (x, w, counts))
+    torch.library.opcheck(grouped_mm_weight_grad, (x.detach(), torch.randn(9, 5, generator=g), counts))
+
+
+def test_moe_sparse_block_compiles_to_one_graph_without_recompiles(make_config) -> None:
+    """torch.compile traces a block with sparse dispatch as one graph (no graph break at the data-dependent group
+    sizes) and does not recompile when the routing changes; forward and backward through AOT autograd match eager."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    cfg = make_config(n_experts=8, top_k=2, moe_dispatch="sparse")
+    torch.manual_seed(65)
+    block = RecursiveMoE(cfg).net.blocks[0].train()  # initialised as the model initialises it
+    randomize_routing(block, seed=66)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(block, backend=counter, fullgraph=True)  # fullgraph: a graph break is an error
+    g = torch.Generator().manual_seed(67)
+    for _ in range(3):  # new inputs: new routing, new group sizes
+        x = torch.randn(2, 16, cfg.d_model, generator=g)
+        outs = []
+        for fn in (compiled, block):
+            block.zero_grad()
+            y, aux = fn(x, None, True)
+            (y.square().sum() + sum(aux.losses.values())).backward()
+            outs.append((y.detach(), [p.grad.clone() for p in block.parameters()], aux.stats))
+        (y_c, grads_c, stats_c), (y_e, grads_e, stats_e) = outs
+        assert torch.allclose(y_c, y_e, atol=1e-5, rtol=1e-5)
+        assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(grads_c, grads_e, strict=True))
+        assert torch.equal(stats_c["moe_load"], stats_e["moe_load"])
+    assert counter.frame_count == 1
+
+
+def test_moe_auto_dispatch_rule(make_config) -> None:
+    """"auto" is sparse on CPU when a token skips at least 2^15 expert multiply-adds (the measured break-even),
+    dense on other devices (not measured); an explicit choice is kept everywhere."""
+    from train.config import build_config
+
+    assert SPARSE_MIN_SKIPPED_MACS == 1 << 15
+    cases = {  # (d_model, d_expert, n_experts, top_k) -> "auto" on CPU
+        (128, 256, 4, 2): "sparse", (128, 256, 8, 2): "sparse", (128, 256, 8, 1): "sparse", (128, 256, 4, 3): "sparse",
+        (64, 128, 8, 2): "sparse", (128, 256, 4, 4): "dense", (64, 128, 4, 2): "dense", (32, 64, 8, 2): "dense",
+        (32, 32, 8, 2): "dense"}
+    for (d_model, d_expert, n_experts, top_k), expected in cases.items():
+        cfg = make_config(d_model=d_model, d_expert=d_expert, n_experts=n_experts, top_k=top_k)
+        assert cfg.moe_dispatch == "auto"
+        assert resolve_moe_dispatch(cfg) == expected, (d_model, d_expert, n_experts, top_k)
+        assert resolve_moe_dispatch(cfg, "cuda") == "dense"
+        ffn = RecursiveMoE(cfg).net.blocks[0].ffn
+        assert (ffn.dispatch, ffn.dispatch_off_cpu) == (expected, "dense")
+        for explicit in DISPATCHES:
+            assert resolve_moe_dispatch(dataclasses.replace(cfg, moe_dispatch=explicit), "cuda") == explicit
+    for preset, expected in (("default", "sparse"), ("tiny", "dense")):
+        assert resolve_moe_dispatch(build_config(preset, None, []).model) == expected, preset
+
+
+@pytest.mark.parametrize("recursive", [True, False])
+def test_model_outputs_do_not_depend_on_the_dispatch(make_config, recursive) -> None:
+    """The whole model, same weights: eval logits and halting, training losses and gradients agree."""
+    cfg = make_config(n_experts=8, top_k=2, recursive=recursive, moe_dispatch="dense")
+    ids = random_ids(cfg, 4, 16, seed=68)
+    dense = varied_model(cfg, seed=69, calibrate_on=ids)
+    sparse = RecursiveMoE(dataclasses.replace(cfg, moe_dispatch="sparse"))
+    sparse.load_state_dict(dense.state_dict())
+    with torch.no_grad():
+        a, b = dense.eval()(ids), sparse.eval()(ids)
+    assert torch.allclose(a.logits, b.logits, atol=1e-5, rtol=1e-5) and torch.equal(a.halt_step, b.halt_step)
+    targets = random_ids(cfg, 4, 16, seed=70)
+    tc = TrainConfig()
+    for m in (dense, sparse):
+        loss, _ = training_loss(m.train()(ids), targets, tc.aux_weights, tc.halt_weight)
+        loss.backward()
+    for (name, p), q in zip(dense.named_parameters(), sparse.parameters(), strict=True):
+        if p.grad is None:  # the baseline never uses the halt head
+            assert q.grad is None, name
+        else:
+            assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-4), name
+
+
+def test_config_without_moe_dispatch_loads_as_auto(make_config, tmp_path) -> None:
+    """A config.json written before moe_dispatch existed loads (the key is optional), as "auto"; a bad value is
+    named."""
+    cfg = make_config()
+    model = RecursiveMoE(cfg)
+    section = {k: v for k, v in cfg.to_dict().items() if k != "moe_dispatch"}
+    loaded = load_model(write_run(tmp_path / "old", model, section))
+    assert loaded.config.moe_dispatch == "auto" and loaded.config == cfg
+    with pytest.raises(ConfigError, match=r"moe_dispatch.*dense, sparse, auto.*'fast'"):
+        ModelConfig.from_dict({**BASE, "moe_dispatch": "fast"})
+    with pytest.raises(CheckpointError, match=rf"{CONFIG_FILE}.*moe_dispatch"):
+        load_model(write_run(tmp_path / "bad", model, {**cfg.to_dict(), "moe_dispatch": "sparse!"}))
 
 
 # -----------------------------------------------------------------------------
