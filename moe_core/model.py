@@ -210,7 +210,8 @@ class MoHAttention(nn.Module):
 #
 # "auto" (resolve_moe_dispatch) is the faster of the two as timed on this project's 2-core CPU: the MoE layer
 # alone, same weights and inputs, median of 21 interleaved calls (benchmarks.timing.measure), one run on 1 thread
-# (with 2, the other jobs of this shared machine made timings swing several-fold). Dense time / sparse time,
+# (on 2, the other jobs of this shared machine stalled OpenMP's spinning workers and every timing swung several-
+# fold, sparse's many small parallel regions most; OMP_WAIT_POLICY=PASSIVE cures that). Dense time / sparse time,
 # inference forward and training forward + backward (`python -m benchmarks --only dispatch` times the 128 x 256
 # cells at 4/2, 8/2 and 8/1 on every path: eager, ONNX Runtime, training eager and torch.compile'd):
 #
