@@ -74,14 +74,14 @@ MODES = {
         scaling_base=(4, 128), scaling_points={"seq_len": [32, 64, 128, 256, 512], "batch": [1, 2, 4, 8, 16],
                                                "H_cycles": [1, 2, 3, 4], "L_cycles": [1, 2, 3, 4],
                                                "halt_max_steps": [1, 2, 3, 4], "n_experts": [2, 4, 8, 16]},
-        matmul_n=2048, warmup=2, repeats=5),
+        matmul_n=4096, warmup=2, repeats=7),
     "quick": Mode(
         "quick", model={"H_cycles": 1, "L_cycles": 1, "halt_max_steps": 1}, serve_batches=(1, 32), serve_seqs=(None,),
         train_batch=4, dispatch_tokens=(8, 128), dispatch_settings=((8, 2),),
         scaling_base=(2, 64), scaling_points={"seq_len": [32, 128, 512], "batch": [1, 4, 16],
                                               "H_cycles": [1, 2, 4], "L_cycles": [1, 2, 4],
                                               "halt_max_steps": [1, 2, 4], "n_experts": [2, 4, 8]},
-        matmul_n=1024, warmup=1, repeats=5, suffix="-quick"),
+        matmul_n=4096, warmup=1, repeats=5, suffix="-quick"),
     "smoke": Mode(
         "smoke", model={"vocab_size": 128, "max_seq_len": 16, "d_model": 32, "n_layers": 1, "d_expert": 32,
                         "H_cycles": 1, "L_cycles": 1, "halt_max_steps": 1},

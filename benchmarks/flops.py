@@ -14,8 +14,8 @@ lm head 2*D*V once. Two counts:
   forward), top_k experts, causal context (T+1)/2, and the steps the runtime runs — all halt_max_steps for
   eager eval and the exported graph, which unroll every step and select the halting step with masks (a
   step-wise runtime would pass the samples' mean halt step instead);
-- **executed FLOPs** (what the static graph computes today): every head with the masked full T x T attention,
-  every expert (dense dispatch), and every step.
+- **executed FLOPs** (what the code computes): every head with the masked full T x T attention, every expert
+  under dense dispatch (top_k under sparse: moe_core.model.resolve_moe_dispatch), and every step.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from moe_core.config import ModelConfig
-from moe_core.model import RecursiveMoE
+from moe_core.model import RecursiveMoE, resolve_moe_dispatch
 
 from .timing import Timing, measure
 
@@ -74,13 +74,19 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: int, routing: Routing, step
     return flops_per_token(cfg, seq_len, routing.heads_per_token, cfg.top_k, steps, causal_ctx=True)
 
 
+def experts_run(cfg: ModelConfig) -> int:
+    """Experts each token goes through on CPU: all of them under dense dispatch, its top_k under sparse."""
+    return cfg.top_k if resolve_moe_dispatch(cfg) == "sparse" else cfg.n_experts
+
+
 def executed_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    return flops_per_token(cfg, seq_len, cfg.n_heads, cfg.n_experts, cfg.n_steps, causal_ctx=False)
+    return flops_per_token(cfg, seq_len, cfg.n_heads, experts_run(cfg), cfg.n_steps, causal_ctx=False)
 
 
 def flops_summary(cfg: ModelConfig, seq_len: int, routing: Routing) -> dict[str, float]:
     model, executed = model_flops_per_token(cfg, seq_len, routing), executed_flops_per_token(cfg, seq_len)
-    return {**asdict(routing), "seq_len": seq_len, "steps_run": cfg.n_steps, "model_flops_per_token": model,
+    return {**asdict(routing), "seq_len": seq_len, "steps_run": cfg.n_steps, "experts_run": experts_run(cfg),
+            "moe_dispatch": resolve_moe_dispatch(cfg), "model_flops_per_token": model,
             "executed_flops_per_token": executed, "executed_per_model": executed / model}
 
 

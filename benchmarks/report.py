@@ -64,10 +64,11 @@ def notes(r: dict[str, Any]) -> list[str]:
         elif key == "serve_utilisation":
             f = r["flops"]
             cfg = r["model"]["config"]
-            line += (f"; executed FLOPs are {f['executed_per_model']:.1f}x the model FLOPs (all {cfg['n_experts']} "
-                     f"experts vs top-{cfg['top_k']}, all {cfg['n_heads']} heads vs {f['heads_per_token']:.2f} used, "
-                     f"full vs causal attention): counting them, ORT runs at "
-                     f"{r['utilisation']['ort_fp32']['executed']:.0%} of the peak")
+            dense = (f"all {cfg['n_experts']} experts vs top-{cfg['top_k']} (dense dispatch), "
+                     if f["experts_run"] > cfg["top_k"] else "")
+            line += (f"; executed FLOPs are {f['executed_per_model']:.2f}x the model FLOPs ({dense}all "
+                     f"{cfg['n_heads']} heads vs {f['heads_per_token']:.2f} used, full vs causal attention): counting "
+                     f"them, ORT runs at {r['utilisation']['ort_fp32']['executed']:.0%} of the peak")
         elif key == "moe_sparse_vs_dense":
             line += f"; sparse dispatch is not faster than dense on {r['moe_dispatch']['headline']}"
         out.append(line)
@@ -88,7 +89,8 @@ def describe_model(cfg: dict[str, Any]) -> str:
            else "no recursion")
     return (f"d_model {cfg['d_model']}, {cfg['n_layers']} layers, {cfg['n_heads']} heads ({cfg['min_heads']}-"
             f"{cfg['max_heads']} per token), {cfg['n_experts']} experts top-{cfg['top_k']} (d_expert "
-            f"{cfg['d_expert']}), {rec}, vocab {cfg['vocab_size']}, seq {cfg['max_seq_len']}")
+            f"{cfg['d_expert']}, moe_dispatch {cfg['moe_dispatch']}), {rec}, vocab {cfg['vocab_size']}, "
+            f"seq {cfg['max_seq_len']}")
 
 
 def table(r: dict[str, Any]) -> str:
@@ -100,8 +102,8 @@ def table(r: dict[str, Any]) -> str:
              f"model: {r['model']['source']}, {r['model']['params'] / 1e6:.2f}M params: "
              f"{describe_model(r['model']['config'])}",
              f"timing: median of {s['repeats']} interleaved calls after {s['warmup']} warm-up calls (IQR in the JSON)",
-             "threads kept busy (process CPU time / wall; below the thread count = a shared machine): "
-             + ", ".join(f"{k} {v['busy_threads']:.2f}" for k, v in r["cpu_use"].items())
+             "CPU cores taken by other processes, mean per section (0 = the machine to ourselves): "
+             + ", ".join(f"{k} {v['others_cores']:.2f}" for k, v in r["cpu_use"].items())
              + f" | load avg at end {m['load_average_end'][0]:.2f}",
              f"matmul peak (fp32 {r['matmul_peak']['n']}^3, timed {r['matmul_peak']['timed']}): "
              f"{r['matmul_peak']['flops_per_s'] / 1e9:.1f} GFLOP/s"]
@@ -126,8 +128,8 @@ def table(r: dict[str, Any]) -> str:
                       f"average, every runtime here runs all {f['steps_run']} step(s)):",
                   f"  model    {f['model_flops_per_token'] / 1e6:8.2f} MFLOP (heads used, top-k experts, causal "
                   f"context, steps run)",
-                  f"  executed {f['executed_flops_per_token'] / 1e6:8.2f} MFLOP (every head and expert, full "
-                  f"attention, steps run: {f['executed_per_model']:.2f}x)",
+                  f"  executed {f['executed_flops_per_token'] / 1e6:8.2f} MFLOP (every head, {f['experts_run']} "
+                  f"experts ({f['moe_dispatch']} dispatch), full attention, steps run: {f['executed_per_model']:.2f}x)",
                   f"utilisation at batch {cell['batch']} x {cell['seq']} (FLOP/s / matmul peak):"]
         for name, u in r["utilisation"].items():
             lines.append(f"  {name:<8} model {u['model_flops_per_s'] / 1e9:6.1f} GFLOP/s = {u['model']:5.1%}   "

@@ -63,15 +63,22 @@ def measure(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> dic
     return {name: Timing(times[name], outputs[name]) for name in fns}
 
 
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has been busy since boot, all cores and processes (Linux /proc/stat)."""
+    with open("/proc/stat", encoding="ascii") as f:
+        user, nice, system, idle, iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 @contextmanager
 def cpu_use(into: dict[str, Any], key: str) -> Iterator[None]:
-    """Record the wall time of a block and how many threads the process kept busy in it (process CPU time /
-    wall time, every thread counted). Well below the thread count means the machine was shared: the figures of
-    that block are slower than this machine can do."""
-    w0, c0 = time.perf_counter(), time.process_time()
+    """Record a block's wall time, the CPU time of this process and the cores other processes took meanwhile
+    (machine busy time minus ours, per second). Above ~0.1 the machine was shared: that block's figures are
+    slower than this machine can do, eager PyTorch's most (an OpenMP barrier waits for a preempted thread)."""
+    w0, c0, m0 = time.perf_counter(), time.process_time(), machine_busy_s()
     yield
-    wall, cpu = time.perf_counter() - w0, time.process_time() - c0
-    into[key] = {"wall_s": wall, "cpu_s": cpu, "busy_threads": cpu / wall if wall > 0 else 0.0}
+    wall, cpu, busy = time.perf_counter() - w0, time.process_time() - c0, machine_busy_s() - m0
+    into[key] = {"wall_s": wall, "cpu_s": cpu, "others_cores": max(0.0, busy - cpu) / wall}
 
 
 def cpu_name() -> str:
