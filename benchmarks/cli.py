@@ -113,17 +113,16 @@ def subject(mode: Mode, run_dir: Path | None) -> tuple[RecursiveMoE, RunConfig, 
     return RecursiveMoE(rc.model).eval(), rc, f"random init, {what}"
 
 
-def serving_section(model: RecursiveMoE, mode: Mode, run_dir: Path | None, onnx_path: Path | None,
-                    threads: int) -> dict[str, Any]:
+def serving_section(model: RecursiveMoE, mode: Mode, graphs: dict[str, Path], export_s: float | None,
+                    onnx_path: Path | None, threads: int) -> dict[str, Any]:
     cfg = model.config
     T = cfg.max_seq_len
     shapes = list(dict.fromkeys((b, min(s or T, T)) for s in mode.serve_seqs for b in mode.serve_batches))
-    with tempfile.TemporaryDirectory() as tmp:
-        paths, export_s = export_graphs(model, run_dir, onnx_path, Path(tmp), log)
-        sessions = {name: OrtModel(p, provider="cpu", threads=threads) for name, p in paths.items()}
+    target = max(shapes)  # where utilisation and the targets are stated: the largest batch, the longest sequence
+    sessions = {name: OrtModel(p, provider="cpu", threads=threads) for name, p in graphs.items()}
     log(f"serving: {len(shapes)} shapes x eager / {' / '.join(sessions)}")
-    rows = serving(model, sessions, shapes, mode.warmup, mode.repeats, mode.matmul_n)
-    cell = max(rows, key=lambda row: (row["batch"], row["seq"]))  # the target: largest batch, longest sequence
+    rows = serving(model, sessions, shapes, mode.warmup, mode.repeats, mode.matmul_n, target)
+    cell = next(row for row in rows if (row["batch"], row["seq"]) == target)
     peak = cell[PEAK]["flops_per_s"]
     ids = torch.from_numpy(random_batch(cfg.vocab_size, cell["batch"], cell["seq"])[0])  # the cell's own input
     flops = flops_summary(cfg, cell["seq"], measure_routing(model, ids))
@@ -155,14 +154,34 @@ def run(mode: Mode, out_dir: Path, run_dir: Path | None = None, onnx_path: Path 
         "settings": {**asdict(mode), "sections": list(sections)},
         "model": {"source": source, "params": sum(p.numel() for p in model.parameters()), "config": cfg.to_dict()},
     }
-    cpu = r["cpu_use"] = {}
+    r["cpu_use"] = {}
     log(f"{mode.name}: {source}")
+    with tempfile.TemporaryDirectory() as tmp:
+        sections_run(r, mode, model, rc, run_dir, onnx_path, threads, sections, Path(tmp), out_dir / plot_file)
+    r["machine"]["load_average_end"] = list(os.getloadavg())
+    r["wall_s"] = time.perf_counter() - t_start
+    r["ratios"] = ratios(r)
+    r["notes"] = notes(r)
+    r["results_file"] = str(out_dir / results_file)
+    atomic_write_text(out_dir / results_file, json.dumps(r, indent=1, allow_nan=False) + "\n")
+    return r
+
+
+def sections_run(r: dict[str, Any], mode: Mode, model: RecursiveMoE, rc: RunConfig, run_dir: Path | None,
+                 onnx_path: Path | None, threads: int, sections: tuple[str, ...], tmp: Path, plot_path: Path) -> None:
+    """Run each requested section into `r`, timing its CPU use. The exported graphs live in `tmp`."""
+    cpu, cfg = r["cpu_use"], model.config
+    graphs, export_s = {}, None
+    if "serving" in sections or "halting" in sections:
+        with cpu_use(cpu, "export"):
+            graphs, export_s = export_graphs(model, run_dir, onnx_path, tmp, log, stepwise="halting" in sections,
+                                             int8="serving" in sections)
     if "serving" in sections:
         with cpu_use(cpu, "serving"):
-            r.update(serving_section(model, mode, run_dir, onnx_path, threads))
+            r.update(serving_section(model, mode, graphs, export_s, onnx_path, threads))
     else:
         with cpu_use(cpu, "matmul_peak"):
-            r["matmul_peak"] = {**matmul_peak(mode.matmul_n, mode.warmup + 2, mode.repeats), "timed": "alone"}
+            r[PEAK] = {**matmul_peak(mode.matmul_n, mode.warmup + 2, mode.repeats), "timed": "alone"}
     if "training" in sections:
         batch = mode.train_batch or rc.train.batch_size
         log(f"training step: eager vs torch.compile ({mode.compile_backend}), batch {batch}")
@@ -177,19 +196,12 @@ def run(mode: Mode, out_dir: Path, run_dir: Path | None = None, onnx_path: Path 
         log(f"scaling: {', '.join(mode.scaling_points)}")
         with cpu_use(cpu, "scaling"):
             r["scaling"] = scaling(cfg, *mode.scaling_base, mode.scaling_points, mode.warmup, mode.repeats)
-        r["scaling"]["plot"] = str(plot(r["scaling"], out_dir / plot_file,
+        r["scaling"]["plot"] = str(plot(r["scaling"], plot_path,
                                         f"moe eager scoring time by factor ({mode.name} run, {r['started']})"))
     if "halting" in sections:
         with cpu_use(cpu, "halting"):
-            r["halting"] = halting_section(model, run_dir, onnx_path, mode.serve_batches, mode.warmup, mode.repeats,
-                                           threads, log)
-    r["machine"]["load_average_end"] = list(os.getloadavg())
-    r["wall_s"] = time.perf_counter() - t_start
-    r["ratios"] = ratios(r)
-    r["notes"] = notes(r)
-    r["results_file"] = str(out_dir / results_file)
-    atomic_write_text(out_dir / results_file, json.dumps(r, indent=1, allow_nan=False) + "\n")
-    return r
+            r["halting"] = halting_section(model, run_dir, graphs["ort_fp32"], export_s, mode.serve_batches,
+                                           mode.warmup, mode.repeats, threads, log)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -11,19 +11,17 @@ before the last step: the step-wise runtime's overhead, not its gain).
 from __future__ import annotations
 
 import json
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from export.onnx_export import export_run
 from moe_core import sudoku as S
 from moe_core.model import RecursiveMoE
 from serve.graph import TOKEN_LOGPROBS
 from serve.runtime import LOGITS, OrtModel, StepwiseModel, open_model
-from serve.stepwise import HALT_STEP, StepCounts, step_path_for
+from serve.stepwise import HALT_STEP, StepCounts
 
 from .timing import measure
 
@@ -52,34 +50,15 @@ def real_inputs(model: RecursiveMoE, run_dir: Path | None, n: int, seed: int = 0
                                                 f"({data or 'the default corpus'})")
 
 
-def step_graphs(model: RecursiveMoE, run_dir: Path | None, onnx_path: Path | None, tmp: Path,
-                log: Callable[[str], None]) -> tuple[Path, float | None]:
-    """An exported model with its step graph: `onnx_path` when a step graph is beside it, else `moe export
-    --stepwise` of the run (or of the random-init model, saved as a run first) into `tmp`; and the export time."""
-    if onnx_path is not None and step_path_for(onnx_path).exists():
-        return onnx_path, None
-    if run_dir is None:
-        from moe_core.checkpoint import save_run  # noqa: PLC0415
-
-        from .suites import placeholder_tokenizer  # noqa: PLC0415
-
-        run_dir = tmp / "run"
-        save_run(run_dir, model, placeholder_tokenizer(model.config.vocab_size))
-    log("exporting the model and its step graph (moe export --stepwise, no parity check) ...")
-    result = export_run(run_dir, tmp / "stepwise.onnx", check=False, stepwise=True, log=log)
-    return result.path, result.seconds
-
-
-def halting_section(model: RecursiveMoE, run_dir: Path | None, onnx_path: Path | None, batches: tuple[int, ...],
-                    warmup: int, repeats: int, threads: int, log: Callable[[str], None]) -> dict[str, Any]:
-    """The suite's section: the step graph (exported unless beside --onnx), real inputs (2x the largest batch),
-    `halting` on them."""
+def halting_section(model: RecursiveMoE, run_dir: Path | None, path: Path, export_s: float | None,
+                    batches: tuple[int, ...], warmup: int, repeats: int, threads: int,
+                    log: Callable[[str], None]) -> dict[str, Any]:
+    """The suite's section: the exported model at `path` with its step graph beside it (suites.export_graphs),
+    real inputs (2x the largest batch), `halting` on them."""
     ids, output, what = real_inputs(model, run_dir, 2 * max(batches))
-    with tempfile.TemporaryDirectory() as tmp:
-        path, export_s = step_graphs(model, run_dir, onnx_path, Path(tmp), log)
-        log(f"halting: unrolled vs step-wise on {what}, batch {', '.join(map(str, batches))}")
-        return {**halting(path, ids, output, batches, warmup, repeats, threads), "inputs_what": what,
-                "export_s": export_s}
+    log(f"halting: unrolled vs step-wise on {what}, batch {', '.join(map(str, batches))}")
+    return {**halting(path, ids, output, batches, warmup, repeats, threads), "inputs_what": what,
+            "export_s": export_s}
 
 
 def halting(path: Path, ids: np.ndarray, output: str, batches: tuple[int, ...], warmup: int, repeats: int,

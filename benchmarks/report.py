@@ -113,14 +113,13 @@ def table(r: dict[str, Any]) -> str:
         lines += ["", f"serving: scoring tokens/s (forward + next-token log-probs), ratio vs eager; {exp}; "
                       f"ORT {sv['session']}",
                   f"{'batch':>5} {'seq':>4} {'eager':>9} {'ORT fp32':>17} {'ORT int8':>17}  "
-                  f"{'max|dlogp| fp32/int8':>20}  {'peak GFLOP/s':>12}"]
+                  f"{'max|dlogp| fp32/int8':>20}"]
         for row in sv["rows"]:
             lines.append(f"{row['batch']:>5} {row['seq']:>4} {row['eager']['tokens_per_s']:>9,.0f} "
                          + " ".join(f"{row[k]['tokens_per_s']:>9,.0f} ({row[k]['vs_eager']:.2f}x)"
                                     for k in ("ort_fp32", "ort_int8"))
                          + f"  {row['ort_fp32']['max_abs_logprob_diff']:>9.1e} / "
-                           f"{row['ort_int8']['max_abs_logprob_diff']:.1e}"
-                         + f"  {row['matmul_peak']['flops_per_s'] / 1e9:>12.1f}")
+                           f"{row['ort_int8']['max_abs_logprob_diff']:.1e}")
         f = r["flops"]
         cell = sv["target_cell"]
         lines += ["", f"FLOPs per token at seq {f['seq_len']} (routing measured on the batch {cell['batch']} input: "

@@ -28,6 +28,7 @@ from moe_core.config import ModelConfig
 from moe_core.model import RecursiveMoE, resolve_moe_dispatch
 from serve.graph import TOKEN_LOGPROBS
 from serve.runtime import OrtModel
+from serve.stepwise import step_path_for
 from train.config import RunConfig, TrainConfig
 from train.loss import training_loss
 from train.trainer import build_optimizer
@@ -60,19 +61,24 @@ def placeholder_tokenizer(vocab_size: int) -> str:
 
 
 def export_graphs(model: RecursiveMoE, run_dir: Path | None, onnx_path: Path | None, tmp: Path,
-                  log: Callable[[str], None]) -> tuple[dict[str, Path], float | None]:
-    """{"ort_fp32": path, "ort_int8": path} of `model` in `tmp`, and the export time (None when `onnx_path`,
-    the run's already exported graph, is used). A random-init model is written as a run directory first, so
-    that `moe export`'s own code (export_run, no parity check) builds the graph; int8 is export's conversion
-    of that same fp32 graph."""
+                  log: Callable[[str], None], stepwise: bool = False,
+                  int8: bool = True) -> tuple[dict[str, Path], float | None]:
+    """{"ort_fp32": path[, "ort_int8": path]} of `model` in `tmp` — with `stepwise`, the fp32 graph has its step
+    graph beside it — and the export time (None when `onnx_path`, the run's already exported graph, serves). A
+    random-init model is written as a run directory first, so that `moe export`'s own code (export_run, no parity
+    check) builds the graphs; int8 is export's conversion of that same fp32 graph. Every section that serves
+    uses these graphs: the model is exported once per run."""
     export_s = None
-    if onnx_path is None:
+    if onnx_path is None or (stepwise and not step_path_for(onnx_path).exists()):
         if run_dir is None:
             run_dir = tmp / "run"
             save_run(run_dir, model, placeholder_tokenizer(model.config.vocab_size))
-        log("exporting the model to ONNX (no parity check; `moe export` does that) ...")
-        result = export_run(run_dir, tmp / "model.onnx", check=False, log=log)
+        log(f"exporting the model{' and its step graph' if stepwise else ''} to ONNX (no parity check; "
+            "`moe export` does that) ...")
+        result = export_run(run_dir, tmp / "model.onnx", check=False, stepwise=stepwise, log=log)
         onnx_path, export_s = result.path, result.seconds
+    if not int8:
+        return {"ort_fp32": onnx_path}, export_s
     int8 = tmp / "model-int8.onnx"
     shutil.copyfile(onnx_path, int8)
     tokenizer = tokenizer_path_for(onnx_path)  # the name both graphs' metadata gives for their tokenizer
@@ -84,19 +90,23 @@ def export_graphs(model: RecursiveMoE, run_dir: Path | None, onnx_path: Path | N
 
 
 def serving(model: RecursiveMoE, sessions: dict[str, OrtModel], shapes: list[tuple[int, int]], warmup: int,
-            repeats: int, peak_n: int) -> list[dict[str, Any]]:
-    """Scoring throughput of eager PyTorch and of each ORT session, per (batch, seq), in one loop per cell
-    together with the matmul peak (benchmarks/flops.py). Each runtime also reports its largest log-prob
-    difference from eager on the same inputs."""
+            repeats: int, peak_n: int, peak_at: tuple[int, int]) -> list[dict[str, Any]]:
+    """Scoring throughput of eager PyTorch and of each ORT session, per (batch, seq), in one loop per cell; in
+    the cell `peak_at` (where utilisation is stated) the matmul peak (benchmarks/flops.py) joins the loop. Each
+    runtime also reports its largest log-prob difference from eager on the same inputs."""
     rows = []
     for B, T in shapes:
         ids, mask = random_batch(model.config.vocab_size, B, T)
         t_ids, t_mask = torch.from_numpy(ids), torch.from_numpy(mask)
-        runtimes: dict[str, Callable[[], np.ndarray]] = {"eager": lambda: eager_logprobs(model, t_ids, t_mask)}  # noqa: B023
+        runtimes: dict[str, Callable[[], Any]] = {"eager": lambda: eager_logprobs(model, t_ids, t_mask)}  # noqa: B023
         for name, s in sessions.items():
             runtimes[name] = lambda s=s: s.run(ids, mask, [TOKEN_LOGPROBS])[0]  # noqa: B023
-        timings = measure({**runtimes, PEAK: matmul_call(peak_n)}, warmup, repeats)
-        row: dict[str, Any] = {"batch": B, "seq": T, PEAK: peak_record(peak_n, timings.pop(PEAK))}
+        if (B, T) == peak_at:
+            runtimes[PEAK] = matmul_call(peak_n)
+        timings = measure(runtimes, warmup, repeats)
+        row: dict[str, Any] = {"batch": B, "seq": T}
+        if PEAK in timings:
+            row[PEAK] = peak_record(peak_n, timings.pop(PEAK))
         ref = timings["eager"]
         for name, t in timings.items():
             row[name] = {**t.to_dict(), "tokens_per_s": B * T / t.median, "vs_eager": ref.median / t.median,
