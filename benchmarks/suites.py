@@ -135,11 +135,28 @@ def train_step_fn(model: RecursiveMoE, rc: RunConfig, x: torch.Tensor, y: torch.
     return step
 
 
+# Kernels torch.compile hands back to the same library calls on CPU (MKL sgemm, the flash-attention kernel).
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "moe::grouped_mm", "aten::_scaled_dot_product")
+
+
+def matmul_share(fn: Callable[[], Any]) -> float:
+    """The fraction of one call's self CPU time spent in matmul and attention kernels (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    return sum(e.self_cpu_time_total for e in events if e.key.startswith(MATMUL_OPS)) / total
+
+
 def training(cfg: ModelConfig, tc: TrainConfig, batch: int, warmup: int, repeats: int,
              backend: str = "inductor") -> dict[str, Any]:
     """Steps/s and tokens/s of the eager and the compiled model (the trainer's regional compilation: each
     block compiled, one graph for every call of the recursion). The first compiled step — compilation, or
-    loading it from the inductor cache — is timed apart; the medians are of steady-state steps."""
+    loading it from the inductor cache — is timed apart; the medians are of steady-state steps. An eager step
+    is also profiled once: the share of its time in matmul and attention kernels, which compiling leaves as they
+    are, bounds what torch.compile can gain (Amdahl: 1 / share if everything else took no time)."""
     torch.manual_seed(0)
     eager = RecursiveMoE(cfg).train()
     compiled = copy.deepcopy(eager)
@@ -159,6 +176,7 @@ def training(cfg: ModelConfig, tc: TrainConfig, batch: int, warmup: int, repeats
     for name, t in timings.items():
         out[name] = {**t.to_dict(), "tokens_per_s": tokens / t.median}
     out["compiled_vs_eager"] = timings["eager"].median / timings["compiled"].median
+    out["eager_matmul_share"] = matmul_share(steps["eager"])
     return out
 
 
