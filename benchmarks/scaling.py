@@ -88,6 +88,7 @@ def plot(result: dict[str, Any], path: Path, title: str) -> Path:
         flops = np.asarray(f["executed_flops"])
         ax.loglog(xs, ts[0] * flops / flops[0], "--", color="gray", label=f"FLOPs ~ x^{f['flops_exponent']:.2f}")
         ax.set_xticks(xs, [f"{int(x)}" for x in xs])
+        ax.set_yticks(ts, [f"{t:.0f}" if t >= 10 else f"{t:.1f}" for t in ts])  # the measured values themselves
         ax.minorticks_off()
         ax.set_title(f"{factor}: {f['growth']}")
         ax.set_xlabel(factor)
