@@ -31,7 +31,7 @@ from serve.runtime import OrtModel
 from serve.stepwise import step_path_for
 from train.config import RunConfig, TrainConfig
 from train.loss import training_loss
-from train.trainer import build_optimizer
+from train.trainer import build_optimizer, compile_blocks, train_step
 
 from .flops import PEAK, matmul_call, peak_record
 from .timing import measure
@@ -120,17 +120,16 @@ def serving(model: RecursiveMoE, sessions: dict[str, OrtModel], shapes: list[tup
 
 
 def train_step_fn(model: RecursiveMoE, rc: RunConfig, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    """One training step as the trainer makes it: forward, loss with aux terms, backward, clip, AdamW."""
+    """One training step as `moe train` takes it (train.trainer.train_step: forward, the language task's loss
+    with its aux terms, backward, gradient norm, clip, AdamW), on a fixed batch at the initial learning rate."""
     tc = rc.train
-    optimizer = build_optimizer(model, rc)
+    optimizer, params = build_optimizer(model, rc), list(model.parameters())
+
+    def loss_fn(out: Any, targets: torch.Tensor) -> Any:
+        return training_loss(out, targets, tc.aux_weights, tc.halt_weight)
 
     def step() -> None:
-        out = model(x)
-        loss, _ = training_loss(out, y, tc.aux_weights, tc.halt_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-        optimizer.step()
+        train_step(model, optimizer, loss_fn, x, y, params, tc.grad_clip)
 
     return step
 
@@ -160,8 +159,7 @@ def training(cfg: ModelConfig, tc: TrainConfig, batch: int, warmup: int, repeats
     torch.manual_seed(0)
     eager = RecursiveMoE(cfg).train()
     compiled = copy.deepcopy(eager)
-    for block in compiled.net.blocks:
-        block.compile(backend=backend)
+    compile_blocks(compiled, backend)
     rc = RunConfig(cfg, tc)
     ids = torch.from_numpy(random_batch(cfg.vocab_size, batch, cfg.max_seq_len + 1)[0])
     x, y = ids[:, :-1], ids[:, 1:]
@@ -250,7 +248,7 @@ def dispatch_setting(cfg: ModelConfig, batch: int, seq: int, warmup: int, repeat
     x = torch.randn(batch, seq, cfg.d_model, generator=g)
     xs = [torch.randn(batch, seq, cfg.d_model, generator=g, requires_grad=True) for _ in range(3)]
 
-    def train_step(ffn: torch.nn.Module) -> Callable[[], torch.Tensor]:
+    def layer_step(ffn: torch.nn.Module) -> Callable[[], torch.Tensor]:
         inputs = itertools.cycle(xs)
 
         def step() -> torch.Tensor:
@@ -270,12 +268,12 @@ def dispatch_setting(cfg: ModelConfig, batch: int, seq: int, warmup: int, repeat
     xn = x.numpy()
     timings["ort"] = measure({m: lambda s=s: torch.from_numpy(s.run(None, {"x": xn})[0])
                               for m, s in sessions.items()}, warmup, repeats)
-    timings["train_eager"] = measure({m: train_step(f) for m, f in layers.items()}, warmup, repeats)
+    timings["train_eager"] = measure({m: layer_step(f) for m, f in layers.items()}, warmup, repeats)
     compiled, first = {}, {}
     for m, f in layers.items():
         c = copy.deepcopy(f)
         c.compile(backend=backend)
-        compiled[m] = train_step(c)
+        compiled[m] = layer_step(c)
         t0 = time.perf_counter()
         compiled[m]()
         first[m] = time.perf_counter() - t0

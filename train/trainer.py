@@ -12,6 +12,8 @@ import signal
 import statistics
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from tqdm import tqdm
 
 from moe_core.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, atomic_write_text, load_run_config, save_run
 from moe_core.errors import CheckpointError, ConfigError, MoeError
-from moe_core.model import RecursiveMoE
+from moe_core.model import ModelOutput, RecursiveMoE
 from moe_core.tokenizer import read_tokenizer
 
 from .checkpointing import (
@@ -79,6 +81,53 @@ def build_optimizer(model: RecursiveMoE, cfg: RunConfig) -> torch.optim.AdamW:
                     for name, wd, mult in spec if groups[name]]
     return torch.optim.AdamW(param_groups, lr=tc.lr, betas=(tc.beta1, tc.beta2),
                              fused=None if any(p.is_cuda for p in model.parameters()) else False)
+
+
+def compile_blocks(model: RecursiveMoE, backend: str = "inductor") -> None:
+    """`moe train --compile`: regional compilation. Every call of the recursion goes through the same blocks, so
+    compiling each block (one shared graph) costs a fraction of tracing the whole unrolled step, for the same
+    kernels."""
+    for block in model.net.blocks:
+        block.compile(backend=backend)
+
+
+@dataclass
+class StepResult:
+    out: ModelOutput  # the forward pass's output (its stats are logged)
+    parts: dict[str, torch.Tensor]  # the loss's parts, detached
+    total_norm: torch.Tensor  # the global gradient norm before clipping
+    grad_norm: float  # the same, as a number
+    loss_value: float
+    updated: bool  # False: `decide` said no, the optimizer did not step (the gradients are left as they are)
+
+
+def finite(loss_value: float, grad_norm: float) -> bool:
+    return math.isfinite(loss_value) and math.isfinite(grad_norm)
+
+
+def train_step(forward: Callable[[torch.Tensor], ModelOutput], optimizer: torch.optim.Optimizer,
+               loss_fn: Callable[[ModelOutput, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+               x: torch.Tensor, y: torch.Tensor, params: list[torch.nn.Parameter], grad_clip: float,
+               autocast: contextlib.AbstractContextManager | None = None,
+               decide: Callable[[float, float], bool] = finite) -> StepResult:
+    """One optimizer step as `moe train` takes it: forward and loss (under `autocast`), backward, the global
+    gradient norm, then — when `decide(loss, grad norm)` agrees (by default: both finite) — clipping to
+    `grad_clip` (0: none) and the optimizer step. `params` are the model's parameters (the norm's); the
+    learning rate is the caller's to set."""
+    with autocast or contextlib.nullcontext():
+        out = forward(x)
+        loss, parts = loss_fn(out, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    # FSDP: the gradients are DTensor pieces; the norm is the global one, as a plain tensor
+    total_norm = full_tensor(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+    grad_norm, loss_value = float(total_norm), float(parts["loss"])
+    updated = decide(loss_value, grad_norm)
+    if updated:
+        if grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, grad_clip, total_norm)
+        optimizer.step()
+    return StepResult(out, parts, total_norm, grad_norm, loss_value, updated)
 
 
 class MetricsLog:
@@ -307,10 +356,7 @@ class Trainer:
         self.cfg, self.run_dir, self.device, self.task, self.model = cfg, run_dir, device, task, model
         self.dist, self.log = dist, dist.log
         if tc.compile:
-            # Regional compilation: every call of the recursion goes through the same blocks, so compiling each
-            # block (one shared graph) costs a fraction of tracing the whole unrolled step, for the same kernels.
-            for block in model.net.blocks:
-                block.compile()
+            compile_blocks(model)
         # Under torchrun: DDP averages the gradients over ranks during backward (the baseline never uses the halt
         # head or the initial carry, so DDP must look for unused parameters there; the recursive model uses every
         # one), or FSDP shards the model in place. Before the optimizer and the groups: FSDP replaces parameters.
@@ -376,6 +422,18 @@ class Trainer:
         bar = tqdm(range(state.step, tc.max_steps), desc="train", dynamic_ncols=True, mininterval=1.0,
                    initial=state.step, total=tc.max_steps, disable=True if not dist.is_main else None)
         model.train()
+        group_norms: dict[str, torch.Tensor] = {}
+        log_step = stop = False
+
+        def decide(loss_value: float, grad_norm: float) -> bool:
+            """Between backward and the update: the group norms a log step records, and the skip and stop decisions,
+            which every rank takes together (the gradients are already the same on all ranks)."""
+            nonlocal stop, group_norms
+            if log_step:  # per-group norms (before clipping) only where they are logged: not on the hot path
+                group_norms = {f"grad_norm.{name}": _grad_norm(ps) for name, ps in self.groups.items()}
+            bad, stop = dist.flags([not finite(loss_value, grad_norm), signals.received is not None], self.device)
+            return not bad
+
         with StopSignals() as signals:
             for step in bar:
                 t_step = time.perf_counter()
@@ -383,32 +441,18 @@ class Trainer:
                 for g in optimizer.param_groups:
                     g["lr"] = tc.lr * g["lr_mult"] * mult
                 x, y = (t.to(self.device) for t in self.task.batch(step, rows))  # this rank's rows of the batch
-                with self.autocast:
-                    out = self.forward(x)
-                    loss, parts = self.task.loss(out, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
                 last = step == tc.max_steps - 1
                 log_step = step % tc.log_every == 0 or last
-                if log_step:  # per-group norms (before clipping) only where they are logged: not on the hot path
-                    group_norms = {f"grad_norm.{name}": _grad_norm(ps) for name, ps in self.groups.items()}
-                # FSDP: the gradients are DTensor pieces; the norm is the global one, as a plain tensor
-                total_norm = full_tensor(torch.nn.utils.get_total_norm([p.grad for p in self.params
-                                                                        if p.grad is not None]))
-                grad_norm, loss_value = float(total_norm), float(parts["loss"])
                 state.step = step + 1
-                # Decisions every rank takes together (the gradients are already the same on all ranks).
-                bad, stop = dist.flags([not (math.isfinite(loss_value) and math.isfinite(grad_norm)),
-                                        signals.received is not None], self.device)
-                if not bad:
-                    if tc.grad_clip > 0:
-                        torch.nn.utils.clip_grads_with_norm_(self.params, tc.grad_clip, total_norm)
-                    optimizer.step()
+                r = train_step(self.forward, optimizer, self.task.loss, x, y, self.params, tc.grad_clip,
+                               self.autocast, decide)
+                out, parts, grad_norm = r.out, r.parts, r.grad_norm
+                if r.updated:
                     state.bad_in_a_row = 0
                     if step >= self.warmup:
                         state.grad_norms.append(grad_norm)
                 else:
-                    self._skip(state, loss_value)
+                    self._skip(state, r.loss_value)
                 dt = time.perf_counter() - t_step
                 if step == self.start_step:
                     self.first_step_s = dt
