@@ -182,7 +182,7 @@ def training(cfg: ModelConfig, tc: TrainConfig, batch: int, warmup: int, repeats
 # MoE dispatch: dense (every expert on every token) vs sparse (each expert on its own tokens)
 
 DISPATCH_OPTION = "moe_dispatch"  # the ModelConfig field that chooses the dispatch
-DISPATCH_PATHS = ("eager", "ort", "train_eager", "train_compiled")  # the four timings of each mode
+DISPATCH_PATHS = ("eager", "ort", "ort_int8", "train_eager", "train_compiled")  # the timings of each mode
 
 
 def dispatch_modes() -> tuple[str, ...]:
@@ -202,13 +202,24 @@ class MoELayer(torch.nn.Module):
         return self.ffn(x, False)[0]
 
 
-def layer_session(ffn: torch.nn.Module, path: Path, max_seq: int, threads: int | None) -> Any:
-    """`ffn` exported alone by the dynamo exporter (dynamic batch and sequence axes, as `moe export` makes the
-    model's graph) to `path`, in an ONNX Runtime CPU session with the serving options."""
+def layer_sessions(ffn: torch.nn.Module, path: Path, max_seq: int, threads: int | None) -> dict[str, Any]:
+    """{"ort": fp32, "ort_int8": int8} ONNX Runtime CPU sessions (the serving options) of `ffn` exported alone
+    to `path` by the dynamo exporter (dynamic batch and sequence axes, as `moe export` makes the model's graph),
+    int8 being export's conversion of it (convert_precision) beside it."""
     import onnxruntime as ort
 
     from serve.runtime import session_options
 
+    export_layer(ffn, path, max_seq)
+    int8 = path.with_name(f"{path.stem}-int8.onnx")
+    shutil.copyfile(path, int8)
+    convert_precision(str(int8), "int8", {})
+    return {name: ort.InferenceSession(str(p), sess_options=session_options(threads),
+                                       providers=["CPUExecutionProvider"]) for name, p in (("ort", path),
+                                                                                           ("ort_int8", int8))}
+
+
+def export_layer(ffn: torch.nn.Module, path: Path, max_seq: int) -> None:
     x = torch.randn(2, min(max_seq, 8), ffn.router.in_features)
     dims = {0: torch.export.Dim("batch", min=1, max=65536), 1: torch.export.Dim("seq", min=1, max=max(max_seq, 2))}
     registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")  # "torchvision is not ..."
@@ -222,17 +233,16 @@ def layer_session(ffn: torch.nn.Module, path: Path, max_seq: int, threads: int |
     finally:
         registration_log.setLevel(level)
     program.save(str(path))
-    return ort.InferenceSession(str(path), sess_options=session_options(threads), providers=["CPUExecutionProvider"])
 
 
 def dispatch_setting(cfg: ModelConfig, batch: int, seq: int, warmup: int, repeats: int, backend: str,
                      threads: int | None, tmp: Path) -> dict[str, Any]:
-    """Every dispatch mode of the MoE layer of `cfg`, with the same weights and inputs, on four paths:
-    inference forward in eager PyTorch and in ONNX Runtime, and a training forward + backward (output and aux
-    losses) eager and torch.compile'd (the layer compiled as the trainer compiles a block). Each path is timed
-    in its own interleaved loop (ORT's spinning threads slowed the eager calls interleaved with them); the
-    training paths cycle over three inputs so that routing changes from call to call, and the compiled one counts
-    the graphs dynamo compiled after the first call (a recompile per routing would show here)."""
+    """Every dispatch mode of the MoE layer of `cfg`, with the same weights and inputs, on five paths:
+    inference forward in eager PyTorch and in ONNX Runtime fp32 and int8, and a training forward + backward
+    (output and aux losses) eager and torch.compile'd (the layer compiled as the trainer compiles a block). Each
+    path is timed in its own interleaved loop (ORT's spinning threads slowed the eager calls interleaved with
+    them); the training paths cycle over three inputs so that routing changes from call to call, and the compiled
+    one counts the graphs dynamo compiled after the first call (a recompile per routing would show here)."""
     from torch._dynamo.utils import counters
 
     layers, state = {}, None
@@ -264,10 +274,11 @@ def dispatch_setting(cfg: ModelConfig, batch: int, seq: int, warmup: int, repeat
     timings: dict[str, dict[str, Any]] = {}
     with torch.inference_mode():
         timings["eager"] = measure({m: lambda f=f: f(x, False)[0] for m, f in layers.items()}, warmup, repeats)
-    sessions = {m: layer_session(f, tmp / f"moe-{m}.onnx", seq, threads) for m, f in layers.items()}
+    sessions = {m: layer_sessions(f, tmp / f"moe-{m}.onnx", seq, threads) for m, f in layers.items()}
     xn = x.numpy()
-    timings["ort"] = measure({m: lambda s=s: torch.from_numpy(s.run(None, {"x": xn})[0])
-                              for m, s in sessions.items()}, warmup, repeats)
+    for path in ("ort", "ort_int8"):
+        timings[path] = measure({m: lambda s=s[path]: torch.from_numpy(s.run(None, {"x": xn})[0])
+                                 for m, s in sessions.items()}, warmup, repeats)
     timings["train_eager"] = measure({m: layer_step(f) for m, f in layers.items()}, warmup, repeats)
     compiled, first = {}, {}
     for m, f in layers.items():
@@ -295,7 +306,7 @@ def moe_dispatch(cfg: ModelConfig, batch: int, seq: int, warmup: int, repeats: i
                  settings: tuple[tuple[int, int], ...] = ((4, 2), (8, 2), (8, 1)), backend: str = "inductor",
                  threads: int | None = None) -> dict[str, Any]:
     """The MoE layer alone at each (n_experts, top_k) of `settings` (dispatch_setting). The headline ratio is
-    sparse / dense at 8 experts top-2 on the slowest of the four paths for sparse (it must win on all of them)."""
+    sparse / dense at 8 experts top-2 on the slowest of the paths for sparse (it must win on all of them)."""
     with tempfile.TemporaryDirectory() as tmp:
         rows = [dispatch_setting(dataclasses.replace(cfg, n_experts=e, top_k=k), batch, seq, warmup, repeats,
                                  backend, threads, Path(tmp)) for e, k in settings]

@@ -184,6 +184,80 @@ def dedupe_initializers(proto: onnx.ModelProto) -> int:
     return len(rename)
 
 
+def fold_sliced_weights(proto: onnx.ModelProto) -> int:
+    """Make every MatMul weight that is a slice of a stored weight an initializer of its own; returns how many
+    distinct weights were folded.
+
+    Sparse MoE dispatch multiplies each expert's rows by its block of the stored [D, E*F] / [E*F, D] weights:
+    in the graph, Reshape / Transpose / Gather of the initializer feed the MatMul, and dynamic quantisation only
+    quantises a MatMul whose weight is an initializer (ONNX Runtime folds these constants at load, after
+    quantisation has passed them by). Folded here, each expert's weight is quantised as the dense graph's are.
+    A weight that is not sliced (e.g. a Linear's transposed weight) is left as it is: int8 covers the same
+    weights under both dispatches. Folding is exact (it only moves values), dead nodes are dropped, and the
+    copies the unrolled recursion makes are merged by dedupe_initializers.
+    """
+    from onnx.reference import ReferenceEvaluator
+
+    graph = proto.graph
+    inits = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    signature: dict[str, tuple] = {name: ("initializer", name) for name in inits}  # constant values only
+    for node in graph.node:
+        if node.op_type == "Constant" or (node.input and all(i in signature for i in node.input if i)):
+            attrs = tuple(a.SerializeToString() for a in node.attribute)
+            for k, out in enumerate(node.output):
+                signature[out] = (node.op_type, attrs, tuple(signature.get(i) for i in node.input), k)
+
+    def subgraph(name: str) -> list[onnx.NodeProto]:
+        """The nodes computing constant `name`, in graph order."""
+        nodes, stack = {}, [name]
+        while stack:
+            v = stack.pop()
+            if v in producer and id(producer[v]) not in nodes:
+                nodes[id(producer[v])] = producer[v]
+                stack.extend(i for i in producer[v].input if i)
+        order = {id(n): i for i, n in enumerate(graph.node)}
+        return sorted(nodes.values(), key=lambda n: order[id(n)])
+
+    folded: dict[tuple, str] = {}
+    for node in graph.node:
+        w = node.input[1] if node.op_type == "MatMul" else None
+        if w is None or w in inits or w not in signature:
+            continue
+        nodes = subgraph(w)
+        if not any(n.op_type in ("Gather", "Slice") for n in nodes):
+            continue
+        key = signature[w]
+        if key not in folded:
+            used = sorted({i for n in nodes for i in n.input if i in inits})
+            model = onnx.helper.make_model(
+                onnx.helper.make_graph(nodes, "fold", [], [onnx.helper.make_tensor_value_info(w, 0, None)],
+                                       [inits[i] for i in used]), opset_imports=proto.opset_import)
+            value = np.ascontiguousarray(ReferenceEvaluator(model).run(None, {})[0])
+            folded[key] = f"{'+'.join(used)}.slice{len(folded)}"  # e.g. model.net.blocks.0.ffn.w_gate.slice3
+            graph.initializer.append(numpy_helper.from_array(value, folded[key]))
+        node.input[1] = folded[key]
+    if folded:
+        remove_dead_nodes(graph)
+    return len(folded)
+
+
+def remove_dead_nodes(graph: onnx.GraphProto) -> None:
+    """Drop the nodes none of whose outputs is used, repeatedly, then the initializers no node reads."""
+    outputs = {o.name for o in graph.output}
+    while True:
+        used = {i for n in graph.node for i in n.input} | outputs
+        dead = [n for n in graph.node if not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    used = {i for n in graph.node for i in n.input} | outputs
+    kept = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
 def set_metadata(proto: onnx.ModelProto, metadata: dict[str, str]) -> None:
     del proto.metadata_props[:]
     for k, v in metadata.items():
@@ -195,8 +269,10 @@ def convert_precision(path: str, precision: str, metadata: dict[str, str]) -> No
 
     fp16: weights and activations in half precision (for GPU serving); inputs and outputs stay int64 /
     float32, and TopK / CumSum / Range stay fp32 (the converter's default block list), so routing still
-    ranks in fp32. int8: dynamic quantisation of MatMul / Gemm weights (a CPU speed-up); the experts' 3-D
-    weights are used through Einsum, which dynamic quantisation leaves in fp32.
+    ranks in fp32. int8: dynamic quantisation of the MatMul weights that are initializers (a CPU speed-up): the
+    experts' weights under either MoE dispatch (sparse dispatch's per-expert slices are folded into initializers
+    first, fold_sliced_weights) and the halt head's Gemm; the attention, router and output projections (Linear
+    weights, a Transpose in the graph) stay fp32.
     """
     if precision == "fp16":
         from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -205,6 +281,10 @@ def convert_precision(path: str, precision: str, metadata: dict[str, str]) -> No
     else:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
+        proto = onnx.load(path)
+        if fold_sliced_weights(proto):
+            dedupe_initializers(proto)
+            onnx.save(proto, path)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             quantize_dynamic(path, path, weight_type=QuantType.QInt8)

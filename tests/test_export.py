@@ -146,6 +146,34 @@ def test_parity_sparse_dispatch(recursive_sparse):
     assert report.ok and report.max_rel < 1e-4, report.summary()
 
 
+def test_int8_quantises_the_sparse_graphs_experts(recursive_sparse, tmp_path):
+    """Sparse dispatch slices each expert's weight out of the stored one; int8 folds those slices into
+    initializers so that dynamic quantisation reaches them: every expert MatMul of every MoE call is integer, as
+    in the dense graph, with int8's usual cost."""
+    import shutil
+
+    from export.onnx_export import convert_precision
+
+    run, out, _ = recursive_sparse
+    model = load_model(run)
+    cfg = model.config
+    path = tmp_path / "m-int8.onnx"
+    shutil.copyfile(out, path)
+    convert_precision(str(path), "int8", {})
+    graph = onnx.load(str(path)).graph
+    moe_calls = cfg.n_layers * cfg.n_steps * cfg.H_cycles * (cfg.L_cycles + 1)
+    integer = sum(node.op_type == "MatMulInteger" for node in graph.node)
+    assert integer >= 3 * cfg.n_experts * moe_calls, integer
+    # The folded copies of the unrolled calls are merged: one int8 weight per expert matrix.
+    expert_weights = [i for i in graph.initializer
+                      if i.data_type == onnx.TensorProto.INT8 and ".ffn." in i.name and len(i.dims) == 2]
+    assert len(expert_weights) == 3 * cfg.n_experts * cfg.n_layers, [i.name for i in expert_weights]
+    report = check_parity(model, str(path), label="int8", tolerance=None)
+    # The bounds of test_precision_variants_report_their_cost; top-1 over all cases (one of them has 5 tokens, of
+    # which this random model's near-tied logits flip one).
+    assert report.max_rel < 0.2 and np.mean([c.top1 for c in report.cases]) > 0.9, report.summary()
+
+
 # -- the step graph (--stepwise): one supervision step, run step by step with halted samples dropped ------------
 
 def test_step_graph_contract_and_parity(recursive_top1_bidir):
