@@ -17,6 +17,7 @@ SUBCOMMANDS = {  # name -> (module, attribute, one-line help)
     "serve": ("serve.cli", "serve", "Batch inference on ONNX Runtime (CUDA where present, else CPU)."),
     "plot": ("train.plots", "plot", "Write (or refresh) the PNG plots of a run directory."),
     "ablate": ("train.ablate", "ablate", "Train a grid of config variants and compare them in one table."),
+    "eval": ("train.evaluate", "eval_", "Evaluate a run on its held-out set against the steps it may take."),
 }
 
 

@@ -105,6 +105,7 @@ def _check(cond: bool, where: str, msg: str) -> None:
 MAX_SEQ_LEN = 1 << 16
 MAX_LAYERS = 256
 MAX_CYCLES = 64
+MAX_BIAS_SEQ_LEN = 4096
 
 
 @dataclass
@@ -136,13 +137,18 @@ class ModelConfig:
     # A learned absolute position embedding added to the token embedding, besides rotary attention: on a grid
     # task it gives every cell its identity (row, column and box are then one lookup away).
     learned_pos: bool = False
+    # A learned bias on the attention scores, per layer, head and (query, key) position pair (zero at start):
+    # for fixed-size inputs, attention can then learn a fixed relational structure directly (on Sudoku: which
+    # cells share a row, column or box), as TRM's token-mixing MLP does, instead of discovering it through the
+    # query-key products of position embeddings. n_heads * max_seq_len^2 parameters per layer.
+    attn_bias: bool = False
     dropout: float = 0.0
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
 
-    # Keys a run's config.json may lack (written before they existed): learned_pos's default is what those runs
-    # had; moe_dispatch changes how the model computes, not what.
-    ADDED_LATER: ClassVar[tuple[str, ...]] = ("learned_pos", "moe_dispatch")
+    # Keys a run's config.json may lack (written before they existed): learned_pos's and attn_bias's defaults are
+    # what those runs had; moe_dispatch changes how the model computes, not what.
+    ADDED_LATER: ClassVar[tuple[str, ...]] = ("learned_pos", "attn_bias", "moe_dispatch")
     MOE_DISPATCHES: ClassVar[tuple[str, ...]] = ("dense", "sparse", "auto")
 
     @property
@@ -173,6 +179,9 @@ class ModelConfig:
                f"min_heads: expected <= max_heads={self.max_heads}, got {self.min_heads}")
         _check(self.max_heads <= self.n_heads, where,
                f"max_heads: expected <= n_heads={self.n_heads}, got {self.max_heads}")
+        _check(not self.attn_bias or self.max_seq_len <= MAX_BIAS_SEQ_LEN, where,
+               f"max_seq_len: expected <= {MAX_BIAS_SEQ_LEN} with attn_bias (a max_seq_len^2 table per head), "
+               f"got {self.max_seq_len}")
         _check(0.0 <= self.dropout < 1.0, where, f"dropout: expected in [0, 1), got {self.dropout}")
         _check(self.rope_theta > 0, where, f"rope_theta: expected > 0, got {self.rope_theta}")
         _check(self.norm_eps > 0, where, f"norm_eps: expected > 0, got {self.norm_eps}")

@@ -135,6 +135,9 @@ class MoHAttention(nn.Module):
         self.complexity_head = nn.Linear(cfg.d_model, 1)
         self.threshold_head = nn.Linear(cfg.d_model, 1)
         self.rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        # [H, max_seq_len, max_seq_len] added to every score (ModelConfig.attn_bias); zero at start.
+        self.attn_bias = nn.Parameter(torch.zeros(cfg.n_heads, cfg.max_seq_len, cfg.max_seq_len)) \
+            if cfg.attn_bias else None
 
     def route(self, x: Tensor) -> HeadRouting:
         H = self.n_heads
@@ -167,18 +170,28 @@ class MoHAttention(nn.Module):
         q, k, v = self.qkv(x).view(B, T, 3, H, hd).permute(2, 0, 3, 1, 4)  # each [B, H, T, hd]
         q, k = self.rotary(q), self.rotary(k)
         dropout = self.dropout if self.training else 0.0
-        if key_mask is None:
+        if key_mask is None and self.attn_bias is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, dropout_p=dropout)
         else:
-            allowed = key_mask[:, None, None, :]  # [B, 1, 1, T]: padding keys are never attended to
-            if self.causal:
-                allowed = allowed & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=self._scores_mask(key_mask, T, q),
+                                               dropout_p=dropout)
         weights = r.probs * r.mask
         weights = (weights / weights.sum(dim=-1, keepdim=True)).to(o.dtype)  # [B, T, H], sums to 1 per token
         o = o * weights.transpose(1, 2).unsqueeze(-1)
         y = self.o_proj(o.transpose(1, 2).reshape(B, T, D))
         return y, (self._aux(r) if collect else Aux())
+
+    def _scores_mask(self, key_mask: Tensor | None, T: int, q: Tensor) -> Tensor:
+        """SDPA's attn_mask: which keys each query may see (boolean), or the learned bias with -inf where it may
+        not (float). Padding keys are never attended to; causal models see no later key."""
+        allowed = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, T]
+        if self.causal:
+            tril = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+            allowed = tril if allowed is None else allowed & tril
+        if self.attn_bias is None:
+            return allowed
+        bias = self.attn_bias[:, :T, :T].to(q.dtype)  # [H, T, T]
+        return bias if allowed is None else bias.masked_fill(~allowed, float("-inf"))
 
     def _aux(self, r: HeadRouting) -> Aux:
         active = r.mask.sum(dim=-1)  # [B, T] heads per token (carries the relaxed gradient)
@@ -448,6 +461,8 @@ class RecursiveMoE(nn.Module):
                 # complexity 0.5 and threshold 0.55 for every token at start; the router starts uniform.
                 m.complexity_head.bias.zero_()
                 m.threshold_head.bias.zero_()
+                if m.attn_bias is not None:  # attention starts from the query-key scores alone
+                    m.attn_bias.zero_()
         # A fresh model keeps thinking: halt probability sigmoid(-5) ~ 0.007 at every step (as TRM).
         self.halt_head.weight.zero_()
         self.halt_head.bias.fill_(-5.0)
@@ -557,7 +572,7 @@ class RecursiveMoE(nn.Module):
         for name, p in self.named_parameters():
             if any(s in name for s in ("router", "complexity_head", "threshold_head")):
                 groups["router"].append(p)
-            elif p.dim() < 2 or name.startswith(("embed.", "pos_embed.")):
+            elif p.dim() < 2 or name.startswith(("embed.", "pos_embed.")) or name.endswith(".attn_bias"):
                 groups["no_decay"].append(p)
             else:
                 groups["decay"].append(p)

@@ -86,6 +86,10 @@ def varied_model(cfg: ModelConfig, seed: int, calibrate_on: torch.Tensor | None 
     torch.manual_seed(seed)
     model = RecursiveMoE(cfg)
     randomize_routing(model, seed + 1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, MoHAttention) and m.attn_bias is not None:  # a bias that changes who attends to whom
+                m.attn_bias.copy_(torch.randn(m.attn_bias.shape, generator=seeded(seed + 4)) * 2.0)
     if cfg.recursive:
         ids = random_ids(cfg, 8, cfg.max_seq_len, seed + 2) if calibrate_on is None else calibrate_on
         calibrate_halting(model, ids, seed + 3)
@@ -520,9 +524,10 @@ def test_predictor_gradient_comes_from_the_lm_loss_too(make_config) -> None:
 # causality
 
 
+@pytest.mark.parametrize("attn_bias", [False, True])
 @pytest.mark.parametrize("training", [False, True])
-def test_recursive_model_is_causal(make_config, training) -> None:
-    cfg = make_config(n_layers=2)
+def test_recursive_model_is_causal(make_config, training, attn_bias) -> None:
+    cfg = make_config(n_layers=2, attn_bias=attn_bias)
     B, T = 6, 16
     ids = random_ids(cfg, B, T, seed=71)
     model = varied_model(cfg, seed=70, calibrate_on=ids).train(training)
@@ -705,10 +710,11 @@ def test_training_output_carries_aux_losses_and_stats(make_config) -> None:
 # padding
 
 
+@pytest.mark.parametrize("attn_bias", [False, True])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("recursive", [True, False])
-def test_right_padding_matches_unpadded_runs(make_config, causal, recursive) -> None:
-    cfg = make_config(causal=causal, recursive=recursive, n_layers=2)
+def test_right_padding_matches_unpadded_runs(make_config, causal, recursive, attn_bias) -> None:
+    cfg = make_config(causal=causal, recursive=recursive, n_layers=2, attn_bias=attn_bias)
     lengths = [16, 11, 5, 1, 9, 16]
     B, T = len(lengths), 16
     ids = random_ids(cfg, B, T, seed=121)
@@ -874,3 +880,27 @@ def test_saved_weights_have_normal_file_mode(make_config, tmp_path) -> None:
     path = tmp_path / WEIGHTS_FILE
     save_weights(RecursiveMoE(make_config()), path)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_attn_bias_is_a_zero_started_no_decay_table_per_layer_and_head(make_config) -> None:
+    """attn_bias: one [n_heads, max_seq_len, max_seq_len] table per layer, zero at start (the model then computes
+    exactly what it computes without it), in the no-decay group, and learned (it gets a gradient)."""
+    cfg = make_config(attn_bias=True, causal=False)
+    torch.manual_seed(0)
+    model = RecursiveMoE(cfg)
+    torch.manual_seed(0)
+    plain = RecursiveMoE(dataclasses.replace(cfg, attn_bias=False))
+    tables = [m.attn_bias for m in model.modules() if isinstance(m, MoHAttention)]
+    assert len(tables) == cfg.n_layers
+    assert all(t.shape == (cfg.n_heads, cfg.max_seq_len, cfg.max_seq_len) and not t.any() for t in tables)
+    ids = random_ids(cfg, 2, 12, seed=3)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.endswith("attn_bias")})
+    model.train(), plain.train()
+    assert torch.allclose(model(ids).logits, plain(ids).logits, atol=1e-6)
+    names = {id(p) for p in model.param_groups()["no_decay"]}
+    assert all(id(t) in names for t in tables)
+    model(ids).logits.square().mean().backward()
+    assert all(t.grad is not None and t.grad[:, :12, :12].abs().sum() > 0 and not t.grad[:, 12:].any()
+               for t in tables)
+    with pytest.raises(ConfigError, match="max_seq_len: expected <= 4096 with attn_bias"):
+        dataclasses.replace(cfg, max_seq_len=5000).validate()

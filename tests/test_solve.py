@@ -4,6 +4,7 @@ One sudoku-tiny run is trained in-process and exported once for the whole module
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -183,3 +184,50 @@ def test_eval_text_is_refused_for_a_sudoku_run(sudoku, tmp_path):
     lines = [line for line in r.output.splitlines() if line.strip()]
     assert r.exit_code == 2 and len(lines) == 1 and "--eval-text: a language-model option" in lines[0], r.output
     assert "is a sudoku run" in lines[0] and not out.exists()
+
+
+def test_eval_sweeps_halt_max_steps_and_writes_the_held_out_set(sudoku, tmp_path):
+    """`moe eval`: one row per (K, mode); the halting row at the trained K is the trainer's last evaluation, the
+    'all K' rows run exactly K steps; test_puzzles.txt is the run's held-out set, and serving it with the exported
+    model gives the same number of correct answers."""
+    run, onnx_path, task = sudoku
+    out = tmp_path / "eval"
+    result = run_moe(["eval", run, "--halt-max-steps", "1,2-3", "--out", out, "--device", "cpu"], in_process=True)
+    assert result.returncode == 0, result.describe()
+    rows = list(csv.DictReader((out / "eval.csv").open(encoding="utf-8")))
+    assert [(int(r["halt_max_steps"]), r["mode"]) for r in rows] == [(k, m) for k in (1, 2, 3)
+                                                                   for m in ("halting", "all K")]
+    for r in rows:
+        if r["mode"] == "all K":
+            assert float(r["val_halt_step"]) == int(r["halt_max_steps"])
+        assert float(r["val_halt_step"]) <= int(r["halt_max_steps"])
+    last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+            if '"kind": "eval"' in line][-1]
+    trained = next(r for r in rows if r["halt_max_steps"] == "2" and r["mode"] == "halting")
+    for key in ("puzzle_acc", "cell_acc", "val_loss", "val_halt_step"):
+        assert float(trained[key]) == pytest.approx(last[key], rel=1e-9, abs=1e-12), key
+    assert "| **2** (trained) | halting |" in (out / "eval.md").read_text(encoding="utf-8")
+    assert (out / "eval.png").stat().st_size > 0
+    puzzles, solutions = S.read_puzzle_file(out / "test_puzzles.txt")
+    assert np.array_equal(puzzles, task.test_puzzles) and np.array_equal(solutions, task.test_solutions)
+    served = tmp_path / "served.jsonl"
+    code, _, stderr = moe_serve(onnx_path, "--input", out / "test_puzzles.txt", "--output", served, "--mode", "solve")
+    assert code == 0, stderr
+    assert sum(r["correct"] for r in read_rows(served)) == round(float(trained["puzzle_acc"]) * len(puzzles))
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--halt-max-steps", "0"], "--halt-max-steps: '0': expected counts in 1..64"),
+    (["--halt-max-steps", "3-1"], "expected counts in 1..64, low to high"),
+    (["--halt-max-steps", "two"], "--halt-max-steps: 'two' is not a step count"),
+])
+def test_eval_refuses_bad_step_lists(sudoku, tmp_path, args, needle):
+    result = run_moe(["eval", sudoku[0], *args, "--out", tmp_path / "e"], in_process=True)
+    assert result.returncode == 2 and needle in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "e").exists()
+
+
+def test_eval_refuses_a_directory_that_is_not_a_run(tmp_path):
+    result = run_moe(["eval", tmp_path, "--out", tmp_path / "e"], in_process=True)
+    assert result.returncode == 2 and ("not a run directory" in result.stderr or "config.json" in result.stderr)
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "e").exists()

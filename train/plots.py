@@ -136,7 +136,7 @@ def _first(records: list[Record], key: str) -> float | None:
 # figure helpers
 
 
-def _style(ax, title: str, ylabel: str, xlabel: str = "step (optimizer updates)", legend: bool = True) -> None:
+def style_axes(ax, title: str, ylabel: str, xlabel: str = "step (optimizer updates)", legend: bool = True) -> None:
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -180,7 +180,7 @@ def plot_loss(train: list[Record], evals: list[Record]) -> Figure | None:
         ax.axhline(uniform, color="0.35", ls="--", lw=1, label=f"uniform ln(V) = {uniform:.3f}")
     if unigram is not None:
         ax.axhline(unigram, color="C2", ls="--", lw=1, label=f"unigram = {unigram:.3f}")
-    _style(ax, "Loss", "cross-entropy (nats / token)")
+    style_axes(ax, "Loss", "cross-entropy (nats / token)")
     return fig
 
 
@@ -193,7 +193,7 @@ def plot_lr(train: list[Record]) -> Figure | None:
     ax.plot(x, y, color="C0", lw=1.5, marker=_marker(x), ms=3, label="lr (base param group)")
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
     ax.set_ylim(bottom=0)
-    _style(ax, "Learning rate", "learning rate (AdamW step size)")
+    style_axes(ax, "Learning rate", "learning rate (AdamW step size)")
     return fig
 
 
@@ -215,7 +215,7 @@ def plot_grad_norm(train: list[Record], grad_clip: float | None = None) -> Figur
     pos = [v for *_, y in data for v in y if v > 0]
     if pos and max(pos) / min(pos) > 100:
         ax.set_yscale("log")
-    _style(ax, "Gradient norm (global L2, before clipping)", "L2 norm")
+    style_axes(ax, "Gradient norm (global L2, before clipping)", "L2 norm")
     return fig
 
 
@@ -236,7 +236,7 @@ def plot_heads(train: list[Record], n_heads: int | None = None, min_heads: int |
         ax1.set_ylim(0, n_heads * 1.08)
     if min_heads:
         ax1.axhline(min_heads, color="0.55", ls=":", lw=1, label=f"min_heads = {min_heads}")
-    _style(ax1, "MoH: mean attention heads per token", "heads / token")
+    style_axes(ax1, "MoH: mean attention heads per token", "heads / token")
     if second:
         ax2 = fig.add_subplot(2, 1, 2, sharex=ax1)
         for li in sorted(set(thr_layers) | set(cx_layers)):
@@ -254,7 +254,7 @@ def plot_heads(train: list[Record], n_heads: int | None = None, min_heads: int |
             if x:
                 ax2.plot(x, y, color=c, lw=1.2, ls=":", marker=_marker(x) and "s", ms=3,
                          label=f"L{li} complexity (mean)")
-        _style(ax2, "MoH: routing threshold and token complexity", "value (dimensionless)")
+        style_axes(ax2, "MoH: routing threshold and token complexity", "value (dimensionless)")
         ax1.set_xlabel("")
     return fig
 
@@ -283,7 +283,7 @@ def plot_head_load(train: list[Record]) -> Figure | None:
         ax.plot(x, [sum(v) / len(v) for v in rows], color="0.2", ls="--", lw=1.2,
                 label="even share = heads per token / n_heads")
         ax.set_ylim(0, 1.05)
-        _style(ax, f"MoH head load — layer {li} ({len(rows[0])} heads)", "fraction of tokens using the head",
+        style_axes(ax, f"MoH head load — layer {li} ({len(rows[0])} heads)", "fraction of tokens using the head",
                xlabel="step (optimizer updates)" if ax is axes[-1] else "", legend=False)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside upper center", fontsize=8, ncols=min(n_heads + 1, 5), framealpha=0.85)
@@ -312,7 +312,7 @@ def plot_expert_load(train: list[Record]) -> Figure | None:
         ideal = total / n
         ax.axhline(ideal, color="0.2", ls="--", lw=1.2, label=f"ideal 1/E = {ideal:.3g}")
         ax.set_ylim(bottom=0)
-        _style(ax, f"MoE expert load — layer {li} ({n} experts)", "fraction of routed tokens", xlabel="",
+        style_axes(ax, f"MoE expert load — layer {li} ({n} experts)", "fraction of routed tokens", xlabel="",
                legend=False)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside upper center", fontsize=8, ncols=min(n_exp + 1, 5), framealpha=0.85)
@@ -323,14 +323,14 @@ def plot_expert_load(train: list[Record]) -> Figure | None:
             ax.plot(x, y, color=f"C{(li - 1) % 10}", lw=1.5, marker=_marker(x), ms=3, label=f"layer {li}")
         ax.set_ylim(bottom=0)
         note = "" if not dropped or any_dropped else " — no dropped tokens at any logged step"
-        _style(ax, f"MoE load imbalance (0 = balanced){note}", "coefficient of variation\n(std / mean over experts)",
-               xlabel="")
+        style_axes(ax, f"MoE load imbalance (0 = balanced){note}",
+                   "coefficient of variation\n(std / mean over experts)", xlabel="")
     if any_dropped:
         ax = extra.pop(0)
         for li, x, y in dropped:
             ax.plot(x, y, color=f"C{(li - 1) % 10}", lw=1.5, marker=_marker(x), ms=3, label=f"layer {li}")
         ax.set_ylim(bottom=0)
-        _style(ax, "MoE dropped tokens", "dropped (token, expert) pairs\nper net call", xlabel="")
+        style_axes(ax, "MoE dropped tokens", "dropped (token, expert) pairs\nper net call", xlabel="")
     axes[-1].set_xlabel("step (optimizer updates)")
     return fig
 
@@ -381,7 +381,7 @@ def plot_halt_hist(train: list[Record]) -> Figure | None:
                  labels=[f"halted at step {s + 1}" for s in range(S)])
     ax.set_ylim(0, 1)
     ax.set_xlim(x[0], x[-1])
-    _style(ax, "Halting: share of samples by halt step (training batches)", "fraction of samples", legend=False)
+    style_axes(ax, "Halting: share of samples by halt step (training batches)", "fraction of samples", legend=False)
     ax.legend(loc="upper left", fontsize=8, framealpha=0.85)  # early training halts late: the top left is quiet
     tail = [row for step, row in zip(x, counts, strict=True) if step >= x[0] + 0.75 * (x[-1] - x[0])]
     width = 0.4
@@ -394,7 +394,7 @@ def plot_halt_hist(train: list[Record]) -> Figure | None:
         ax_bar.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
     ax_bar.set_xticks(range(1, S + 1))
     ax_bar.set_ylim(0, 1.1)
-    _style(ax_bar, "Halt step histogram", "fraction of samples", xlabel="halt step (recursion steps)")
+    style_axes(ax_bar, "Halt step histogram", "fraction of samples", xlabel="halt step (recursion steps)")
     return fig
 
 
@@ -420,7 +420,7 @@ def plot_val_loss_overlay(curves: dict[str, tuple[list[float], list[float]]], un
             ax.axhline(value, color="0.35", ls=ls, lw=1)
             ax.annotate(f"{label} = {value:.3f}", (1.0, value), xycoords=("axes fraction", "data"), ha="right",
                         va="bottom", fontsize=8, color="0.3", xytext=(-4, 2), textcoords="offset points")
-    _style(ax, title, "val loss (nats / token)", legend=False)
+    style_axes(ax, title, "val loss (nats / token)", legend=False)
     finals = [curves[n][1][-1] for n in ranked]
     for rank, name in enumerate(ranked):
         color, _, marker = styles[name]
@@ -437,7 +437,7 @@ def plot_val_loss_overlay(curves: dict[str, tuple[list[float], list[float]]], un
     for value, label, ls in ((uniform, "uniform ln(V)", "--"), (unigram, "unigram", ":")):
         if value is not None and lo - pad <= value <= hi + 3 * pad:
             ax_rank.axvline(value, color="0.35", ls=ls, lw=1, label=f"{label} = {value:.3f}")
-    _style(ax_rank, "Final val loss (best first)", "", xlabel="val loss (nats / token)")
+    style_axes(ax_rank, "Final val loss (best first)", "", xlabel="val loss (nats / token)")
     return fig
 
 

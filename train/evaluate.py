@@ -1,0 +1,174 @@
+"""`moe eval`: a trained run's held-out figures against the number of supervision steps it may take.
+
+    moe eval runs/sudoku --halt-max-steps 1,2,4,8,16 --out runs/sudoku/eval
+
+The run's own task and held-out set (rebuilt from its config.json: the generated Sudoku test puzzles or the
+language-model val batches) are evaluated by the eval-mode model with halt_max_steps set to each K in turn,
+two ways:
+
+  halting   what export and serve compute: each sample stops at the first step whose halt logit is > 0, at
+            step K at the latest;
+  all K     the halt head ignored: every sample runs all K steps (what more thinking alone buys).
+
+K may exceed the trained halt_max_steps: the steps share their weights, so the model runs further as it is.
+OUT/eval.md, OUT/eval.csv and OUT/eval.png (the task's headline figure against K, both ways) are written
+atomically and the table is printed. A Sudoku run also gets OUT/test_puzzles.txt: the held-out puzzles with
+their solutions, one line each, for `moe serve --mode solve --input` (its `correct` count reproduces the
+halting row at the trained halt_max_steps).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+
+from moe_core.checkpoint import CONFIG_FILE, TOKENIZER_FILE, atomic_write_text, load_model, load_run_config
+from moe_core.config import MAX_CYCLES
+from moe_core.errors import CheckpointError, ConfigError
+from moe_core.model import RecursiveMoE
+from moe_core.tokenizer import read_tokenizer
+
+from .config import RunConfig
+from .tasks import Task, make_task
+
+MODES = ("halting", "all K")
+OUTPUTS = ("eval.md", "eval.csv", "eval.png")
+PUZZLES_FILE = "test_puzzles.txt"
+# The figures of each task, in table order: (key, header, format). The first is the plot's y axis.
+FIGURES = {
+    "sudoku": [("puzzle_acc", "puzzle acc", "{:.4f}"), ("cell_acc", "cell acc (blanks)", "{:.4f}"),
+               ("val_loss", "val loss", "{:.4f}"), ("val_halt_step", "mean steps", "{:.2f}")],
+    "lm": [("val_loss", "val loss", "{:.4f}"), ("val_ppl", "ppl", "{:.2f}"), ("val_halt_step", "mean steps", "{:.2f}")],
+}
+
+
+def parse_steps(text: str) -> list[int]:
+    """'1,2,4' or '1-8' or a mix -> sorted distinct ints in 1..MAX_CYCLES."""
+    steps: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            lo, _, hi = part.partition("-")
+            a, b = int(lo), int(hi or lo)
+        except ValueError:
+            raise ConfigError(f"--halt-max-steps: {part!r} is not a step count or a range like 1-8") from None
+        if not 1 <= a <= b <= MAX_CYCLES:
+            raise ConfigError(f"--halt-max-steps: {part!r}: expected counts in 1..{MAX_CYCLES}, low to high")
+        steps.update(range(a, b + 1))
+    return sorted(steps)
+
+
+def run_config(run_dir: Path) -> RunConfig:
+    _, saved = load_run_config(run_dir)
+    if not isinstance(saved.get("train"), dict):
+        raise CheckpointError(f"{run_dir / CONFIG_FILE}: no \"train\" section: not a run written by moe train "
+                              f"(its task and held-out set are unknown)")
+    return RunConfig.from_dict({"model": saved["model"], "train": saved["train"]}, str(run_dir / CONFIG_FILE))
+
+
+def with_steps(model: RecursiveMoE, k: int, halting: bool) -> RecursiveMoE:
+    """The same weights, running at most k supervision steps; halting=False silences the halt head (its logit is
+    -inf, so no sample halts before step k)."""
+    m = RecursiveMoE(dataclasses.replace(model.config, halt_max_steps=k)).to(next(model.parameters()).device)
+    m.load_state_dict(model.state_dict())
+    if not halting:
+        with torch.no_grad():
+            m.halt_head.bias.fill_(-math.inf)
+    return m.eval()
+
+
+def sweep(model: RecursiveMoE, task: Task, steps: list[int], device: torch.device,
+          log: Any = print) -> list[dict[str, Any]]:
+    """One row per (K, mode): the task's evaluation of the model limited to K steps."""
+    rows = []
+    for k in steps:
+        for mode in MODES:
+            ev = task.evaluate(with_steps(model, k, mode == "halting"), device, contextlib.nullcontext())
+            rows.append({"halt_max_steps": k, "mode": mode, **ev})
+            log(f"K={k:>2} {mode:<8} {task.describe(ev)} | mean steps {ev['val_halt_step']:.2f}")
+    return rows
+
+
+def table(rows: list[dict[str, Any]], task: str, trained: int) -> str:
+    cols = FIGURES[task]
+    lines = ["| K (halt_max_steps) | mode | " + " | ".join(h for _, h, _ in cols) + " |",
+             "|---:|---|" + "---:|" * len(cols)]
+    for r in rows:
+        k = f"**{r['halt_max_steps']}** (trained)" if r["halt_max_steps"] == trained else str(r["halt_max_steps"])
+        lines.append(f"| {k} | {r['mode']} | " + " | ".join(f.format(r[key]) for key, _, f in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def plot(rows: list[dict[str, Any]], task: str, trained: int, title: str, path: Path) -> None:
+    from matplotlib.figure import Figure  # noqa: PLC0415 - matplotlib only when plotting
+    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
+
+    from .plots import save_figure, style_axes  # noqa: PLC0415
+
+    key, header, _ = FIGURES[task][0]
+    fig = Figure(layout="constrained", figsize=(7, 4.5))
+    ax = fig.subplots()
+    for mode, style in zip(MODES, ("o-", "s--"), strict=True):
+        pts = [(r["halt_max_steps"], r[key]) for r in rows if r["mode"] == mode]
+        ax.plot(*zip(*pts, strict=True), style, label=mode if mode == "halting" else "all K steps (halt ignored)")
+    ax.axvline(trained, color="grey", lw=0.8, ls=":", label=f"trained with halt_max_steps = {trained}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if key.endswith("_acc"):
+        ax.set_ylim(0, 1)
+    style_axes(ax, title, header, xlabel="K = halt_max_steps at inference")
+    save_figure(fig, path)
+
+
+@click.command(context_settings={"show_default": True})
+@click.argument("run_dir", type=click.Path())
+@click.option("--halt-max-steps", "steps_text", default="1-8", metavar="LIST",
+              help="The K values to evaluate: counts and ranges, e.g. 1,2,4,8 or 1-16.")
+@click.option("--out", default=None, type=click.Path(), help="Directory for eval.md/.csv/.png. Default: RUN_DIR/eval.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              help="auto: CUDA where present, else CPU.")
+def eval_(run_dir: str, steps_text: str, out: str | None, device: str) -> None:
+    """Evaluate RUN_DIR's model on its held-out set for each K = halt_max_steps, with and without halting."""
+    run = Path(run_dir)
+    steps = parse_steps(steps_text)
+    cfg = run_config(run)
+    dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    out_dir = Path(out) if out is not None else run / "eval"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir}: exists and is not a directory")
+    model = load_model(run, dev)
+    if not model.config.recursive:
+        steps = [1]  # the baseline has one pass: K does not apply
+    tok_text, _ = read_tokenizer(run / TOKENIZER_FILE, cfg.model.vocab_size)
+    task = make_task(cfg, tok_text, click.echo)
+    rows = sweep(model, task, steps, dev, click.echo)
+    trained = model.config.halt_max_steps if model.config.recursive else 1
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = table(rows, task.name, trained)
+    atomic_write_text(out_dir / "eval.md", md)
+    atomic_write_text(out_dir / "eval.csv", to_csv(rows))
+    plot(rows, task.name, trained, f"{run.name}: {FIGURES[task.name][0][1]} against the steps allowed",
+         out_dir / "eval.png")
+    if task.name == "sudoku":
+        from moe_core.sudoku import format_grid  # noqa: PLC0415
+
+        atomic_write_text(out_dir / PUZZLES_FILE, "".join(
+            f"{format_grid(p)} {format_grid(s)}\n" for p, s in zip(task.test_puzzles, task.test_solutions,
+                                                                    strict=True)))
+    click.echo(md + f"written: {', '.join(str(out_dir / f) for f in OUTPUTS)}"
+               + (f", {out_dir / PUZZLES_FILE}" if task.name == "sudoku" else ""))
