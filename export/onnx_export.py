@@ -285,9 +285,14 @@ def convert_precision(path: str, precision: str, metadata: dict[str, str]) -> No
         if fold_sliced_weights(proto):
             dedupe_initializers(proto)
             onnx.save(proto, path)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            quantize_dynamic(path, path, weight_type=QuantType.QInt8)
+        previous = logging.root.manager.disable
+        logging.disable(logging.WARNING)  # "Please consider to run pre-processing" on the root logger, every call
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                quantize_dynamic(path, path, weight_type=QuantType.QInt8)
+        finally:
+            logging.disable(previous)
         proto = onnx.load(path)
     set_metadata(proto, {**metadata, "precision": precision})
     onnx.save(proto, path)
