@@ -191,12 +191,24 @@ def test_eval_sweeps_halt_max_steps_and_writes_the_held_out_set(sudoku, tmp_path
     'all K' rows run exactly K steps; test_puzzles.txt is the run's held-out set, and serving it with the exported
     model gives the same number of correct answers."""
     run, onnx_path, task = sudoku
+    base = tmp_path / "base"  # the same task and held-out set, recursion off
+    result = run_moe(["--preset", "sudoku-tiny", "--no-compile", "--device", "cpu", "--out", base,
+                      "--set", "train.max_steps=3", "--set", "model.recursive=false",
+                      "--set", "train.sudoku_train=32", "--set", "train.sudoku_test=24"],
+                     module="train", in_process=True)
+    assert result.returncode == 0, result.describe()
     out = tmp_path / "eval"
-    result = run_moe(["eval", run, "--halt-max-steps", "1,2-3", "--out", out, "--device", "cpu"], in_process=True)
+    result = run_moe(["eval", run, "--halt-max-steps", "1,2-3", "--baseline", base, "--out", out, "--device", "cpu"],
+                     in_process=True)
     assert result.returncode == 0, result.describe()
     rows = list(csv.DictReader((out / "eval.csv").open(encoding="utf-8")))
     assert [(int(r["halt_max_steps"]), r["mode"]) for r in rows] == [(k, m) for k in (1, 2, 3)
-                                                                   for m in ("halting", "all K")]
+                                                                   for m in ("halting", "all K")] + [
+        (1, "baseline: base (recursion off)")]
+    base_last = [json.loads(line) for line in (base / "metrics.jsonl").read_text().splitlines()
+                 if '"kind": "eval"' in line][-1]
+    assert float(rows[-1]["cell_acc"]) == pytest.approx(base_last["cell_acc"], abs=1e-12)
+    rows = rows[:-1]
     for r in rows:
         if r["mode"] == "all K":
             assert float(r["val_halt_step"]) == int(r["halt_max_steps"])

@@ -11,7 +11,7 @@ from moe_core.errors import ConfigError
 from moe_core.model import ModelOutput, RecursiveMoE
 from train.config import build_config
 from train.loss import training_loss
-from train.sudoku_task import SudokuTask, digit_tokenizer, digits
+from train.sudoku_task import SudokuTask, check_model, digit_tokenizer, digits
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +78,14 @@ def test_sudoku_needs_a_grid_model(override: str, needle: str) -> None:
     cfg = build_config("sudoku-tiny", None, [override])
     with pytest.raises(ConfigError, match=needle):
         SudokuTask(cfg, log=lambda _: None)
+
+
+@pytest.mark.parametrize("preset", ["sudoku-tiny", "sudoku", "sudoku-large"])
+def test_sudoku_presets_describe_a_valid_grid_model(preset: str) -> None:
+    """Every shipped Sudoku preset validates, fits the task's checks and builds (on the meta device: no memory)."""
+    cfg = build_config(preset, None, [])
+    assert cfg.train.task == "sudoku" and cfg.model.attn_bias and cfg.model.recursive
+    check_model(cfg)
+    with torch.device("meta"):
+        model = RecursiveMoE(cfg.model)
+    assert sum(p.numel() for p in model.parameters()) > 0

@@ -29,6 +29,7 @@ from typing import Any
 
 import click
 import torch
+from tokenizers import Tokenizer
 
 from moe_core.checkpoint import CONFIG_FILE, TOKENIZER_FILE, atomic_write_text, load_model, load_run_config
 from moe_core.config import MAX_CYCLES
@@ -40,6 +41,7 @@ from .config import RunConfig
 from .tasks import Task, make_task
 
 MODES = ("halting", "all K")
+BASELINE = "baseline"
 OUTPUTS = ("eval.md", "eval.csv", "eval.png")
 PUZZLES_FILE = "test_puzzles.txt"
 # The figures of each task, in table order: (key, header, format). The first is the plot's y axis.
@@ -97,12 +99,28 @@ def sweep(model: RecursiveMoE, task: Task, steps: list[int], device: torch.devic
     return rows
 
 
+def baseline_row(base: Path, run: Path, task: Task, device: torch.device) -> dict[str, Any]:
+    """The other run's model (as trained: its own steps and halting) on `task`'s held-out set."""
+    cfg = run_config(base)
+    if cfg.train.task != task.name:
+        raise ConfigError(f"--baseline {base}: a {cfg.train.task!r} run; expected the task of {run} ({task.name!r})")
+    tok_text, _ = read_tokenizer(base / TOKENIZER_FILE, cfg.model.vocab_size)
+    if Tokenizer.from_str(tok_text).get_vocab() != Tokenizer.from_str(task.tokenizer_json).get_vocab():
+        raise ConfigError(f"--baseline {base / TOKENIZER_FILE}: another vocabulary than {run}'s; expected the same "
+                          f"tokenizer (the same ids mean the same tokens)")
+    model = load_model(base, device)
+    kind = "recursion off" if not model.config.recursive else f"halt_max_steps {model.config.halt_max_steps}"
+    ev = task.evaluate(model, device, contextlib.nullcontext())
+    return {"halt_max_steps": model.config.n_steps, "mode": f"{BASELINE}: {base.name} ({kind})", **ev}
+
+
 def table(rows: list[dict[str, Any]], task: str, trained: int) -> str:
     cols = FIGURES[task]
     lines = ["| K (halt_max_steps) | mode | " + " | ".join(h for _, h, _ in cols) + " |",
              "|---:|---|" + "---:|" * len(cols)]
     for r in rows:
-        k = f"**{r['halt_max_steps']}** (trained)" if r["halt_max_steps"] == trained else str(r["halt_max_steps"])
+        mine = r["halt_max_steps"] == trained and not r["mode"].startswith(BASELINE)
+        k = f"**{r['halt_max_steps']}** (trained)" if mine else str(r["halt_max_steps"])
         lines.append(f"| {k} | {r['mode']} | " + " | ".join(f.format(r[key]) for key, _, f in cols) + " |")
     return "\n".join(lines) + "\n"
 
@@ -127,6 +145,9 @@ def plot(rows: list[dict[str, Any]], task: str, trained: int, title: str, path: 
     for mode, style in zip(MODES, ("o-", "s--"), strict=True):
         pts = [(r["halt_max_steps"], r[key]) for r in rows if r["mode"] == mode]
         ax.plot(*zip(*pts, strict=True), style, label=mode if mode == "halting" else "all K steps (halt ignored)")
+    for r in rows:
+        if r["mode"].startswith(BASELINE):
+            ax.axhline(r[key], color="C3", lw=1.2, ls="-.", label=r["mode"])
     ax.axvline(trained, color="grey", lw=0.8, ls=":", label=f"trained with halt_max_steps = {trained}")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if key.endswith("_acc"):
@@ -140,9 +161,12 @@ def plot(rows: list[dict[str, Any]], task: str, trained: int, title: str, path: 
 @click.option("--halt-max-steps", "steps_text", default="1-8", metavar="LIST",
               help="The K values to evaluate: counts and ranges, e.g. 1,2,4,8 or 1-16.")
 @click.option("--out", default=None, type=click.Path(), help="Directory for eval.md/.csv/.png. Default: RUN_DIR/eval.")
+@click.option("--baseline", "baseline_dir", default=None, type=click.Path(),
+              help="Another run of the same task and tokenizer (e.g. recursion off), evaluated on RUN_DIR's "
+                   "held-out set: one more row, and a line on the plot.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               help="auto: CUDA where present, else CPU.")
-def eval_(run_dir: str, steps_text: str, out: str | None, device: str) -> None:
+def eval_(run_dir: str, steps_text: str, out: str | None, baseline_dir: str | None, device: str) -> None:
     """Evaluate RUN_DIR's model on its held-out set for each K = halt_max_steps, with and without halting."""
     run = Path(run_dir)
     steps = parse_steps(steps_text)
@@ -157,6 +181,9 @@ def eval_(run_dir: str, steps_text: str, out: str | None, device: str) -> None:
     tok_text, _ = read_tokenizer(run / TOKENIZER_FILE, cfg.model.vocab_size)
     task = make_task(cfg, tok_text, click.echo)
     rows = sweep(model, task, steps, dev, click.echo)
+    if baseline_dir is not None:
+        rows.append(baseline_row(Path(baseline_dir), run, task, dev))
+        click.echo(f"{rows[-1]['mode']}: {task.describe(rows[-1])}")
     trained = model.config.halt_max_steps if model.config.recursive else 1
     out_dir.mkdir(parents=True, exist_ok=True)
     md = table(rows, task.name, trained)
