@@ -147,7 +147,7 @@ def plot(rows: list[dict[str, Any]], task: str, trained: int, title: str, path: 
         ax.plot(*zip(*pts, strict=True), style, label=mode if mode == "halting" else "all K steps (halt ignored)")
     for r in rows:
         if r["mode"].startswith(BASELINE):
-            ax.axhline(r[key], color="C3", lw=1.2, ls="-.", label=r["mode"])
+            ax.axhline(r[key], color="C3", lw=1.2, ls="-.", label=f"{r['mode']}: {r[key]:.3g}")
     ax.axvline(trained, color="grey", lw=0.8, ls=":", label=f"trained with halt_max_steps = {trained}")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if key.endswith("_acc"):
