@@ -208,6 +208,8 @@ def fold_sliced_weights(proto: onnx.ModelProto) -> int:
             for k, out in enumerate(node.output):
                 signature[out] = (node.op_type, attrs, tuple(signature.get(i) for i in node.input), k)
 
+    order = {id(n): i for i, n in enumerate(graph.node)}
+
     def subgraph(name: str) -> list[onnx.NodeProto]:
         """The nodes computing constant `name`, in graph order."""
         nodes, stack = {}, [name]
@@ -216,7 +218,6 @@ def fold_sliced_weights(proto: onnx.ModelProto) -> int:
             if v in producer and id(producer[v]) not in nodes:
                 nodes[id(producer[v])] = producer[v]
                 stack.extend(i for i in producer[v].input if i)
-        order = {id(n): i for i, n in enumerate(graph.node)}
         return sorted(nodes.values(), key=lambda n: order[id(n)])
 
     folded: dict[tuple, str] = {}
