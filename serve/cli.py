@@ -30,6 +30,12 @@ CHUNK_BATCHES = 64  # records read at a time = CHUNK_BATCHES * batch_size: bound
               help="unrolled: MODEL.onnx, every halting step for every sample; stepwise: MODEL.step.onnx (moe export "
                    "--stepwise) one step at a time, each sample leaving the batch when it halts (same results); "
                    "auto: stepwise when the step graph is there.")
+@click.option("--max-steps", type=click.IntRange(1), default=None, metavar="K",
+              help="Step graph only: run up to K supervision steps instead of the exported halt_max_steps (the "
+                   "steps share their weights; `moe eval RUN --halt-max-steps` measures what more steps buy). "
+                   "[default: the exported halt_max_steps]")
+@click.option("--halt/--no-halt", "halting", default=True,
+              help="--no-halt (step graph only): ignore the halt head, every sample runs every step.")
 @click.option("--threads", type=click.IntRange(1), default=None,
               help="CPU intra-op threads. [default: physical cores]")
 @click.option("--stride", type=click.IntRange(1), default=None,
@@ -44,8 +50,8 @@ CHUNK_BATCHES = 64  # records read at a time = CHUNK_BATCHES * batch_size: bound
 @click.option("--seed", default=0, type=int, help="generate: sampling seed (a sample's draws depend on the seed "
                                                    "and its position in the input only).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output file.")
-def serve(model, input_path, output_path, mode, batch_size, provider, runtime, threads, stride, token_logprobs,
-          max_new_tokens, temperature, top_k, top_p, seed, overwrite) -> None:
+def serve(model, input_path, output_path, mode, batch_size, provider, runtime, max_steps, halting, threads, stride,
+          token_logprobs, max_new_tokens, temperature, top_k, top_p, seed, overwrite) -> None:
     """Score or continue every text of a JSONL file with an exported MODEL.onnx on ONNX Runtime.
 
     \b
@@ -80,7 +86,8 @@ def serve(model, input_path, output_path, mode, batch_size, provider, runtime, t
     out, inp = check_output(output_path, overwrite), Path(input_path)
     if inp.exists() and out.exists() and out.samefile(inp):
         raise MoeError(f"{out}: --output is the --input file")
-    server = Server.open(model, provider=provider, threads=threads, runtime=runtime)
+    server = Server.open(model, provider=provider, threads=threads, runtime=runtime, max_steps=max_steps,
+                         halting=halting)
     server.require_task(mode)
     read, expected = (read_puzzles, PUZZLE_EXPECTED) if mode == "solve" else (read_records, EXPECTED)
     n_records = count_records(inp, read, expected)  # every record checked before any compute is spent
@@ -88,7 +95,8 @@ def serve(model, input_path, output_path, mode, batch_size, provider, runtime, t
         stride = server.window_stride(stride)
     info = server.info
     click.echo(f"model {info.path.name} | vocab {info.vocab_size} | max_seq_len {info.max_seq_len} | "
-               f"halt_max_steps {info.halt_max_steps} | {info.precision} | provider {server.model.describe()}")
+               f"halt_max_steps {info.halt_max_steps}{server.steps_note()} | {info.precision} | provider "
+               f"{server.model.describe()}")
     if server.model.note:
         click.echo(f"note: {server.model.note}")
 

@@ -51,6 +51,7 @@ import numpy as np
 
 from moe_core import sudoku as S
 from moe_core.checkpoint import check_format
+from moe_core.config import MAX_CYCLES
 from moe_core.errors import MoeError
 from moe_core.jsonl import json_error, json_type, parse_json
 from moe_core.tokenizer import read_tokenizer
@@ -322,7 +323,7 @@ class StepwiseModel:
 
     runtime = "stepwise"
 
-    def __init__(self, info: ModelInfo, step: OrtModel) -> None:
+    def __init__(self, info: ModelInfo, step: OrtModel, max_steps: int | None = None, halting: bool = True) -> None:
         s = step.info
         for what, mine, theirs in (("weights", info.weights_sha256, s.weights_sha256),
                                    ("precision", info.precision, s.precision),
@@ -334,6 +335,10 @@ class StepwiseModel:
         self.info, self.step = info, step
         self.tokenizer, self.provider, self.note = step.tokenizer, step.provider, step.note
         z_H, z_L, self.n_steps = read_step_metadata(step.session.get_modelmeta().custom_metadata_map, s.path)
+        # The steps share their weights, so the step graph runs as many as asked (more than the model was trained
+        # and exported with: `moe eval` measures what they buy).
+        self.n_steps = max_steps or self.n_steps
+        self.halting = halting
         self.z_init = (z_H, z_L)
         self.counts = StepCounts()
 
@@ -343,16 +348,24 @@ class StepwiseModel:
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
         """Run one right-padded batch (int64 [B, T] each) and return the named outputs as host arrays."""
         return run_stepwise(self.step.run_feeds, self.z_init, self.n_steps, input_ids, attention_mask, outputs,
-                            self.counts)
+                            self.counts, self.halting)
 
 
 def open_model(path: str | os.PathLike, provider: str = "auto", threads: int | None = None,
-               runtime: str = "auto") -> OrtModel | StepwiseModel:
+               runtime: str = "auto", max_steps: int | None = None, halting: bool = True) -> OrtModel | StepwiseModel:
     """The exported model at `path` on ONNX Runtime. runtime "unrolled": its graph; "stepwise": its step graph
     (written beside it by `moe export --stepwise`; an error when there is none); "auto": the step graph when the
-    model has one, else the unrolled graph."""
+    model has one, else the unrolled graph. max_steps (run up to this many steps instead of the exported
+    halt_max_steps) and halting=False (every sample runs every step) need the step graph."""
     if runtime not in RUNTIMES:
         raise MoeError(f"--runtime: expected one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if max_steps is not None and not 1 <= max_steps <= MAX_CYCLES:
+        raise MoeError(f"--max-steps: expected 1..{MAX_CYCLES}, got {max_steps}")
+    if max_steps is not None or not halting:
+        if runtime == "unrolled":
+            raise MoeError("--max-steps / --no-halt: the unrolled graph runs its exported steps with halting as "
+                           "they are; use the step graph (--runtime stepwise, from `moe export --stepwise`)")
+        runtime = "stepwise"
     if runtime == "unrolled":
         return OrtModel(path, provider, threads)
     proto, info = read_model(path)
@@ -369,4 +382,4 @@ def open_model(path: str | os.PathLike, provider: str = "auto", threads: int | N
             missing = f"step graph {step.name} not found: running the unrolled graph (every halting step)"
             model.note = f"{model.note}; {missing}" if model.note else missing
         return model
-    return StepwiseModel(info, OrtModel(step, provider, threads, graph="step"))
+    return StepwiseModel(info, OrtModel(step, provider, threads, graph="step"), max_steps, halting)

@@ -222,14 +222,22 @@ class Server:
 
     @classmethod
     def open(cls, model_path: str | os.PathLike, provider: str = "auto", threads: int | None = None,
-             runtime: str = "auto") -> Server:
+             runtime: str = "auto", max_steps: int | None = None, halting: bool = True) -> Server:
         """Load MODEL.onnx and the tokenizer beside it (both checked); provider "auto" | "cuda" | "cpu"; runtime
-        "auto" (the step graph when the model has one) | "unrolled" | "stepwise" (see the module docstring)."""
-        return cls(open_model(model_path, provider, threads, runtime))
+        "auto" (the step graph when the model has one) | "unrolled" | "stepwise" (see the module docstring).
+        max_steps / halting=False: run up to max_steps steps / ignore the halt head (step graph only)."""
+        return cls(open_model(model_path, provider, threads, runtime, max_steps, halting))
 
     @property
     def info(self) -> ModelInfo:
         return self.model.info
+
+    def steps_note(self) -> str:
+        """' (up to K steps, halt head ignored)' when the steps served differ from the exported ones, else ''."""
+        m = self.model
+        if not isinstance(m, StepwiseModel) or (m.n_steps == m.info.halt_max_steps and m.halting):
+            return ""
+        return f" (serving up to {m.n_steps} steps{'' if m.halting else ', halt head ignored'})"
 
     @property
     def provider(self) -> str:

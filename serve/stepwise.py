@@ -87,10 +87,12 @@ class StepCounts:
 
 
 def run_stepwise(step: StepFn, z_init: tuple[np.ndarray, np.ndarray], n_steps: int, input_ids: np.ndarray,
-                 attention_mask: np.ndarray, outputs: list[str], counts: StepCounts | None = None) -> list[np.ndarray]:
+                 attention_mask: np.ndarray, outputs: list[str], counts: StepCounts | None = None,
+                 halting: bool = True) -> list[np.ndarray]:
     """The named outputs of a batch as the unrolled graph gives them (HALT_STEP included), computed step by step
     with halted samples dropped from the batch (see the module docstring). Every other output name must be a
-    per-sample output of the step graph ([batch, ...]: logits, or an output serve added from them)."""
+    per-sample output of the step graph ([batch, ...]: logits, or an output serve added from them).
+    halting=False ignores the halt head: every sample runs all n_steps (what `moe eval` calls "all K")."""
     B, T = input_ids.shape
     if counts is not None:
         counts.full += B * n_steps
@@ -108,7 +110,7 @@ def run_stepwise(step: StepFn, z_init: tuple[np.ndarray, np.ndarray], n_steps: i
         if counts is not None:
             counts.calls += 1
             counts.rows += len(rows)
-        done = np.ones(len(rows), dtype=bool) if last else got["halt_logit"] > 0
+        done = np.full(len(rows), last) if last or not halting else got["halt_logit"] > 0
         for name in wanted:
             if name not in kept:
                 kept[name] = np.empty((B, *got[name].shape[1:]), dtype=got[name].dtype)

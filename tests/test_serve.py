@@ -500,3 +500,40 @@ def assert_clean_failure(tmp_path: Path, message: str, *args, out_name: str = "o
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], stderr
     assert not out.exists() and not list(tmp_path.glob(f".{out_name}.*"))
+
+
+@pytest.mark.parametrize("max_steps, halting", [(4, True), (4, False), (1, True), (2, False)])
+def test_step_graph_serves_other_step_counts_as_eager_does(exported, max_steps, halting):
+    """--max-steps K / --no-halt: the step graph runs up to K steps (more or fewer than the exported 2), with or
+    without the halt head, and gives what the eager model limited the same way (`moe eval`'s with_steps) gives."""
+    from train.evaluate import with_steps
+
+    run_dir, onnx_path = exported
+    rng = np.random.default_rng(7)
+    ids = rng.integers(0, 300, size=(16, T), dtype=np.int64)
+    mask = np.ones_like(ids)
+    served = Server.open(onnx_path, provider="cpu", threads=1, max_steps=max_steps, halting=halting)
+    assert served.model.runtime == "stepwise" and served.model.n_steps == max_steps
+    logits, halt = served.model.run(ids, mask, ["logits", HALT_STEP])
+    with torch.no_grad():
+        ref = with_steps(load_model(run_dir), max_steps, halting)(torch.from_numpy(ids))
+    assert np.array_equal(halt, ref.halt_step.numpy())
+    if halting and max_steps > 2:
+        assert len(set(halt.tolist())) >= 2  # some samples halt early
+    if not halting:
+        assert (halt == max_steps).all()
+    scale = np.abs(ref.logits.numpy()).max()
+    assert np.abs(logits - ref.logits.numpy()).max() / scale < 1e-4  # the parity tolerance
+    note = served.steps_note()
+    assert (f"up to {max_steps} steps" in note) and (("halt head ignored" in note) == (not halting))
+
+
+def test_other_step_counts_need_the_step_graph(exported, tmp_path):
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"text": "the king"}])
+    assert_clean_failure(tmp_path, "--max-steps / --no-halt: the unrolled graph runs its exported steps", exported[1],
+                         "--input", inp, "--runtime", "unrolled", "--max-steps", "3")
+    assert_clean_failure(tmp_path, "--max-steps / --no-halt: the unrolled graph", exported[1],
+                         "--input", inp, "--runtime", "unrolled", "--no-halt", out_name="b.jsonl")
+    code, stdout, stderr = moe_serve(exported[1], "--input", inp, "--output", tmp_path / "c.jsonl", "--max-steps", "3",
+                                     "--provider", "cpu")
+    assert code == 0 and "halt_max_steps 2 (serving up to 3 steps)" in stdout.splitlines()[0], stderr
