@@ -125,8 +125,9 @@ def serve(model, input_path, output_path, mode, batch_size, provider, runtime, m
     atomic_write(out, write)
     seconds = time.perf_counter() - t0
     s, c = server.stats, server.model.counts
+    of = f"every sample running {server.model.n_steps} steps" if server.steps_note() else "unrolled"
     tail = (f"runtime {server.model.runtime}: {c.rows:,} sample-steps computed ({c.rows / max(1, c.full):.0%} of "
-            f"unrolled) | provider {server.provider} | {seconds:.1f}s -> {out}")
+            f"{of}) | provider {server.provider} | {seconds:.1f}s -> {out}")
     if mode == "solve":
         correct = f" | correct {s.correct}/{s.checked} ({s.correct / s.checked:.1%})" if s.checked else ""
         click.echo(f"solve: {s.sequences} puzzles | valid {s.valid}/{s.sequences} ({s.valid / s.sequences:.1%}, "

@@ -361,7 +361,8 @@ def open_model(path: str | os.PathLike, provider: str = "auto", threads: int | N
         raise MoeError(f"--runtime: expected one of {', '.join(RUNTIMES)}, got {runtime!r}")
     if max_steps is not None and not 1 <= max_steps <= MAX_CYCLES:
         raise MoeError(f"--max-steps: expected 1..{MAX_CYCLES}, got {max_steps}")
-    if max_steps is not None or not halting:
+    steps_option = max_steps is not None or not halting
+    if steps_option:
         if runtime == "unrolled":
             raise MoeError("--max-steps / --no-halt: the unrolled graph runs its exported steps with halting as "
                            "they are; use the step graph (--runtime stepwise, from `moe export --stepwise`)")
@@ -370,12 +371,14 @@ def open_model(path: str | os.PathLike, provider: str = "auto", threads: int | N
         return OrtModel(path, provider, threads)
     proto, info = read_model(path)
     step = info.path.with_name(info.step_graph) if info.step_graph else None
+    asked = "--max-steps / --no-halt" if steps_option else "--runtime stepwise"
     if runtime == "stepwise" and step is None:
-        raise MoeError(f"{info.path}: --runtime stepwise needs the model's step graph, and it was exported without "
-                       "one; export it with `moe export RUN --out MODEL.onnx --stepwise`")
+        raise MoeError(f"{info.path}: {asked} needs the model's step graph, and it was exported without one; "
+                       "export it with `moe export RUN --out MODEL.onnx --stepwise`")
     if runtime == "stepwise" and not step.exists():
+        fallback = "" if steps_option else ", or serve with --runtime unrolled"
         raise MoeError(f"{step}: step graph not found (the model {info.path.name} was exported with it; copy it "
-                       "beside the model, or serve with --runtime unrolled)")
+                       f"beside the model{fallback})")
     if runtime == "auto" and (step is None or not step.exists()):
         model = OrtModel(path, provider, threads, loaded=(proto, info))
         if step is not None:

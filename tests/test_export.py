@@ -55,6 +55,9 @@ def make_run(tmp: Path, seed: int, halt_scale: float, **overrides) -> Path:
                 p.normal_(0.0, 0.5)
         model.halt_head.weight.normal_(0.0, halt_scale)
         model.halt_head.bias.zero_()
+        for name, p in model.named_parameters():
+            if name.endswith("attn_bias"):  # a learned bias that changes who attends to whom
+                p.normal_(0.0, 2.0)
     run = tmp / f"run{seed}"
     save_run(run, model, make_tokenizer_json())
     return run
@@ -76,9 +79,10 @@ def recursive_top2(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def recursive_top1_bidir(tmp_path_factory):
-    """Recursive, bidirectional (padding enters attention and the halting pool), MoE top-1, MoH 2..3 heads; with
-    its step graph (--stepwise)."""
-    return exported(tmp_path_factory, seed=2, stepwise=True, top_k=1, min_heads=2, max_heads=3, causal=False)
+    """Recursive, bidirectional (padding enters attention and the halting pool), MoE top-1, MoH 2..3 heads, a
+    random learned attention bias (attn_bias, masked by the padding); with its step graph (--stepwise)."""
+    return exported(tmp_path_factory, seed=2, stepwise=True, top_k=1, min_heads=2, max_heads=3, causal=False,
+                    attn_bias=True)
 
 
 @pytest.fixture(scope="module")

@@ -537,3 +537,10 @@ def test_other_step_counts_need_the_step_graph(exported, tmp_path):
     code, stdout, stderr = moe_serve(exported[1], "--input", inp, "--output", tmp_path / "c.jsonl", "--max-steps", "3",
                                      "--provider", "cpu")
     assert code == 0 and "halt_max_steps 2 (serving up to 3 steps)" in stdout.splitlines()[0], stderr
+    assert "of every sample running 3 steps)" in stdout.splitlines()[-1]
+    models = tmp_path / "models"
+    models.mkdir()
+    model = damaged_model(exported[1], models, "none")
+    set_metadata_value(model, "step_graph", None)
+    assert_clean_failure(tmp_path, "m.onnx: --max-steps / --no-halt needs the model's step graph, and it was exported "
+                         "without one", model, "--input", inp, "--no-halt", out_name="d.jsonl")

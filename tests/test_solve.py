@@ -243,3 +243,39 @@ def test_eval_refuses_a_directory_that_is_not_a_run(tmp_path):
     result = run_moe(["eval", tmp_path, "--out", tmp_path / "e"], in_process=True)
     assert result.returncode == 2 and ("not a run directory" in result.stderr or "config.json" in result.stderr)
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "e").exists()
+
+
+def test_eval_refuses_before_any_evaluation(sudoku, tiny_run_dir, tmp_path):
+    """Bad outputs and baselines are refused, one line each, before the sweep spends any time; existing outputs
+    need --overwrite."""
+    run = sudoku[0]
+    (tmp_path / "file").write_text("x", encoding="utf-8")
+    cases = [(["--out", tmp_path / "file" / "sub"], "cannot create the output directory"),
+             (["--out", tmp_path / "e", "--baseline", tiny_run_dir], "a 'lm' run; expected the task of"),
+             (["--out", tmp_path / "e", "--baseline", tmp_path / "nothing"], "not a run directory")]
+    if not torch.cuda.is_available():
+        cases.append((["--out", tmp_path / "e", "--device", "cuda"], "--device: 'cuda' requested but no CUDA"))
+    for args, needle in cases:
+        result = run_moe(["eval", run, "--halt-max-steps", "1", *args], in_process=True)
+        assert result.returncode == 2 and needle in result.stderr, (args, result.describe())
+        assert len(result.stderr.strip().splitlines()) == 1 and "K=" not in result.stdout
+        assert not list((tmp_path / "e").glob("*")) if (tmp_path / "e").exists() else True
+    (tmp_path / "e").mkdir(exist_ok=True)
+    (tmp_path / "e" / "eval.md").write_text("old", encoding="utf-8")
+    result = run_moe(["eval", run, "--halt-max-steps", "1", "--out", tmp_path / "e"], in_process=True)
+    assert result.returncode == 2 and "eval.md: exists; pass --overwrite" in result.stderr
+    assert (tmp_path / "e" / "eval.md").read_text(encoding="utf-8") == "old"
+
+
+def test_eval_of_a_language_model_run(tiny_run_dir, tmp_path):
+    """`moe eval` is task-generic: on a language-model run it reports val loss and ppl against K."""
+    out = tmp_path / "lm"
+    result = run_moe(["eval", tiny_run_dir, "--halt-max-steps", "1-2", "--out", out, "--device", "cpu"],
+                     in_process=True)
+    assert result.returncode == 0, result.describe()
+    rows = list(csv.DictReader((out / "eval.csv").open(encoding="utf-8")))
+    assert [(r["halt_max_steps"], r["mode"]) for r in rows] == [("1", "halting"), ("1", "all K"), ("2", "halting"),
+                                                               ("2", "all K")]
+    assert all(float(r["val_loss"]) > 0 and float(r["val_ppl"]) > 1 for r in rows)
+    assert "| val loss | ppl |" in (out / "eval.md").read_text(encoding="utf-8")
+    assert not (out / "test_puzzles.txt").exists() and (out / "eval.png").exists()

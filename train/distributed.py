@@ -12,6 +12,7 @@ a collective, so evaluation runs the same number of forwards on every rank (`Dis
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -186,12 +187,23 @@ def _reduction(key: str) -> str:
     return "mean"
 
 
+def use_cuda(requested_device: str, where: str = "train.device") -> bool:
+    """Device choice "auto" | "cuda" | "cpu": True for CUDA ("auto": where present); a one-line MoeError naming
+    `where` when CUDA is asked for and absent."""
+    if requested_device == "cuda" and not torch.cuda.is_available():
+        raise MoeError(f"{where}: 'cuda' requested but no CUDA device is available (use auto or cpu)")
+    return requested_device == "cuda" or (requested_device == "auto" and torch.cuda.is_available())
+
+
+def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
+    """What training and its evaluations run under: bf16 autocast on CUDA, nothing on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def init_from_env(requested_device: str) -> tuple[Dist, torch.device]:
     """Join the process group torchrun describes (if any) and pick this rank's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = requested_device == "cuda" or (requested_device == "auto" and torch.cuda.is_available())
-    if requested_device == "cuda" and not torch.cuda.is_available():
-        raise MoeError("train.device: 'cuda' requested but no CUDA device is available (use auto or cpu)")
+    cuda = use_cuda(requested_device)
     if world <= 1:
         return Dist(), torch.device("cuda" if cuda else "cpu")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))

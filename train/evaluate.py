@@ -19,7 +19,6 @@ halting row at the trained halt_max_steps).
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import io
@@ -31,13 +30,14 @@ import click
 import torch
 from tokenizers import Tokenizer
 
-from moe_core.checkpoint import CONFIG_FILE, TOKENIZER_FILE, atomic_write_text, load_model, load_run_config
+from moe_core.checkpoint import CONFIG_FILE, TOKENIZER_FILE, atomic_write_text, load_model
 from moe_core.config import MAX_CYCLES
-from moe_core.errors import CheckpointError, ConfigError
+from moe_core.errors import ConfigError, os_reason
 from moe_core.model import RecursiveMoE
 from moe_core.tokenizer import read_tokenizer
 
 from .config import RunConfig
+from .distributed import autocast_for, use_cuda
 from .tasks import Task, make_task
 
 MODES = ("halting", "all K")
@@ -69,11 +69,9 @@ def parse_steps(text: str) -> list[int]:
 
 
 def run_config(run_dir: Path) -> RunConfig:
-    _, saved = load_run_config(run_dir)
-    if not isinstance(saved.get("train"), dict):
-        raise CheckpointError(f"{run_dir / CONFIG_FILE}: no \"train\" section: not a run written by moe train "
-                              f"(its task and held-out set are unknown)")
-    return RunConfig.from_dict({"model": saved["model"], "train": saved["train"]}, str(run_dir / CONFIG_FILE))
+    from .trainer import saved_config  # noqa: PLC0415 - the trainer's loader
+
+    return RunConfig.from_dict(saved_config(run_dir)[1], str(run_dir / CONFIG_FILE))
 
 
 def with_steps(model: RecursiveMoE, k: int, halting: bool) -> RecursiveMoE:
@@ -89,29 +87,36 @@ def with_steps(model: RecursiveMoE, k: int, halting: bool) -> RecursiveMoE:
 
 def sweep(model: RecursiveMoE, task: Task, steps: list[int], device: torch.device,
           log: Any = print) -> list[dict[str, Any]]:
-    """One row per (K, mode): the task's evaluation of the model limited to K steps."""
+    """One row per (K, mode): the task's evaluation of the model limited to K steps (under the trainer's
+    autocast: bf16 on CUDA, so the trained-K halting row is the trainer's evaluation on every device)."""
     rows = []
     for k in steps:
         for mode in MODES:
-            ev = task.evaluate(with_steps(model, k, mode == "halting"), device, contextlib.nullcontext())
+            ev = task.evaluate(with_steps(model, k, mode == "halting"), device, autocast_for(device))
             rows.append({"halt_max_steps": k, "mode": mode, **ev})
             log(f"K={k:>2} {mode:<8} {task.describe(ev)} | mean steps {ev['val_halt_step']:.2f}")
     return rows
 
 
-def baseline_row(base: Path, run: Path, task: Task, device: torch.device) -> dict[str, Any]:
-    """The other run's model (as trained: its own steps and halting) on `task`'s held-out set."""
-    cfg = run_config(base)
-    if cfg.train.task != task.name:
-        raise ConfigError(f"--baseline {base}: a {cfg.train.task!r} run; expected the task of {run} ({task.name!r})")
-    tok_text, _ = read_tokenizer(base / TOKENIZER_FILE, cfg.model.vocab_size)
-    if Tokenizer.from_str(tok_text).get_vocab() != Tokenizer.from_str(task.tokenizer_json).get_vocab():
+def load_baseline(base: Path, run: Path, cfg: RunConfig, device: torch.device) -> RecursiveMoE:
+    """The other run's model, checked to share `run`'s task and vocabulary (before any evaluation is spent)."""
+    base_cfg = run_config(base)
+    if base_cfg.train.task != cfg.train.task:
+        raise ConfigError(f"--baseline {base}: a {base_cfg.train.task!r} run; expected the task of {run} "
+                          f"({cfg.train.task!r})")
+    theirs, _ = read_tokenizer(base / TOKENIZER_FILE, base_cfg.model.vocab_size)
+    mine, _ = read_tokenizer(run / TOKENIZER_FILE, cfg.model.vocab_size)
+    if Tokenizer.from_str(theirs).get_vocab() != Tokenizer.from_str(mine).get_vocab():
         raise ConfigError(f"--baseline {base / TOKENIZER_FILE}: another vocabulary than {run}'s; expected the same "
                           f"tokenizer (the same ids mean the same tokens)")
-    model = load_model(base, device)
+    return load_model(base, device)
+
+
+def baseline_row(model: RecursiveMoE, name: str, task: Task, device: torch.device) -> dict[str, Any]:
+    """The other run's model (as trained: its own steps and halting) on `task`'s held-out set."""
     kind = "recursion off" if not model.config.recursive else f"halt_max_steps {model.config.halt_max_steps}"
-    ev = task.evaluate(model, device, contextlib.nullcontext())
-    return {"halt_max_steps": model.config.n_steps, "mode": f"{BASELINE}: {base.name} ({kind})", **ev}
+    ev = task.evaluate(model, device, autocast_for(device))
+    return {"halt_max_steps": model.config.n_steps, "mode": f"{BASELINE}: {name} ({kind})", **ev}
 
 
 def table(rows: list[dict[str, Any]], task: str, trained: int) -> str:
@@ -166,36 +171,45 @@ def plot(rows: list[dict[str, Any]], task: str, trained: int, title: str, path: 
                    "held-out set: one more row, and a line on the plot.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               help="auto: CUDA where present, else CPU.")
-def eval_(run_dir: str, steps_text: str, out: str | None, baseline_dir: str | None, device: str) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace eval outputs already in --out.")
+def eval_(run_dir: str, steps_text: str, out: str | None, baseline_dir: str | None, device: str,
+          overwrite: bool) -> None:
     """Evaluate RUN_DIR's model on its held-out set for each K = halt_max_steps, with and without halting."""
     run = Path(run_dir)
     steps = parse_steps(steps_text)
     cfg = run_config(run)
-    dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    dev = torch.device("cuda" if use_cuda(device, "--device") else "cpu")
     out_dir = Path(out) if out is not None else run / "eval"
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"--out {out_dir}: exists and is not a directory")
+    names = [*OUTPUTS, PUZZLES_FILE] if cfg.train.task == "sudoku" else list(OUTPUTS)
+    # Everything that can be refused is refused before the evaluations are spent.
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out_dir}: cannot create the output directory ({os_reason(e)})") from None
+    existing = [n for n in names if (out_dir / n).exists()]
+    if existing and not overwrite:
+        raise ConfigError(f"--out {out_dir / existing[0]}: exists; pass --overwrite to replace the eval outputs")
     model = load_model(run, dev)
+    base_model = None if baseline_dir is None else load_baseline(Path(baseline_dir), run, cfg, dev)
     if not model.config.recursive:
         steps = [1]  # the baseline has one pass: K does not apply
     tok_text, _ = read_tokenizer(run / TOKENIZER_FILE, cfg.model.vocab_size)
     task = make_task(cfg, tok_text, click.echo)
     rows = sweep(model, task, steps, dev, click.echo)
-    if baseline_dir is not None:
-        rows.append(baseline_row(Path(baseline_dir), run, task, dev))
+    if base_model is not None:
+        rows.append(baseline_row(base_model, Path(baseline_dir).name, task, dev))
         click.echo(f"{rows[-1]['mode']}: {task.describe(rows[-1])}")
     trained = model.config.halt_max_steps if model.config.recursive else 1
-    out_dir.mkdir(parents=True, exist_ok=True)
     md = table(rows, task.name, trained)
-    atomic_write_text(out_dir / "eval.md", md)
-    atomic_write_text(out_dir / "eval.csv", to_csv(rows))
+    # The plot first: it is the write most likely to fail, and it then leaves no new table beside an old plot.
     plot(rows, task.name, trained, f"{run.name}: {FIGURES[task.name][0][1]} against the steps allowed",
          out_dir / "eval.png")
+    atomic_write_text(out_dir / "eval.csv", to_csv(rows))
+    atomic_write_text(out_dir / "eval.md", md)
     if task.name == "sudoku":
         from moe_core.sudoku import format_grid  # noqa: PLC0415
 
         atomic_write_text(out_dir / PUZZLES_FILE, "".join(
             f"{format_grid(p)} {format_grid(s)}\n" for p, s in zip(task.test_puzzles, task.test_solutions,
                                                                     strict=True)))
-    click.echo(md + f"written: {', '.join(str(out_dir / f) for f in OUTPUTS)}"
-               + (f", {out_dir / PUZZLES_FILE}" if task.name == "sudoku" else ""))
+    click.echo(md + f"written: {', '.join(str(out_dir / n) for n in names)}")

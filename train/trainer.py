@@ -35,7 +35,7 @@ from .checkpointing import (
     save_checkpoint,
 )
 from .config import RunConfig, parse_override
-from .distributed import SINGLE, Dist, full_tensor, init_from_env, parallelize, shutdown
+from .distributed import SINGLE, Dist, autocast_for, full_tensor, init_from_env, parallelize, shutdown
 from .plots import write_plots
 from .schedule import lr_multiplier, warmup_steps
 from .tasks import Task, evaluate, make_task  # noqa: F401 - evaluate: part of this module's API
@@ -296,14 +296,19 @@ def train(cfg: RunConfig, out: str | os.PathLike, overwrite: bool = False) -> di
         shutdown(dist)
 
 
+def saved_config(run_dir: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """A run's config.json (checked: a run that `moe train` wrote) and its [model] and [train] sections."""
+    _, saved = load_run_config(run_dir)
+    if not isinstance(saved.get("train"), dict):
+        raise CheckpointError(f"{run_dir / CONFIG_FILE}: no \"train\" section: not a run written by moe train")
+    return saved, {"model": saved["model"], "train": dict(saved["train"])}
+
+
 def resume(run_dir: str | os.PathLike, overrides: list[str] = ()) -> dict[str, Any]:
     """Continue the run in `run_dir` from its newest checkpoint, exactly as if it had never stopped."""
     run_dir = Path(run_dir)
-    _, saved = load_run_config(run_dir)
+    saved, sections = saved_config(run_dir)
     config_path = run_dir / CONFIG_FILE
-    if not isinstance(saved.get("train"), dict):
-        raise CheckpointError(f"{config_path}: no \"train\" section: not a run written by moe train")
-    sections = {"model": saved["model"], "train": dict(saved["train"])}
     for item in overrides:
         section, key, value = parse_override(item)
         if section != "train" or key not in RESUMABLE:
@@ -369,8 +374,7 @@ class Trainer:
         self.groups = {**model.param_groups(), "halt": list(model.halt_head.parameters())}
         self.groups["router"] = [p for p in self.groups["router"] if not any(p is q for q in predictor)]
         self.groups["predictor"] = predictor
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                         else contextlib.nullcontext())
+        self.autocast = autocast_for(device)
         self.warmup = warmup_steps(tc.max_steps, tc.warmup_frac)
 
     def run(self, state: LoopState, resumed: bool = False) -> dict[str, Any]:
