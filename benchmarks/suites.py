@@ -181,14 +181,8 @@ def training(cfg: ModelConfig, tc: TrainConfig, batch: int, warmup: int, repeats
 # -----------------------------------------------------------------------------
 # MoE dispatch: dense (every expert on every token) vs sparse (each expert on its own tokens)
 
-DISPATCH_OPTION = "moe_dispatch"  # the ModelConfig field that chooses the dispatch
+DISPATCH_MODES = ("dense", "sparse")  # ModelConfig.moe_dispatch's implementations ("auto" picks one of them)
 DISPATCH_PATHS = ("eager", "ort", "ort_int8", "train_eager", "train_compiled")  # the timings of each mode
-
-
-def dispatch_modes() -> tuple[str, ...]:
-    """The MoE dispatch implementations this checkout has: dense only, until ModelConfig gets `moe_dispatch`."""
-    names = {f.name for f in dataclasses.fields(ModelConfig)}
-    return ("dense", "sparse") if DISPATCH_OPTION in names else ("dense",)
 
 
 class MoELayer(torch.nn.Module):
@@ -246,9 +240,9 @@ def dispatch_setting(cfg: ModelConfig, batch: int, seq: int, warmup: int, repeat
     from torch._dynamo.utils import counters
 
     layers, state = {}, None
-    for mode in dispatch_modes():
+    for mode in DISPATCH_MODES:
         torch.manual_seed(0)
-        ffn = RecursiveMoE(dataclasses.replace(cfg, **{DISPATCH_OPTION: mode})).net.blocks[0].ffn
+        ffn = RecursiveMoE(dataclasses.replace(cfg, moe_dispatch=mode)).net.blocks[0].ffn
         if state is None:
             state = ffn.state_dict()  # initialised as the model initialises it
         else:
@@ -291,7 +285,7 @@ def dispatch_setting(cfg: ModelConfig, batch: int, seq: int, warmup: int, repeat
     graphs_before = counters["stats"]["unique_graphs"]
     timings["train_compiled"] = measure(compiled, warmup, repeats)
     out: dict[str, Any] = {"n_experts": cfg.n_experts, "top_k": cfg.top_k, "modes": list(layers),
-                           "auto": resolve_moe_dispatch(dataclasses.replace(cfg, **{DISPATCH_OPTION: "auto"})),
+                           "auto": resolve_moe_dispatch(dataclasses.replace(cfg, moe_dispatch="auto")),
                            "recompiles_after_first_call": counters["stats"]["unique_graphs"] - graphs_before}
     for path, ts in timings.items():
         dense = ts["dense"]
@@ -313,7 +307,7 @@ def moe_dispatch(cfg: ModelConfig, batch: int, seq: int, warmup: int, repeats: i
     out: dict[str, Any] = {"batch": batch, "seq": seq, "backend": backend, "paths": list(DISPATCH_PATHS),
                            "settings": rows, "sparse_vs_dense": None, "headline": None}
     head = next((r for r in rows if (r["n_experts"], r["top_k"]) == (8, 2)), None)
-    if head is not None and "sparse" in head["modes"]:
+    if head is not None:
         worst = min(DISPATCH_PATHS, key=lambda p: head[p]["sparse"]["vs_dense"])
         out["sparse_vs_dense"], out["headline"] = head[worst]["sparse"]["vs_dense"], f"8 experts top-2, {worst}"
     return out

@@ -10,7 +10,6 @@ import math
 from benchmarks.cli import MODES, run
 from benchmarks.flops import Routing, executed_flops_per_token, model_flops_per_token
 from benchmarks.report import RATIO_KEYS, table
-from benchmarks.suites import dispatch_modes
 
 
 def test_smoke_run_writes_every_ratio(tmp_path):
@@ -21,10 +20,7 @@ def test_smoke_run_writes_every_ratio(tmp_path):
 
     assert list(r["ratios"]) == list(RATIO_KEYS)
     for key, t in r["ratios"].items():
-        if key == "moe_sparse_vs_dense" and "sparse" not in dispatch_modes():
-            assert t["value"] is None and "moe_dispatch" in t["pending"]  # ready for the option, not faking it
-        else:
-            assert t["value"] is not None and math.isfinite(t["value"]) and t["value"] > 0, key
+        assert t["value"] is not None and math.isfinite(t["value"]) and t["value"] > 0, key
     for key in ("cpu", "physical_cores", "torch", "onnxruntime", "onnx", "torch_threads", "ort_intra_op_threads"):
         assert r["machine"][key], key
     for factor, f in r["scaling"]["factors"].items():
