@@ -334,10 +334,10 @@ class StepwiseModel:
                                "export both again with `moe export RUN --stepwise`")
         self.info, self.step = info, step
         self.tokenizer, self.provider, self.note = step.tokenizer, step.provider, step.note
-        z_H, z_L, self.n_steps = read_step_metadata(step.session.get_modelmeta().custom_metadata_map, s.path)
+        z_H, z_L, exported = read_step_metadata(step.session.get_modelmeta().custom_metadata_map, s.path)
         # The steps share their weights, so the step graph runs as many as asked (more than the model was trained
         # and exported with: `moe eval` measures what they buy).
-        self.n_steps = max_steps or self.n_steps
+        self.n_steps = max_steps or exported
         self.halting = halting
         self.z_init = (z_H, z_L)
         self.counts = StepCounts()

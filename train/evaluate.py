@@ -98,15 +98,14 @@ def sweep(model: RecursiveMoE, task: Task, steps: list[int], device: torch.devic
     return rows
 
 
-def load_baseline(base: Path, run: Path, cfg: RunConfig, device: torch.device) -> RecursiveMoE:
+def load_baseline(base: Path, run: Path, cfg: RunConfig, tokenizer_json: str, device: torch.device) -> RecursiveMoE:
     """The other run's model, checked to share `run`'s task and vocabulary (before any evaluation is spent)."""
     base_cfg = run_config(base)
     if base_cfg.train.task != cfg.train.task:
         raise ConfigError(f"--baseline {base}: a {base_cfg.train.task!r} run; expected the task of {run} "
                           f"({cfg.train.task!r})")
     theirs, _ = read_tokenizer(base / TOKENIZER_FILE, base_cfg.model.vocab_size)
-    mine, _ = read_tokenizer(run / TOKENIZER_FILE, cfg.model.vocab_size)
-    if Tokenizer.from_str(theirs).get_vocab() != Tokenizer.from_str(mine).get_vocab():
+    if Tokenizer.from_str(theirs).get_vocab() != Tokenizer.from_str(tokenizer_json).get_vocab():
         raise ConfigError(f"--baseline {base / TOKENIZER_FILE}: another vocabulary than {run}'s; expected the same "
                           f"tokenizer (the same ids mean the same tokens)")
     return load_model(base, device)
@@ -190,10 +189,10 @@ def eval_(run_dir: str, steps_text: str, out: str | None, baseline_dir: str | No
     if existing and not overwrite:
         raise ConfigError(f"--out {out_dir / existing[0]}: exists; pass --overwrite to replace the eval outputs")
     model = load_model(run, dev)
-    base_model = None if baseline_dir is None else load_baseline(Path(baseline_dir), run, cfg, dev)
+    tok_text, _ = read_tokenizer(run / TOKENIZER_FILE, cfg.model.vocab_size)
+    base_model = None if baseline_dir is None else load_baseline(Path(baseline_dir), run, cfg, tok_text, dev)
     if not model.config.recursive:
         steps = [1]  # the baseline has one pass: K does not apply
-    tok_text, _ = read_tokenizer(run / TOKENIZER_FILE, cfg.model.vocab_size)
     task = make_task(cfg, tok_text, click.echo)
     rows = sweep(model, task, steps, dev, click.echo)
     if base_model is not None:

@@ -95,8 +95,7 @@ def compile_blocks(model: RecursiveMoE, backend: str = "inductor") -> None:
 class StepResult:
     out: ModelOutput  # the forward pass's output (its stats are logged)
     parts: dict[str, torch.Tensor]  # the loss's parts, detached
-    total_norm: torch.Tensor  # the global gradient norm before clipping
-    grad_norm: float  # the same, as a number
+    grad_norm: float  # the global gradient norm before clipping
     loss_value: float
     updated: bool  # False: `decide` said no, the optimizer did not step (the gradients are left as they are)
 
@@ -119,15 +118,14 @@ def train_step(forward: Callable[[torch.Tensor], ModelOutput], optimizer: torch.
         loss, parts = loss_fn(out, y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    # FSDP: the gradients are DTensor pieces; the norm is the global one, as a plain tensor
-    total_norm = full_tensor(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+    total_norm = _grad_norm(params)  # FSDP: the global norm of the DTensor pieces, as a plain tensor
     grad_norm, loss_value = float(total_norm), float(parts["loss"])
     updated = decide(loss_value, grad_norm)
     if updated:
         if grad_clip > 0:
             torch.nn.utils.clip_grads_with_norm_(params, grad_clip, total_norm)
         optimizer.step()
-    return StepResult(out, parts, total_norm, grad_norm, loss_value, updated)
+    return StepResult(out, parts, grad_norm, loss_value, updated)
 
 
 class MetricsLog:
