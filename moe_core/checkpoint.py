@@ -26,8 +26,9 @@ import contextlib
 import errno
 import json
 import os
+import signal
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,14 +52,16 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def check_output(path: str | os.PathLike, overwrite: bool) -> Path:
+def check_output(path: str | os.PathLike, overwrite: bool, option: str = "this output") -> Path:
     """Refuse an output file path before any work is done: an existing file (unless `overwrite`), a directory,
-    a missing or unwritable (read-only) parent directory."""
+    a missing or unwritable (read-only) parent directory, or a file the running command reads (see
+    check_not_inputs: an output never aliases an input, whatever `overwrite` says)."""
     path = Path(path)
     if path.is_dir():
         raise MoeError(f"{path}: is a directory; expected the path of a file to write")
     if path.exists() and not path.is_file():  # a device or a pipe: a rename would replace it, not write to it
         raise MoeError(f"{path}: not a regular file (a device, pipe or socket); expected the path of a file to write")
+    check_not_inputs([path], option=option)
     if (path.exists() or path.is_symlink()) and not overwrite:
         raise MoeError(f"{path}: already exists (pass --overwrite to replace it)")
     if not path.parent.is_dir():
@@ -70,15 +73,124 @@ def check_output(path: str | os.PathLike, overwrite: bool) -> Path:
     return path
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call write(tmp_path) on a temp file beside `path`, fsync it, then rename it over `path`.
+# -----------------------------------------------------------------------------
+# outputs never alias inputs
+#
+# A command must not write over a file it reads: `moe serve M.onnx --output M.onnx --overwrite` would replace the
+# model with JSONL, `moe export RUN --out RUN/model.safetensors --overwrite` the run's weights. Two paths alias
+# when they resolve to the same path (symlinks, `..`) or, when both exist, are the same file (st_dev, st_ino:
+# a hard link, or a symlink to it). Commands name their inputs explicitly (check_not_inputs(outputs, inputs));
+# within a command run by moe_core.cli.run, the files read through note_inputs (load_model, the served model
+# and its input) are also refused by check_output and, at the last moment, by atomic_write, so a command that
+# forgets the explicit check still cannot replace what it read.
 
-    A reader sees the old file or the complete new one, never a torn one; on failure nothing is left. An I/O
-    error (a full disk, a read-only directory) becomes a one-line MoeError naming `path` and the reason.
+_command_inputs: list[tuple[Path, str]] | None = None  # (path, what) read by the running command; None: no command
+
+
+@contextlib.contextmanager
+def command_inputs() -> Iterator[None]:
+    """The scope of one command (moe_core.cli.run): note_inputs records into it; nested scopes share the outer."""
+    global _command_inputs
+    outer = _command_inputs
+    if outer is None:
+        _command_inputs = []
+    try:
+        yield
+    finally:
+        _command_inputs = outer
+
+
+Inputs = Iterable[str | os.PathLike | tuple[str | os.PathLike, str]]  # paths, or (path, what it is) pairs
+
+
+def _pairs(inputs: Inputs, what: str = "an input of this command") -> list[tuple[Path, str]]:
+    return [(Path(i[0]), i[1]) if isinstance(i, tuple) else (Path(i), what) for i in inputs]
+
+
+def note_inputs(inputs: Inputs, what: str = "an input of this command") -> None:
+    """Record files the running command reads, so that no output of it may alias them (no-op outside a command)."""
+    if _command_inputs is not None:
+        _command_inputs.extend(_pairs(inputs, what))
+
+
+def _identity(path: Path) -> tuple[Path, tuple[int, int] | None]:
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: compared as written
+        resolved = Path(os.path.abspath(path))
+    try:
+        st = os.stat(path)
+        return resolved, (st.st_dev, st.st_ino)
+    except OSError:
+        return resolved, None
+
+
+def check_not_inputs(outputs: Iterable[str | os.PathLike], inputs: Inputs = (), option: str = "this output") -> None:
+    """MoeError naming the first output that is one of `inputs` or of the files the running command noted
+    (note_inputs): the same resolved path, or the same existing file. `option` names the output in the message."""
+    known = [(p, what, *_identity(p)) for p, what in _pairs(inputs) + (_command_inputs or [])]
+    if not known:
+        return
+    for out in map(Path, outputs):
+        resolved, ident = _identity(out)
+        for p, what, r, i in known:
+            if resolved == r or (ident is not None and ident == i):
+                same = "" if out == p else f" {p}"
+                raise MoeError(f"{out}: {option} is {what}{same}; expected a file that is not an input of this "
+                               "command (--overwrite does not change this)")
+
+
+def run_files(run_dir: str | os.PathLike) -> list[Path]:
+    """The files of a run directory its readers depend on: config, weights (whole or sharded), tokenizer and
+    every file under trainer_state/ (the checkpoints)."""
+    run_dir = Path(run_dir)
+    files = [run_dir / CONFIG_FILE, run_dir / WEIGHTS_FILE, run_dir / TOKENIZER_FILE, run_dir / SHARD_INDEX,
+             *run_dir.glob(SHARD_FILES)]
+    state = run_dir / "trainer_state"
+    if state.is_dir():
+        files += [p for p in state.rglob("*") if not p.is_dir()]
+    return files
+
+
+# -----------------------------------------------------------------------------
+# atomic, exclusive writes
+
+
+def _commit(tmp: str, path: Path, overwrite: bool) -> None:
+    """Move the finished temp file to `path`. overwrite: os.replace. Otherwise exclusively: os.link fails when
+    `path` exists, so a file another process created after check_output is never replaced (and the temp file is
+    then removed by the caller). A filesystem without hard links falls back to check-then-replace."""
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise MoeError(f"{path}: already exists (another process created it while this one ran; pass --overwrite "
+                       "to replace it); nothing was written") from None
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.EXDEV):
+            raise
+        if path.exists() or path.is_symlink():
+            raise MoeError(f"{path}: already exists (another process created it while this one ran; pass "
+                           "--overwrite to replace it); nothing was written") from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], overwrite: bool = True) -> None:
+    """Call write(tmp_path) on a temp file beside `path`, fsync it, then move it to `path`: over an existing file
+    with `overwrite`, else only if `path` still does not exist (see _commit).
+
+    A reader sees the old file or the complete new one, never a torn one; on failure (an interrupting signal
+    included) nothing is left. An I/O error (a full disk, a read-only directory) becomes a one-line MoeError
+    naming `path` and the reason. Within a command, a `path` that aliases a file the command read is refused.
     """
     path = Path(path)
     if not path.parent.is_dir():
         raise MoeError(f"{path.parent}: output directory does not exist")
+    check_not_inputs([path])
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -87,7 +199,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 (and some writers recreate the file)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        check_not_inputs([path])
+        # The move is not interrupted half-way by SIGINT / SIGTERM: their handlers run after it.
+        with _signals_deferred():
+            _commit(tmp, path, overwrite)
+            tmp = None
     except BaseException as e:
         if tmp is not None:
             with contextlib.suppress(OSError):
@@ -97,8 +213,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         raise
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    blocked = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, blocked) if hasattr(signal, "pthread_sigmask") else None
+    try:
+        yield
+    finally:
+        if old is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = True) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), overwrite)
 
 
 def save_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
@@ -285,7 +412,9 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
 
 
 def load_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> RecursiveMoE:
-    """The eval-mode model of a run directory. `model.config` is its ModelConfig."""
+    """The eval-mode model of a run directory. `model.config` is its ModelConfig. Within a command, the run's
+    files become its inputs (note_inputs): no output of the command may replace them."""
+    note_inputs(run_files(run_dir), f"a file of the run {run_dir}")
     cfg, _ = load_run_config(run_dir)
     path = weights_path(run_dir)
     state = read_weights(path)

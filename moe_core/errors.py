@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 
 
 class MoeError(Exception):
@@ -36,3 +37,13 @@ def os_reason(e: BaseException) -> str:
 def is_io_error(e: BaseException) -> bool:
     """An OSError, or a Rust library's error that wraps one ("... I/O error: ... (os error N)")."""
     return isinstance(e, OSError) or bool(_RUST_OS_ERROR.search(str(e)))
+
+
+class Interrupted(BaseException):
+    """SIGINT / SIGTERM arrived while a command ran (moe_core.cli): a BaseException, so that no `except Exception`
+    swallows it and every cleanup on the way out (atomic_write's temp files) runs."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+        super().__init__(f"interrupted by {self.name}")

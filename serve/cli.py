@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -10,7 +11,18 @@ import click
 
 from moe_core.cli import run
 
-CHUNK_BATCHES = 64  # records read at a time = CHUNK_BATCHES * batch_size: bounded memory, good length sorting
+CHUNK_BATCHES = 64  # records read at a time = CHUNK_BATCHES * rows per pass: bounded memory, good length sorting
+
+
+def finite(expected: str, ok):
+    """A click callback: the float option must be finite and satisfy ok (click's FloatRange lets inf and nan by)."""
+
+    def check(ctx: click.Context, param: click.Parameter, value: float) -> float:
+        if not (math.isfinite(value) and ok(value)):
+            raise click.BadParameter(f"expected {expected}, got {value}", ctx, param)
+        return value
+
+    return check
 
 
 @click.command(context_settings={"show_default": True})
@@ -23,7 +35,10 @@ CHUNK_BATCHES = 64  # records read at a time = CHUNK_BATCHES * batch_size: bound
               help="JSONL results, one object per input record, in input order.")
 @click.option("--mode", type=click.Choice(["score", "generate", "solve"]), default="score",
               help="score / generate: a language model (task lm); solve: a Sudoku model (task sudoku).")
-@click.option("--batch-size", default=32, type=click.IntRange(1), help="Rows per forward pass.")
+@click.option("--batch-size", default=32, type=click.IntRange(1),
+              help="Rows per forward pass, at most the model's memory budget allows: rows x max_seq_len x "
+                   "(halt_max_steps x vocab + heads x max_seq_len + experts x d_expert + 8 x d_model) <= 2^26 "
+                   "activation elements (a note says when --batch-size is cut). Results never depend on it.")
 @click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto",
               help="auto: CUDA when onnxruntime-gpu and a GPU are present, else CPU.")
 @click.option("--runtime", type=click.Choice(["auto", "unrolled", "stepwise"]), default="auto",
@@ -37,18 +52,20 @@ CHUNK_BATCHES = 64  # records read at a time = CHUNK_BATCHES * batch_size: bound
 @click.option("--halt/--no-halt", "halting", default=True,
               help="--no-halt (step graph only): ignore the halt head, every sample runs every step.")
 @click.option("--threads", type=click.IntRange(1), default=None,
-              help="CPU intra-op threads. [default: physical cores]")
+              help="CPU intra-op threads, at most the CPUs this process may use (a note says when cut). "
+                   "[default: physical cores]")
 @click.option("--stride", type=click.IntRange(1), default=None,
               help="score: sliding-window stride for texts longer than the model's max_seq_len. "
                    "[default: max_seq_len / 2]")
 @click.option("--token-logprobs", is_flag=True, help="score: also write each scored token's log-prob.")
 @click.option("--max-new-tokens", default=64, type=click.IntRange(1), help="generate: tokens to add at most.")
-@click.option("--temperature", default=0.0, type=click.FloatRange(0), help="generate: 0 = greedy.")
+@click.option("--temperature", default=0.0, type=float, callback=finite("a finite number >= 0", lambda v: v >= 0),
+              help="generate: 0 = greedy.")
 @click.option("--top-k", default=0, type=click.IntRange(0), help="generate: sample from the k likeliest (0 = all).")
-@click.option("--top-p", default=1.0, type=click.FloatRange(0, 1, min_open=True),
+@click.option("--top-p", default=1.0, type=float, callback=finite("a number in (0, 1]", lambda v: 0 < v <= 1),
               help="generate: sample from the smallest set of tokens with this much probability.")
-@click.option("--seed", default=0, type=int, help="generate: sampling seed (a sample's draws depend on the seed "
-                                                   "and its position in the input only).")
+@click.option("--seed", default=0, type=click.IntRange(0),
+              help="generate: sampling seed (a sample's draws depend on the seed and its position in the input only).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output file.")
 def serve(model, input_path, output_path, mode, batch_size, provider, runtime, max_steps, halting, threads, stride,
           token_logprobs, max_new_tokens, temperature, top_k, top_p, seed, overwrite) -> None:
@@ -73,22 +90,33 @@ def serve(model, input_path, output_path, mode, batch_size, provider, runtime, m
     run one supervision step at a time and each sample leaves the batch at the step it halts, with the same results
     as the unrolled graph (--runtime unrolled), which runs every step for every sample.
 
-    Inputs are read in chunks of 64 batches, each sorted by length so that padding is small. Every line is
-    checked before any compute (a mode the model's task does not serve is refused first); the output is written
-    to a temp file beside --output and renamed at the end, so a failed run leaves nothing behind.
+    Inputs are streamed in chunks of 64 batches (and at most 32 MiB of text), each sorted by length so that padding
+    is small. Every line is checked before any compute (a mode the model's task does not serve is refused first);
+    a missing "id" is the line number, so lines without "id" and numeric ids do not mix. The output is written to
+    a temp file beside --output and moved into place at the end (without --overwrite only if --output still does
+    not exist), so a failed or interrupted run leaves nothing behind. --output may not be the input or any file of
+    the model (its tokenizer, its step graph), with or without --overwrite.
     """
-    from moe_core.checkpoint import atomic_write, check_output
-    from moe_core.errors import MoeError
+    from moe_core.checkpoint import atomic_write, check_not_inputs, check_output, note_inputs
 
     from .jsonl import EXPECTED, PUZZLE_EXPECTED, chunked, count_records, read_puzzles, read_records
+    from .runtime import usable_cpus
     from .server import Server
 
-    out, inp = check_output(output_path, overwrite), Path(input_path)
-    if inp.exists() and out.exists() and out.samefile(inp):
-        raise MoeError(f"{out}: --output is the --input file")
+    inp = Path(input_path)
+    note_inputs([(inp, "the --input file"), (Path(model), "the model")])
+    out = check_output(output_path, overwrite, "--output")
+    if threads is not None and threads > usable_cpus():
+        click.echo(f"note: --threads {threads}: using {usable_cpus()}, the CPUs this process may use", err=True)
     server = Server.open(model, provider=provider, threads=threads, runtime=runtime, max_steps=max_steps,
                          halting=halting)
+    note_inputs(server.files())
+    check_not_inputs([out], option="--output")
     server.require_task(mode)
+    rows = server.batch_rows(batch_size)
+    if rows < batch_size:
+        click.echo(f"note: --batch-size {batch_size}: {rows} rows per forward pass, the most this model's memory "
+                   "budget allows (see --help)", err=True)
     read, expected = (read_puzzles, PUZZLE_EXPECTED) if mode == "solve" else (read_records, EXPECTED)
     n_records = count_records(inp, read, expected)  # every record checked before any compute is spent
     if mode == "score":
@@ -108,21 +136,22 @@ def serve(model, input_path, output_path, mode, batch_size, provider, runtime, m
         done = 0
         unit = "puzzle" if mode == "solve" else "seq"
         with open(tmp, "w", encoding="utf-8") as f, tqdm(total=n_records, unit=unit, desc=mode) as bar:
-            for chunk in chunked(read(inp), CHUNK_BATCHES * batch_size):
+            weight = (lambda r: 0) if mode == "solve" else (lambda r: len(r.text))
+            for chunk in chunked(read(inp), CHUNK_BATCHES * rows, weight):
                 if mode == "solve":
-                    results = server.solve([r.puzzle for r in chunk], [r.solution for r in chunk], batch_size,
+                    results = server.solve([r.puzzle for r in chunk], [r.solution for r in chunk], rows,
                                            progress=bar.update)
                 elif mode == "score":
-                    results = server.score([r.text for r in chunk], batch_size, token_logprobs, stride,
+                    results = server.score([r.text for r in chunk], rows, token_logprobs, stride,
                                            progress=bar.update)
                 else:
                     results = server.generate([r.text for r in chunk], max_new_tokens, temperature, top_k, top_p,
-                                              seed, batch_size, first_index=done, progress=bar.update)
+                                              seed, rows, first_index=done, progress=bar.update)
                 for rec, res in zip(chunk, results, strict=True):
                     f.write(json.dumps({"id": rec.id, **res.as_record()}, ensure_ascii=False) + "\n")
                 done += len(chunk)
 
-    atomic_write(out, write)
+    atomic_write(out, write, overwrite)
     seconds = time.perf_counter() - t0
     s, c = server.stats, server.model.counts
     of = f"every sample running {server.model.n_steps} steps" if server.steps_note() else "unrolled"

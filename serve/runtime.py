@@ -30,7 +30,8 @@ transformer fusions do not match a custom MoE/MoH graph, but nothing is lost by 
 physical cores (a second hyper-thread on the same core only contends for the same FMA units), one inter-op
 thread with ORT_SEQUENTIAL execution (the graph is one long chain of dependent ops: parallel branches are
 tiny, and inter-op threads would compete with the intra-op pool), intra-op workers that sleep when idle
-instead of spinning (session_options: measured). `--threads` overrides the intra-op count.
+instead of spinning (session_options: measured). `--threads` overrides the intra-op count, up to the CPUs the
+process may use (intra_op_threads).
 
 Verifying the CUDA path on a GPU machine (it cannot run on the CPU-only CI):
     pip install "moe[gpu]"        # onnxruntime-gpu replaces onnxruntime; needs CUDA 13 + cuDNN 9
@@ -113,9 +114,20 @@ def resolve_provider(requested: str, tried: list[Any], session_providers: list[s
     return "cpu", None
 
 
+def usable_cpus() -> int:
+    """Logical CPUs this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def intra_op_threads(threads: int | None) -> int:
+    """The intra-op thread count: `threads` cut to usable_cpus() (more threads than CPUs only contend, and a huge
+    count makes ONNX Runtime spend minutes creating them), or physical_cores() when None."""
+    return physical_cores() if threads is None else max(1, min(int(threads), usable_cpus()))
+
+
 def physical_cores() -> int:
     """Physical cores this process may use (hyper-threads of one core count once)."""
-    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    logical = usable_cpus()
     try:
         cores, phys = set(), None
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -138,7 +150,7 @@ def session_options(threads: int | None):
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.intra_op_num_threads = threads or physical_cores()
+    opts.intra_op_num_threads = intra_op_threads(threads)
     opts.inter_op_num_threads = 1
     # Idle intra-op workers sleep instead of spinning (ORT's default spins): on a machine whose cores other work
     # also uses, the spinning workers took the cores they waited for. Measured here (2 threads, other jobs
@@ -280,7 +292,7 @@ class OrtModel:
         providers = choose_providers(provider, available)
         if CUDA_EP in available and provider != "cpu" and hasattr(ort, "preload_dlls"):
             ort.preload_dlls()  # CUDA / cuDNN from the pip nvidia-* packages, when that is how they were installed
-        self.threads = threads or physical_cores()
+        self.threads = intra_op_threads(threads)
         try:
             self.session = ort.InferenceSession(proto.SerializeToString(), sess_options=session_options(self.threads),
                                                 providers=providers)

@@ -36,7 +36,13 @@ early. runtime="auto" takes the step graph when there is one. `server.model.coun
 
 Batching. Work is sorted by length (longest first) and cut into batches of batch_size rows, right-padded with
 attention_mask = 0, so padding stays small; results come back in input order. Finished generations leave their
-batch, so the remaining ones do not pay for them.
+batch, so the remaining ones do not pay for them. A forward pass holds at most MAX_BATCH_ELEMENTS activation
+elements, estimated per row as max_seq_len x (halt_max_steps x vocab_size + n_heads x max_seq_len + n_experts x
+d_expert + 8 x d_model) — the logits of every unrolled halting step, the attention scores, the experts' hidden
+units and the block's own vectors: a larger batch_size is cut to `Server.max_batch_rows` rows, so memory stays
+bounded whatever batch_size is asked (results never depend on the batch size).
+
+Arguments are checked before any work: a wrong type or value is a MoeError naming the argument.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -55,6 +62,12 @@ from moe_core.errors import MoeError
 
 from .graph import LAST_LOGITS, TOKEN_LOGPROBS
 from .runtime import HALT_STEP, LOGITS, SUDOKU_VOCAB, ModelInfo, OrtModel, StepwiseModel, open_model
+
+# Activation elements one forward pass may hold (see "Batching" above): 2^26 float32 = 256 MiB per estimated
+# tensor slot. The estimate undercounts what ONNX Runtime keeps alive (measured on the tiny test model: ~3.6k
+# floats per position against 748 estimated), so the real peak is a few GiB at most; the default preset (2048 x
+# 128, 3 steps) still runs 60 rows, above the default batch of 32.
+MAX_BATCH_ELEMENTS = 2**26
 
 Progress = Callable[[int], Any]  # called with the number of input texts a batch has finished
 MODE_TASK = {"score": "lm", "generate": "lm", "solve": "sudoku"}  # what each mode serves
@@ -195,18 +208,94 @@ def to_grid(value: str | np.ndarray, where: str) -> np.ndarray:
     """A puzzle or solution as uint8 [81]: parsed from 81 characters, or checked (81 integers 0-9)."""
     if isinstance(value, str):
         return S.parse_grid(value, where)
-    return S.parse_grid(S.format_grid(np.asarray(value)), where)
+    expected = f"expected 81 characters or 81 integers 0-9 ({S.CELLS} cells)"
+    if value is None or isinstance(value, (bytes, dict, set)):
+        raise MoeError(f"{where}: {expected}, got {type(value).__name__}")
+    try:
+        grid = np.asarray(value)
+    except (TypeError, ValueError):
+        raise MoeError(f"{where}: {expected}, got {type(value).__name__}") from None
+    if grid.shape != (S.CELLS,) or grid.dtype.kind not in "iu" or grid.min() < 0 or grid.max() > 9:
+        got = f"shape {grid.shape} of {grid.dtype}" if grid.dtype.kind in "iub" else f"{grid.dtype} values"
+        raise MoeError(f"{where}: {expected}, got {got}")
+    return grid.astype(np.uint8)
 
 
-def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
-    if max_new_tokens < 1:
-        raise MoeError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
-    if not temperature >= 0:
-        raise MoeError(f"temperature: expected >= 0 (0 = greedy), got {temperature}")
-    if top_k < 0:
-        raise MoeError(f"top_k: expected >= 0 (0 = no limit), got {top_k}")
-    if not 0 < top_p <= 1:
-        raise MoeError(f"top_p: expected a value in (0, 1], got {top_p}")
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_int(name: str, value: Any, minimum: int, note: str = "") -> int:
+    """`value` as an int >= minimum (a bool is not an integer here); MoeError naming `name` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise MoeError(f"{name}: expected an integer >= {minimum}{note}, got {type(value).__name__} {_shown(value)}")
+    if value < minimum:
+        raise MoeError(f"{name}: expected an integer >= {minimum}{note}, got {value}")
+    return int(value)
+
+
+def check_float(name: str, value: Any, expected: str, ok: Callable[[float], bool]) -> float:
+    """`value` as a finite float with ok(value); MoeError naming `name` and `expected` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise MoeError(f"{name}: expected {expected}, got {type(value).__name__} {_shown(value)}")
+    value = float(value)
+    if not (math.isfinite(value) and ok(value)):
+        raise MoeError(f"{name}: expected {expected}, got {value}")
+    return value
+
+
+def check_texts(texts: Any, name: str = "texts") -> list[str]:
+    """A list of strings, from any sequence or iterable of str (a bare string is refused: wrap it in a list)."""
+    if isinstance(texts, (str, bytes)):
+        raise MoeError(f"{name}: expected a list of strings, got a single {type(texts).__name__} (wrap it in a list)")
+    try:
+        items = list(texts)
+    except TypeError:
+        raise MoeError(f"{name}: expected a list of strings, got {type(texts).__name__}") from None
+    for i, t in enumerate(items):
+        if not isinstance(t, str):
+            raise MoeError(f"{name}[{i}]: expected a string, got {type(t).__name__} {_shown(t)}")
+    return items
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int = 0) -> None:
+    check_int("max_new_tokens", max_new_tokens, 1)
+    check_float("temperature", temperature, "a finite number >= 0 (0 = greedy)", lambda v: v >= 0)
+    check_int("top_k", top_k, 0, " (0 = no limit)")
+    check_float("top_p", top_p, "a number in (0, 1]", lambda v: 0 < v <= 1)
+    check_int("seed", seed, 0)
+
+
+def _grid_list(value: Any, name: str) -> list[Any]:
+    """Puzzles or solutions as a list: a sequence of them, or an array [N, 81]; a bare string is refused."""
+    if isinstance(value, (str, bytes)):
+        raise MoeError(f"{name}: expected a list of grids (81-character strings or 81 integers 0-9) or an array "
+                       f"[N, 81], got a single {type(value).__name__} (wrap it in a list)")
+    if isinstance(value, np.ndarray):
+        if value.ndim != 2:
+            raise MoeError(f"{name}: expected an array [N, {S.CELLS}], got shape {value.shape}")
+        return list(value)
+    try:
+        return list(value)
+    except TypeError:
+        raise MoeError(f"{name}: expected a list of grids (81-character strings or 81 integers 0-9), got "
+                       f"{type(value).__name__}") from None
+
+
+def max_batch_rows(info: ModelInfo) -> int:
+    """Rows one forward pass may hold within MAX_BATCH_ELEMENTS (module docstring, "Batching"); sizes the exported
+    metadata does not carry count as 0."""
+    model = info.config.get("model") if isinstance(info.config.get("model"), dict) else {}
+
+    def size(key: str) -> int:
+        v = model.get(key)
+        return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
+
+    T = info.max_seq_len
+    per_position = (info.halt_max_steps * info.vocab_size + size("n_heads") * T + size("n_experts") * size("d_expert")
+                    + 8 * size("d_model"))
+    return max(1, MAX_BATCH_ELEMENTS // (T * per_position))
 
 
 # -----------------------------------------------------------------------------
@@ -225,12 +314,35 @@ class Server:
              runtime: str = "auto", max_steps: int | None = None, halting: bool = True) -> Server:
         """Load MODEL.onnx and the tokenizer beside it (both checked); provider "auto" | "cuda" | "cpu"; runtime
         "auto" (the step graph when the model has one) | "unrolled" | "stepwise" (see the module docstring).
-        max_steps / halting=False: run up to max_steps steps / ignore the halt head (step graph only)."""
+        max_steps / halting=False: run up to max_steps steps / ignore the halt head (step graph only). threads is
+        cut to the CPUs this process may use."""
+        if threads is not None:
+            check_int("threads", threads, 1)
+        if max_steps is not None:
+            check_int("max_steps", max_steps, 1)
         return cls(open_model(model_path, provider, threads, runtime, max_steps, halting))
 
     @property
     def info(self) -> ModelInfo:
         return self.model.info
+
+    @property
+    def max_batch_rows(self) -> int:
+        """Rows per forward pass at most, whatever batch_size is asked (module docstring, "Batching")."""
+        return max_batch_rows(self.info)
+
+    def batch_rows(self, batch_size: Any) -> int:
+        """batch_size, checked, cut to max_batch_rows."""
+        return min(check_int("batch_size", batch_size, 1), self.max_batch_rows)
+
+    def files(self) -> list[tuple[Path, str]]:
+        """(path, what) of every file of the exported model: the graph, its tokenizer and its step graph (when
+        the export has one, served or not); no output may replace them."""
+        info = self.info
+        out = [(info.path, "the model"), (info.tokenizer_path, "the model's tokenizer")]
+        if info.step_graph:
+            out.append((info.path.with_name(info.step_graph), "the model's step graph"))
+        return out
 
     def steps_note(self) -> str:
         """' (up to K steps, halt head ignored)' when the steps served differ from the exported ones, else ''."""
@@ -268,10 +380,12 @@ class Server:
               stride: int | None = None, progress: Progress | None = None) -> list[ScoreResult]:
         """Per-text mean NLL / perplexity of the scored tokens, in input order (see the module docstring)."""
         self.require_task("score")
+        texts = check_texts(texts)
         T = self.info.max_seq_len
+        if stride is not None:
+            check_int("stride", stride, 1)
         stride = self.window_stride(stride)
-        if batch_size < 1:
-            raise MoeError(f"batch_size: expected >= 1, got {batch_size}")
+        batch_size = self.batch_rows(batch_size)
         ids = self.encode(texts)
         # One row per window; logp[i][t - 1] = log p(token t of text i | its context).
         rows = [(i, b, e, s) for i, x in enumerate(ids) for b, e, s in windows(len(x), T, stride)]
@@ -315,9 +429,10 @@ class Server:
         """Continue each text (see the module docstring). `first_index` is the index of texts[0] in a longer
         stream, so that a sample's random generator does not depend on how the stream was cut into calls."""
         self.require_task("generate")
-        check_sampling(max_new_tokens, temperature, top_k, top_p)
-        if batch_size < 1:
-            raise MoeError(f"batch_size: expected >= 1, got {batch_size}")
+        texts = check_texts(texts)
+        check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
+        first_index = check_int("first_index", first_index, 0)
+        batch_size = self.batch_rows(batch_size)
         T = self.info.max_seq_len
         n_valid = self.tokenizer.get_vocab_size()  # ids past the tokenizer's vocabulary are not tokens
         prompts = self.encode(texts)
@@ -360,14 +475,13 @@ class Server:
         """Solve each puzzle (81-character strings, '.' or '0' for a blank, or uint8 grids [81]), in input order;
         `solutions` (same forms, None where unknown) sets each result's `correct`. See the module docstring."""
         self.require_task("solve")
-        if batch_size < 1:
-            raise MoeError(f"batch_size: expected >= 1, got {batch_size}")
+        batch_size = self.batch_rows(batch_size)
+        puzzles = _grid_list(puzzles, "puzzles")
         grids = np.zeros((len(puzzles), S.CELLS), dtype=np.uint8)
         for i, p in enumerate(puzzles):
-            grids[i] = to_grid(p, f"puzzle {i + 1}")
-        if solutions is None:
-            solutions = [None] * len(grids)
-        given = [None if g is None else to_grid(g, f"solution {i + 1}") for i, g in enumerate(solutions)]
+            grids[i] = to_grid(p, f"puzzles[{i}]")
+        solutions = [None] * len(grids) if solutions is None else _grid_list(solutions, "solutions")
+        given = [None if g is None else to_grid(g, f"solutions[{i}]") for i, g in enumerate(solutions)]
         if len(given) != len(grids):
             raise MoeError(f"solutions: {len(given)} for {len(grids)} puzzles; expected one per puzzle "
                            "(None where unknown)")
