@@ -33,9 +33,11 @@ from moe_core.checkpoint import (
     TOKENIZER_FILE,
     atomic_write,
     atomic_write_text,
+    check_not_inputs,
     check_output,
     load_model,
     load_run_config,
+    run_files,
 )
 from moe_core.errors import MoeError
 from moe_core.model import Carry, RecursiveMoE
@@ -312,7 +314,12 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, opset: int = 
     """
     if precision not in PRECISIONS:
         raise MoeError(f"--precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
-    run_dir, out = Path(run_dir), check_output(out, overwrite)
+    run_dir = Path(run_dir)
+    inputs = [(p, f"a file of the run {run_dir}") for p in run_files(run_dir)]
+    if eval_text is not None:
+        inputs.append((Path(eval_text), "the --eval-text file"))
+    check_not_inputs([out, tokenizer_path_for(out), *([step_path_for(out)] if stepwise else [])], inputs)
+    out = check_output(out, overwrite)
     tok_path = check_output(tokenizer_path_for(out), overwrite)
     step_path = check_output(step_path_for(out), overwrite) if stepwise else None
     t0 = time.perf_counter()
@@ -384,13 +391,13 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, opset: int = 
                 f"loss {onnx_nll:.4f} (cost {onnx_nll - eager_nll:+.2e} nats/token)")
         if step_path is not None:
             atomic_write(step_path, lambda t: step_reports.extend(write_graph(t, step_to_onnx, step_metadata,
-                                                                              step_path, step=True)))
+                                                                              step_path, step=True)), overwrite)
             written.append(step_path)
-        atomic_write_text(tok_path, tokenizer_text)  # last: only a model that passed gets its tokenizer
+        atomic_write_text(tok_path, tokenizer_text, overwrite)  # last: only a model that passed gets its tokenizer
         written.append(tok_path)
 
     try:
-        atomic_write(out, build)
+        atomic_write(out, build, overwrite)
     except BaseException:
         for path in written:  # the model's own rename failed: what belongs to it must not stay behind alone
             path.unlink(missing_ok=True)
