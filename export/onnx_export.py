@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -40,11 +41,19 @@ from moe_core.checkpoint import (
     run_files,
 )
 from moe_core.errors import MoeError
-from moe_core.model import Carry, RecursiveMoE
+from moe_core.model import Carry, RecursiveMoE, recording_decisions
 from moe_core.tokenizer import read_tokenizer
 from serve.stepwise import STEP_INPUTS, STEP_OUTPUTS, init_metadata, step_path_for
 
-from .parity import ParityReport, check_parity, ort_cpu_session, text_nll, text_windows
+from .parity import (
+    DECISIONS_PREFIX,
+    ParityReport,
+    check_parity,
+    decision_output,
+    ort_cpu_session,
+    text_nll,
+    text_windows,
+)
 
 DEFAULT_OPSET = 20
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -62,6 +71,23 @@ class ExportGraph(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
         out = self.model(input_ids, attention_mask)
         return out.logits, out.halt_step
+
+
+class DecisionGraph(nn.Module):
+    """ExportGraph plus every routing and halting decision as an output (parity.DECISIONS_PREFIX), in call order.
+    Parity-only: the shipped graph is this graph with those outputs removed (strip_decisions), so both come from
+    one trace and compute the logits with the same nodes."""
+
+    def __init__(self, model: RecursiveMoE) -> None:
+        super().__init__()
+        self.model = model
+        self.kinds: list[str] = []  # filled when traced: the kind of each decision output
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, ...]:
+        with recording_decisions() as log:
+            out = self.model(input_ids, attention_mask)
+        self.kinds = [d.kind for d in log]
+        return (out.logits, out.halt_step, *(d.choice for d in log))
 
 
 class StepGraph(nn.Module):
@@ -109,10 +135,28 @@ def tokenizer_path_for(onnx_path: str | os.PathLike) -> Path:
     return p.with_name(p.stem + ".tokenizer.json")
 
 
-def to_onnx(model: RecursiveMoE, path: str | os.PathLike, opset: int = DEFAULT_OPSET) -> None:
-    """Trace the eval-mode `model` and write the ONNX graph to `path` (one file, no external data)."""
+def to_onnx(model: RecursiveMoE, path: str | os.PathLike, opset: int = DEFAULT_OPSET, decisions: bool = False) -> None:
+    """Trace the eval-mode `model` and write the ONNX graph to `path` (one file, no external data); with
+    `decisions`, the parity-only DecisionGraph (strip_decisions turns it into the graph itself)."""
     ids, mask, dims = example_inputs(model)
-    trace(ExportGraph(model), (ids, mask), INPUTS, OUTPUTS, {"input_ids": dims, "attention_mask": dims}, path, opset)
+    graph, names = ExportGraph(model), OUTPUTS
+    if decisions:
+        graph = DecisionGraph(model)
+        with torch.no_grad():
+            graph(ids, mask)  # the decisions' kinds name the outputs
+        names = (*OUTPUTS, *(decision_output(i, k) for i, k in enumerate(graph.kinds)))
+    trace(graph, (ids, mask), INPUTS, names, {"input_ids": dims, "attention_mask": dims}, path, opset)
+
+
+def strip_decisions(proto: onnx.ModelProto) -> bool:
+    """Drop a DecisionGraph's decision outputs and the nodes only they needed; False if it had none."""
+    outputs = [o for o in proto.graph.output if not o.name.startswith(DECISIONS_PREFIX)]
+    if len(outputs) == len(proto.graph.output):
+        return False
+    del proto.graph.output[:]
+    proto.graph.output.extend(outputs)
+    remove_dead_nodes(proto.graph)
+    return True
 
 
 def step_to_onnx(model: RecursiveMoE, path: str | os.PathLike, opset: int = DEFAULT_OPSET) -> None:
@@ -352,26 +396,38 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, opset: int = 
         step_metadata = {**metadata, "graph": "step", **init_metadata(model.z_H_init.numpy(), model.z_L_init.numpy())}
         metadata["step_graph"] = step_path.name
 
-    def write_graph(tmp: str, make: Callable[[RecursiveMoE, str, int], None], meta: dict[str, str], name: Path,
+    def write_graph(tmp: str, make: Callable[..., None], meta: dict[str, str], name: Path,
                     step: bool) -> list[ParityReport]:
-        make(model, tmp, opset)
+        if step:
+            make(model, tmp, opset)
+        else:
+            make(model, tmp, opset, decisions=check)
         proto = onnx.load(tmp)
         dedupe_initializers(proto)
         for node in proto.graph.node:  # per-node stack traces and FX names: half the file, no use to a runtime
             del node.metadata_props[:]
             node.doc_string = ""
-        set_metadata(proto, {**meta, "precision": "fp32"})
-        try:
-            onnx.checker.check_model(proto, full_check=True)
-        except onnx.checker.ValidationError as e:
-            raise MoeError(f"{name}: exported graph fails onnx.checker ({str(e).splitlines()[0]})") from None
-        onnx.save(proto, tmp)
-        got: list[ParityReport] = []
-        if check:
-            got.append(check_parity(model, tmp, task=task, stepwise=step))
-            log(got[-1].summary())
-            if not got[-1].ok:
-                raise MoeError(f"{name}: parity check failed ({got[-1].failure}); nothing was written")
+        with tempfile.TemporaryDirectory(prefix="moe-parity-") as scratch:
+            decisions_path = None
+            if not step:
+                decisions_path = os.path.join(scratch, "decisions.onnx")
+                onnx.save(proto, decisions_path)
+                if not strip_decisions(proto):
+                    decisions_path = None
+            set_metadata(proto, {**meta, "precision": "fp32"})
+            try:
+                onnx.checker.check_model(proto, full_check=True)
+            except onnx.checker.ValidationError as e:
+                raise MoeError(f"{name}: exported graph fails onnx.checker ({str(e).splitlines()[0]})") from None
+            onnx.save(proto, tmp)
+            got: list[ParityReport] = []
+            if check:
+                # The step graph leaves out the positions the unrolled graph's near-ties can affect.
+                got.append(check_parity(model, tmp, task=task, stepwise=step, decisions_path=decisions_path,
+                                        exclude=reports[0] if step and reports else None))
+                log(got[-1].summary())
+                if not got[-1].ok:
+                    raise MoeError(f"{name}: parity check failed ({got[-1].failure}); nothing was written")
         if precision != "fp32":
             convert_precision(tmp, precision, meta)
             if check:

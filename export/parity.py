@@ -1,10 +1,26 @@
 """Eager PyTorch vs ONNX Runtime on the same inputs: the proof that the exported graph is the model.
 
-Tolerance: max |logits_ort - logits_eager| over valid (unpadded) positions, divided by max |logits_eager|
-(the logit scale), must be <= 1e-4; halt_step must agree exactly. fp32 kernels differ in summation order
+Logits. max |logits_ort - logits_eager| over the compared positions, divided by max |logits_eager| (the logit
+scale), must be <= TOLERANCE = 1e-4; halt_step must agree exactly. fp32 kernels differ in summation order
 between runtimes (~1e-6 per op); a recursive model applies its net H_cycles*(L_cycles+1)*halt_max_steps times,
 so a few 1e-6 relative becomes ~1e-5 at the output — 1e-4 leaves an order of magnitude of margin while still
 catching any real divergence (a flipped routing or halting decision moves logits by far more than 1e-4).
+
+Decisions. The same fp32 noise can flip a discrete choice whose margin is within it: a token routed to its
+second expert when two experts' probabilities differ by 1e-7. Such a flip is not a fault of the graph, but it
+moves that token's logits (and, through attention, those of the positions that see it) by far more than the
+tolerance. So the exported graph also yields every routing and halting decision (a parity-only copy of it,
+`DECISIONS_PREFIX` outputs, traced from `moe_core.model.recording_decisions`), and the check compares them in
+call order with the eager model's:
+- a decision that differs with a relative margin (moe_core.model: how far the compared values are from changing
+  it, relative to their scale) above TOLERANCE — the relative drift the logits themselves are allowed — is wrong:
+  the case fails, whatever the logits say;
+- one within it is a near-tie: the positions it can affect are left out of the logit and halting comparison
+  (the sample's later positions in a causal model, the whole sample in a bidirectional one, the whole sample when
+  it is a halting decision) and reported. At most NEAR_TIES_PER_1000 near-ties per 1,000 compared decisions (and
+  at least one) may occur in a case: exact ties follow one rule in both runtimes (lower index first, see
+  moe_core.model.ranked), so near-ties are rare, and more than that means the graph decides differently.
+Decisions at padded positions, and at positions already affected by an earlier near-tie, are not compared.
 """
 
 from __future__ import annotations
@@ -15,10 +31,39 @@ import numpy as np
 import torch
 
 from moe_core import sudoku as S
-from moe_core.model import RecursiveMoE
+from moe_core.errors import MoeError
+from moe_core.model import Decision, RecursiveMoE, recording_decisions
 from serve.stepwise import StepwiseSession
 
 TOLERANCE = 1e-4
+NEAR_TIES_PER_1000 = 1
+DECISIONS_PREFIX = "decision."  # output names of the parity-only graph: decision.{call}.{kind}
+
+
+def decision_output(i: int, kind: str) -> str:
+    return f"{DECISIONS_PREFIX}{i}.{kind}"
+
+
+@dataclass
+class NearTie:
+    call: int  # index of the decision in call order
+    kind: str  # heads | experts | halt
+    row: int
+    position: int | None  # None for a halting decision (one per sample)
+    margin: float
+
+
+@dataclass
+class Decisions:
+    compared: int = 0
+    differ: int = 0  # near-ties + wrong
+    wrong: int = 0  # differ with a margin above TOLERANCE
+    min_margin: float | None = None  # smallest margin among the differing decisions
+    near_ties: list[NearTie] = field(default_factory=list)
+
+    @property
+    def limit(self) -> int:
+        return max(1, self.compared * NEAR_TIES_PER_1000 // 1000)
 
 
 @dataclass
@@ -26,10 +71,21 @@ class CaseResult:
     name: str
     shape: tuple[int, int]
     max_abs: float
-    max_rel: float  # max_abs / max |eager logits|
-    halt_equal: bool
+    max_rel: float  # max_abs / max |eager logits| over the compared positions
+    halt_equal: bool  # over the compared samples
     halt_steps: list[int]  # distinct halt steps seen in this case (shows halting was exercised)
-    top1: float  # fraction of valid positions whose argmax token agrees
+    top1: float  # fraction of compared positions whose argmax token agrees
+    decisions: Decisions | None = None  # None: the graph's decisions were not available
+    excluded: np.ndarray | None = None  # [B, T] bool: positions left out after near-ties (None: none)
+
+    @property
+    def excluded_positions(self) -> int:
+        return 0 if self.excluded is None else int(self.excluded.sum())
+
+    @property
+    def decisions_ok(self) -> bool:
+        d = self.decisions
+        return d is None or (d.wrong == 0 and len(d.near_ties) <= d.limit)
 
 
 @dataclass
@@ -39,7 +95,7 @@ class ParityReport:
     tolerance: float | None = TOLERANCE  # None: figures only (reduced-precision variants)
 
     def case_ok(self, c: CaseResult) -> bool:
-        return self.tolerance is None or (c.max_rel <= self.tolerance and c.halt_equal)
+        return self.tolerance is None or (c.max_rel <= self.tolerance and c.halt_equal and c.decisions_ok)
 
     @property
     def ok(self) -> bool:
@@ -56,8 +112,18 @@ class ParityReport:
     @property
     def failure(self) -> str:
         bad = [c for c in self.cases if not self.case_ok(c)]
-        return "; ".join(f"{c.name}: max rel diff {c.max_rel:.2e} (tolerance {self.tolerance:.0e}), "
-                         f"halt_step {'agrees' if c.halt_equal else 'DIFFERS'}" for c in bad)
+
+        def why(c: CaseResult) -> str:
+            text = (f"{c.name}: max rel diff {c.max_rel:.2e} (tolerance {self.tolerance:.0e}), "
+                    f"halt_step {'agrees' if c.halt_equal else 'DIFFERS'}")
+            d = c.decisions
+            if d is not None and d.wrong:
+                text += f", {d.wrong} decision(s) differ beyond fp32 noise (smallest margin {d.min_margin:.1e})"
+            if d is not None and len(d.near_ties) > d.limit:
+                text += f", {len(d.near_ties)} near-ties (at most {d.limit} for {d.compared:,} decisions)"
+            return text
+
+        return "; ".join(why(c) for c in bad)
 
     def summary(self) -> str:
         rule = ("figures only" if self.tolerance is None
@@ -67,12 +133,26 @@ class ParityReport:
             verdict = "" if self.tolerance is None else ("ok" if self.case_ok(c) else "FAIL")
             lines.append(f"  {c.name:<14} {c.shape[0]:>3}x{c.shape[1]:<4} max abs {c.max_abs:.2e}  "
                          f"max rel {c.max_rel:.2e}  top-1 {c.top1:6.2%}  halt_step {'==' if c.halt_equal else '!='} "
-                         f"(steps {','.join(map(str, c.halt_steps))})  {verdict}")
+                         f"(steps {','.join(map(str, c.halt_steps))})  {_decision_summary(c.decisions)}  {verdict}")
+            lines.extend(f"    near-tie: {t.kind} decision {t.call}, row {t.row}"
+                         + ("" if t.position is None else f", position {t.position}") + f", margin {t.margin:.1e}"
+                         for t in (c.decisions.near_ties if c.decisions else []))
+            if c.excluded_positions:
+                lines.append(f"    {c.excluded_positions} position(s) they can affect left out of the comparison")
         top1 = min(c.top1 for c in self.cases)
         lines.append(f"  overall: max abs {self.max_abs:.2e}, max rel {self.max_rel:.2e}, top-1 agreement >= "
                      f"{top1:.2%}, halt_step {'identical' if all(c.halt_equal for c in self.cases) else 'DIFFERS'}"
                      + ("" if self.tolerance is None else f" -> {'PASS' if self.ok else 'FAIL'}"))
         return "\n".join(lines)
+
+
+def _decision_summary(d: Decisions | None) -> str:
+    if d is None:
+        return "decisions not compared"
+    text = f"decisions {d.differ}/{d.compared:,} differ"
+    if d.differ:
+        text += f" ({len(d.near_ties)} near-tie, {d.wrong} wrong; smallest margin {d.min_margin:.1e})"
+    return text
 
 
 def parity_inputs(vocab_size: int, max_seq_len: int, seed: int = 0,
@@ -112,31 +192,88 @@ def ort_cpu_session(path: str):
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
-def compare(model: RecursiveMoE, session, name: str, ids: np.ndarray, mask: np.ndarray) -> CaseResult:
-    with torch.no_grad():
+def compare_decisions(eager: list[Decision], graph: list[np.ndarray], valid: np.ndarray,
+                      causal: bool) -> tuple[Decisions, np.ndarray]:
+    """Eager decisions (with margins) against the graph's, in call order: (the counts, the [B, T] positions that
+    near-ties can affect). See the module docstring for the rule."""
+    if len(graph) != len(eager):
+        raise MoeError(f"the decision graph yields {len(graph)} decisions, the eager model {len(eager)}")
+    report, affected = Decisions(), np.zeros_like(valid)
+    for call, (e, g) in enumerate(zip(eager, graph, strict=True)):
+        choice, margin = e.choice.float().numpy(), e.margin.float().numpy()
+        if e.kind == "halt":
+            # A causal model's halting reads position 0 only; a bidirectional one's, every valid position.
+            open_ = ~affected[:, 0] if causal else ~(affected & valid).any(1)
+            differ = ((choice > 0) != (g > 0)) & open_
+        else:
+            if e.kind == "experts":
+                same = np.all(np.sort(choice, -1) == np.sort(g, -1), -1)
+            else:  # heads: the count's margin where the counts differ, else the set's
+                same = np.all((choice > 0.5) == (g > 0.5), -1)
+                margin = np.where((choice > 0.5).sum(-1) != (g > 0.5).sum(-1), margin[..., 0], margin[..., 1])
+            open_ = valid & ~affected
+            differ = ~same & open_
+        report.compared += int(open_.sum())
+        for where in zip(*np.nonzero(differ), strict=True):
+            m = float(margin[where])
+            report.differ += 1
+            report.min_margin = m if report.min_margin is None else min(report.min_margin, m)
+            if m > TOLERANCE:
+                report.wrong += 1
+                continue
+            row, pos = int(where[0]), (int(where[1]) if len(where) > 1 else None)
+            report.near_ties.append(NearTie(call, e.kind, row, pos, m))
+            if pos is None or not causal:
+                affected[row] = True
+            else:
+                affected[row, pos:] = True
+    return report, affected & valid
+
+
+def compare(model: RecursiveMoE, session, name: str, ids: np.ndarray, mask: np.ndarray,
+            decision_session=None, exclude: np.ndarray | None = None) -> CaseResult:
+    """One input set. `decision_session`: the parity-only graph yielding the decisions (compared, and their
+    near-ties' positions left out); `exclude`: [B, T] positions to leave out (found by another graph's check)."""
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    with torch.no_grad(), recording_decisions() as eager_decisions:
         out = model(torch.from_numpy(ids), torch.from_numpy(mask))
     ref_logits, ref_halt = out.logits.float().numpy(), out.halt_step.numpy()
-    logits, halt = session.run(["logits", "halt_step"], {"input_ids": ids, "attention_mask": mask})
+    logits, halt = session.run(["logits", "halt_step"], feeds)
     valid = mask.astype(bool)
-    diff = np.abs(logits - ref_logits)[valid]
-    scale = max(float(np.abs(ref_logits[valid]).max()), 1e-12)
-    max_abs = float(diff.max())
-    top1 = float((logits.argmax(-1) == ref_logits.argmax(-1))[valid].mean())
-    return CaseResult(name, ids.shape, max_abs, max_abs / scale, bool(np.array_equal(halt, ref_halt)),
-                      sorted(set(ref_halt.tolist())), top1)
+    decisions = None
+    excluded = np.zeros_like(valid) if exclude is None else exclude.copy()
+    if decision_session is not None:
+        names = [o.name for o in decision_session.get_outputs() if o.name.startswith(DECISIONS_PREFIX)]
+        decisions, affected = compare_decisions(eager_decisions, decision_session.run(names, feeds), valid,
+                                                model.config.causal)
+        excluded |= affected
+    compared = valid & ~excluded
+    samples = ~excluded.any(1)
+    diff = np.abs(logits - ref_logits)[compared]
+    scale = max(float(np.abs(ref_logits[compared]).max()), 1e-12) if diff.size else 1.0
+    max_abs = float(diff.max()) if diff.size else 0.0
+    top1 = float((logits.argmax(-1) == ref_logits.argmax(-1))[compared].mean()) if diff.size else 1.0
+    return CaseResult(name, ids.shape, max_abs, max_abs / scale, bool(np.array_equal(halt[samples], ref_halt[samples])),
+                      sorted(set(ref_halt.tolist())), top1, decisions, excluded if excluded.any() else None)
 
 
 def check_parity(model: RecursiveMoE, onnx_path: str, seed: int = 0, label: str = "fp32",
-                 tolerance: float | None = TOLERANCE, task: str = "lm", stepwise: bool = False) -> ParityReport:
+                 tolerance: float | None = TOLERANCE, task: str = "lm", stepwise: bool = False,
+                 decisions_path: str | None = None, exclude: ParityReport | None = None) -> ParityReport:
     """Eager vs the graph at `onnx_path` on parity_inputs. `stepwise`: the graph is a step graph, run step by step
-    with halted samples dropped, exactly as `moe serve --runtime stepwise` runs it (serve/stepwise.py)."""
+    with halted samples dropped, exactly as `moe serve --runtime stepwise` runs it (serve/stepwise.py).
+    `decisions_path`: the parity-only copy of the graph with its decisions as outputs (onnx_export.to_onnx with
+    decisions): decisions are compared too. `exclude`: an earlier report on the same inputs (the unrolled graph's,
+    for its step graph) whose near-tie positions are left out here as well."""
     model.eval()
     session = ort_cpu_session(onnx_path)
     if stepwise:
         session = StepwiseSession(session, onnx_path)
         label = f"{label}, step graph run step-wise"
+    decision_session = ort_cpu_session(decisions_path) if decisions_path is not None else None
     cfg = model.config
-    return ParityReport([compare(model, session, name, ids, mask)
+    skip = {c.name: c.excluded for c in exclude.cases} if exclude is not None else {}
+    return ParityReport([compare(model, session, name, ids, mask, decision_session, skip.get(name))
                          for name, ids, mask in parity_inputs(cfg.vocab_size, cfg.max_seq_len, seed, task)],
                         label, tolerance)
 
@@ -145,7 +282,6 @@ def text_windows(path, tokenizer_json: str, seq_len: int, max_windows: int = 64)
     """Up to `max_windows` non-overlapping windows of seq_len + 1 tokens of a text file: [N, seq_len + 1]."""
     from tokenizers import Tokenizer
 
-    from moe_core.errors import MoeError
     from moe_core.jsonl import read_text_file
 
     text = read_text_file(path, "--eval-text file")

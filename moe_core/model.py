@@ -18,6 +18,8 @@ step if none) — selected with masks, so eager eval and the exported ONNX graph
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +31,58 @@ from .config import ModelConfig
 # Temperature of the relaxed (straight-through) head mask: small enough that the soft mask is close to the
 # hard one, large enough that the complexity and threshold predictors get a useful gradient.
 MASK_TEMPERATURE = 0.1
+
+
+def ranked(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x sorted in descending order along its last axis, with its indices; exact ties go to the lower index first.
+
+    This is the tie rule of ONNX TopK, which the exported graph's routing runs on (the exporter writes a sort as
+    TopK). torch.topk and an unstable sort promise no order among equal values, so an exact tie could route a
+    token to another expert or head in eager than in the graph. Every ranking in the model goes through here.
+    (The exporter has no translation of the stable overload; the plain sort it translates is TopK, whose order is
+    this one. Sparse dispatch's argsorts need no rule: the rows they order are put back in place.)"""
+    if torch.compiler.is_exporting():
+        return x.sort(dim=-1, descending=True)
+    return x.sort(dim=-1, descending=True, stable=True)
+
+
+# -- routing and halting decisions --------------------------------------------------------------------------------
+#
+# Every discrete choice of the model is a comparison of computed values: the experts a token is routed to
+# (router probabilities ranked), the heads it uses (ranked probabilities against the threshold and the target
+# count) and whether a sample halts (its halt logit against 0). Two runtimes compute those values with
+# different fp32 summation orders, so a choice whose margin is within that noise may go either way. Parity
+# (export/parity.py) compares the choices themselves; `recording_decisions` collects them, with each choice's
+# margin: how far the compared values are from changing it, relative to their scale (probabilities and
+# thresholds are <= 1, the head count is relative to max_heads + 0.5, a halt logit to max(1, max |logit|)).
+
+DECISION_KINDS = ("heads", "experts", "halt")
+
+
+@dataclass
+class Decision:
+    kind: str  # one of DECISION_KINDS
+    choice: Tensor  # heads: [B, T, H] 0/1 mask; experts: [B, T, k] chosen ids; halt: [B] halt logit (halts if > 0)
+    margin: Tensor  # >= 0. heads: [B, T, 2], of the head count and of the set at that count; experts: [B, T]; halt: [B]
+
+
+_decision_log: list[Decision] | None = None
+
+
+@contextmanager
+def recording_decisions() -> Iterator[list[Decision]]:
+    """Within the block, every forward of the model appends its decisions, in call order, to the yielded list."""
+    global _decision_log
+    previous, _decision_log = _decision_log, []
+    try:
+        yield _decision_log
+    finally:
+        _decision_log = previous
+
+
+def _record(kind: str, choice: Tensor, margin: Tensor) -> None:
+    if _decision_log is not None:
+        _decision_log.append(Decision(kind, choice, margin))
 
 
 class AuxAccumulator:
@@ -146,12 +200,13 @@ class MoHAttention(nn.Module):
         target = self.min_heads + complexity * (self.max_heads - self.min_heads)
         threshold = 0.3 + 0.5 * torch.sigmoid(self.threshold_head(x).float()).squeeze(-1)
 
-        sorted_p, order = probs.sort(dim=-1, descending=True)
+        sorted_p, order = ranked(probs)
         taken_before = sorted_p.cumsum(dim=-1) - sorted_p  # probability mass of the better-ranked heads
         rank = torch.arange(1, H + 1, device=x.device, dtype=probs.dtype)  # 1-based rank of each sorted head
         t, th = target.unsqueeze(-1), threshold.unsqueeze(-1)
         forced = rank <= self.min_heads
-        keep = forced | ((rank <= t + 0.5) & (taken_before < th))
+        by_count, by_mass = rank <= t + 0.5, taken_before < th
+        keep = forced | (by_count & by_mass)  # a prefix of the ranking: both conditions only turn false with rank
         mask_sorted = keep.to(probs.dtype)
         if self.training:
             # Straight-through: the forward value is the hard 0/1 mask, the gradient is that of a sigmoid
@@ -161,7 +216,29 @@ class MoHAttention(nn.Module):
             soft = torch.where(forced, torch.ones_like(soft), soft)
             mask_sorted = (soft - soft.detach()) + mask_sorted  # this order keeps the forward value exact
         mask = torch.zeros_like(probs).scatter(-1, order, mask_sorted)  # back to head order
+        if _decision_log is not None:
+            _record("heads", mask, self._selection_margin(sorted_p, keep, forced, by_count, by_mass,
+                                                          (t + 0.5 - rank) / (self.max_heads + 0.5), th - taken_before))
         return HeadRouting(probs, mask, complexity, target, threshold)
+
+    @staticmethod
+    def _selection_margin(sorted_p: Tensor, keep: Tensor, forced: Tensor, by_count: Tensor, by_mass: Tensor,
+                          count_gap: Tensor, mass_gap: Tensor) -> Tensor:
+        """How far a token's head selection is from changing: [B, T, 2], (its head count, its set of heads at that
+        count). A kept head is dropped when either of its conditions turns, a dropped head is taken only when every
+        condition it fails turns; at the same count, the set changes when the last kept and the first dropped head
+        swap ranks."""
+        m_count, m_mass = count_gap.abs(), mass_gap.abs()
+        inf = torch.full_like(m_count, math.inf)
+        kept_margin = torch.minimum(m_count, m_mass)
+        dropped_margin = torch.maximum(torch.where(by_count, 0.0, m_count), torch.where(by_mass, 0.0, m_mass))
+        per_rank = torch.where(forced, inf, torch.where(keep, kept_margin, dropped_margin))
+        n = keep.sum(-1, keepdim=True)  # [B, T, 1] heads kept, >= min_heads >= 1
+        H = sorted_p.shape[-1]
+        last = sorted_p.gather(-1, n - 1)
+        first_out = sorted_p.gather(-1, n.clamp(max=H - 1))
+        swap = torch.where(n < H, last - first_out, math.inf)
+        return torch.stack([per_rank.amin(-1), swap.squeeze(-1)], dim=-1)
 
     def forward(self, x: Tensor, key_mask: Tensor | None, collect: bool) -> tuple[Tensor, Aux]:
         B, T, D = x.shape
@@ -353,7 +430,12 @@ class MoEFeedForward(nn.Module):
     def forward(self, x: Tensor, collect: bool) -> tuple[Tensor, Aux]:
         logits = self.router(x).float()  # [B, T, E]
         probs = logits.softmax(dim=-1)
-        top_p, top_i = probs.topk(self.top_k, dim=-1)
+        sorted_p, order = ranked(probs)
+        top_p, top_i = sorted_p[..., : self.top_k], order[..., : self.top_k]
+        if _decision_log is not None:  # the choice changes when the k-th and the (k+1)-th expert swap
+            gap = sorted_p[..., self.top_k - 1] - sorted_p[..., self.top_k] if self.top_k < self.n_experts \
+                else torch.full_like(sorted_p[..., 0], math.inf)
+            _record("experts", top_i, gap)
         top_w = (top_p / top_p.sum(dim=-1, keepdim=True)).to(x.dtype)  # combine weights, sum to 1 over the k
         dispatch = self.dispatch if x.device.type == "cpu" else self.dispatch_off_cpu
         y = self.sparse(x, top_w, top_i) if dispatch == "sparse" else self.dense(x, top_w, top_i)
@@ -541,6 +623,8 @@ class RecursiveMoE(nn.Module):
         step_logits, halt_logits = [], []
         for step in range(1, cfg.halt_max_steps + 1):
             c, h, q = self.step(c, x, key_mask, acc)  # q: [B] halt logits
+            if _decision_log is not None:
+                _record("halt", q, q.abs() / q.abs().max().clamp_min(1.0))
             # A sample keeps the first step whose halt probability is > 0.5; the last step if none.
             newly = ~halted & (q > 0)
             halt_step = torch.where(newly, torch.full_like(halt_step, step), halt_step)

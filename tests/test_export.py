@@ -241,7 +241,7 @@ def test_failed_step_parity_writes_nothing(recursive_top1_bidir, tmp_path, monke
     from export.parity import check_parity
 
     run, out, _ = recursive_top1_bidir
-    monkeypatch.setattr(ox, "to_onnx", lambda model, path, opset: shutil.copyfile(out, path))
+    monkeypatch.setattr(ox, "to_onnx", lambda model, path, opset, **_: shutil.copyfile(out, path))
     monkeypatch.setattr(ox, "step_to_onnx", lambda model, path, opset: shutil.copyfile(step_path_for(out), path))
 
     def broken_step_parity(model, path, stepwise=False, **kw):
@@ -417,7 +417,7 @@ def reuse_graph(recursive_top2, monkeypatch):
 
     import export.onnx_export as ox
 
-    def copy_graph(model, path, opset):
+    def copy_graph(model, path, opset, **_):
         shutil.copyfile(recursive_top2[1], path)
 
     monkeypatch.setattr(ox, "to_onnx", copy_graph)

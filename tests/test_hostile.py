@@ -398,7 +398,7 @@ def fast_export(exported, monkeypatch):
     """export_run without the trace: the graph is the fixture's, so failures after tracing cost no re-export."""
     import export.onnx_export as ox
 
-    monkeypatch.setattr(ox, "to_onnx", lambda model, path, opset: shutil.copyfile(exported, path))
+    monkeypatch.setattr(ox, "to_onnx", lambda model, path, opset, **_: shutil.copyfile(exported, path))
 
 
 @pytest.mark.parametrize("kind, after, failing, reason", [
