@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from moe_core import load_model
-from moe_core.checkpoint import atomic_write_text
+from moe_core.files import atomic_write_text
 from moe_core.model import RecursiveMoE
 from serve.runtime import OrtModel
 from train.config import RunConfig, build_config

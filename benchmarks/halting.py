@@ -1,5 +1,5 @@
 """Serving that uses halting: the unrolled graph (every halting step for every sample, halting selected with masks)
-against the step graph run step by step with halted samples dropped from the batch (serve/stepwise.py), on the same
+against the step graph run step by step with halted samples dropped from the batch (moe_core/stepwise.py), on the same
 inputs, batch by batch as `moe serve` cuts them.
 
 Real inputs matter here, since the saving is the fraction of steps samples skip: with --run, windows of the run's
@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 
 from moe_core import sudoku as S
+from moe_core.graph_contract import HALT_STEP, LOGITS
 from moe_core.model import RecursiveMoE
+from moe_core.stepwise import StepCounts
 from serve.graph import TOKEN_LOGPROBS
-from serve.runtime import LOGITS, OrtModel, StepwiseModel, open_model
-from serve.stepwise import HALT_STEP, StepCounts
+from serve.runtime import OrtModel, StepwiseModel, open_model
 
 from .timing import measure
 

@@ -22,13 +22,13 @@ import onnx
 import torch
 from tokenizers import Tokenizer, models
 
-from export.onnx_export import convert_precision, export_run, tokenizer_path_for
+from export.onnx_export import convert_precision, export_run
 from moe_core.checkpoint import save_run
 from moe_core.config import ModelConfig
+from moe_core.graph_contract import step_path_for, tokenizer_path_for
 from moe_core.model import RecursiveMoE, resolve_moe_dispatch
 from serve.graph import TOKEN_LOGPROBS
 from serve.runtime import OrtModel
-from serve.stepwise import step_path_for
 from train.config import RunConfig, TrainConfig
 from train.loss import training_loss
 from train.trainer import build_optimizer, compile_blocks, train_step
@@ -202,7 +202,7 @@ def layer_sessions(ffn: torch.nn.Module, path: Path, max_seq: int, threads: int 
     int8 being export's conversion of it (convert_precision) beside it."""
     import onnxruntime as ort
 
-    from serve.runtime import session_options
+    from moe_core.ort_session import session_options
 
     export_layer(ffn, path, max_seq)
     int8 = path.with_name(f"{path.stem}-int8.onnx")

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from serve.runtime import physical_cores
+from moe_core.ort_session import physical_cores
 
 
 @dataclass

@@ -5,14 +5,13 @@ selected with masks, MoE and MoH routing use TopK / sort / cumsum / scatter. Exp
 plain module with `torch.export` (the `dynamo=True` exporter) and unrolls the fixed-range Python loops.
 
 With `stepwise`, one supervision step (RecursiveMoE.step) is also exported as MODEL.step.onnx, for serving that
-stops each sample when it halts (serve/stepwise.py); it passes its own parity check, run step by step as serve
+stops each sample when it halts (moe_core/stepwise.py); it passes its own parity check, run step by step as serve
 runs it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import tempfile
@@ -28,37 +27,35 @@ import torch
 from onnx import numpy_helper
 from torch import Tensor, nn
 
-from moe_core import __version__
-from moe_core.checkpoint import (
-    FORMAT_VERSION,
-    TOKENIZER_FILE,
-    atomic_write,
-    atomic_write_text,
-    check_not_inputs,
-    check_output,
-    load_model,
-    load_run_config,
-    run_files,
-)
+from moe_core.checkpoint import TOKENIZER_FILE, load_model, load_run_config, run_files
 from moe_core.errors import MoeError
+from moe_core.files import atomic_write, atomic_write_text, check_not_inputs, check_output
+from moe_core.graph_contract import (
+    INPUTS,
+    OUTPUTS,
+    STEP_INPUTS,
+    STEP_OUTPUTS,
+    graph_metadata,
+    run_task,
+    step_graph_metadata,
+    step_path_for,
+    tokenizer_path_for,
+)
 from moe_core.model import Carry, RecursiveMoE, recording_decisions
+from moe_core.ort_session import ort_session
 from moe_core.tokenizer import read_tokenizer
-from serve.stepwise import STEP_INPUTS, STEP_OUTPUTS, init_metadata, step_path_for
 
 from .parity import (
     DECISIONS_PREFIX,
     ParityReport,
     check_parity,
     decision_output,
-    ort_cpu_session,
     text_nll,
     text_windows,
 )
 
 DEFAULT_OPSET = 20
 PRECISIONS = ("fp32", "fp16", "int8")
-INPUTS = ("input_ids", "attention_mask")
-OUTPUTS = ("logits", "halt_step")
 
 
 class ExportGraph(nn.Module):
@@ -121,18 +118,6 @@ class ExportResult:
     @property
     def parity(self) -> ParityReport | None:
         return self.reports[0] if self.reports else None
-
-
-def run_task(full_config: dict) -> str:
-    """The run's task (train.task of its config.json): "lm" (runs from before tasks existed too) or "sudoku"."""
-    train = full_config.get("train")
-    return train.get("task", "lm") if isinstance(train, dict) else "lm"
-
-
-def tokenizer_path_for(onnx_path: str | os.PathLike) -> Path:
-    """The tokenizer written beside MODEL.onnx: MODEL.tokenizer.json."""
-    p = Path(onnx_path)
-    return p.with_name(p.stem + ".tokenizer.json")
 
 
 def to_onnx(model: RecursiveMoE, path: str | os.PathLike, opset: int = DEFAULT_OPSET, decisions: bool = False) -> None:
@@ -354,7 +339,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, opset: int = 
     The fp32 graph must pass the parity check; an fp16 / int8 variant is converted from it and its own
     parity figures are reported (reduced precision has no 1e-4 tolerance to meet). With `eval_text`, the mean
     next-token loss of eager PyTorch and of the written graph on that text is reported: the accuracy cost.
-    With `stepwise`, the step graph (serve/stepwise.py) goes through the same, run step by step as serve runs it.
+    With `stepwise`, the step graph (moe_core/stepwise.py) goes through the same, run step by step as serve runs it.
     """
     if precision not in PRECISIONS:
         raise MoeError(f"--precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -379,21 +364,11 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, opset: int = 
                        "step, which the exported graph already is")
     tokenizer_text, _ = read_tokenizer(run_dir / TOKENIZER_FILE, cfg.vocab_size, owner=f"the model in {run_dir}")
     eval_ids = text_windows(eval_text, tokenizer_text, cfg.max_seq_len) if eval_text is not None else None
-    metadata = {
-        "moe_version": __version__,
-        "format_version": str(FORMAT_VERSION),
-        "config": json.dumps(full_config, sort_keys=True),
-        "vocab_size": str(cfg.vocab_size),
-        "max_seq_len": str(cfg.max_seq_len),
-        "halt_max_steps": str(cfg.n_steps),
-        "causal": str(cfg.causal).lower(),
-        "task": task,
-        "tokenizer_file": tok_path.name,
-        "tokenizer_sha256": hashlib.sha256(tokenizer_text.encode("utf-8")).hexdigest(),
-        "weights_sha256": weights_sha256(model),
-    }
+    metadata = graph_metadata(full_config, cfg.vocab_size, cfg.max_seq_len, cfg.n_steps, cfg.causal, task,
+                              tok_path.name, hashlib.sha256(tokenizer_text.encode("utf-8")).hexdigest(),
+                              weights_sha256(model))
     if step_path is not None:
-        step_metadata = {**metadata, "graph": "step", **init_metadata(model.z_H_init.numpy(), model.z_L_init.numpy())}
+        step_metadata = step_graph_metadata(metadata, model.z_H_init.numpy(), model.z_L_init.numpy())
         metadata["step_graph"] = step_path.name
 
     def write_graph(tmp: str, make: Callable[..., None], meta: dict[str, str], name: Path,
@@ -442,7 +417,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, opset: int = 
     def build(tmp: str) -> None:
         reports.extend(write_graph(tmp, to_onnx, metadata, out, step=False))
         if eval_ids is not None:
-            eager_nll, onnx_nll = text_nll(model, eval_ids), text_nll(ort_cpu_session(tmp), eval_ids)
+            eager_nll, onnx_nll = text_nll(model, eval_ids), text_nll(ort_session(tmp), eval_ids)
             log(f"accuracy on {eval_text} ({eval_ids.size:,} tokens): eager loss {eager_nll:.4f}, ONNX {precision} "
                 f"loss {onnx_nll:.4f} (cost {onnx_nll - eager_nll:+.2e} nats/token)")
         if step_path is not None:

@@ -33,7 +33,8 @@ import torch
 from moe_core import sudoku as S
 from moe_core.errors import MoeError
 from moe_core.model import Decision, RecursiveMoE, recording_decisions
-from serve.stepwise import StepwiseSession
+from moe_core.ort_session import ort_session
+from moe_core.stepwise import StepwiseSession
 
 TOLERANCE = 1e-4
 NEAR_TIES_PER_1000 = 1
@@ -184,14 +185,6 @@ def parity_inputs(vocab_size: int, max_seq_len: int, seed: int = 0,
     return out
 
 
-def ort_cpu_session(path: str):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-
-
 def compare_decisions(eager: list[Decision], graph: list[np.ndarray], valid: np.ndarray,
                       causal: bool) -> tuple[Decisions, np.ndarray]:
     """Eager decisions (with margins) against the graph's, in call order: (the counts, the [B, T] positions that
@@ -261,16 +254,16 @@ def check_parity(model: RecursiveMoE, onnx_path: str, seed: int = 0, label: str 
                  tolerance: float | None = TOLERANCE, task: str = "lm", stepwise: bool = False,
                  decisions_path: str | None = None, exclude: ParityReport | None = None) -> ParityReport:
     """Eager vs the graph at `onnx_path` on parity_inputs. `stepwise`: the graph is a step graph, run step by step
-    with halted samples dropped, exactly as `moe serve --runtime stepwise` runs it (serve/stepwise.py).
+    with halted samples dropped, exactly as `moe serve --runtime stepwise` runs it (moe_core/stepwise.py).
     `decisions_path`: the parity-only copy of the graph with its decisions as outputs (onnx_export.to_onnx with
     decisions): decisions are compared too. `exclude`: an earlier report on the same inputs (the unrolled graph's,
     for its step graph) whose near-tie positions are left out here as well."""
     model.eval()
-    session = ort_cpu_session(onnx_path)
+    session = ort_session(onnx_path)
     if stepwise:
         session = StepwiseSession(session, onnx_path)
         label = f"{label}, step graph run step-wise"
-    decision_session = ort_cpu_session(decisions_path) if decisions_path is not None else None
+    decision_session = ort_session(decisions_path) if decisions_path is not None else None
     cfg = model.config
     skip = {c.name: c.excluded for c in exclude.cases} if exclude is not None else {}
     return ParityReport([compare(model, session, name, ids, mask, decision_session, skip.get(name))

@@ -1,9 +1,8 @@
-"""The run directory: atomic writes, and loading a model back from config.json + model.safetensors.
+"""The run directory: writing it, and loading a model back from config.json + model.safetensors.
 
-Compatibility: every file moe writes for another command to read (a run's config.json, the exported model's
-metadata) carries `format_version`, an integer bumped on any change a reader of the previous format would
-misread. A reader accepts exactly its own FORMAT_VERSION and refuses any other, naming both versions; files
-written before the field existed are format 1. Within a format, config.json must hold every model key.
+Every file here carries `format_version` (moe_core.formats); outputs are checked and written through
+moe_core.files, the torch-free half that serve shares. train imports FORMAT_VERSION, atomic_write and
+atomic_write_text from this module as well.
 
 Sharded weights. A run trained with FSDP (train.parallel = "fsdp" under torchrun) publishes its model as one
 safetensors file per rank plus an index, `model.shards.json`, in place of model.safetensors:
@@ -22,13 +21,8 @@ same layout (with another file prefix) holds the optimizer state of train/checkp
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import os
-import signal
-import tempfile
-from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,107 +31,17 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .config import ModelConfig
-from .errors import CheckpointError, ConfigError, MoeError, is_io_error, os_reason
+from .errors import CheckpointError, ConfigError
+from .files import atomic_write, atomic_write_text, note_inputs
+from .formats import FORMAT_VERSION, check_format
 from .jsonl import json_type, parse_json, read_text_file
 from .model import RecursiveMoE
 
-FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 SHARD_INDEX = "model.shards.json"  # a sharded model (see above), read in place of WEIGHTS_FILE when present
 SHARD_FILES = "model-*-rank*-of-*.safetensors"  # glob of the rank files an index names (shard_file_name)
 TOKENIZER_FILE = "tokenizer.json"
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def check_output(path: str | os.PathLike, overwrite: bool, option: str = "this output") -> Path:
-    """Refuse an output file path before any work is done: an existing file (unless `overwrite`), a directory,
-    a missing or unwritable (read-only) parent directory, or a file the running command reads (see
-    check_not_inputs: an output never aliases an input, whatever `overwrite` says)."""
-    path = Path(path)
-    if path.is_dir():
-        raise MoeError(f"{path}: is a directory; expected the path of a file to write")
-    if path.exists() and not path.is_file():  # a device or a pipe: a rename would replace it, not write to it
-        raise MoeError(f"{path}: not a regular file (a device, pipe or socket); expected the path of a file to write")
-    check_not_inputs([path], option=option)
-    if (path.exists() or path.is_symlink()) and not overwrite:
-        raise MoeError(f"{path}: already exists (pass --overwrite to replace it)")
-    if not path.parent.is_dir():
-        raise MoeError(f"{path.parent}: output directory does not exist")
-    if not os.access(path.parent, os.W_OK):
-        read_only = os.statvfs(path.parent).f_flag & os.ST_RDONLY
-        raise MoeError(f"{path.parent}: output directory is not writable "
-                       f"({os.strerror(errno.EROFS if read_only else errno.EACCES)})")
-    return path
-
-
-# -----------------------------------------------------------------------------
-# outputs never alias inputs
-#
-# A command must not write over a file it reads: `moe serve M.onnx --output M.onnx --overwrite` would replace the
-# model with JSONL, `moe export RUN --out RUN/model.safetensors --overwrite` the run's weights. Two paths alias
-# when they resolve to the same path (symlinks, `..`) or, when both exist, are the same file (st_dev, st_ino:
-# a hard link, or a symlink to it). Commands name their inputs explicitly (check_not_inputs(outputs, inputs));
-# within a command run by moe_core.cli.run, the files read through note_inputs (load_model, the served model
-# and its input) are also refused by check_output and, at the last moment, by atomic_write, so a command that
-# forgets the explicit check still cannot replace what it read.
-
-_command_inputs: list[tuple[Path, str]] | None = None  # (path, what) read by the running command; None: no command
-
-
-@contextlib.contextmanager
-def command_inputs() -> Iterator[None]:
-    """The scope of one command (moe_core.cli.run): note_inputs records into it; nested scopes share the outer."""
-    global _command_inputs
-    outer = _command_inputs
-    if outer is None:
-        _command_inputs = []
-    try:
-        yield
-    finally:
-        _command_inputs = outer
-
-
-Inputs = Iterable[str | os.PathLike | tuple[str | os.PathLike, str]]  # paths, or (path, what it is) pairs
-
-
-def _pairs(inputs: Inputs, what: str = "an input of this command") -> list[tuple[Path, str]]:
-    return [(Path(i[0]), i[1]) if isinstance(i, tuple) else (Path(i), what) for i in inputs]
-
-
-def note_inputs(inputs: Inputs, what: str = "an input of this command") -> None:
-    """Record files the running command reads, so that no output of it may alias them (no-op outside a command)."""
-    if _command_inputs is not None:
-        _command_inputs.extend(_pairs(inputs, what))
-
-
-def _identity(path: Path) -> tuple[Path, tuple[int, int] | None]:
-    try:
-        resolved = path.resolve()
-    except (OSError, RuntimeError):  # a symlink loop: compared as written
-        resolved = Path(os.path.abspath(path))
-    try:
-        st = os.stat(path)
-        return resolved, (st.st_dev, st.st_ino)
-    except OSError:
-        return resolved, None
-
-
-def check_not_inputs(outputs: Iterable[str | os.PathLike], inputs: Inputs = (), option: str = "this output") -> None:
-    """MoeError naming the first output that is one of `inputs` or of the files the running command noted
-    (note_inputs): the same resolved path, or the same existing file. `option` names the output in the message."""
-    known = [(p, what, *_identity(p)) for p, what in _pairs(inputs) + (_command_inputs or [])]
-    if not known:
-        return
-    for out in map(Path, outputs):
-        resolved, ident = _identity(out)
-        for p, what, r, i in known:
-            if resolved == r or (ident is not None and ident == i):
-                same = "" if out == p else f" {p}"
-                raise MoeError(f"{out}: {option} is {what}{same}; expected a file that is not an input of this "
-                               "command (--overwrite does not change this)")
 
 
 def run_files(run_dir: str | os.PathLike) -> list[Path]:
@@ -151,81 +55,6 @@ def run_files(run_dir: str | os.PathLike) -> list[Path]:
         files += [p for p in state.rglob("*") if not p.is_dir()]
     return files
 
-
-# -----------------------------------------------------------------------------
-# atomic, exclusive writes
-
-
-def _commit(tmp: str, path: Path, overwrite: bool) -> None:
-    """Move the finished temp file to `path`. overwrite: os.replace. Otherwise exclusively: os.link fails when
-    `path` exists, so a file another process created after check_output is never replaced (and the temp file is
-    then removed by the caller). A filesystem without hard links falls back to check-then-replace."""
-    if overwrite:
-        os.replace(tmp, path)
-        return
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        raise MoeError(f"{path}: already exists (another process created it while this one ran; pass --overwrite "
-                       "to replace it); nothing was written") from None
-    except OSError as e:
-        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.EXDEV):
-            raise
-        if path.exists() or path.is_symlink():
-            raise MoeError(f"{path}: already exists (another process created it while this one ran; pass "
-                           "--overwrite to replace it); nothing was written") from None
-        os.replace(tmp, path)
-        return
-    os.unlink(tmp)
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None], overwrite: bool = True) -> None:
-    """Call write(tmp_path) on a temp file beside `path`, fsync it, then move it to `path`: over an existing file
-    with `overwrite`, else only if `path` still does not exist (see _commit).
-
-    A reader sees the old file or the complete new one, never a torn one; on failure (an interrupting signal
-    included) nothing is left. An I/O error (a full disk, a read-only directory) becomes a one-line MoeError
-    naming `path` and the reason. Within a command, a `path` that aliases a file the command read is refused.
-    """
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise MoeError(f"{path.parent}: output directory does not exist")
-    check_not_inputs([path])
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 (and some writers recreate the file)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        check_not_inputs([path])
-        # The move is not interrupted half-way by SIGINT / SIGTERM: their handlers run after it.
-        with _signals_deferred():
-            _commit(tmp, path, overwrite)
-            tmp = None
-    except BaseException as e:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        if isinstance(e, Exception) and not isinstance(e, MoeError) and is_io_error(e):
-            raise MoeError(f"{path}: cannot write ({os_reason(e)}); nothing was written") from None
-        raise
-
-
-@contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    blocked = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, blocked) if hasattr(signal, "pthread_sigmask") else None
-    try:
-        yield
-    finally:
-        if old is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = True) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), overwrite)
 
 
 def save_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
@@ -277,17 +106,6 @@ def read_json(path: str | os.PathLike) -> Any:
         raise CheckpointError(f"{path}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg})") from None
     except ValueError as e:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from None
-
-
-def check_format(version: Any, written_by: Any, where: str | os.PathLike) -> None:
-    """Refuse a file of another format version than this moe's, naming both (see the module docstring)."""
-    if isinstance(version, bool) or not isinstance(version, int):
-        raise CheckpointError(f"{where}: format_version: expected an integer, got {str(version)[:40]!r}")
-    if version != FORMAT_VERSION:
-        advice = ("upgrade moe to read it" if version > FORMAT_VERSION
-                  else "retrain or re-export it with this version")
-        raise CheckpointError(f"{where}: written by moe {str(written_by)[:40]} in format {version}; this moe "
-                              f"{__version__} reads format {FORMAT_VERSION} only ({advice})")
 
 
 def load_run_config(run_dir: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:

@@ -25,6 +25,7 @@ import click
 
 from . import __version__
 from .errors import Interrupted, MoeError
+from .files import command_inputs
 
 SUBCOMMANDS = {  # name -> (module, attribute, one-line help)
     "train": ("train.cli", "train", "Train a model into a run directory."),
@@ -103,8 +104,7 @@ def stop_signals_raise() -> Iterator[None]:
 @contextlib.contextmanager
 def command_scope() -> Iterator[None]:
     """One command's run: stop signals raise, and the files it reads are recorded so that no output replaces them
-    (moe_core.checkpoint.command_inputs)."""
-    from .checkpoint import command_inputs  # the checkpoint module imports torch: only once a command runs
+    (moe_core.files.command_inputs)."""
 
     with stop_signals_raise(), command_inputs():
         yield

@@ -97,10 +97,10 @@ def serve(model, input_path, output_path, mode, batch_size, provider, runtime, m
     not exist), so a failed or interrupted run leaves nothing behind. --output may not be the input or any file of
     the model (its tokenizer, its step graph), with or without --overwrite.
     """
-    from moe_core.checkpoint import atomic_write, check_not_inputs, check_output, note_inputs
+    from moe_core.files import atomic_write, check_not_inputs, check_output, note_inputs
+    from moe_core.ort_session import usable_cpus
 
     from .jsonl import EXPECTED, PUZZLE_EXPECTED, chunked, count_records, read_puzzles, read_records
-    from .runtime import usable_cpus
     from .server import Server
 
     inp = Path(input_path)

@@ -18,20 +18,12 @@ Runtimes
 --------
 `open_model` gives an `OrtModel` of the unrolled graph (every halting step for every sample) or, for a model
 exported with `moe export --stepwise`, a `StepwiseModel`: its step graph MODEL.step.onnx run one supervision step at
-a time with halted samples dropped from the batch (serve/stepwise.py) — same `run`, same results. The step graph
+a time with halted samples dropped from the batch (moe_core/stepwise.py) — same `run`, same results. The step graph
 must come from the same export (weights sha256, precision, tokenizer and halt_max_steps in both files' metadata).
 fp32 results are equal (halt steps exactly, outputs within fp32 noise). Reduced precision agrees within its own noise
 only: fp16 graphs pass the carry between steps in fp32 (kept float32 I/O), and int8 graphs quantise activations per
 batch, which changes as samples leave it (measured on a test model: identical halt steps, max |logit diff| 8e-5 fp16,
 1e-5 int8).
-
-CPU session options: graph optimisation ORT_ENABLE_ALL (constant folding and the generic fusions; the
-transformer fusions do not match a custom MoE/MoH graph, but nothing is lost by trying), intra-op threads =
-physical cores (a second hyper-thread on the same core only contends for the same FMA units), one inter-op
-thread with ORT_SEQUENTIAL execution (the graph is one long chain of dependent ops: parallel branches are
-tiny, and inter-op threads would compete with the intra-op pool), intra-op workers that sleep when idle
-instead of spinning (session_options: measured). `--threads` overrides the intra-op count, up to the CPUs the
-process may use (intra_op_threads).
 
 Verifying the CUDA path on a GPU machine (it cannot run on the CPU-only CI):
     pip install "moe[gpu]"        # onnxruntime-gpu replaces onnxruntime; needs CUDA 13 + cuDNN 9
@@ -51,36 +43,30 @@ from typing import Any
 import numpy as np
 
 from moe_core import sudoku as S
-from moe_core.checkpoint import check_format
 from moe_core.config import MAX_CYCLES
 from moe_core.errors import MoeError
+from moe_core.formats import check_format
+from moe_core.graph_contract import (
+    GRAPH_IO,
+    METADATA_KEYS,
+    STEP_SUFFIX,
+    TASKS,
+    read_step_metadata,
+    run_task,
+)
 from moe_core.jsonl import json_error, json_type, parse_json
+from moe_core.ort_session import CPU_EP, intra_op_threads, ort_session
+from moe_core.stepwise import StepCounts, run_stepwise
 from moe_core.tokenizer import read_tokenizer
 
 from .graph import add_serving_outputs
-from .stepwise import (
-    HALT_STEP,
-    STEP_INPUTS,
-    STEP_OUTPUTS,
-    STEP_SUFFIX,
-    StepCounts,
-    read_step_metadata,
-    run_stepwise,
-)
 
 PROVIDER_CHOICES = ("auto", "cuda", "cpu")
-CUDA_EP, CPU_EP = "CUDAExecutionProvider", "CPUExecutionProvider"
+CUDA_EP = "CUDAExecutionProvider"
 # fp32 parity with eager PyTorch: no TF32 matmuls (the CUDA EP's default is TF32 on).
 CUDA_OPTIONS = {"use_tf32": "0"}
 
-LOGITS = "logits"
-INPUTS = ("input_ids", "attention_mask")  # the exported graph's contract (export/onnx_export.py)
-OUTPUTS = (LOGITS, HALT_STEP)
-GRAPH_IO = {"unrolled": (INPUTS, OUTPUTS), "step": (STEP_INPUTS, STEP_OUTPUTS)}  # by metadata "graph"
 RUNTIMES = ("auto", "unrolled", "stepwise")
-METADATA_KEYS = ("moe_version", "config", "vocab_size", "max_seq_len", "halt_max_steps", "causal",
-                 "tokenizer_file", "tokenizer_sha256")
-TASKS = ("lm", "sudoku")  # the run's train.task (metadata "task"; models exported before it existed: the config's)
 SUDOKU_VOCAB = 10  # a Sudoku model's tokens are the cell digits, 0 = blank (train/sudoku_task.py)
 
 
@@ -112,53 +98,6 @@ def resolve_provider(requested: str, tried: list[Any], session_providers: list[s
     if wanted_cuda:
         return "cpu", f"{CUDA_EP} is listed but could not be used (CUDA 13 / cuDNN 9 libraries not found?)"
     return "cpu", None
-
-
-def usable_cpus() -> int:
-    """Logical CPUs this process may run on (its affinity mask where the OS has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def intra_op_threads(threads: int | None) -> int:
-    """The intra-op thread count: `threads` cut to usable_cpus() (more threads than CPUs only contend, and a huge
-    count makes ONNX Runtime spend minutes creating them), or physical_cores() when None."""
-    return physical_cores() if threads is None else max(1, min(int(threads), usable_cpus()))
-
-
-def physical_cores() -> int:
-    """Physical cores this process may use (hyper-threads of one core count once)."""
-    logical = usable_cpus()
-    try:
-        cores, phys = set(), None
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "physical id":
-                    phys = value.strip()
-                elif key == "core id":
-                    cores.add((phys, value.strip()))
-        n = len(cores) or logical
-    except OSError:  # not Linux: assume no hyper-threading rather than guess
-        n = logical
-    return max(1, min(n, logical))
-
-
-def session_options(threads: int | None):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.intra_op_num_threads = intra_op_threads(threads)
-    opts.inter_op_num_threads = 1
-    # Idle intra-op workers sleep instead of spinning (ORT's default spins): on a machine whose cores other work
-    # also uses, the spinning workers took the cores they waited for. Measured here (2 threads, other jobs
-    # running, 32 x 128): 332 -> 226 ms per batch fp32 (8 x 128: 73 -> 52 ms); batch 1 x 128 pays ~1 ms
-    # (7.3 -> 8.2 ms). The same as OMP_WAIT_POLICY=PASSIVE for PyTorch.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = 3  # warnings about unused initializers etc. are not the user's business
-    return opts
 
 
 # -----------------------------------------------------------------------------
@@ -230,8 +169,7 @@ def read_model(path: str | os.PathLike, graph: str = "unrolled"):
     if not isinstance(config, dict):
         raise MoeError(f"{path}: malformed metadata config: expected a JSON object, got a JSON {json_type(config)}")
     tok_name = file_beside(meta, "tokenizer_file", path)
-    train = config.get("train")
-    task = meta.get("task", train.get("task", "lm") if isinstance(train, dict) else "lm")
+    task = meta.get("task", run_task(config))  # files exported before the key existed: the run config's
     if task not in TASKS:
         raise MoeError(f"{path}: malformed metadata task: expected one of {', '.join(TASKS)}, got {str(task)[:40]!r}")
     info = ModelInfo(path, path.with_name(tok_name), sizes["vocab_size"], sizes["max_seq_len"],
@@ -294,8 +232,7 @@ class OrtModel:
             ort.preload_dlls()  # CUDA / cuDNN from the pip nvidia-* packages, when that is how they were installed
         self.threads = intra_op_threads(threads)
         try:
-            self.session = ort.InferenceSession(proto.SerializeToString(), sess_options=session_options(self.threads),
-                                                providers=providers)
+            self.session = ort_session(proto.SerializeToString(), self.threads, providers)
         except Exception as e:  # ORT raises its own exception types for invalid graphs
             raise MoeError(f"{self.info.path}: ONNX Runtime cannot load the model ({str(e).splitlines()[0]})") from None
         self.provider, self.note = resolve_provider(provider, providers, self.session.get_providers())
@@ -330,7 +267,7 @@ class OrtModel:
 
 class StepwiseModel:
     """The step graph of an exported model, run step by step with halted samples dropped from the batch
-    (serve/stepwise.py): the same `run` and results as the unrolled graph's OrtModel, less compute when samples
+    (moe_core/stepwise.py): the same `run` and results as the unrolled graph's OrtModel, less compute when samples
     halt early. The carry goes through host memory between steps (on CUDA too)."""
 
     runtime = "stepwise"

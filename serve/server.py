@@ -31,7 +31,7 @@ a solution given with the puzzle.
 
 Runtimes. The unrolled graph (MODEL.onnx) runs every halting step for every sample; a model exported with
 `moe export --stepwise` also has MODEL.step.onnx, which serve runs one supervision step at a time, dropping each
-sample from the batch at the step it halts (serve/stepwise.py): the same results, less compute when samples halt
+sample from the batch at the step it halts (moe_core/stepwise.py): the same results, less compute when samples halt
 early. runtime="auto" takes the step graph when there is one. `server.model.counts` counts the steps computed.
 
 Batching. Work is sorted by length (longest first) and cut into batches of batch_size rows, right-padded with
@@ -59,9 +59,10 @@ import numpy as np
 from moe_core import EOT
 from moe_core import sudoku as S
 from moe_core.errors import MoeError
+from moe_core.graph_contract import HALT_STEP, LOGITS
 
 from .graph import LAST_LOGITS, TOKEN_LOGPROBS
-from .runtime import HALT_STEP, LOGITS, SUDOKU_VOCAB, ModelInfo, OrtModel, StepwiseModel, open_model
+from .runtime import SUDOKU_VOCAB, ModelInfo, OrtModel, StepwiseModel, open_model
 
 # Activation elements one forward pass may hold (see "Batching" above): 2^26 float32 = 256 MiB per estimated
 # tensor slot. The estimate undercounts what ONNX Runtime keeps alive (measured on the tiny test model: ~3.6k

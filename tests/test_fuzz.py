@@ -349,7 +349,8 @@ def model_bytes(tokenizer_text) -> bytes:
 def test_model_file_reader_returns_or_raises_moe_error(scratch, model_bytes, data):
     import onnx
 
-    from serve.runtime import METADATA_KEYS, read_model
+    from moe_core.graph_contract import METADATA_KEYS
+    from serve.runtime import read_model
 
     if data.draw(st.booleans()):
         proto = onnx.load_from_string(model_bytes)

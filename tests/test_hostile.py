@@ -29,11 +29,12 @@ from click.testing import CliRunner
 from conftest import REPO, finish, make_corpus, spawn_moe
 from safetensors.torch import load_file, save_file
 
-from export.onnx_export import tokenizer_path_for
 from moe_core import ModelConfig, RecursiveMoE
-from moe_core.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, atomic_write, save_run, save_weights
+from moe_core.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, save_run, save_weights
 from moe_core.cli import cli, run
 from moe_core.errors import MoeError
+from moe_core.files import atomic_write
+from moe_core.graph_contract import tokenizer_path_for
 from moe_core.jsonl import MAX_LINE_BYTES
 from train.data import train_tokenizer
 

@@ -25,23 +25,16 @@ from conftest import finish, spawn_moe
 from onnx import numpy_helper
 from test_hostile import GOOD_JSONL, TINY, VOCAB, assert_refused, contract_graph, leftovers, moe, tokenizer_json
 
-from export.onnx_export import tokenizer_path_for
 from moe_core import EOT, ModelConfig, MoeError, RecursiveMoE
-from moe_core.checkpoint import (
-    CONFIG_FILE,
-    TOKENIZER_FILE,
-    WEIGHTS_FILE,
-    atomic_write_text,
-    command_inputs,
-    load_model,
-    save_run,
-)
+from moe_core.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, load_model, save_run
 from moe_core.cli import cli
+from moe_core.files import atomic_write_text, command_inputs
+from moe_core.graph_contract import step_path_for, tokenizer_path_for
+from moe_core.ort_session import usable_cpus
 from serve import Server
 from serve.jsonl import chunked
-from serve.runtime import ModelInfo, usable_cpus
+from serve.runtime import ModelInfo
 from serve.server import MAX_BATCH_ELEMENTS
-from serve.stepwise import step_path_for
 
 
 @pytest.fixture(scope="module")

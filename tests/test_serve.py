@@ -19,11 +19,12 @@ from export.onnx_export import export_run
 from moe_core import ModelConfig, MoeError, RecursiveMoE, load_model
 from moe_core.checkpoint import save_run
 from moe_core.cli import cli, run
+from moe_core.graph_contract import HALT_STEP
+from moe_core.stepwise import StepCounts
 from serve import Server
 from serve.graph import LAST_LOGITS, TOKEN_LOGPROBS
-from serve.runtime import CPU_EP, CUDA_EP, HALT_STEP, choose_providers, resolve_provider
+from serve.runtime import CPU_EP, CUDA_EP, choose_providers, resolve_provider
 from serve.server import length_batches, pick_token, windows
-from serve.stepwise import StepCounts
 from train.data import train_tokenizer
 
 T = 16  # the model's max_seq_len

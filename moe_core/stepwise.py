@@ -1,79 +1,30 @@
-"""Step-wise serving: run a recursive model one supervision step at a time and stop each sample when it halts.
+"""Step-wise running of a step graph (moe_core.graph_contract): one supervision step at a time, each sample
+stopped when it halts. Torch-free (numpy; the session is any object with ONNX Runtime's `run`): serve runs its
+models with it and the parity check of `moe export` proves the step graph with it.
 
 The unrolled graph (MODEL.onnx) computes all halt_max_steps steps for every sample and selects each sample's
-halting step with masks: a static graph cannot do less. `moe export --stepwise` also writes MODEL.step.onnx, one
-supervision step as a graph of its own (RecursiveMoE.step, the code forward itself runs):
-
-    inputs  input_ids, attention_mask  int64 [batch, seq]
-            z_H, z_L                   float32 [batch, seq, d_model]   the carry
-    outputs next_z_H, next_z_L         float32 [batch, seq, d_model]   the carry after the step
-            logits                     float32 [batch, seq, vocab]     this step's logits
-            halt_logit                 float32 [batch]                 the sample halts at this step when > 0
-
-The initial carry is the model's fixed z_H_init / z_L_init vectors broadcast over [batch, seq]; they are in the
-step graph's metadata (JSON lists of float32 values, exact). `run_stepwise` is the loop: after each step the
-samples whose halt logit is > 0 keep that step's outputs and leave the batch (the still-running rows are
+halting step with masks: a static graph cannot do less. `run_stepwise` is the loop over the step graph: after each
+step the samples whose halt logit is > 0 keep that step's outputs and leave the batch (the still-running rows are
 gathered, carry included, for the next step); it stops when every sample has halted, or at halt_max_steps, where
-the rest keep the last step's outputs. That is the unrolled graph's rule (the first step whose halt probability is
-> 0.5, else the last), so the results are the same: identical halt steps, logits equal within fp32 noise (rows
-are independent: attention, routing and halting never mix samples).
+the rest keep the last step's outputs. The carry starts as the step graph's initial-carry metadata broadcast over
+[batch, seq]. That is the unrolled graph's rule (the first step whose halt probability is > 0.5, else the last),
+so the results are the same: identical halt steps, logits equal within fp32 noise (rows are independent:
+attention, routing and halting never mix samples).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from moe_core.errors import MoeError
-
-HALT_STEP = "halt_step"  # computed by the loop (the unrolled graph's output of the same name)
-STEP_INPUTS = ("input_ids", "attention_mask", "z_H", "z_L")
-STEP_OUTPUTS = ("next_z_H", "next_z_L", "logits", "halt_logit")
-STEP_SUFFIX = ".step.onnx"
-INIT_KEYS = ("z_H_init", "z_L_init")
+from .graph_contract import HALT_STEP, read_step_metadata
 
 # Runs one step: (feeds by input name, output names) -> the outputs, as host arrays.
 StepFn = Callable[[dict[str, np.ndarray], list[str]], list[np.ndarray]]
-
-
-def step_path_for(onnx_path: str | os.PathLike) -> Path:
-    """The step graph written beside MODEL.onnx: MODEL.step.onnx."""
-    p = Path(onnx_path)
-    return p.with_name(p.stem + STEP_SUFFIX)
-
-
-def init_metadata(z_H_init: np.ndarray, z_L_init: np.ndarray) -> dict[str, str]:
-    """The initial-carry vectors as metadata values: float32 -> Python float (exact) -> JSON (shortest repr)."""
-    return {k: json.dumps(np.asarray(v, dtype=np.float32).tolist()) for k, v in zip(INIT_KEYS, (z_H_init, z_L_init),
-                                                                                     strict=True)}
-
-
-def read_step_metadata(meta: dict[str, str], where: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, int]:
-    """(z_H_init [D], z_L_init [D], halt_max_steps) from a step graph's metadata; MoeError naming `where`."""
-    inits = []
-    for key in INIT_KEYS:
-        try:
-            v = np.asarray(json.loads(meta[key]), dtype=np.float32)
-        except KeyError:
-            raise MoeError(f"{where}: missing metadata {key} (expected a step graph written by `moe export "
-                           "--stepwise`)") from None
-        except (ValueError, TypeError):
-            v = None
-        if v is None or v.ndim != 1 or not v.size or not np.isfinite(v).all():
-            raise MoeError(f"{where}: malformed metadata {key}: expected a JSON list of finite numbers")
-        inits.append(v)
-    if inits[0].shape != inits[1].shape:
-        raise MoeError(f"{where}: metadata z_H_init and z_L_init differ in length ({inits[0].size} vs {inits[1].size})")
-    steps = meta.get("halt_max_steps", "")
-    if not (steps.isascii() and steps.isdigit() and 0 < int(steps) < 10**6):
-        raise MoeError(f"{where}: malformed metadata halt_max_steps: expected a positive integer, got {steps[:40]!r}")
-    return inits[0], inits[1], int(steps)
 
 
 @dataclass

@@ -1,0 +1,120 @@
+"""The contract between `moe export` and its readers (serve, the parity check, the benchmarks): the graphs' input
+and output names, the metadata keys, the files written beside MODEL.onnx. Torch-free: numpy only.
+
+The unrolled graph (MODEL.onnx) computes every supervision step and selects each sample's halting step with masks:
+
+    inputs  input_ids, attention_mask  int64 [batch, seq]
+    outputs logits                     float32 [batch, seq, vocab]    the halting step's logits
+            halt_step                  int64 [batch]                  the step each sample halted at (1-based)
+
+The step graph (MODEL.step.onnx, `moe export --stepwise`) is one supervision step (RecursiveMoE.step):
+
+    inputs  input_ids, attention_mask  int64 [batch, seq]
+            z_H, z_L                   float32 [batch, seq, d_model]   the carry
+    outputs next_z_H, next_z_L         float32 [batch, seq, d_model]   the carry after the step
+            logits                     float32 [batch, seq, vocab]     this step's logits
+            halt_logit                 float32 [batch]                 the sample halts at this step when > 0
+
+Metadata (string values) of both graphs: METADATA_KEYS (all required), then format_version (moe_core.formats),
+task (TASKS; files without it: the run config's train.task), precision ("fp32" or the reduced-precision variant),
+weights_sha256 (ties a step graph to its unrolled graph), step_graph (the unrolled graph's step graph, a file name
+beside it). A step graph also has graph = "step" and its initial carry, INIT_KEYS: the model's fixed z_H_init /
+z_L_init vectors broadcast over [batch, seq], as JSON lists of float32 values (exact).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .errors import MoeError
+from .formats import FORMAT_VERSION
+
+LOGITS = "logits"
+HALT_STEP = "halt_step"
+INPUTS = ("input_ids", "attention_mask")
+OUTPUTS = (LOGITS, HALT_STEP)
+STEP_INPUTS = ("input_ids", "attention_mask", "z_H", "z_L")
+STEP_OUTPUTS = ("next_z_H", "next_z_L", LOGITS, "halt_logit")
+GRAPH_IO = {"unrolled": (INPUTS, OUTPUTS), "step": (STEP_INPUTS, STEP_OUTPUTS)}  # by metadata "graph"
+METADATA_KEYS = ("moe_version", "config", "vocab_size", "max_seq_len", "halt_max_steps", "causal",
+                 "tokenizer_file", "tokenizer_sha256")
+TASKS = ("lm", "sudoku")  # a run's train.task
+INIT_KEYS = ("z_H_init", "z_L_init")
+STEP_SUFFIX = ".step.onnx"
+TOKENIZER_SUFFIX = ".tokenizer.json"
+
+
+def step_path_for(onnx_path: str | os.PathLike) -> Path:
+    """The step graph written beside MODEL.onnx: MODEL.step.onnx."""
+    p = Path(onnx_path)
+    return p.with_name(p.stem + STEP_SUFFIX)
+
+
+def tokenizer_path_for(onnx_path: str | os.PathLike) -> Path:
+    """The tokenizer written beside MODEL.onnx: MODEL.tokenizer.json."""
+    p = Path(onnx_path)
+    return p.with_name(p.stem + TOKENIZER_SUFFIX)
+
+
+def run_task(full_config: dict) -> str:
+    """The run's task (train.task of its config.json): "lm" (runs from before tasks existed too) or "sudoku"."""
+    train = full_config.get("train")
+    return train.get("task", "lm") if isinstance(train, dict) else "lm"
+
+
+def graph_metadata(full_config: dict[str, Any], vocab_size: int, max_seq_len: int, halt_max_steps: int,
+                   causal: bool, task: str, tokenizer_file: str, tokenizer_sha256: str,
+                   weights_sha256: str) -> dict[str, str]:
+    """The metadata of an exported unrolled graph (the step graph's: step_graph_metadata of it)."""
+    return {
+        "moe_version": __version__,
+        "format_version": str(FORMAT_VERSION),
+        "config": json.dumps(full_config, sort_keys=True),
+        "vocab_size": str(vocab_size),
+        "max_seq_len": str(max_seq_len),
+        "halt_max_steps": str(halt_max_steps),
+        "causal": str(causal).lower(),
+        "task": task,
+        "tokenizer_file": tokenizer_file,
+        "tokenizer_sha256": tokenizer_sha256,
+        "weights_sha256": weights_sha256,
+    }
+
+
+def step_graph_metadata(metadata: dict[str, str], z_H_init: np.ndarray, z_L_init: np.ndarray) -> dict[str, str]:
+    """The step graph's metadata: its unrolled graph's, plus graph = "step" and the initial carry."""
+    return {**metadata, "graph": "step", **init_metadata(z_H_init, z_L_init)}
+
+
+def init_metadata(z_H_init: np.ndarray, z_L_init: np.ndarray) -> dict[str, str]:
+    """The initial-carry vectors as metadata values: float32 -> Python float (exact) -> JSON (shortest repr)."""
+    return {k: json.dumps(np.asarray(v, dtype=np.float32).tolist()) for k, v in zip(INIT_KEYS, (z_H_init, z_L_init),
+                                                                                     strict=True)}
+
+
+def read_step_metadata(meta: dict[str, str], where: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, int]:
+    """(z_H_init [D], z_L_init [D], halt_max_steps) from a step graph's metadata; MoeError naming `where`."""
+    inits = []
+    for key in INIT_KEYS:
+        try:
+            v = np.asarray(json.loads(meta[key]), dtype=np.float32)
+        except KeyError:
+            raise MoeError(f"{where}: missing metadata {key} (expected a step graph written by `moe export "
+                           "--stepwise`)") from None
+        except (ValueError, TypeError):
+            v = None
+        if v is None or v.ndim != 1 or not v.size or not np.isfinite(v).all():
+            raise MoeError(f"{where}: malformed metadata {key}: expected a JSON list of finite numbers")
+        inits.append(v)
+    if inits[0].shape != inits[1].shape:
+        raise MoeError(f"{where}: metadata z_H_init and z_L_init differ in length ({inits[0].size} vs {inits[1].size})")
+    steps = meta.get("halt_max_steps", "")
+    if not (steps.isascii() and steps.isdigit() and 0 < int(steps) < 10**6):
+        raise MoeError(f"{where}: malformed metadata halt_max_steps: expected a positive integer, got {steps[:40]!r}")
+    return inits[0], inits[1], int(steps)
