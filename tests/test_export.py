@@ -18,12 +18,14 @@ import onnx
 import pytest
 import torch
 
-from export.onnx_export import export_run, tokenizer_path_for
-from export.parity import check_parity, ort_cpu_session, parity_inputs
+from export.onnx_export import export_run
+from export.parity import check_parity, parity_inputs
 from moe_core import ModelConfig, RecursiveMoE, load_model
 from moe_core.checkpoint import save_run
 from moe_core.cli import cli
-from serve.stepwise import STEP_INPUTS, STEP_OUTPUTS, StepwiseSession, read_step_metadata, step_path_for
+from moe_core.graph_contract import STEP_INPUTS, STEP_OUTPUTS, read_step_metadata, step_path_for, tokenizer_path_for
+from moe_core.ort_session import ort_session as ort_cpu_session
+from moe_core.stepwise import StepwiseSession
 
 VOCAB = 300
 WORDS = ("the king queen lord night day sword crown love death heart blood sleep dream fair foul "
