@@ -5,8 +5,12 @@ log-probs for scoring and the last valid position's logits for generation.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-from onnx import ModelProto, TensorProto, helper, numpy_helper
+
+if TYPE_CHECKING:
+    from onnx import ModelProto
 
 TOKEN_LOGPROBS, LAST_LOGITS = "token_logprobs", "last_logits"
 
@@ -17,6 +21,8 @@ def add_serving_outputs(proto: ModelProto) -> None:
     token_logprobs [B, T-1]: log_softmax(logits)[b, t, input_ids[b, t+1]] — the log-prob of each next token;
     last_logits    [B, V]:   logits[b, sum(attention_mask[b]) - 1] — the last valid position (right padding).
     """
+    from onnx import TensorProto, helper, numpy_helper  # when a model is opened: `import serve` stays light
+
     g = proto.graph
     if {TOKEN_LOGPROBS, LAST_LOGITS} & {o.name for o in g.output}:
         return
