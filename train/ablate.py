@@ -227,9 +227,8 @@ def write_report(out: Path, grid: Grid, base: RunConfig, rows: list[Row]) -> str
 def run_ablation(grid: Grid, preset: str | None, config_file: str | None, sets: list[str], out: str | Path,
                  overwrite: bool = False) -> list[Row]:
     """Train every variant of `grid` over the base config into OUT/NAME/ and write the comparison into OUT."""
-    from . import data as D  # torch and the trainer are imported only when a grid runs
-    from .trainer import check_run_dir
-    from .trainer import train as train_run
+    from .rundir_lock import RunDirLock  # torch and the trainer are imported only when a grid runs
+    from .trainer import check_run_dir, claim_run_dir
 
     out = Path(out)
     check_run_dir(out, overwrite)
@@ -251,10 +250,17 @@ def run_ablation(grid: Grid, preset: str | None, config_file: str | None, sets: 
         else:
             seen[key] = row
 
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise MoeError(f"{out}: cannot create the output directory ({e.strerror or e})") from None
+    with RunDirLock(out) as lock:  # one ablation writes OUT at a time (each variant's run locks its own)
+        claim_run_dir(out, overwrite, lock)
+        _run_grid(out, grid, base, rows, shared, overwrite)
+    return rows
+
+
+def _run_grid(out: Path, grid: Grid, base: RunConfig, rows: list[Row], shared: list[str], overwrite: bool) -> None:
+    """The tokenizer, then every variant, with the report rewritten after each (OUT exists and is locked)."""
+    from . import data as D
+    from .trainer import train as train_run
+
     if shared:  # one tokenizer for every variant: the same tokens, and its training is paid once
         t0 = time.perf_counter()
         tok = D.train_tokenizer(D.load_documents(base.train.data), base.model.vocab_size)
@@ -287,7 +293,6 @@ def run_ablation(grid: Grid, preset: str | None, config_file: str | None, sets: 
             if twin.status == f"same as {row.name}":
                 twin.figures, twin.reason = row.figures, row.reason
         write_report(out, grid, base, rows)  # after every variant: a killed grid keeps what it measured
-    return rows
 
 
 # -----------------------------------------------------------------------------

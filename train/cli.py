@@ -10,7 +10,7 @@ import click
 
 from moe_core.cli import run
 
-from .config import build_config, preset_names
+from .config import build_config, preset_names, with_absolute_paths
 
 
 @click.command(context_settings={"show_default": True})
@@ -66,7 +66,7 @@ def train(config_file, preset, overrides, data, tokenizer, out, resume_dir, over
             raise MoeError("--out: required (the run directory to write), or --resume RUN_DIR")
         if preset is None and config_file is None:
             preset = "default"
-        cfg = build_config(preset, config_file, extra)
+        cfg = with_absolute_paths(build_config(preset, config_file, extra))  # printed as config.json records it
         if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
             click.echo("config:\n" + json.dumps(cfg.to_dict(), indent=2))
         trainer.train(cfg, out, overwrite=overwrite)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -12,6 +13,14 @@ from typing import Any
 from moe_core.config import ModelConfig, _check, from_dict, show
 from moe_core.errors import ConfigError
 from moe_core.jsonl import read_text_file
+
+MAX_SEED = 2**63 - 1
+
+
+def seed_for(*parts: int) -> int:
+    """A seed derived from train.seed and stream numbers, e.g. seed_for(seed * 1_000_003, step): their sum,
+    wrapped into the 64 bits torch's generators take (the plain sum for every sum below 2**64)."""
+    return sum(parts) % 2**64
 
 
 @dataclass
@@ -80,6 +89,9 @@ class TrainConfig:
                f"sudoku_givens_min/max: expected 22 <= min <= max <= 80, got {self.sudoku_givens_min}, "
                f"{self.sudoku_givens_max}")
         _check(self.sudoku_min_guesses >= 0, where, f"sudoku_min_guesses: expected >= 0, got {self.sudoku_min_guesses}")
+        # torch seeds its generators with a 64-bit integer; the streams derived from the seed (per step, per rank)
+        # are taken modulo 2**64 (see seed_for), so every seed in this range gives a run.
+        _check(0 <= self.seed <= MAX_SEED, where, f"seed: expected an integer in 0..{MAX_SEED}, got {show(self.seed)}")
 
     @property
     def aux_weights(self) -> dict[str, float]:
@@ -103,6 +115,16 @@ class RunConfig:
             raise ConfigError(f"{where}: unknown section {show(unknown[0])} (expected [model] and [train])")
         return cls(ModelConfig.from_dict(data.get("model", {}), f"{where}: model", validate),
                    from_dict(TrainConfig, data.get("train", {}), f"{where}: train", validate))
+
+
+def with_absolute_paths(cfg: RunConfig) -> RunConfig:
+    """`cfg` with train.data and train.tokenizer made absolute against the current directory, as a new run
+    records them: `--resume` from any other directory then reads the same files. (A run saved with a relative
+    path keeps it, and resolves it against the directory it is resumed from.)"""
+    tc = cfg.train
+    absolute = {name: os.path.abspath(value) for name in ("data", "tokenizer")
+                if isinstance(value := getattr(tc, name), str) and value}
+    return RunConfig(cfg.model, dataclasses.replace(tc, **absolute)) if absolute else cfg
 
 
 def preset_names() -> list[str]:

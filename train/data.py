@@ -53,6 +53,11 @@ def load_documents(data: str | os.PathLike | None) -> list[str]:
     return docs
 
 
+def describe_data(data: str | os.PathLike | None) -> str:
+    """How messages name the training text: its path, or the default corpus."""
+    return "the default corpus" if data is None else str(data)
+
+
 def _check_not_empty(docs: list[str], where: Path) -> None:
     if not any(doc.strip() for doc in docs):
         raise MoeError(f"{where}: corpus is empty (no text besides whitespace); expected some training text")
@@ -135,8 +140,10 @@ class TokenData:
     vocab_size: int  # tok.get_vocab_size()
 
 
-def tokenize_corpus(docs: list[str], tok: Tokenizer, val_fraction: float, seq_len: int) -> TokenData:
-    """One token stream (documents joined by EOT); val is its last `val_fraction`, train the rest."""
+def tokenize_corpus(docs: list[str], tok: Tokenizer, val_fraction: float, seq_len: int,
+                    where: str | None = None) -> TokenData:
+    """One token stream (documents joined by EOT); val is its last `val_fraction`, train the rest. `where`
+    names the data in errors (its path)."""
     if not 0 < val_fraction <= 0.5:
         raise MoeError(f"val_fraction: expected a value in (0, 0.5], got {val_fraction}")
     if seq_len < 1:
@@ -155,8 +162,9 @@ def tokenize_corpus(docs: list[str], tok: Tokenizer, val_fraction: float, seq_le
     need = math.ceil((seq_len + 1) / val_fraction)
     if len(stream) < need:
         raise MoeError(
-            f"corpus too small: {len(stream)} tokens; need at least {need} "
-            f"for seq_len={seq_len} and val_fraction={val_fraction}"
+            (f"{where}: " if where else "") + f"corpus too small: {len(stream)} tokens; need at least {need} "
+            f"for seq_len={seq_len} and val_fraction={val_fraction} (model.max_seq_len, train.val_fraction): "
+            f"give more text or lower them"
         )
     n_val = round(len(stream) * val_fraction)
     # A contiguous tail keeps val text unseen in training (no window straddles the boundary).

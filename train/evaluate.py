@@ -180,17 +180,20 @@ def eval_(run_dir: str, steps_text: str, out: str | None, baseline_dir: str | No
     dev = torch.device("cuda" if use_cuda(device, "--device") else "cpu")
     out_dir = Path(out) if out is not None else run / "eval"
     names = [*OUTPUTS, PUZZLES_FILE] if cfg.train.task == "sudoku" else list(OUTPUTS)
-    # Everything that can be refused is refused before the evaluations are spent.
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--out {out_dir}: cannot create the output directory ({os_reason(e)})") from None
+    # Everything that can be refused is refused before the evaluations are spent, and every argument before
+    # anything is created: a refused command leaves no empty output directory behind.
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir}: exists and is not a directory")
     existing = [n for n in names if (out_dir / n).exists()]
     if existing and not overwrite:
         raise ConfigError(f"--out {out_dir / existing[0]}: exists; pass --overwrite to replace the eval outputs")
     model = load_model(run, dev)
     tok_text, _ = read_tokenizer(run / TOKENIZER_FILE, cfg.model.vocab_size)
     base_model = None if baseline_dir is None else load_baseline(Path(baseline_dir), run, cfg, tok_text, dev)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out_dir}: cannot create the output directory ({os_reason(e)})") from None
     if not model.config.recursive:
         steps = [1]  # the baseline has one pass: K does not apply
     task = make_task(cfg, tok_text, click.echo)

@@ -85,11 +85,34 @@ def _read_config(run_dir: Path) -> Record:
     return cfg if isinstance(cfg, dict) else {}
 
 
+# The largest magnitude a plot draws. matplotlib widens an axis around its data (margins, tick steps); near the
+# float maximum that arithmetic overflows and drawing fails, so a value beyond this (a diverged run's loss) is
+# left out of its curve, as a non-finite one is, and write_plots says so.
+PLOT_MAX = 1e300
+
+
 def _num(v: Any) -> float | None:
+    """A plottable number: finite and within ±PLOT_MAX (bools and other types are not numbers here)."""
     if isinstance(v, bool) or not isinstance(v, int | float):
         return None
-    v = float(v)
-    return v if math.isfinite(v) else None
+    try:
+        v = float(v)
+    except OverflowError:  # an int beyond the float range
+        return None
+    return v if math.isfinite(v) and abs(v) <= PLOT_MAX else None
+
+
+def _unplottable(records: list[Record]) -> list[tuple[str, Any]]:
+    """(key, step) of every finite number too large to draw (PLOT_MAX), in the records' order."""
+    out = []
+    for r in records:
+        for key, value in r.items():
+            for v in value if isinstance(value, list) else [value]:
+                if isinstance(v, int | float) and not isinstance(v, bool) and _num(v) is None and \
+                        not (isinstance(v, float) and not math.isfinite(v)):
+                    out.append((key, r.get("step")))
+                    break
+    return out
 
 
 def series(records: list[Record], key: str) -> tuple[list[float], list[float]]:
@@ -349,7 +372,8 @@ def plot_halting(train: list[Record], evals: list[Record], halt_max_steps: int |
         ax.plot(vx, vy, color="C1", lw=2.2, marker="o", ms=7, zorder=2, label="val_halt_step")
     if tx:
         ax.plot(tx, ty, color="C0", lw=1.2, marker=_marker(tx), ms=3, zorder=3, label="train halt_step_mean")
-        ax.set_ylim(0, halt_max_steps + 0.5)
+        # Halt steps run 1..halt_max_steps; without a config.json to give it, the data's own top is the limit.
+        ax.set_ylim(0, (halt_max_steps or max(ty + vy)) + 0.5)
     ax.set_title("Halting (ACT)")
     ax.set_xlabel("step (optimizer updates)")
     ax.set_ylabel("mean halt step (recursion steps / sequence)")
@@ -380,7 +404,8 @@ def plot_halt_hist(train: list[Record]) -> Figure | None:
     ax.stackplot(x, *zip(*fracs, strict=True), colors=[f"C{s % 10}" for s in range(S)], alpha=0.85,
                  labels=[f"halted at step {s + 1}" for s in range(S)])
     ax.set_ylim(0, 1)
-    ax.set_xlim(x[0], x[-1])
+    if x[-1] > x[0]:  # one logged step: matplotlib picks the x range itself
+        ax.set_xlim(x[0], x[-1])
     style_axes(ax, "Halting: share of samples by halt step (training batches)", "fraction of samples", legend=False)
     ax.legend(loc="upper left", fontsize=8, framealpha=0.85)  # early training halts late: the top left is quiet
     tail = [row for step, row in zip(x, counts, strict=True) if step >= x[0] + 0.75 * (x[-1] - x[0])]
@@ -448,38 +473,54 @@ def plot_val_loss_overlay(curves: dict[str, tuple[list[float], list[float]]], un
 def write_plots(run_dir: str | Path) -> list[Path]:
     """Write RUN_DIR/plots/*.png from RUN_DIR/metrics.jsonl; returns the paths written (skipped plots omitted)."""
     run_dir = Path(run_dir)
-    train, evals = split_records(read_metrics(run_dir / METRICS_FILE))
+    records = read_metrics(run_dir / METRICS_FILE)
+    skipped = _unplottable(records)
+    if skipped:
+        keys = ", ".join(dict.fromkeys(key for key, _ in skipped))
+        click.echo(f"note: {run_dir / METRICS_FILE}: {len(skipped)} value(s) beyond ±{PLOT_MAX:g} left out of the "
+                   f"plots, too large to draw ({keys}; the first at step {skipped[0][1]})", err=True)
+    train, evals = split_records(records)
     cfg = _read_config(run_dir)
     model_cfg = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
     train_cfg = cfg.get("train") if isinstance(cfg.get("train"), dict) else {}
-    n_heads = model_cfg.get("n_heads") if isinstance(model_cfg.get("n_heads"), int) else None
-    min_heads = model_cfg.get("min_heads") if isinstance(model_cfg.get("min_heads"), int) else None
-    halt_max = model_cfg.get("halt_max_steps") if isinstance(model_cfg.get("halt_max_steps"), int) else None
+    n_heads, min_heads = _count(model_cfg.get("n_heads")), _count(model_cfg.get("min_heads"))
+    halt_max = _count(model_cfg.get("halt_max_steps"))
     if model_cfg.get("recursive") is False:
         halt_max = None
     grad_clip = _num(train_cfg.get("grad_clip"))
 
     figures = {
-        "loss.png": plot_loss(train, evals),
-        "lr.png": plot_lr(train),
-        "grad_norm.png": plot_grad_norm(train, grad_clip),
-        "heads.png": plot_heads(train, n_heads, min_heads),
-        "head_load.png": plot_head_load(train),
-        "expert_load.png": plot_expert_load(train),
-        "halting.png": plot_halting(train, evals, halt_max),
-        "halt_hist.png": plot_halt_hist(train),
+        "loss.png": lambda: plot_loss(train, evals),
+        "lr.png": lambda: plot_lr(train),
+        "grad_norm.png": lambda: plot_grad_norm(train, grad_clip),
+        "heads.png": lambda: plot_heads(train, n_heads, min_heads),
+        "head_load.png": lambda: plot_head_load(train),
+        "expert_load.png": lambda: plot_expert_load(train),
+        "halting.png": lambda: plot_halting(train, evals, halt_max),
+        "halt_hist.png": lambda: plot_halt_hist(train),
     }
     out_dir = run_dir / PLOTS_DIR
     written: list[Path] = []
-    for name, fig in figures.items():
-        if fig is None:
-            continue
+    for name, build in figures.items():
         try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise MoeError(f"{out_dir}: cannot write ({os_reason(e)})") from None
-        written.append(save_figure(fig, out_dir / name))
+            fig = build()
+            if fig is None:
+                continue
+            try:
+                out_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise MoeError(f"{out_dir}: cannot write ({os_reason(e)})") from None
+            written.append(save_figure(fig, out_dir / name))  # matplotlib computes the axes while it saves
+        except (ValueError, OverflowError, ZeroDivisionError) as e:  # numbers no plot can take (atomic: no file)
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise MoeError(f"{run_dir / METRICS_FILE}: cannot draw {name} from its values ({reason[:200]})") \
+                from None
     return written
+
+
+def _count(v: Any) -> int | None:
+    """A positive count from config.json (heads, steps), or None for anything else (absent, mistyped, absurd)."""
+    return v if isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1_000_000 else None
 
 
 @click.command()

@@ -24,7 +24,7 @@ from moe_core.model import ModelOutput, RecursiveMoE
 
 from . import data as D
 from .checkpointing import data_fingerprint
-from .config import RunConfig
+from .config import RunConfig, seed_for
 from .distributed import SINGLE, Dist, is_sharded
 from .loss import per_sample_nll, training_loss
 
@@ -49,13 +49,14 @@ class Task:
     def describe(self, ev: dict[str, float]) -> str: ...
 
 
-def make_task(cfg: RunConfig, tokenizer_json: str | None, log: Any = print) -> Task:
-    """The run's task. tokenizer_json: the tokenizer to use (resume, and ranks > 0), None to build it."""
+def make_task(cfg: RunConfig, tokenizer_json: str | None, log: Any = print, new_run: bool = False) -> Task:
+    """The run's task. tokenizer_json: the tokenizer to use (resume, and ranks > 0), None to build it.
+    new_run: tokenizer_json was made for this new run (by rank 0), not read from a saved run."""
     if cfg.train.task == "sudoku":
         from .sudoku_task import SudokuTask  # noqa: PLC0415 - only sudoku runs need the generator
 
         return SudokuTask(cfg, log)
-    return LanguageTask(cfg, tokenizer_json, log)
+    return LanguageTask(cfg, tokenizer_json, log, new_run=new_run)
 
 
 # -----------------------------------------------------------------------------
@@ -65,13 +66,14 @@ def make_task(cfg: RunConfig, tokenizer_json: str | None, log: Any = print) -> T
 class LanguageTask(Task):
     name = "lm"
 
-    def __init__(self, cfg: RunConfig, tokenizer_json: str | None, log: Any = print) -> None:
+    def __init__(self, cfg: RunConfig, tokenizer_json: str | None, log: Any = print, new_run: bool = False) -> None:
         import time
 
         mc, tc = cfg.model, cfg.train
         self.cfg = cfg
         t0 = time.perf_counter()
         docs = D.load_documents(tc.data)
+        trained = tokenizer_json is None and tc.tokenizer is None
         if tokenizer_json is not None:
             tok = Tokenizer.from_str(tokenizer_json)
         elif tc.tokenizer is not None:
@@ -80,8 +82,18 @@ class LanguageTask(Task):
             tok = D.train_tokenizer(docs, mc.vocab_size)
         if tc.tokenizer is not None:
             mc.vocab_size = tok.get_vocab_size()  # the model's vocabulary is the user tokenizer's
+        elif (trained or new_run) and tok.get_vocab_size() < mc.vocab_size:
+            # BPE stops merging when the corpus has no pair left to merge, so a small corpus gives fewer tokens
+            # than asked for. The model takes the tokenizer's size, as with --tokenizer: embedding and output
+            # rows no token id can reach would only cost memory and compute, and would make the uniform
+            # baseline ln(V) describe a vocabulary that does not exist. Refusing would not help: the size a
+            # corpus supports is only known once the tokenizer is trained. (A resumed run keeps its saved size.)
+            if trained:
+                log(f"note: model.vocab_size {mc.vocab_size} lowered to {tok.get_vocab_size()}: the BPE trained "
+                    f"on {D.describe_data(tc.data)} stops there (the corpus has no more pairs to merge)")
+            mc.vocab_size = tok.get_vocab_size()
         self.tokenizer_json = tokenizer_json or tok.to_str(pretty=False)
-        self.data = D.tokenize_corpus(docs, tok, tc.val_fraction, mc.max_seq_len)
+        self.data = D.tokenize_corpus(docs, tok, tc.val_fraction, mc.max_seq_len, where=D.describe_data(tc.data))
         if self.data.vocab_size > mc.vocab_size:
             raise MoeError(f"tokenizer has {self.data.vocab_size} tokens but model.vocab_size is {mc.vocab_size}")
         self.val_batches = D.eval_batches(self.data.val, tc.batch_size, mc.max_seq_len, tc.eval_batches)
@@ -96,7 +108,7 @@ class LanguageTask(Task):
 
     def batch(self, step: int, rows: slice) -> tuple[Tensor, Tensor]:
         tc = self.cfg.train
-        self._gen.manual_seed(tc.seed * 1_000_003 + step)  # the global batch; each rank takes its rows
+        self._gen.manual_seed(seed_for(tc.seed * 1_000_003, step))  # the global batch; each rank takes its rows
         x, y = D.get_batch(self.data.train, tc.batch_size, self.cfg.model.max_seq_len, self._gen)
         return x[rows], y[rows]
 

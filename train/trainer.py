@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from moe_core.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, atomic_write_text, load_run_config, save_run
-from moe_core.errors import CheckpointError, ConfigError, MoeError
+from moe_core.errors import CheckpointError, ConfigError, MoeError, os_reason
 from moe_core.model import ModelOutput, RecursiveMoE
 from moe_core.tokenizer import read_tokenizer
 
@@ -34,9 +34,10 @@ from .checkpointing import (
     read_metrics_until,
     save_checkpoint,
 )
-from .config import RunConfig, parse_override
+from .config import RunConfig, parse_override, seed_for, with_absolute_paths
 from .distributed import SINGLE, Dist, autocast_for, full_tensor, init_from_env, parallelize, shutdown
 from .plots import write_plots
+from .rundir_lock import LOCK_FILE, RunDirLock, check_not_in_use
 from .schedule import lr_multiplier, warmup_steps
 from .tasks import Task, evaluate, make_task  # noqa: F401 - evaluate: part of this module's API
 
@@ -45,28 +46,60 @@ TENSORBOARD_DIR = "tensorboard"
 
 
 def check_run_dir(out: Path, overwrite: bool) -> None:
-    """Refuse an output that is a file or holds something (unless overwrite) — before any work is done."""
+    """Refuse an output that is a file, that another moe process is writing, or that holds something (unless
+    overwrite) — before any work is done, and changing nothing."""
     if out.exists() and not out.is_dir():
         raise MoeError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if out.is_dir():
+        check_not_in_use(out)
+        _check_empty(out, overwrite)
+
+
+def _check_empty(out: Path, overwrite: bool) -> None:
+    if not overwrite and any(p.name != LOCK_FILE for p in out.iterdir()):  # a lock file alone is no run
         raise MoeError(f"{out}: directory exists and is not empty (pass --overwrite to replace the run)")
 
 
-def prepare_run_dir(out: Path) -> None:
-    """Create `out` (clearing a previous run's files from it); fail with the path if it is not writable."""
-    if out.is_dir():
-        for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, METRICS_FILE):
-            (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / STATE_DIR, ignore_errors=True)
-        shutil.rmtree(out / "plots", ignore_errors=True)
-        shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)
+def claim_run_dir(out: Path, overwrite: bool, lock: RunDirLock) -> None:
+    """Create `out` if needed and take its lock; then, holding it, refuse `out` again if it filled up since
+    check_run_dir (another process wrote a run there meanwhile)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MoeError(f"{out}: cannot create the output directory ({os_reason(e)})") from None
+    lock.acquire()
+    _check_empty(out, overwrite)
+
+
+def prepare_run_dir(out: Path, overwrite: bool, lock: RunDirLock) -> None:
+    """Create and lock `out`, clear a previous run's files from it; fail with the path if it is not writable."""
+    claim_run_dir(out, overwrite, lock)
+    for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, METRICS_FILE):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+    shutil.rmtree(out / "plots", ignore_errors=True)
+    shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)
+    try:
         probe = out / ".write-test"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
         raise MoeError(f"{out}: output directory is not writable ({e.strerror or e})") from None
+
+
+def lock_on_rank0(lock: RunDirLock, dist: Dist, device: torch.device) -> None:
+    """Rank 0 takes the run directory's lock (it is the one that writes the directory's files); if it cannot,
+    every rank stops, rank 0 with the reason and the others pointing at it."""
+    error = None
+    if dist.is_main:
+        try:
+            lock.acquire()
+        except MoeError as e:
+            error = e
+    if dist.any(error is not None, device):
+        if error is not None:
+            raise error
+        raise MoeError(f"rank {dist.rank}: stopping, rank 0 could not lock {lock.run_dir} (its error is above)")
 
 
 def build_optimizer(model: RecursiveMoE, cfg: RunConfig) -> torch.optim.AdamW:
@@ -266,7 +299,9 @@ def train(cfg: RunConfig, out: str | os.PathLike, overwrite: bool = False) -> di
     get the tokenizer from it, so every rank tokenizes the same way.
     """
     run_dir = Path(out)
+    cfg = with_absolute_paths(cfg)
     dist, device = init_from_env(cfg.train.device)
+    lock = RunDirLock(run_dir)  # taken by rank 0 before its first write, held until the run ends
     try:
         dist.shard(cfg.train.batch_size)  # a global batch the ranks cannot split evenly fails before any work
         tok_text = None
@@ -275,12 +310,12 @@ def train(cfg: RunConfig, out: str | os.PathLike, overwrite: bool = False) -> di
                 check_run_dir(run_dir, overwrite)
                 task = make_task(cfg, None, dist.log)
                 created = not run_dir.exists()
-                prepare_run_dir(run_dir)  # only now: bad data leaves no empty run directory behind
+                prepare_run_dir(run_dir, overwrite, lock)  # only now: bad data leaves no empty run directory
                 tok_text = task.tokenizer_json
             finally:
                 tok_text = dist.broadcast_text(tok_text, device)  # None (rank 0 failed) stops the other ranks
         else:
-            task = make_task(cfg, dist.broadcast_text(None, device), dist.log)
+            task = make_task(cfg, dist.broadcast_text(None, device), dist.log, new_run=True)
         model = _seeded_model(cfg, device, dist)
         if dist.is_main:
             try:
@@ -291,6 +326,7 @@ def train(cfg: RunConfig, out: str | os.PathLike, overwrite: bool = False) -> di
                 raise
         return Trainer(cfg, run_dir, device, task, model, dist).run(LoopState(data_fingerprint=task.fingerprint))
     finally:
+        lock.release()
         shutdown(dist)
 
 
@@ -315,7 +351,9 @@ def resume(run_dir: str | os.PathLike, overrides: list[str] = ()) -> dict[str, A
         sections["train"][key] = value
     cfg = RunConfig.from_dict(sections, str(config_path))
     dist, device = init_from_env(cfg.train.device)  # every rank reads the run directory (a shared filesystem)
+    lock = RunDirLock(run_dir)
     try:
+        lock_on_rank0(lock, dist, device)  # before anything in the directory is tidied or rewritten
         tok_text, _ = read_tokenizer(run_dir / TOKENIZER_FILE, cfg.model.vocab_size)
         task = make_task(cfg, tok_text, dist.log)
         sets = checkpoint_sets(run_dir)
@@ -338,6 +376,7 @@ def resume(run_dir: str | os.PathLike, overrides: list[str] = ()) -> dict[str, A
             atomic_write_text(config_path, json.dumps({**saved, "train": cfg.to_dict()["train"]}, indent=2) + "\n")
         return trainer.run(state, resumed=True)
     finally:
+        lock.release()
         shutdown(dist)
 
 
@@ -346,7 +385,7 @@ def _seeded_model(cfg: RunConfig, device: torch.device, dist: Dist) -> Recursive
     torch.manual_seed(cfg.train.seed)
     model = RecursiveMoE(cfg.model).to(device)
     if dist.enabled:
-        torch.manual_seed(cfg.train.seed + 1_000_003 * dist.rank)
+        torch.manual_seed(seed_for(cfg.train.seed, 1_000_003 * dist.rank))
     return model
 
 
