@@ -259,7 +259,8 @@ def test_failed_step_parity_writes_nothing(recursive_top1_bidir, tmp_path, monke
 
 
 def test_parity_trained_tiny_model(tmp_path):
-    """A model after real training steps (not just random weights) exports with parity."""
+    """A model after real training steps (not just random weights), at sequence length 128, exports with parity,
+    its routing and halting decisions compared one by one."""
     from train.config import build_config
     from train.trainer import train
 
@@ -267,11 +268,14 @@ def test_parity_trained_tiny_model(tmp_path):
     rng = np.random.default_rng(0)
     corpus.write_text("\n".join(" ".join(rng.choice(WORDS, 12)) for _ in range(1500)), encoding="utf-8")
     cfg = build_config("tiny", None, [f"train.data={json.dumps(str(corpus))}", "train.compile=false",
-                                      "train.max_steps=20", "model.vocab_size=300", "model.max_seq_len=16",
+                                      "train.max_steps=20", "model.vocab_size=300", "model.max_seq_len=128",
                                       "model.L_cycles=1"])
     train(cfg, tmp_path / "run")
     result = export_run(tmp_path / "run", tmp_path / "m.onnx", log=lambda _: None)
     assert result.parity.ok, result.parity.summary()
+    for case in result.parity.cases:
+        d = case.decisions
+        assert d is not None and d.compared >= case.shape[0] and d.wrong == 0, result.parity.summary()
 
 
 def test_parity_check_detects_a_wrong_graph(recursive_top2):
