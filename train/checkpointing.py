@@ -43,6 +43,7 @@ from safetensors.torch import save_file
 
 from moe_core import __version__
 from moe_core.checkpoint import (
+    CONFIG_FILE,
     FORMAT_VERSION,
     SHARD_FILES,
     SHARD_INDEX,
@@ -50,6 +51,7 @@ from moe_core.checkpoint import (
     atomic_write,
     check_weights,
     drop_sharded_weights,
+    load_run_config,
     read_json,
     read_shards,
     read_weights,
@@ -325,6 +327,14 @@ def _like(value: torch.Tensor, like: torch.Tensor, own: bool, where: Path, name:
                               f"sharded model holds {tuple(like.to_local().shape)}")
     return DTensor.from_local(value.to(like.device), like.device_mesh, like.placements, run_check=False,
                               shape=like.shape, stride=like.stride())
+
+
+def saved_config(run_dir: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """A run's config.json (checked: a run that `moe train` wrote) and its [model] and [train] sections."""
+    _, saved = load_run_config(run_dir)
+    if not isinstance(saved.get("train"), dict):
+        raise CheckpointError(f"{run_dir / CONFIG_FILE}: no \"train\" section: not a run written by moe train")
+    return saved, {"model": saved["model"], "train": dict(saved["train"])}
 
 
 def data_fingerprint(tokens: np.ndarray) -> str:

@@ -36,6 +36,7 @@ from moe_core.errors import ConfigError, os_reason
 from moe_core.model import RecursiveMoE
 from moe_core.tokenizer import read_tokenizer
 
+from .checkpointing import saved_config
 from .config import RunConfig
 from .distributed import autocast_for, use_cuda
 from .tasks import Task, make_task
@@ -69,8 +70,6 @@ def parse_steps(text: str) -> list[int]:
 
 
 def run_config(run_dir: Path) -> RunConfig:
-    from .trainer import saved_config  # noqa: PLC0415 - the trainer's loader
-
     return RunConfig.from_dict(saved_config(run_dir)[1], str(run_dir / CONFIG_FILE))
 
 

@@ -26,7 +26,7 @@ from .checkpointing import data_fingerprint
 from .config import RunConfig
 from .distributed import SINGLE, Dist, is_sharded
 from .loss import per_sample_nll, training_loss
-from .tasks import Task
+from .task import Task
 
 VOCAB = 10  # blank + 9 digits; the token of a cell is its digit
 

@@ -27,26 +27,9 @@ from .checkpointing import data_fingerprint
 from .config import RunConfig, seed_for
 from .distributed import SINGLE, Dist, is_sharded
 from .loss import per_sample_nll, training_loss
+from .task import Task
 
 TASKS = ("lm", "sudoku")
-
-
-class Task:
-    """The interface the trainer uses (LanguageTask is the reference implementation)."""
-
-    name: str
-    tokenizer_json: str  # written to RUN_DIR/tokenizer.json: export and serve read it
-    fingerprint: str  # identity of the training data: resume refuses other data
-    baselines: dict[str, float]  # logged with every evaluation
-
-    def batch(self, step: int, rows: slice) -> tuple[Tensor, Tensor]: ...
-
-    def loss(self, out: ModelOutput, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]: ...
-
-    def evaluate(self, model: RecursiveMoE, device: torch.device, autocast: contextlib.AbstractContextManager,
-                 dist: Dist = SINGLE) -> dict[str, float]: ...
-
-    def describe(self, ev: dict[str, float]) -> str: ...
 
 
 def make_task(cfg: RunConfig, tokenizer_json: str | None, log: Any = print, new_run: bool = False) -> Task:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from moe_core.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, atomic_write_text, load_run_config, save_run
+from moe_core.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, atomic_write_text, save_run
 from moe_core.errors import CheckpointError, ConfigError, MoeError, os_reason
 from moe_core.model import ModelOutput, RecursiveMoE
 from moe_core.tokenizer import read_tokenizer
@@ -33,6 +33,7 @@ from .checkpointing import (
     load_checkpoint,
     read_metrics_until,
     save_checkpoint,
+    saved_config,
 )
 from .config import RunConfig, parse_override, seed_for, with_absolute_paths
 from .distributed import SINGLE, Dist, autocast_for, full_tensor, init_from_env, parallelize, shutdown
@@ -328,14 +329,6 @@ def train(cfg: RunConfig, out: str | os.PathLike, overwrite: bool = False) -> di
     finally:
         lock.release()
         shutdown(dist)
-
-
-def saved_config(run_dir: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """A run's config.json (checked: a run that `moe train` wrote) and its [model] and [train] sections."""
-    _, saved = load_run_config(run_dir)
-    if not isinstance(saved.get("train"), dict):
-        raise CheckpointError(f"{run_dir / CONFIG_FILE}: no \"train\" section: not a run written by moe train")
-    return saved, {"model": saved["model"], "train": dict(saved["train"])}
 
 
 def resume(run_dir: str | os.PathLike, overrides: list[str] = ()) -> dict[str, Any]:

@@ -1,0 +1,32 @@
+"""The task interface the trainer uses (train/tasks.py: LanguageTask, the reference implementation, and make_task;
+train/sudoku_task.py: SudokuTask). Its own module so that every task can implement it without importing the others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+from moe_core.model import ModelOutput, RecursiveMoE
+
+from .distributed import SINGLE, Dist
+
+
+class Task:
+    """The interface the trainer uses (LanguageTask is the reference implementation)."""
+
+    name: str
+    tokenizer_json: str  # written to RUN_DIR/tokenizer.json: export and serve read it
+    fingerprint: str  # identity of the training data: resume refuses other data
+    baselines: dict[str, float]  # logged with every evaluation
+
+    def batch(self, step: int, rows: slice) -> tuple[Tensor, Tensor]: ...
+
+    def loss(self, out: ModelOutput, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]: ...
+
+    def evaluate(self, model: RecursiveMoE, device: torch.device, autocast: contextlib.AbstractContextManager,
+                 dist: Dist = SINGLE) -> dict[str, float]: ...
+
+    def describe(self, ev: dict[str, float]) -> str: ...
