@@ -44,7 +44,7 @@ STEP_OUTPUTS = ("next_z_H", "next_z_L", LOGITS, "halt_logit")
 GRAPH_IO = {"unrolled": (INPUTS, OUTPUTS), "step": (STEP_INPUTS, STEP_OUTPUTS)}  # by metadata "graph"
 METADATA_KEYS = ("moe_version", "config", "vocab_size", "max_seq_len", "halt_max_steps", "causal",
                  "tokenizer_file", "tokenizer_sha256")
-TASKS = ("lm", "sudoku")  # a run's train.task
+TASKS = ("lm", "sudoku")  # every task a run can have (its train.task): train checks and builds these, serve serves them
 INIT_KEYS = ("z_H_init", "z_L_init")
 STEP_SUFFIX = ".step.onnx"
 TOKENIZER_SUFFIX = ".tokenizer.json"

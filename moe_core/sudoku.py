@@ -4,7 +4,10 @@ A grid is a numpy uint8 array of shape [81] (row-major), 0 for a blank and 1..9 
 Pure Python + numpy (no torch), so serving and tests can check solutions without the model.
 
   parse_grid / format_grid / read_puzzle_file   text: 81 characters a grid, '.' or '0' for a blank
+  VOCAB / digit_tokenizer / cell_answers        a Sudoku model's tokens: a cell's token id is its digit (0 =
+                                                blank), and a cell's answer is its likeliest digit 1..9
   conflict / why_invalid / valid_solutions      the rules: what makes a solution valid (never the model's word)
+  check_givens / check_solution                 the same rules as input checks: MoeError naming the grid
   search / solve / count_solutions              exact solver: bitmasks, naked + hidden singles, fewest candidates
                                                 first; counts solutions up to a limit and reports its effort
   generate                                      puzzles with exactly one solution, deterministic by seed
@@ -18,7 +21,7 @@ import os
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -31,6 +34,7 @@ GRID_CHARS = "123456789" + BLANKS
 MAX_FILE_BYTES = 1 << 30  # ~6M puzzle+solution lines; the arrays would be ~1 GB
 MAX_LINE_CHARS = 1024  # a puzzle and its solution are 163 characters
 MIN_GIVENS = 17  # no 16-clue Sudoku has a unique solution (McGuire et al., 2012)
+VOCAB = 10  # a Sudoku model's vocabulary: blank + 9 digits; the token id of a cell is its digit, 0 = blank
 
 # Geometry. UNITS[u] are the 9 cells of unit u: rows 0-8, columns 9-17, boxes 18-26.
 _R = tuple(i // 9 for i in range(CELLS))
@@ -110,21 +114,32 @@ def read_puzzle_file(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | 
         if puzzles and (len(fields) == 2) != bool(solutions):
             raise MoeError(f"{where}: {'a' if len(fields) == 2 else 'no'} solution, unlike the lines before; "
                            "expected a solution on every line or on none")
-        puzzle = parse_grid(fields[0], f"{where} (puzzle)")
-        broken = conflict(puzzle)
-        if broken:
-            raise MoeError(f"{where}: the puzzle's givens conflict ({broken}); expected no digit twice in a row, "
-                           "column or box")
+        puzzle = check_givens(parse_grid(fields[0], f"{where} (puzzle)"), f"{where} (puzzle)")
         if len(fields) == 2:
-            solution = parse_grid(fields[1], f"{where} (solution)")
-            reason = why_invalid(puzzle, solution)
-            if reason:
-                raise MoeError(f"{where}: the solution does not solve the puzzle ({reason})")
-            solutions.append(solution)
+            solutions.append(check_solution(puzzle, parse_grid(fields[1], f"{where} (solution)"),
+                                            f"{where} (solution)"))
         puzzles.append(puzzle)
     if not puzzles:
         raise MoeError(f"{path}: no puzzles; expected lines of 81 characters (digits 1-9, '.' or '0' for a blank)")
     return np.stack(puzzles), (np.stack(solutions) if solutions else None)
+
+
+def digit_tokenizer() -> Any:
+    """A `tokenizers` Tokenizer for grids (the tokenizer.json of a Sudoku run): one token per character, the
+    token id of a digit its value, '.' read as '0' (blank). Imports `tokenizers` only when called."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers  # noqa: PLC0415
+
+    tok = Tokenizer(models.WordLevel({str(d): d for d in range(VOCAB)}, unk_token="0"))
+    tok.normalizer = normalizers.Replace(".", "0")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return tok
+
+
+def cell_answers(logits: Any) -> Any:
+    """Each cell's answer from a Sudoku model's logits [..., VOCAB] (a numpy array or a torch tensor, the same
+    type back): the likeliest digit 1..9. The blank token is never an answer."""
+    return logits[..., 1:VOCAB].argmax(-1) + 1
 
 
 def _as_grid(grid: np.ndarray) -> np.ndarray:
@@ -177,6 +192,22 @@ def why_invalid(puzzle: np.ndarray, solution: np.ndarray) -> str | None:
         i = int(np.argmax(changed))
         return f"the given {puzzle[i]} at r{_R[i] + 1}c{_C[i] + 1} became {solution[i]}"
     return conflict(solution)
+
+
+def check_givens(puzzle: np.ndarray, where: str) -> np.ndarray:
+    """`puzzle`, when its givens break no rule; else MoeError naming `where` and the rule."""
+    broken = conflict(puzzle)
+    if broken:
+        raise MoeError(f"{where}: the givens conflict ({broken}); expected no digit twice in a row, column or box")
+    return puzzle
+
+
+def check_solution(puzzle: np.ndarray, solution: np.ndarray, where: str) -> np.ndarray:
+    """`solution`, when it solves `puzzle`; else MoeError naming `where` (the solution) and why not."""
+    reason = why_invalid(puzzle, solution)
+    if reason:
+        raise MoeError(f"{where}: does not solve the puzzle ({reason})")
+    return solution
 
 
 def is_valid_solution(puzzle: np.ndarray, solution: np.ndarray) -> bool:

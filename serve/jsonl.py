@@ -136,15 +136,10 @@ def read_puzzles(path: str | os.PathLike) -> Iterator[PuzzleRecord]:
     ids = IdRule()
     for lineno, where, obj in read_objects(path, PUZZLE_EXPECTED):
         key = "puzzle" if "puzzle" in obj or "text" not in obj else "text"
-        puzzle = S.parse_grid(string_field(obj, key, where, PUZZLE_EXPECTED), f'{where}: "{key}"')
-        broken = S.conflict(puzzle)
-        if broken:
-            raise MoeError(f'{where}: "{key}": the givens conflict ({broken}); expected no digit twice in a row, '
-                           "column or box")
+        puzzle = S.check_givens(S.parse_grid(string_field(obj, key, where, PUZZLE_EXPECTED), f'{where}: "{key}"'),
+                                f'{where}: "{key}"')
         solution = None
         if obj.get("solution") is not None:
-            solution = S.parse_grid(string_field(obj, "solution", where, PUZZLE_EXPECTED), f'{where}: "solution"')
-            reason = S.why_invalid(puzzle, solution)
-            if reason:
-                raise MoeError(f'{where}: "solution" does not solve the puzzle ({reason})')
+            solution = S.check_solution(puzzle, S.parse_grid(string_field(obj, "solution", where, PUZZLE_EXPECTED),
+                                                             f'{where}: "solution"'), f'{where}: "solution"')
         yield PuzzleRecord(ids.check(obj, where, lineno), puzzle, solution)

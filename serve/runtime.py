@@ -67,7 +67,6 @@ CUDA_EP = "CUDAExecutionProvider"
 CUDA_OPTIONS = {"use_tf32": "0"}
 
 RUNTIMES = ("auto", "unrolled", "stepwise")
-SUDOKU_VOCAB = 10  # a Sudoku model's tokens are the cell digits, 0 = blank (train/sudoku_task.py)
 
 
 # -----------------------------------------------------------------------------
@@ -185,9 +184,9 @@ def read_model(path: str | os.PathLike, graph: str = "unrolled"):
     if task == "lm" and meta["causal"] != "true":
         raise MoeError(f"{path}: the model is not causal (metadata causal={meta['causal']}); "
                        "scoring and generation need a causal language model")
-    if task == "sudoku" and (info.vocab_size != SUDOKU_VOCAB or info.max_seq_len < S.CELLS):
+    if task == "sudoku" and (info.vocab_size != S.VOCAB or info.max_seq_len < S.CELLS):
         raise MoeError(f"{path}: a sudoku model with vocab_size {info.vocab_size} and max_seq_len {info.max_seq_len}; "
-                       f"expected vocab_size {SUDOKU_VOCAB} (blank + 9 digits) and max_seq_len >= {S.CELLS}")
+                       f"expected vocab_size {S.VOCAB} (blank + 9 digits) and max_seq_len >= {S.CELLS}")
     return proto, info
 
 

@@ -24,7 +24,7 @@ model was trained with.
 
 Solving (a Sudoku model, task "sudoku"). A puzzle is 81 cells, 0 (or '.') for a blank; its tokens are its digits.
 The answer of a cell is the likeliest digit 1..9 of the halting-selected logits (the blank token is never an
-answer; the same rule as training's evaluation, train/sudoku_task.digits); givens are not overwritten, so a model
+answer; moe_core.sudoku.cell_answers, the rule training's evaluation applies); givens are not overwritten, so a model
 that changes one gives an invalid solution. `valid` is decided by the rules alone (moe_core.sudoku.valid_solutions:
 every row, column and box a permutation of 1..9 and every given kept), never by the model; `correct` compares with
 a solution given with the puzzle.
@@ -62,7 +62,7 @@ from moe_core.errors import MoeError
 from moe_core.graph_contract import HALT_STEP, LOGITS
 
 from .graph import LAST_LOGITS, TOKEN_LOGPROBS
-from .runtime import SUDOKU_VOCAB, ModelInfo, OrtModel, StepwiseModel, open_model
+from .runtime import ModelInfo, OrtModel, StepwiseModel, open_model
 
 # Activation elements one forward pass may hold (see "Batching" above): 2^26 float32 = 256 MiB per estimated
 # tensor slot. The estimate undercounts what ONNX Runtime keeps alive (measured on the tiny test model: ~3.6k
@@ -491,7 +491,7 @@ class Server:
         for i in range(0, len(grids), batch_size):
             rows = grids[i:i + batch_size].astype(np.int64)
             logits, hs = self._forward(rows, [LOGITS, HALT_STEP])
-            answers[i:i + len(rows)] = logits[..., 1:SUDOKU_VOCAB].argmax(-1) + 1  # a cell's answer is a digit 1..9
+            answers[i:i + len(rows)] = S.cell_answers(logits)
             steps[i:i + len(rows)] = hs
             if progress is not None:
                 progress(len(rows))

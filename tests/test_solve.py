@@ -148,7 +148,7 @@ def test_bad_puzzles_are_named_by_line(sudoku, tmp_path):
         (good + '{"id": 4}\n', "in.jsonl", 'in.jsonl:2: missing "puzzle" field'),
         (good + json.dumps({"puzzle": 81}) + "\n", "in.jsonl", 'in.jsonl:2: "puzzle" is a JSON number'),
         (good + json.dumps({"puzzle": conflicting}) + "\n", "in.jsonl", "in.jsonl:2: \"puzzle\": the givens conflict"),
-        (good + unsolved + "\n", "in.jsonl", 'in.jsonl:2: "solution" does not solve the puzzle'),
+        (good + unsolved + "\n", "in.jsonl", 'in.jsonl:2: "solution": does not solve the puzzle'),
         ("", "in.jsonl", "in.jsonl: no input records"),
         ("# puzzles\n" + S.format_grid(task.test_puzzles[0]) + "\n" + "5" * 80 + "\n", "in.txt",
          "in.txt:3 (puzzle): a grid of 80 characters"),

@@ -74,10 +74,10 @@ def test_read_puzzle_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("content, expected", [
-    (f"{WIKIPEDIA[0]}\n\n{'55' + WIKIPEDIA[0][2:]}\n", ":3: the puzzle's givens conflict (row 1 holds 5 twice)"),
+    (f"{WIKIPEDIA[0]}\n\n{'55' + WIKIPEDIA[0][2:]}\n", ":3 (puzzle): the givens conflict (row 1 holds 5 twice)"),
     (f"{WIKIPEDIA[0]}\n{WIKIPEDIA[0][:-1]}\n", ":2 (puzzle): a grid of 80 characters"),
-    (f"{WIKIPEDIA[0]},{INKALA[1]}\n", ":1: the solution does not solve the puzzle (the given 5 at r1c1 became 8)"),
-    (f"{WIKIPEDIA[0]},{WIKIPEDIA[0]}\n", ":1: the solution does not solve the puzzle (cell r1c3 is blank)"),
+    (f"{WIKIPEDIA[0]},{INKALA[1]}\n", ":1 (solution): does not solve the puzzle (the given 5 at r1c1 became 8)"),
+    (f"{WIKIPEDIA[0]},{WIKIPEDIA[0]}\n", ":1 (solution): does not solve the puzzle (cell r1c3 is blank)"),
     (f"{WIKIPEDIA[0]},{WIKIPEDIA[1][:80]}x\n", ":1 (solution): character 'x' at cell 81"),
     (f"{WIKIPEDIA[0]},{WIKIPEDIA[1]}\n{INKALA[0]}\n", ":2: no solution, unlike the lines before"),
     (f"{WIKIPEDIA[0]} {WIKIPEDIA[1]} extra\n", ":1: 3 fields; expected a puzzle and an optional solution"),

@@ -9,9 +9,10 @@ import torch
 from moe_core import sudoku as S
 from moe_core.errors import ConfigError
 from moe_core.model import ModelOutput, RecursiveMoE
+from moe_core.sudoku import cell_answers, digit_tokenizer
 from train.config import build_config
 from train.loss import training_loss
-from train.sudoku_task import SudokuTask, check_model, digit_tokenizer, digits
+from train.sudoku_task import SudokuTask, check_model
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,7 @@ def test_digits_never_answers_blank_and_tokenizer_maps_cells_to_digits() -> None
     logits = torch.zeros(1, 81, 10)
     logits[..., 0] = 100.0  # the blank token scores highest, yet an answer is a digit
     logits[..., 4] = 1.0
-    assert (digits(logits) == 4).all()
+    assert (cell_answers(logits) == 4).all()
     tok = digit_tokenizer()
     assert tok.encode("53..7" + "0" * 76).ids[:5] == [5, 3, 0, 0, 7]
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from moe_core.config import ModelConfig, _check, from_dict, show
 from moe_core.errors import ConfigError
+from moe_core.graph_contract import TASKS
 from moe_core.jsonl import read_text_file
 
 MAX_SEED = 2**63 - 1
@@ -55,7 +56,9 @@ class TrainConfig:
     compile: bool = True
     device: str = "auto"  # auto | cpu | cuda
     parallel: str = "ddp"  # under torchrun: ddp (weights on every rank) | fsdp (weights, grads, optimizer sharded)
-    task: str = "lm"  # lm: language modelling on `data` | sudoku: one token per cell (configs/sudoku*.toml)
+    # task: one of moe_core.graph_contract.TASKS. lm: language modelling on `data` | sudoku: one token per cell
+    # (configs/sudoku*.toml)
+    task: str = "lm"
     # sudoku: base puzzles generated (augmented on the fly by the symmetry group) and held-out test puzzles, no
     # test puzzle equivalent to a train one; givens per puzzle; 1 = only puzzles that singles alone do not solve.
     # `data` may name a puzzle file (81-character lines, '.' or '0' for blanks) to train on instead.
@@ -82,7 +85,7 @@ class TrainConfig:
         _check(self.device in ("auto", "cpu", "cuda"), where,
                f"device: expected auto, cpu or cuda, got {show(self.device)}")
         _check(self.parallel in ("ddp", "fsdp"), where, f"parallel: expected ddp or fsdp, got {show(self.parallel)}")
-        _check(self.task in ("lm", "sudoku"), where, f"task: expected lm or sudoku, got {show(self.task)}")
+        _check(self.task in TASKS, where, f"task: expected {' or '.join(TASKS)}, got {show(self.task)}")
         for name in ("sudoku_train", "sudoku_test"):
             _check(getattr(self, name) >= 1, where, f"{name}: expected >= 1, got {getattr(self, name)}")
         _check(22 <= self.sudoku_givens_min <= self.sudoku_givens_max <= 80, where,

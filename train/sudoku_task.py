@@ -15,12 +15,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from torch import Tensor
 
-from moe_core import sudoku as S
+from moe_core import sudoku
 from moe_core.errors import ConfigError
 from moe_core.model import ModelOutput, RecursiveMoE
+from moe_core.sudoku import VOCAB, cell_answers, digit_tokenizer
 
 from .checkpointing import data_fingerprint
 from .config import RunConfig
@@ -28,23 +28,13 @@ from .distributed import SINGLE, Dist, is_sharded
 from .loss import per_sample_nll, training_loss
 from .task import Task
 
-VOCAB = 10  # blank + 9 digits; the token of a cell is its digit
-
-
-def digit_tokenizer() -> Tokenizer:
-    """A `tokenizers` tokenizer for grids: one token per character, '.' read as '0' (blank)."""
-    tok = Tokenizer(models.WordLevel({str(d): d for d in range(VOCAB)}, unk_token="0"))
-    tok.normalizer = normalizers.Replace(".", "0")
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return tok
-
 
 def check_model(cfg: RunConfig) -> None:
     mc = cfg.model
     for ok, msg in ((mc.vocab_size == VOCAB, f"model.vocab_size: expected {VOCAB} (blank + 9 digits), got "
                      f"{mc.vocab_size}"),
-                    (mc.max_seq_len >= S.CELLS, f"model.max_seq_len: expected >= {S.CELLS}, got {mc.max_seq_len}"),
+                    (mc.max_seq_len >= sudoku.CELLS,
+                     f"model.max_seq_len: expected >= {sudoku.CELLS}, got {mc.max_seq_len}"),
                     (not mc.causal, "model.causal: expected false (every cell attends to every cell)")):
         if not ok:
             raise ConfigError(f"train.task = 'sudoku': {msg}; start from --preset sudoku-tiny or sudoku")
@@ -63,16 +53,11 @@ def solve_batches(model: RecursiveMoE, puzzles: np.ndarray, batch_size: int, dev
         x = torch.from_numpy(puzzles[i:i + batch_size].astype(np.int64)).to(device)
         with autocast:
             out = model(x)
-        answers.append(digits(out.logits).cpu().numpy())
+        answers.append(cell_answers(out.logits).cpu().numpy())
         steps.append(out.halt_step.cpu().numpy())
         logits_all.append(out.logits.float().cpu())
     model.train(was_training)
     return np.concatenate(answers), np.concatenate(steps), torch.cat(logits_all)
-
-
-def digits(logits: Tensor) -> Tensor:
-    """The digit (1..9) of each cell: the blank token is never an answer."""
-    return logits[..., 1:VOCAB].argmax(dim=-1) + 1
 
 
 class SudokuTask(Task):
@@ -85,17 +70,17 @@ class SudokuTask(Task):
         t0 = time.perf_counter()
         givens = (tc.sudoku_givens_min, tc.sudoku_givens_max)
         if tc.data is not None:  # the user's puzzles to train on; test puzzles generated, none equivalent
-            puzzles, solutions = S.read_puzzle_file(tc.data)
+            puzzles, solutions = sudoku.read_puzzle_file(tc.data)
             if solutions is None:
                 solutions = np.stack([_solve_unique(p, f"{tc.data}: puzzle {i + 1}") for i, p in enumerate(puzzles)])
-            taken = set(S.equivalence_keys(puzzles))
-            _, test = S.make_splits(1, tc.sudoku_test * 2, tc.seed, givens, tc.sudoku_min_guesses)
-            keep = [i for i, k in enumerate(S.equivalence_keys(test.puzzles)) if k not in taken][:tc.sudoku_test]
+            taken = set(sudoku.equivalence_keys(puzzles))
+            _, test = sudoku.make_splits(1, tc.sudoku_test * 2, tc.seed, givens, tc.sudoku_min_guesses)
+            keep = [i for i, k in enumerate(sudoku.equivalence_keys(test.puzzles)) if k not in taken][:tc.sudoku_test]
             self.train_puzzles, self.train_solutions = puzzles, solutions
             self.test_puzzles, self.test_solutions = test.puzzles[keep], test.solutions[keep]
             source = str(tc.data)
         else:
-            train, test = S.make_splits(tc.sudoku_train, tc.sudoku_test, tc.seed, givens, tc.sudoku_min_guesses)
+            train, test = sudoku.make_splits(tc.sudoku_train, tc.sudoku_test, tc.seed, givens, tc.sudoku_min_guesses)
             self.train_puzzles, self.train_solutions = train.puzzles, train.solutions
             self.test_puzzles, self.test_solutions = test.puzzles, test.solutions
             source = f"generated, {givens[0]}-{givens[1]} givens"
@@ -111,7 +96,7 @@ class SudokuTask(Task):
         tc = self.cfg.train
         rng = np.random.default_rng([tc.seed, step])  # the global batch: a function of (seed, step)
         idx = rng.integers(0, len(self.train_puzzles), tc.batch_size)
-        p, s = S.augment(self.train_puzzles[idx], self.train_solutions[idx], rng)
+        p, s = sudoku.augment(self.train_puzzles[idx], self.train_solutions[idx], rng)
         return torch.from_numpy(p[rows].astype(np.int64)), torch.from_numpy(s[rows].astype(np.int64))
 
     def loss(self, out: ModelOutput, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -126,12 +111,12 @@ class SudokuTask(Task):
         answers, steps, logits = (a[:n] for a in solve_batches(model, self.test_puzzles[indices],
                                                                self.cfg.train.batch_size, device, autocast))
         blank = puzzles == 0
-        nll = per_sample_nll(logits, torch.from_numpy(solutions.astype(np.int64))).sum().item() * S.CELLS
+        nll = per_sample_nll(logits, torch.from_numpy(solutions.astype(np.int64))).sum().item() * sudoku.CELLS
         sums = dist.sum_([nll, float(((answers == solutions) & blank).sum()), float(blank.sum()),
-                          float(S.valid_solutions(puzzles, answers).sum()), float(steps.sum()), float(len(puzzles))],
-                         device)
+                          float(sudoku.valid_solutions(puzzles, answers).sum()), float(steps.sum()),
+                          float(len(puzzles))], device)
         nll, right_cells, blank_cells, solved, step_sum, n = sums
-        val_loss = nll / (n * S.CELLS)
+        val_loss = nll / (n * sudoku.CELLS)
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "cell_acc": right_cells / blank_cells,
                 "puzzle_acc": solved / n, "val_halt_step": step_sum / n}
 
@@ -141,7 +126,7 @@ class SudokuTask(Task):
 
 
 def _solve_unique(puzzle: np.ndarray, where: str) -> np.ndarray:
-    found = S.search(puzzle, limit=2)
+    found = sudoku.search(puzzle, limit=2)
     if len(found.solutions) != 1:
         raise ConfigError(f"{where}: has {len(found.solutions)} solutions; expected exactly one "
                           f"(or give its solution after the puzzle on the same line)")

@@ -29,8 +29,6 @@ from .distributed import SINGLE, Dist, is_sharded
 from .loss import per_sample_nll, training_loss
 from .task import Task
 
-TASKS = ("lm", "sudoku")
-
 
 def make_task(cfg: RunConfig, tokenizer_json: str | None, log: Any = print, new_run: bool = False) -> Task:
     """The run's task. tokenizer_json: the tokenizer to use (resume, and ranks > 0), None to build it.
