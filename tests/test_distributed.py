@@ -105,15 +105,26 @@ def adamw_drift(cfg: dict, rel: float) -> float:
     return 2 * a * rel * sum(lr * lr_multiplier(s, STEPS, warmup, t["min_lr_ratio"]) for s in range(STEPS))
 
 
-def routing_counts(record: dict, cfg: dict) -> tuple[int, list[int]]:
-    """Layer 1's routing decisions of a step as counts: heads chosen and (token, slot) pairs per expert, over the
-    step's tokens and block calls (the logged means times these denominators; rounding to 6 decimals moves the
-    products by < 0.01)."""
+def routing_counts(record: dict, cfg: dict) -> tuple[list[int], int]:
+    """Layer 1's routing decisions of a step as counts, with how many decisions they count: [heads chosen, then
+    (token, slot) pairs per expert], over the step's tokens and block calls (the logged means times these
+    denominators; rounding to 6 decimals moves the products by < 0.01)."""
     m = cfg["model"]
-    per_call = cfg["train"]["batch_size"] * m["max_seq_len"]
-    calls = m["halt_max_steps"] * m["H_cycles"] * (m["L_cycles"] + 1)
-    return (round(record["L1.moh_heads"] * per_call * calls),
-            [round(f * per_call * calls * m["top_k"]) for f in record["L1.moe_load"]])
+    tokens = cfg["train"]["batch_size"] * m["max_seq_len"] * m["halt_max_steps"] * m["H_cycles"] * (m["L_cycles"] + 1)
+    counts = [round(record["L1.moh_heads"] * tokens), *(round(f * tokens * m["top_k"]) for f in record["L1.moe_load"])]
+    return counts, tokens * (1 + m["top_k"])
+
+
+def assert_same_routing(a: dict, b: dict, cfg: dict) -> None:
+    """Routing decisions agree but for near-ties. From step 2 on the weights differ by summation order, and a choice
+    whose margin is within that difference may go either way in the two runs (export/parity.py allows at most
+    NEAR_TIES_PER_1000 of them per 1,000 decisions; the same bound here). Statistics not reduced over ranks, or a
+    rank routing other rows, would move these counts by a fraction of the whole."""
+    from export.parity import NEAR_TIES_PER_1000
+
+    (ca, n), (cb, _) = routing_counts(a, cfg), routing_counts(b, cfg)
+    flips = sum(abs(x - y) for x, y in zip(ca, cb, strict=True))
+    assert flips <= max(1, n * NEAR_TIES_PER_1000 // 1000), (a["step"], ca, cb)
 
 
 @pytest.fixture(scope="module")
@@ -175,10 +186,10 @@ def test_two_ranks_match_one_process_with_the_global_batch(runs, mode: str) -> N
     assert abs(a["lm_loss"] - b["lm_loss"]) <= rel * b["lm_loss"] + LOGGED
     assert abs(a["grad_norm"] - b["grad_norm"]) <= norm_rel * b["grad_norm"]  # FSDP: the global norm of the shards
     assert abs(a["grad_norm.router"] - b["grad_norm.router"]) <= norm_rel * b["grad_norm.router"] + LOGGED
-    for a, b in zip(records, single_records, strict=True):  # decisions: exact at every step
+    for a, b in zip(records, single_records, strict=True):  # decisions at every step
         assert a["halt_hist"] == b["halt_hist"]  # statistics reduced over ranks: counts over all 8 samples
         assert sum(a["halt_hist"]) == 8
-        assert routing_counts(a, cfg) == routing_counts(b, cfg), a["step"]
+        assert_same_routing(a, b, cfg)
     evals = [[r["val_loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
               if r["kind"] == "eval"] for d in (ranks_dir, single_dir)]
     # The eval batches split over ranks, counted once: at step 0 (same weights) equal up to summation order.
