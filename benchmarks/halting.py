@@ -10,19 +10,20 @@ before the last step: the step-wise runtime's overhead, not its gain).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from moe_core import sudoku as S
+from moe_core import sudoku
+from moe_core.checkpoint import TOKENIZER_FILE
 from moe_core.graph_contract import HALT_STEP, LOGITS
 from moe_core.model import RecursiveMoE
 from moe_core.stepwise import StepCounts
 from serve.graph import TOKEN_LOGPROBS
 from serve.runtime import OrtModel, StepwiseModel, open_model
+from train.checkpointing import saved_run_config
 
 from .timing import measure
 
@@ -31,20 +32,18 @@ def real_inputs(model: RecursiveMoE, run_dir: Path | None, n: int, seed: int = 0
     """(input_ids [n, T], the output serving reads, what the inputs are). T = the model's max_seq_len (81 cells)."""
     cfg = model.config
     T = cfg.max_seq_len
-    config = json.loads((run_dir / "config.json").read_text()) if run_dir is not None else {}
-    tc = config.get("train", {})
-    if tc.get("task") == "sudoku":
-        givens = (tc.get("sudoku_givens_min", 36), tc.get("sudoku_givens_max", 46))
-        puzzles = S.generate(n, f"halting-benchmark-{seed}", givens=givens).puzzles.astype(np.int64)
+    tc = saved_run_config(run_dir).train if run_dir is not None else None
+    if tc is not None and tc.task == "sudoku":
+        givens = (tc.sudoku_givens_min, tc.sudoku_givens_max)
+        puzzles = sudoku.generate(n, f"halting-benchmark-{seed}", givens=givens).puzzles.astype(np.int64)
         return puzzles, LOGITS, f"{n} new puzzles of {givens[0]}-{givens[1]} givens (the run's range)"
     if run_dir is None:
         ids = np.random.default_rng(seed).integers(0, cfg.vocab_size, size=(n, T), dtype=np.int64)
         return ids, TOKEN_LOGPROBS, f"{n} x {T} random ids (no --run: a random-init model halts at the last step)"
     from train.data import load_documents, load_tokenizer, tokenize_corpus  # noqa: PLC0415 - a --run only
 
-    data = tc.get("data")
-    tokens = tokenize_corpus(load_documents(data), load_tokenizer(run_dir / "tokenizer.json"),
-                             tc.get("val_fraction", 0.1), T)
+    data = tc.data
+    tokens = tokenize_corpus(load_documents(data), load_tokenizer(run_dir / TOKENIZER_FILE), tc.val_fraction, T)
     val = tokens.val[: len(tokens.val) // T * T].reshape(-1, T).astype(np.int64)
     idx = np.random.default_rng(seed).choice(len(val), size=min(n, len(val)), replace=False)
     return val[np.sort(idx)], TOKEN_LOGPROBS, (f"{len(idx)} windows of {T} tokens of the run's validation text "

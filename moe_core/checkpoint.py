@@ -108,16 +108,28 @@ def read_json(path: str | os.PathLike) -> Any:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from None
 
 
-def load_run_config(run_dir: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
-    """The run's model config (validated, every key present) and the whole config.json as a dict."""
+def read_run_config(run_dir: str | os.PathLike, missing_ok: bool = False) -> dict[str, Any] | None:
+    """A run directory's config.json as a dict: a JSON object of a format this version reads (its sections are
+    the caller's to check: load_run_config). The one reader of that file. missing_ok: None when the directory
+    has no config.json (a reader that can do without it, such as the plots); CheckpointError for any other
+    problem, naming the file."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir}: not a run directory (expected a folder with {CONFIG_FILE})")
     path = run_dir / CONFIG_FILE
+    if missing_ok and not path.exists():
+        return None
     data = read_json(path)
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: got a JSON {json_type(data)}; expected an object with a \"model\" section")
     check_format(data.get("format_version", 1), data.get("moe_version", "(unknown version)"), path)
+    return data
+
+
+def load_run_config(run_dir: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
+    """The run's model config (validated, every key present) and the whole config.json as a dict."""
+    data = read_run_config(run_dir)
+    path = Path(run_dir) / CONFIG_FILE
     if not isinstance(data.get("model"), dict):
         what = "missing" if "model" not in data else f"a JSON {json_type(data['model'])}"
         raise CheckpointError(f"{path}: \"model\" section is {what}; expected an object with the model config")

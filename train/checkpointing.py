@@ -60,6 +60,7 @@ from moe_core.checkpoint import (
 )
 from moe_core.errors import CheckpointError
 
+from .config import RunConfig
 from .distributed import SINGLE, Dist, is_dtensor, is_sharded
 
 STATE_DIR = "trainer_state"
@@ -335,6 +336,11 @@ def saved_config(run_dir: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any
     if not isinstance(saved.get("train"), dict):
         raise CheckpointError(f"{run_dir / CONFIG_FILE}: no \"train\" section: not a run written by moe train")
     return saved, {"model": saved["model"], "train": dict(saved["train"])}
+
+
+def saved_run_config(run_dir: Path) -> RunConfig:
+    """The RunConfig a run was trained with (saved_config, validated; keys it lacks take today's defaults)."""
+    return RunConfig.from_dict(saved_config(run_dir)[1], str(run_dir / CONFIG_FILE))
 
 
 def data_fingerprint(tokens: np.ndarray) -> str:

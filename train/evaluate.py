@@ -30,13 +30,13 @@ import click
 import torch
 from tokenizers import Tokenizer
 
-from moe_core.checkpoint import CONFIG_FILE, TOKENIZER_FILE, atomic_write_text, load_model
+from moe_core.checkpoint import TOKENIZER_FILE, atomic_write_text, load_model
 from moe_core.config import MAX_CYCLES
 from moe_core.errors import ConfigError, os_reason
 from moe_core.model import RecursiveMoE
 from moe_core.tokenizer import read_tokenizer
 
-from .checkpointing import saved_config
+from .checkpointing import saved_run_config
 from .config import RunConfig
 from .distributed import autocast_for, use_cuda
 from .tasks import Task, make_task
@@ -69,10 +69,6 @@ def parse_steps(text: str) -> list[int]:
     return sorted(steps)
 
 
-def run_config(run_dir: Path) -> RunConfig:
-    return RunConfig.from_dict(saved_config(run_dir)[1], str(run_dir / CONFIG_FILE))
-
-
 def with_steps(model: RecursiveMoE, k: int, halting: bool) -> RecursiveMoE:
     """The same weights, running at most k supervision steps; halting=False silences the halt head (its logit is
     -inf, so no sample halts before step k)."""
@@ -99,7 +95,7 @@ def sweep(model: RecursiveMoE, task: Task, steps: list[int], device: torch.devic
 
 def load_baseline(base: Path, run: Path, cfg: RunConfig, tokenizer_json: str, device: torch.device) -> RecursiveMoE:
     """The other run's model, checked to share `run`'s task and vocabulary (before any evaluation is spent)."""
-    base_cfg = run_config(base)
+    base_cfg = saved_run_config(base)
     if base_cfg.train.task != cfg.train.task:
         raise ConfigError(f"--baseline {base}: a {base_cfg.train.task!r} run; expected the task of {run} "
                           f"({cfg.train.task!r})")
@@ -175,7 +171,7 @@ def eval_(run_dir: str, steps_text: str, out: str | None, baseline_dir: str | No
     """Evaluate RUN_DIR's model on its held-out set for each K = halt_max_steps, with and without halting."""
     run = Path(run_dir)
     steps = parse_steps(steps_text)
-    cfg = run_config(run)
+    cfg = saved_run_config(run)
     dev = torch.device("cuda" if use_cuda(device, "--device") else "cpu")
     out_dir = Path(out) if out is not None else run / "eval"
     names = [*OUTPUTS, PUZZLES_FILE] if cfg.train.task == "sudoku" else list(OUTPUTS)

@@ -27,12 +27,11 @@ from typing import Any
 import click
 from matplotlib.figure import Figure
 
-from moe_core.checkpoint import atomic_write
+from moe_core.checkpoint import atomic_write, read_run_config
 from moe_core.errors import MoeError, os_reason
 from moe_core.jsonl import json_error, read_lines
 
 METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "config.json"
 PLOTS_DIR = "plots"
 DPI = 110
 
@@ -75,14 +74,6 @@ def split_records(records: list[Record]) -> tuple[list[Record], list[Record]]:
     train = sorted((r for r in records if r.get("kind") == "train"), key=lambda r: _num(r.get("step")) or 0)
     evals = sorted((r for r in records if r.get("kind") == "eval"), key=lambda r: _num(r.get("step")) or 0)
     return train, evals
-
-
-def _read_config(run_dir: Path) -> Record:
-    try:
-        cfg = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return cfg if isinstance(cfg, dict) else {}
 
 
 # The largest magnitude a plot draws. matplotlib widens an axis around its data (margins, tick steps); near the
@@ -480,7 +471,7 @@ def write_plots(run_dir: str | Path) -> list[Path]:
         click.echo(f"note: {run_dir / METRICS_FILE}: {len(skipped)} value(s) beyond ±{PLOT_MAX:g} left out of the "
                    f"plots, too large to draw ({keys}; the first at step {skipped[0][1]})", err=True)
     train, evals = split_records(records)
-    cfg = _read_config(run_dir)
+    cfg = read_run_config(run_dir, missing_ok=True) or {}  # without config.json: what the metrics alone show
     model_cfg = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
     train_cfg = cfg.get("train") if isinstance(cfg.get("train"), dict) else {}
     n_heads, min_heads = _count(model_cfg.get("n_heads")), _count(model_cfg.get("min_heads"))
