@@ -26,6 +26,7 @@ from export.onnx_export import convert_precision, export_run
 from moe_core.checkpoint import save_run
 from moe_core.config import ModelConfig
 from moe_core.graph_contract import step_path_for, tokenizer_path_for
+from moe_core.metrics import token_logprobs
 from moe_core.model import RecursiveMoE, resolve_moe_dispatch
 from serve.graph import TOKEN_LOGPROBS
 from serve.runtime import OrtModel
@@ -44,7 +45,7 @@ def eager_logprobs(model: RecursiveMoE, ids: torch.Tensor, mask: torch.Tensor) -
     """What a scoring call computes: the forward pass and the log-prob of every next token [B, T-1]."""
     with torch.inference_mode():
         logits = model(ids, mask).logits
-        return logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0].numpy()
+    return token_logprobs(logits[:, :-1].numpy(), ids[:, 1:].numpy())
 
 
 def random_batch(vocab_size: int, batch: int, seq: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

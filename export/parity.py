@@ -32,6 +32,7 @@ import torch
 
 from moe_core import sudoku as S
 from moe_core.errors import MoeError
+from moe_core.metrics import token_logprobs
 from moe_core.model import Decision, RecursiveMoE, recording_decisions
 from moe_core.ort_session import ort_session
 from moe_core.stepwise import StepwiseSession
@@ -296,10 +297,6 @@ def text_nll(model_or_session, windows: np.ndarray, batch_size: int = 16) -> flo
                 logits = model_or_session(torch.from_numpy(ids)).logits.float().numpy()
         else:
             logits = model_or_session.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
-        logits = logits.astype(np.float64)
-        m = logits.max(-1, keepdims=True)
-        logz = (m + np.log(np.exp(logits - m).sum(-1, keepdims=True)))[..., 0]
-        picked = np.take_along_axis(logits, targets[..., None], -1)[..., 0]
-        total += float((logz - picked).sum())
+        total -= float(token_logprobs(logits.astype(np.float64), targets).sum())
         count += targets.size
     return total / count
