@@ -150,10 +150,47 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, x: Tensor) -> Tensor:  # x: [B, H, T, hd]
-        T = x.shape[-2]
+    def forward(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
+        """x: [B, H, T, hd] at positions 0..T-1, or at `positions` [B, T] (cached decoding)."""
+        if positions is None:
+            cos, sin = self.cos[: x.shape[-2]], self.sin[: x.shape[-2]]
+        else:
+            cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # [B, 1, T, hd]
         x1, x2 = x.chunk(2, dim=-1)
-        return x * self.cos[:T] + torch.cat([-x2, x1], dim=-1) * self.sin[:T]
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+@dataclass
+class KVCache:
+    """The keys and values of every block application of a causal model's forward, in call order (supervision
+    step, H-cycle, net call, layer), each [B, n_heads, T, head_dim]. Position t's state in every block application
+    depends on positions <= t only, so running new positions against these keys and values gives exactly what a
+    forward over the whole sequence gives at them."""
+
+    keys: list[Tensor] = field(default_factory=list)
+    values: list[Tensor] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+
+class CacheCursor:
+    """One cached forward: the logical positions of its new tokens [B, T], and each block application's past keys
+    and values in call order, extended by the new ones into `present`."""
+
+    def __init__(self, past: KVCache | None, positions: Tensor) -> None:
+        self.past, self.positions, self.present = past, positions, KVCache()
+
+    def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        i = len(self.present.keys)
+        if self.past is not None:
+            if i >= len(self.past.keys):
+                raise ValueError(f"past: {len(self.past.keys)} block applications cached, this forward has more")
+            k, v = torch.cat([self.past.keys[i], k], dim=2), torch.cat([self.past.values[i], v], dim=2)
+        self.present.keys.append(k)
+        self.present.values.append(v)
+        return k, v
 
 
 @dataclass
@@ -240,16 +277,23 @@ class MoHAttention(nn.Module):
         swap = torch.where(n < H, last - first_out, math.inf)
         return torch.stack([per_rank.amin(-1), swap.squeeze(-1)], dim=-1)
 
-    def forward(self, x: Tensor, key_mask: Tensor | None, collect: bool) -> tuple[Tensor, Aux]:
+    def forward(self, x: Tensor, key_mask: Tensor | None, collect: bool,
+                cache: CacheCursor | None = None) -> tuple[Tensor, Aux]:
+        """x [B, T, D]; key_mask [B, T] (or, with `cache`, [B, past + T] over the cached and the new positions)."""
         B, T, D = x.shape
         H, hd = self.n_heads, self.head_dim
         r = self.route(x)
         q, k, v = self.qkv(x).view(B, T, 3, H, hd).permute(2, 0, 3, 1, 4)  # each [B, H, T, hd]
-        q, k = self.rotary(q), self.rotary(k)
         dropout = self.dropout if self.training else 0.0
-        if key_mask is None and self.attn_bias is None:
+        if cache is not None:
+            q, k = self.rotary(q, cache.positions), self.rotary(k, cache.positions)
+            k, v = cache.extend(k, v)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=self._cached_mask(key_mask, T, k.shape[2]))
+        elif key_mask is None and self.attn_bias is None:
+            q, k = self.rotary(q), self.rotary(k)
             o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, dropout_p=dropout)
         else:
+            q, k = self.rotary(q), self.rotary(k)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=self._scores_mask(key_mask, T, q),
                                                dropout_p=dropout)
         weights = r.probs * r.mask
@@ -269,6 +313,13 @@ class MoHAttention(nn.Module):
             return allowed
         bias = self.attn_bias[:, :T, :T].to(q.dtype)  # [H, T, T]
         return bias if allowed is None else bias.masked_fill(~allowed, float("-inf"))
+
+    @staticmethod
+    def _cached_mask(key_mask: Tensor, T: int, Tk: int) -> Tensor:
+        """The new queries (the last T of Tk cached indices) see the keys at their index or before that hold a token:
+        the causal rule in cache order, which is position order for every token (holes are masked)."""
+        tril = torch.ones(T, Tk, dtype=torch.bool, device=key_mask.device).tril(diagonal=Tk - T)
+        return key_mask[:, None, None, :] & tril
 
     def _aux(self, r: HeadRouting) -> Aux:
         active = r.mask.sum(dim=-1)  # [B, T] heads per token (carries the relaxed gradient)
@@ -462,8 +513,9 @@ class Block(nn.Module):
         self.ffn = MoEFeedForward(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, key_mask: Tensor | None, collect: bool) -> tuple[Tensor, Aux]:
-        a, attn_aux = self.attn(self.attn_norm(x), key_mask, collect)
+    def forward(self, x: Tensor, key_mask: Tensor | None, collect: bool,
+                cache: CacheCursor | None = None) -> tuple[Tensor, Aux]:
+        a, attn_aux = self.attn(self.attn_norm(x), key_mask, collect, cache)
         h = x + self.drop(a)
         f, ffn_aux = self.ffn(self.ffn_norm(h), collect)
         return h + self.drop(f), Aux({**attn_aux.losses, **ffn_aux.losses}, {**attn_aux.stats, **ffn_aux.stats})
@@ -480,18 +532,26 @@ class ReasoningNet(nn.Module):
         self.in_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
 
-    def forward(self, u: Tensor, key_mask: Tensor | None, acc: AuxAccumulator | None) -> Tensor:
+    def forward(self, u: Tensor, key_mask: Tensor | None, acc: AuxAccumulator | None,
+                cache: CacheCursor | None = None) -> Tensor:
         u = self.in_norm(u)
         for i, block in enumerate(self.blocks):
             # Blocks return their aux values instead of recording them, so that a compiled block is a pure
             # function (one graph for all layers and calls); the accumulation happens out here.
-            u, aux = block(u, key_mask, acc is not None)
+            u, aux = block(u, key_mask, acc is not None, cache)
             if acc is not None:
                 for k, v in aux.losses.items():
                     acc.add(k, v)
                 for k, v in aux.stats.items():
                     acc.add(f"L{i + 1}.{k}", v)
         return u
+
+
+@dataclass
+class CachedOutput:
+    logits: Tensor  # [B, T, V] the kept step's logits at the new positions
+    halt_step: Tensor  # [B] int64, decided at the prefill and carried
+    present: KVCache  # every block application's keys and values, past and new
 
 
 @dataclass
@@ -553,39 +613,42 @@ class RecursiveMoE(nn.Module):
 
     # -- the pieces of the recursion ------------------------------------------------------------------
 
-    def _h_cycle(self, c: Carry, x: Tensor, key_mask: Tensor | None, acc: AuxAccumulator | None) -> Carry:
+    def _h_cycle(self, c: Carry, x: Tensor, key_mask: Tensor | None, acc: AuxAccumulator | None,
+                 cache: CacheCursor | None = None) -> Carry:
         z_L = c.z_L
         for _ in range(self.config.L_cycles):
-            z_L = self.net(z_L + c.z_H + x, key_mask, acc)
-        return Carry(self.net(c.z_H + z_L, key_mask, acc), z_L)
+            z_L = self.net(z_L + c.z_H + x, key_mask, acc, cache)
+        return Carry(self.net(c.z_H + z_L, key_mask, acc, cache), z_L)
 
     def _supervision_step(self, c: Carry, x: Tensor, key_mask: Tensor | None,
-                          acc: AuxAccumulator | None) -> Carry:
+                          acc: AuxAccumulator | None, cache: CacheCursor | None = None) -> Carry:
         n_free = self.config.H_cycles - 1 if (self.training and self.config.no_grad_cycles) else 0
         with torch.no_grad():
             for _ in range(n_free):
-                c = self._h_cycle(c, x, key_mask, acc)
+                c = self._h_cycle(c, x, key_mask, acc, cache)
         for _ in range(self.config.H_cycles - n_free):
-            c = self._h_cycle(c, x, key_mask, acc)
+            c = self._h_cycle(c, x, key_mask, acc, cache)
         return c
 
-    def embed_inputs(self, input_ids: Tensor) -> Tensor:
-        """x = embed(ids) * sqrt(d_model) (+ learned positions, likewise scaled): [B, T, D]. The only place the
-        scale is applied."""
+    def embed_inputs(self, input_ids: Tensor, positions: Tensor | None = None) -> Tensor:
+        """x = embed(ids) * sqrt(d_model) (+ learned positions, likewise scaled): [B, T, D]; tokens at positions
+        0..T-1, or at `positions` [B, T]. The only place the scale is applied."""
         x = self.embed(input_ids) * self.embed_scale
         if self.pos_embed is not None:
-            x = x + self.pos_embed(torch.arange(input_ids.shape[1], device=input_ids.device)) * self.embed_scale
+            if positions is None:
+                positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+            x = x + self.pos_embed(positions) * self.embed_scale
         return x
 
     def initial_carry(self, B: int, T: int) -> Carry:
         return Carry(self.z_H_init.expand(B, T, -1), self.z_L_init.expand(B, T, -1))
 
-    def step(self, c: Carry, x: Tensor, key_mask: Tensor | None,
-             acc: AuxAccumulator | None = None) -> tuple[Carry, Tensor, Tensor]:
+    def step(self, c: Carry, x: Tensor, key_mask: Tensor | None, acc: AuxAccumulator | None = None,
+             cache: CacheCursor | None = None) -> tuple[Carry, Tensor, Tensor]:
         """One supervision step from the carry `c`: (the carry after it, h = norm(z_H) [B, T, D] — what lm_head
         reads — and the halt logit [B]: the sample halts at this step when it is > 0). forward runs it
         halt_max_steps times; a step-wise runtime (`moe export --stepwise`) runs it as a graph of its own."""
-        c = self._supervision_step(c, x, key_mask, acc)
+        c = self._supervision_step(c, x, key_mask, acc, cache)
         h = self.norm(c.z_H)
         return c, h, self._halt_logit(h, key_mask)
 
@@ -639,6 +702,50 @@ class RecursiveMoE(nn.Module):
         if self.training:
             return self._output(step_logits[-1], halt_step, step_logits, torch.stack(halt_logits), acc)
         return self._output(self.lm_head(kept), halt_step, [], None, acc)
+
+    def cached_forward(self, input_ids: Tensor, attention_mask: Tensor, positions: Tensor,
+                       past: KVCache | None = None, halt_step: Tensor | None = None) -> CachedOutput:
+        """Incremental decoding of a causal model (eval): what forward gives at the new positions, from the keys and
+        values of every block application at the earlier ones.
+
+        input_ids [B, T]: the new tokens, at logical `positions` [B, T]; attention_mask [B, past + T] over the
+        cached and the new indices (0: a hole that right padding left in the cache). `past` None is the prefill:
+        halting is decided there, from position 0 as forward decides it, and `halt_step` must be None; afterwards
+        pass the prefill's halt_step back with the present cache. In eager code a decoding call runs only the steps
+        up to the batch's last kept one, and the prefill stops once every sample has halted (their cache then
+        holds just those steps); a traced graph runs them all."""
+        cfg = self.config
+        if not cfg.causal or self.net.blocks[0].attn.attn_bias is not None:
+            raise ValueError("cached_forward: a causal model without attn_bias (its keys depend on later positions "
+                             "otherwise)")
+        if (past is None) != (halt_step is None):
+            raise ValueError("cached_forward: pass past and halt_step together (both None for the prefill)")
+        B, T = input_ids.shape
+        key_mask = attention_mask.bool()
+        cursor = CacheCursor(past, positions)
+        x = self.embed_inputs(input_ids, positions)
+        if not cfg.recursive:
+            logits = self.lm_head(self.norm(self.net(x, key_mask, None, cursor)))
+            return CachedOutput(logits, torch.ones(B, dtype=torch.long, device=x.device), cursor.present)
+        eager = not (torch.compiler.is_exporting() or torch.compiler.is_compiling())
+        prefill = halt_step is None
+        if prefill:
+            halt_step = torch.full((B,), cfg.halt_max_steps, dtype=torch.long, device=x.device)
+            halted = torch.zeros(B, dtype=torch.bool, device=x.device)
+        last = int(halt_step.max()) if eager and not prefill else cfg.halt_max_steps
+        c = self.initial_carry(B, T)
+        kept = c.z_H
+        for step in range(1, last + 1):
+            c, h, q = self.step(c, x, key_mask, None, cursor)
+            if prefill:
+                halt_step = torch.where(~halted & (q > 0), torch.full_like(halt_step, step), halt_step)
+                kept = torch.where(halted[:, None, None], kept, h)
+                halted = halted | (q > 0)
+                if eager and bool(halted.all()):
+                    break
+            else:
+                kept = torch.where((step <= halt_step)[:, None, None], h, kept)
+        return CachedOutput(self.lm_head(kept), halt_step, cursor.present)
 
     @staticmethod
     def _output(logits: Tensor, halt_step: Tensor, step_logits: list[Tensor], halt_logits: Tensor | None,
