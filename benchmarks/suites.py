@@ -32,7 +32,8 @@ from serve.graph import TOKEN_LOGPROBS
 from serve.runtime import OrtModel
 from train.config import RunConfig, TrainConfig
 from train.loss import training_loss
-from train.trainer import build_optimizer, compile_blocks, train_step
+from train.optimizer import build_optimizer
+from train.trainer import compile_blocks, train_step
 
 from .flops import PEAK, matmul_call, peak_record
 from .timing import measure

@@ -219,7 +219,7 @@ def test_non_finite_steps_are_skipped_then_stop(monkeypatch: pytest.MonkeyPatch,
 
 def test_metrics_go_to_tensorboard_when_installed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The optional TensorBoard sink gets every numeric train/eval field, and resume purges after the checkpoint."""
-    from train import trainer
+    from train import metrics_log
 
     calls: list[tuple] = []
 
@@ -234,14 +234,14 @@ def test_metrics_go_to_tensorboard_when_installed(monkeypatch: pytest.MonkeyPatc
 
         def close(self) -> None: ...
 
-    monkeypatch.setattr(trainer, "_tensorboard_writer", FakeWriter)
-    log = trainer.MetricsLog(tmp_path / "metrics.jsonl")
+    monkeypatch.setattr(metrics_log, "_tensorboard_writer", FakeWriter)
+    log = metrics_log.MetricsLog(tmp_path / "metrics.jsonl")
     log.write({"kind": "train", "step": 3, "loss": 2.5, "L1.moe_load": [0.25, 0.75], "note": "text"})
     log.write({"kind": "eval", "step": 3, "val_loss": 2.0})
     log.write({"kind": "summary", "val_loss": 2.0})
     assert calls == [("open", "tensorboard", 1), ("train/loss", 2.5, 3), ("train/L1.moe_load/0", 0.25, 3),
                      ("train/L1.moe_load/1", 0.75, 3), ("eval/val_loss", 2.0, 3)]
     calls.clear()
-    trainer.MetricsLog(tmp_path / "metrics.jsonl", keep_until=2)
+    metrics_log.MetricsLog(tmp_path / "metrics.jsonl", keep_until=2)
     assert calls == [("open", "tensorboard", 3)]
     assert (tmp_path / "metrics.jsonl").read_text(encoding="utf-8") == ""  # step-3 records dropped on resume

@@ -31,7 +31,7 @@ from moe_core.checkpoint import atomic_write_text
 from moe_core.errors import ConfigError, MoeError
 
 from .config import RunConfig, build_config, parse_override, preset_names, read_toml
-from .plots import layer_numbers, plot_val_loss_overlay, read_metrics, save_figure, series, split_records
+from .plots import METRICS_FILE, layer_numbers, plot_val_loss_overlay, read_metrics, save_figure, series, split_records
 
 GRIDS_DIR = "grids"  # inside the train.configs package (configs/grids/)
 DEFAULT_GRID = "seeds-study"
@@ -150,7 +150,7 @@ class Row:
 
 def summarise(run_dir: Path, result: dict[str, Any], recursive: bool) -> tuple[dict[str, float | None], Any, Any]:
     """The table's figures for one finished run, from its result and its metrics.jsonl."""
-    train, evals = split_records(read_metrics(run_dir / "metrics.jsonl"))
+    train, evals = split_records(read_metrics(run_dir / METRICS_FILE))
     last_step = max((r["step"] for r in train), default=0)
     tail = [r for r in train if r["step"] > 0.75 * last_step]  # routing at the end of training, not its start
     heads = [v for li in layer_numbers(tail, "moh_heads") for v in series(tail, f"L{li}.moh_heads")[1]]
@@ -227,8 +227,8 @@ def write_report(out: Path, grid: Grid, base: RunConfig, rows: list[Row]) -> str
 def run_ablation(grid: Grid, preset: str | None, config_file: str | None, sets: list[str], out: str | Path,
                  overwrite: bool = False) -> list[Row]:
     """Train every variant of `grid` over the base config into OUT/NAME/ and write the comparison into OUT."""
+    from .run_dir import check_run_dir, claim_run_dir
     from .rundir_lock import RunDirLock  # torch and the trainer are imported only when a grid runs
-    from .trainer import check_run_dir, claim_run_dir
 
     out = Path(out)
     check_run_dir(out, overwrite)

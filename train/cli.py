@@ -45,6 +45,7 @@ def train(config_file, preset, overrides, data, tokenizer, out, resume_dir, over
     from moe_core.errors import MoeError
 
     from . import trainer  # torch is imported only when a run starts
+    from .signals import TrainingInterrupted
 
     extra = list(overrides)
     for key, value in (("data", data), ("tokenizer", tokenizer), ("device", device)):
@@ -70,7 +71,7 @@ def train(config_file, preset, overrides, data, tokenizer, out, resume_dir, over
         if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
             click.echo("config:\n" + json.dumps(cfg.to_dict(), indent=2))
         trainer.train(cfg, out, overwrite=overwrite)
-    except trainer.TrainingInterrupted as e:
+    except TrainingInterrupted as e:
         click.echo(str(e), err=True)
         sys.exit(128 + e.signum)
 

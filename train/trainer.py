@@ -1,5 +1,11 @@
-"""The training loop: data, model, AdamW with parameter groups, warmup + cosine LR, clipping, evaluation,
-metrics and the run directory of DESIGN.md section 2."""
+"""The training loop: per step the learning rate, the task's batch, forward, loss, backward, the guarded
+update, then logging, evaluation and checkpoints; and its two entry points, `train` (a new run) and `resume`.
+
+The loop's parts live in their own modules: the run directory's preparation (run_dir.py), the optimizer and
+gradient norms (optimizer.py), metrics.jsonl and TensorBoard (metrics_log.py), console lines (console.py),
+SIGINT / SIGTERM (signals.py), checkpoints (checkpointing.py) and the tasks (tasks.py, sudoku_task.py). The run
+directory's layout: DESIGN.md section 2.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,6 @@ import os
 import shutil
 import signal
 import statistics
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,101 +25,31 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from moe_core.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, atomic_write_text, save_run
-from moe_core.errors import CheckpointError, ConfigError, MoeError, os_reason
+from moe_core.checkpoint import CONFIG_FILE, TOKENIZER_FILE, save_run
+from moe_core.errors import CheckpointError, ConfigError, MoeError
+from moe_core.files import atomic_write_text
 from moe_core.model import ModelOutput, RecursiveMoE
 from moe_core.tokenizer import read_tokenizer
 
 from .checkpointing import (
-    STATE_DIR,
     LoopState,
     checkpoint_sets,
     clean_partial_sets,
     load_checkpoint,
-    read_metrics_until,
     save_checkpoint,
     saved_config,
 )
 from .config import RunConfig, parse_override, seed_for, with_absolute_paths
-from .distributed import SINGLE, Dist, autocast_for, full_tensor, init_from_env, parallelize, shutdown
-from .plots import write_plots
-from .rundir_lock import LOCK_FILE, RunDirLock, check_not_in_use
+from .console import final_lines, model_line, routing_summary
+from .distributed import SINGLE, Dist, autocast_for, init_from_env, parallelize, shutdown
+from .metrics_log import MetricsLog, to_record
+from .optimizer import build_optimizer, global_grad_norm, norm_groups
+from .plots import METRICS_FILE, write_plots
+from .run_dir import check_run_dir, lock_on_rank0, prepare_run_dir
+from .rundir_lock import RunDirLock
 from .schedule import lr_multiplier, warmup_steps
+from .signals import StopSignals, TrainingInterrupted
 from .tasks import Task, evaluate, make_task  # noqa: F401 - evaluate: part of this module's API
-
-METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
-
-
-def check_run_dir(out: Path, overwrite: bool) -> None:
-    """Refuse an output that is a file, that another moe process is writing, or that holds something (unless
-    overwrite) — before any work is done, and changing nothing."""
-    if out.exists() and not out.is_dir():
-        raise MoeError(f"{out}: exists and is not a directory")
-    if out.is_dir():
-        check_not_in_use(out)
-        _check_empty(out, overwrite)
-
-
-def _check_empty(out: Path, overwrite: bool) -> None:
-    if not overwrite and any(p.name != LOCK_FILE for p in out.iterdir()):  # a lock file alone is no run
-        raise MoeError(f"{out}: directory exists and is not empty (pass --overwrite to replace the run)")
-
-
-def claim_run_dir(out: Path, overwrite: bool, lock: RunDirLock) -> None:
-    """Create `out` if needed and take its lock; then, holding it, refuse `out` again if it filled up since
-    check_run_dir (another process wrote a run there meanwhile)."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise MoeError(f"{out}: cannot create the output directory ({os_reason(e)})") from None
-    lock.acquire()
-    _check_empty(out, overwrite)
-
-
-def prepare_run_dir(out: Path, overwrite: bool, lock: RunDirLock) -> None:
-    """Create and lock `out`, clear a previous run's files from it; fail with the path if it is not writable."""
-    claim_run_dir(out, overwrite, lock)
-    for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, METRICS_FILE):
-        (out / name).unlink(missing_ok=True)
-    shutil.rmtree(out / STATE_DIR, ignore_errors=True)
-    shutil.rmtree(out / "plots", ignore_errors=True)
-    shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)
-    try:
-        probe = out / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise MoeError(f"{out}: output directory is not writable ({e.strerror or e})") from None
-
-
-def lock_on_rank0(lock: RunDirLock, dist: Dist, device: torch.device) -> None:
-    """Rank 0 takes the run directory's lock (it is the one that writes the directory's files); if it cannot,
-    every rank stops, rank 0 with the reason and the others pointing at it."""
-    error = None
-    if dist.is_main:
-        try:
-            lock.acquire()
-        except MoeError as e:
-            error = e
-    if dist.any(error is not None, device):
-        if error is not None:
-            raise error
-        raise MoeError(f"rank {dist.rank}: stopping, rank 0 could not lock {lock.run_dir} (its error is above)")
-
-
-def build_optimizer(model: RecursiveMoE, cfg: RunConfig) -> torch.optim.AdamW:
-    tc = cfg.train
-    groups = model.param_groups()
-    spec = [  # (name, weight decay, LR multiplier)
-        ("decay", tc.weight_decay, 1.0),
-        ("no_decay", 0.0, 1.0),
-        ("router", 0.0, tc.router_lr_mult),
-    ]
-    param_groups = [{"params": groups[name], "name": name, "weight_decay": wd, "lr_mult": mult, "lr": tc.lr * mult}
-                    for name, wd, mult in spec if groups[name]]
-    return torch.optim.AdamW(param_groups, lr=tc.lr, betas=(tc.beta1, tc.beta2),
-                             fused=None if any(p.is_cuda for p in model.parameters()) else False)
 
 
 def compile_blocks(model: RecursiveMoE, backend: str = "inductor") -> None:
@@ -152,7 +87,7 @@ def train_step(forward: Callable[[torch.Tensor], ModelOutput], optimizer: torch.
         loss, parts = loss_fn(out, y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    total_norm = _grad_norm(params)  # FSDP: the global norm of the DTensor pieces, as a plain tensor
+    total_norm = global_grad_norm(params)  # FSDP: the global norm of the DTensor pieces, as a plain tensor
     grad_norm, loss_value = float(total_norm), float(parts["loss"])
     updated = decide(loss_value, grad_norm)
     if updated:
@@ -160,131 +95,6 @@ def train_step(forward: Callable[[torch.Tensor], ModelOutput], optimizer: torch.
             torch.nn.utils.clip_grads_with_norm_(params, grad_clip, total_norm)
         optimizer.step()
     return StepResult(out, parts, grad_norm, loss_value, updated)
-
-
-class MetricsLog:
-    """metrics.jsonl: one JSON object per line, flushed as written so a killed run keeps what it logged.
-
-    A resumed run keeps the records up to its checkpoint's step (dropping a torn last line and whatever the
-    killed run logged after the checkpoint), so the file reads as if the run had never stopped.
-    """
-
-    def __init__(self, path: Path, keep_until: int | None = None, files: bool = True) -> None:
-        self.path, self.files = path, files  # files=False on ranks other than 0: track, write nothing
-        lines = read_metrics_until(path, keep_until)[0] if keep_until is not None and files else []
-        records = [json.loads(line) for line in lines]
-        self.eval_steps = {r["step"] for r in records if r.get("kind") == "eval"}
-        self.last_eval = next((r for r in reversed(records) if r.get("kind") == "eval"), None)
-        self.tensorboard = None
-        if files:
-            atomic_write_text(path, "".join(line + "\n" for line in lines))
-            self.tensorboard = _tensorboard_writer(path.parent / TENSORBOARD_DIR, purge_step=(keep_until or 0) + 1)
-
-    def has_eval_at(self, step: int) -> bool:
-        return step in self.eval_steps
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.files:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-        if record.get("kind") == "eval":
-            self.eval_steps.add(record["step"])
-            self.last_eval = record
-        if self.tensorboard is not None and record.get("kind") in ("train", "eval"):
-            for key, value in record.items():
-                values = value if isinstance(value, list) else [value]
-                for i, v in enumerate(values):
-                    if isinstance(v, (int, float)) and key != "step":
-                        name = f"{record['kind']}/{key}" + (f"/{i}" if isinstance(value, list) else "")
-                        self.tensorboard.add_scalar(name, v, record["step"])
-            self.tensorboard.flush()
-
-    def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-
-
-def _tensorboard_writer(log_dir: Path, purge_step: int) -> Any:
-    """A SummaryWriter when the optional `tensorboard` package is installed (pip install 'moe[tensorboard]').
-
-    On resume, purge_step drops the events a killed run logged after its checkpoint, as metrics.jsonl does.
-    """
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(log_dir), purge_step=purge_step)
-
-
-def to_record(values: dict[str, torch.Tensor]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in values.items():
-        v = v.detach().float().cpu()
-        out[k] = round(v.item(), 6) if v.dim() == 0 else [round(x, 6) for x in v.reshape(-1).tolist()]
-    return out
-
-
-def routing_summary(stats: dict[str, Any], n_layers: int) -> str:
-    """One console line per mechanism, e.g.
-    `MoH L1: 2.80h@0.55θ | Complexity 0.59 [0.50-0.68] | PredNorm 2.2 | grad router 1.2e-03 predictor 4.0e-04`
-    `MoE L1: load 0.31 0.22 0.25 0.22 CV 0.14 dropped 0`
-    `Halt steps 1:12% 2:30% 3:58% | mean 2.46 | head acc 0.81 | grad 2.1e-02`"""
-    layers = [f"L{i + 1}" for i in range(n_layers)]
-    if f"{layers[0]}.moh_heads" not in stats:
-        return ""
-    moh = " | ".join(f"{L}: {stats[f'{L}.moh_heads']:.2f}h@{stats[f'{L}.moh_threshold']:.2f}θ" for L in layers)
-    cx = [stats[f"{L}.moh_complexity"] for L in layers]
-    cx_lo = min(stats[f"{L}.moh_complexity_min"] for L in layers)
-    cx_hi = max(stats[f"{L}.moh_complexity_max"] for L in layers)
-    pred = statistics.fmean(stats[f"{L}.moh_pred_norm"] for L in layers)
-    grads = " ".join(f"{g} {stats[f'grad_norm.{g}']:.1e}" for g in ("router", "predictor") if f"grad_norm.{g}" in stats)
-    moe = " | ".join(f"{L}: load " + " ".join(f"{x:.2f}" for x in stats[f"{L}.moe_load"])
-                     + f" CV {stats.get(f'{L}.moe_load_cv', float('nan')):.2f}"
-                     + f" dropped {stats.get(f'{L}.moe_dropped', 0):g}" for L in layers)
-    lines = [f"MoH {moh} | Complexity {statistics.fmean(cx):.2f} [{cx_lo:.2f}-{cx_hi:.2f}] | PredNorm {pred:.2f}"
-             + (f" | grad {grads}" if grads else ""), f"MoE {moe}"]
-    hist = stats.get("halt_hist")
-    if isinstance(hist, list) and len(hist) > 1 and sum(hist):
-        shares = " ".join(f"{i + 1}:{100 * c / sum(hist):.0f}%" for i, c in enumerate(hist))
-        lines.append(f"Halt steps {shares} | mean {stats['halt_step_mean']:.2f}"
-                     + (f" | head acc {stats['halt_acc']:.2f}" if "halt_acc" in stats else "")
-                     + (f" | grad {stats['grad_norm.halt']:.1e}" if "grad_norm.halt" in stats else ""))
-    return "\n".join(lines)
-
-
-class TrainingInterrupted(Exception):
-    """SIGINT/SIGTERM arrived: the loop saved a checkpoint at `step` and stopped."""
-
-    def __init__(self, signum: int, step: int, run_dir: Path) -> None:
-        super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}: checkpoint saved; "
-                         f"continue with: moe train --resume {run_dir}")
-        self.signum = signum
-
-
-class StopSignals:
-    """Turn the first SIGINT/SIGTERM into a flag the loop checks between steps (a second one acts as usual)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received = signum
-        for s, h in self._previous.items():  # the next signal interrupts at once
-            signal.signal(s, h)
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for s, h in self._previous.items():
-            signal.signal(s, h)
 
 
 # Settings a resumed run may change: they do not alter what a step computes (max_steps does change the LR
@@ -398,12 +208,7 @@ class Trainer:
         self.forward = parallelize(model, dist, device, tc.parallel, find_unused=not mc.recursive)
         self.optimizer = build_optimizer(model, cfg)
         self.params = list(model.parameters())
-        # Gradient norms are logged per group, so "does gradient reach the router" is a number, not a guess.
-        named = dict(model.named_parameters())
-        predictor = [p for n, p in named.items() if "complexity_head" in n or "threshold_head" in n]
-        self.groups = {**model.param_groups(), "halt": list(model.halt_head.parameters())}
-        self.groups["router"] = [p for p in self.groups["router"] if not any(p is q for q in predictor)]
-        self.groups["predictor"] = predictor
+        self.groups = norm_groups(model)
         self.autocast = autocast_for(device)
         self.warmup = warmup_steps(tc.max_steps, tc.warmup_frac)
 
@@ -411,10 +216,7 @@ class Trainer:
         mc, tc = self.cfg.model, self.cfg.train
         self.start_step, self.first_step_s, self.step_times = state.step, 0.0, []
         n_params = sum(p.numel() for p in self.model.parameters())
-        compiled = f"compile={'on' if tc.compile else 'off'}"
-        self.log(f"model: {n_params / 1e6:.2f}M parameters on {self.device}, {compiled}, {mc.n_steps} supervision "
-              f"step(s) x {mc.H_cycles}x({mc.L_cycles}+1) net calls" if mc.recursive else
-              f"model: {n_params / 1e6:.2f}M parameters on {self.device} (baseline, no recursion), {compiled}")
+        self.log(model_line(mc, n_params, self.device, tc.compile))
         self.metrics = MetricsLog(self.run_dir / METRICS_FILE, keep_until=state.step if resumed else None,
                                   files=self.dist.is_main)
         if state.step == 0 and not self.metrics.has_eval_at(0):
@@ -439,13 +241,8 @@ class Trainer:
         self.metrics.write({"kind": "summary", **result})
         self.metrics.close()
         write_plots(self.run_dir)
-        print(f"done: {self.task.describe(ev)} | median grad norm after warmup "
-              f"{result['median_grad_norm_after_warmup']:.2f}")
-        if self.step_times or self.first_step_s:
-            first = f"first step {self.first_step_s:.1f}s"
-            print(f"time: {first} (includes torch.compile, or loading its cache)" if tc.compile else f"time: {first}",
-                  end="")
-            print(f", then {steady * 1000:.0f} ms/step, {result['tokens_per_s']:.0f} tokens/s | run: {self.run_dir}")
+        timed = bool(self.step_times or self.first_step_s)
+        print(final_lines(self.task.describe(ev), result, tc.compile, self.run_dir, timed))
         return result
 
     def _loop(self, state: LoopState) -> None:
@@ -464,7 +261,7 @@ class Trainer:
             which every rank takes together (the gradients are already the same on all ranks)."""
             nonlocal stop, group_norms
             if log_step:  # per-group norms (before clipping) only where they are logged: not on the hot path
-                group_norms = {f"grad_norm.{name}": _grad_norm(ps) for name, ps in self.groups.items()}
+                group_norms = {f"grad_norm.{name}": global_grad_norm(ps) for name, ps in self.groups.items()}
             bad, stop = dist.flags([not finite(loss_value, grad_norm), signals.received is not None], self.device)
             return not bad
 
@@ -532,7 +329,7 @@ class Trainer:
         """A non-finite loss or gradient: no update, count it, name the culprit, stop after too many in a row."""
         state.skipped_steps += 1
         state.bad_in_a_row += 1
-        bad = [name for name, ps in self.groups.items() if not math.isfinite(float(_grad_norm(ps)))]
+        bad = [name for name, ps in self.groups.items() if not math.isfinite(float(global_grad_norm(ps)))]
         what = (f"loss is {loss_value}" if not math.isfinite(loss_value) else "loss is finite") + \
             (f", gradient non-finite in parameter group(s) {', '.join(bad)}" if bad else "")
         self.optimizer.zero_grad(set_to_none=True)
@@ -548,12 +345,3 @@ class Trainer:
         ev = self.task.evaluate(self.model, self.device, self.autocast, self.dist)
         self.metrics.write({"kind": "eval", "step": step, **ev, **self.task.baselines})
         self.log(f"step {step}: {self.task.describe(ev)}" + (f" | halt step {ev['val_halt_step']:.2f}" if step else ""))
-
-
-def _grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    """The global L2 norm of the group's gradients, a plain tensor (with FSDP a collective: all ranks call it)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    return full_tensor(torch.nn.utils.get_total_norm(grads))
-
