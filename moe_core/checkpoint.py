@@ -1,8 +1,7 @@
 """The run directory: writing it, and loading a model back from config.json + model.safetensors.
 
 Every file here carries `format_version` (moe_core.formats); outputs are checked and written through
-moe_core.files, the torch-free half that serve shares. train imports FORMAT_VERSION, atomic_write and
-atomic_write_text from this module as well.
+moe_core.files, the torch-free half that serve shares.
 
 Sharded weights. A run trained with FSDP (train.parallel = "fsdp" under torchrun) publishes its model as one
 safetensors file per rank plus an index, `model.shards.json`, in place of model.safetensors:

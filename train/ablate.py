@@ -27,8 +27,8 @@ from typing import Any
 
 import click
 
-from moe_core.checkpoint import atomic_write_text
 from moe_core.errors import ConfigError, MoeError
+from moe_core.files import atomic_write_text
 
 from .config import RunConfig, build_config, parse_override, preset_names, read_toml
 from .plots import METRICS_FILE, layer_numbers, plot_val_loss_overlay, read_metrics, save_figure, series, split_records

@@ -44,11 +44,9 @@ from safetensors.torch import save_file
 from moe_core import __version__
 from moe_core.checkpoint import (
     CONFIG_FILE,
-    FORMAT_VERSION,
     SHARD_FILES,
     SHARD_INDEX,
     WEIGHTS_FILE,
-    atomic_write,
     check_weights,
     drop_sharded_weights,
     load_run_config,
@@ -59,6 +57,8 @@ from moe_core.checkpoint import (
     shard_file_name,
 )
 from moe_core.errors import CheckpointError
+from moe_core.files import atomic_write
+from moe_core.formats import FORMAT_VERSION
 
 from .config import RunConfig
 from .distributed import SINGLE, Dist, is_dtensor, is_sharded

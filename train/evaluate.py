@@ -30,9 +30,10 @@ import click
 import torch
 from tokenizers import Tokenizer
 
-from moe_core.checkpoint import TOKENIZER_FILE, atomic_write_text, load_model
+from moe_core.checkpoint import TOKENIZER_FILE, load_model
 from moe_core.config import MAX_CYCLES
 from moe_core.errors import ConfigError, os_reason
+from moe_core.files import atomic_write_text
 from moe_core.model import RecursiveMoE
 from moe_core.tokenizer import read_tokenizer
 

@@ -27,8 +27,9 @@ from typing import Any
 import click
 from matplotlib.figure import Figure
 
-from moe_core.checkpoint import atomic_write, read_run_config
+from moe_core.checkpoint import read_run_config
 from moe_core.errors import MoeError, os_reason
+from moe_core.files import atomic_write
 from moe_core.jsonl import json_error, read_lines
 
 METRICS_FILE = "metrics.jsonl"
