@@ -33,7 +33,7 @@ from tokenizers import Tokenizer
 from moe_core.checkpoint import TOKENIZER_FILE, load_model
 from moe_core.config import MAX_CYCLES
 from moe_core.errors import ConfigError, os_reason
-from moe_core.files import atomic_write_text
+from moe_core.files import atomic_write_text, check_not_inputs
 from moe_core.model import RecursiveMoE
 from moe_core.tokenizer import read_tokenizer
 
@@ -133,7 +133,7 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def plot(rows: list[dict[str, Any]], task: str, trained: int, title: str, path: Path) -> None:
+def plot(rows: list[dict[str, Any]], task: str, trained: int, title: str, path: Path, overwrite: bool = True) -> None:
     from matplotlib.figure import Figure  # noqa: PLC0415 - matplotlib only when plotting
     from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
 
@@ -153,7 +153,7 @@ def plot(rows: list[dict[str, Any]], task: str, trained: int, title: str, path: 
     if key.endswith("_acc"):
         ax.set_ylim(0, 1)
     style_axes(ax, title, header, xlabel="K = halt_max_steps at inference")
-    save_figure(fig, path)
+    save_figure(fig, path, overwrite)
 
 
 @click.command(context_settings={"show_default": True})
@@ -183,9 +183,11 @@ def eval_(run_dir: str, steps_text: str, out: str | None, baseline_dir: str | No
     existing = [n for n in names if (out_dir / n).exists()]
     if existing and not overwrite:
         raise ConfigError(f"--out {out_dir / existing[0]}: exists; pass --overwrite to replace the eval outputs")
-    model = load_model(run, dev)
+    model = load_model(run, dev)  # notes the run's files as inputs of this command
     tok_text, _ = read_tokenizer(run / TOKENIZER_FILE, cfg.model.vocab_size)
     base_model = None if baseline_dir is None else load_baseline(Path(baseline_dir), run, cfg, tok_text, dev)
+    data = [(p, "the run's train.data") for p in (cfg.train.data,) if p]
+    check_not_inputs([out_dir / n for n in names], data, option="--out")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -200,14 +202,15 @@ def eval_(run_dir: str, steps_text: str, out: str | None, baseline_dir: str | No
     trained = model.config.halt_max_steps if model.config.recursive else 1
     md = table(rows, task.name, trained)
     # The plot first: it is the write most likely to fail, and it then leaves no new table beside an old plot.
+    # Without --overwrite every output is created, never replaced: one that appeared meanwhile is refused.
     plot(rows, task.name, trained, f"{run.name}: {FIGURES[task.name][0][1]} against the steps allowed",
-         out_dir / "eval.png")
-    atomic_write_text(out_dir / "eval.csv", to_csv(rows))
-    atomic_write_text(out_dir / "eval.md", md)
+         out_dir / "eval.png", overwrite)
+    atomic_write_text(out_dir / "eval.csv", to_csv(rows), overwrite)
+    atomic_write_text(out_dir / "eval.md", md, overwrite)
     if task.name == "sudoku":
         from moe_core.sudoku import format_grid  # noqa: PLC0415
 
         atomic_write_text(out_dir / PUZZLES_FILE, "".join(
             f"{format_grid(p)} {format_grid(s)}\n" for p, s in zip(task.test_puzzles, task.test_solutions,
-                                                                    strict=True)))
+                                                                    strict=True)), overwrite)
     click.echo(md + f"written: {', '.join(str(out_dir / n) for n in names)}")

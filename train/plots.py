@@ -160,8 +160,9 @@ def style_axes(ax, title: str, ylabel: str, xlabel: str = "step (optimizer updat
         ax.legend(loc="best", fontsize=8, framealpha=0.85)
 
 
-def save_figure(fig: Figure, path: Path) -> Path:
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
+def save_figure(fig: Figure, path: Path, overwrite: bool = True) -> Path:
+    """Write `fig` as a PNG, atomically; overwrite=False: only where `path` does not exist yet."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI), overwrite)
     return path
 
 
