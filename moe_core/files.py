@@ -13,8 +13,11 @@ import signal
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from .errors import MoeError, is_io_error, os_reason
+
+T = TypeVar("T")
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -135,14 +138,22 @@ def _commit(tmp: str, path: Path, overwrite: bool) -> None:
     os.unlink(tmp)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None], overwrite: bool = True) -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[str], T], overwrite: bool = True) -> T:
     """Call write(tmp_path) on a temp file beside `path`, fsync it, then move it to `path`: over an existing file
-    with `overwrite`, else only if `path` still does not exist (see _commit).
+    with `overwrite`, else only if `path` still does not exist (see _commit). Returns what `write` returned.
 
     A reader sees the old file or the complete new one, never a torn one; on failure (an interrupting signal
     included) nothing is left. An I/O error (a full disk, a read-only directory) becomes a one-line MoeError
     naming `path` and the reason. Within a command, a `path` that aliases a file the command read is refused.
     """
+    with atomic_output(path, overwrite) as tmp:
+        return write(tmp)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, overwrite: bool = True) -> Iterator[str]:
+    """atomic_write as a `with` block: the block writes the temp file it is given, which is fsynced and moved to
+    `path` when the block ends normally and removed when it raises (the same checks and errors as atomic_write)."""
     path = Path(path)
     if not path.parent.is_dir():
         raise MoeError(f"{path.parent}: output directory does not exist")
@@ -151,7 +162,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], overwrit
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
-        write(tmp)
+        yield tmp
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 (and some writers recreate the file)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())

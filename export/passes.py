@@ -1,0 +1,177 @@
+"""Graph passes: pure ModelProto -> ModelProto rewrites of a traced graph. Each returns a new ModelProto and leaves
+its argument as it was; each is exact (the graph computes the same outputs from the same inputs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .parity import DECISIONS_PREFIX
+
+
+def copy_model(proto: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    return out
+
+
+def strip_node_metadata(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop each node's metadata and doc string: the exporter's per-node stack traces and FX names are half the file
+    and of no use to a runtime."""
+    proto = copy_model(proto)
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    return proto
+
+
+def with_metadata(proto: onnx.ModelProto, metadata: dict[str, str]) -> onnx.ModelProto:
+    """`proto` with exactly `metadata` as its metadata_props, in the dict's order."""
+    proto = copy_model(proto)
+    del proto.metadata_props[:]
+    for k, v in metadata.items():
+        proto.metadata_props.add(key=k, value=v)
+    return proto
+
+
+def dedupe_initializers(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Merge byte-identical initializers (same type, shape and bytes) into the first of them, and point every node
+    input at the one kept.
+
+    The exporter constant-folds each use of a weight (e.g. the transpose inside every unrolled call of a Linear)
+    into an initializer of its own, so an unrolled recursive model would store every weight
+    H_cycles * (L_cycles + 1) * halt_max_steps times over.
+    """
+    proto = copy_model(proto)
+    graph = proto.graph
+    keep: dict[tuple, str] = {}
+    rename: dict[str, str] = {}
+    kept = []
+    for init in graph.initializer:
+        key = (init.data_type, tuple(init.dims), hashlib.sha256(numpy_helper.to_array(init).tobytes()).hexdigest())
+        if key in keep:
+            rename[init.name] = keep[key]
+        else:
+            keep[key] = init.name
+            kept.append(init)
+    if not rename:
+        return proto
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    return proto
+
+
+def remove_dead_nodes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop the nodes none of whose outputs is used (by a node or as a graph output), repeatedly, then the
+    initializers no node reads."""
+    proto = copy_model(proto)
+    graph = proto.graph
+    outputs = {o.name for o in graph.output}
+    while True:
+        used = {i for n in graph.node for i in n.input} | outputs
+        dead = [n for n in graph.node if not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    used = {i for n in graph.node for i in n.input} | outputs
+    kept = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return proto
+
+
+def has_decisions(proto: onnx.ModelProto) -> bool:
+    """Whether the graph has decision outputs (a DecisionGraph's, export/trace.py)."""
+    return any(o.name.startswith(DECISIONS_PREFIX) for o in proto.graph.output)
+
+
+def strip_decisions(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop a DecisionGraph's decision outputs and the nodes and initializers only they needed."""
+    proto = copy_model(proto)
+    outputs = [o for o in proto.graph.output if not o.name.startswith(DECISIONS_PREFIX)]
+    del proto.graph.output[:]
+    proto.graph.output.extend(outputs)
+    return remove_dead_nodes(proto)
+
+
+def sliced_weights(proto: onnx.ModelProto) -> int:
+    """How many distinct MatMul weights fold_sliced_weights would fold."""
+    return len(_sliced_weights(proto.graph))
+
+
+def fold_sliced_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Make every MatMul weight that is a slice of a stored weight an initializer of its own.
+
+    Sparse MoE dispatch multiplies each expert's rows by its block of the stored [D, E*F] / [E*F, D] weights:
+    in the graph, Reshape / Transpose / Gather of the initializer feed the MatMul, and dynamic quantisation only
+    quantises a MatMul whose weight is an initializer (ONNX Runtime folds these constants at load, after
+    quantisation has passed them by). Folded here, each expert's weight is quantised as the dense graph's are.
+    A weight that is not sliced (e.g. a Linear's transposed weight) is left as it is: int8 covers the same
+    weights under both dispatches. Folding is exact (it only moves values) and dead nodes are dropped; the
+    copies the unrolled recursion makes are left for dedupe_initializers to merge.
+    """
+    from onnx.reference import ReferenceEvaluator
+
+    proto = copy_model(proto)
+    graph = proto.graph
+    weights = _sliced_weights(graph)
+    if not weights:
+        return proto
+    inits = {i.name: i for i in graph.initializer}
+    folded: dict[tuple, str] = {}
+    for node, key, nodes in weights:
+        if key not in folded:
+            w = node.input[1]
+            used = sorted({i for n in nodes for i in n.input if i in inits})
+            model = onnx.helper.make_model(
+                onnx.helper.make_graph(nodes, "fold", [], [onnx.helper.make_tensor_value_info(w, 0, None)],
+                                       [inits[i] for i in used]), opset_imports=proto.opset_import)
+            value = np.ascontiguousarray(ReferenceEvaluator(model).run(None, {})[0])
+            folded[key] = f"{'+'.join(used)}.slice{len(folded)}"  # e.g. model.net.blocks.0.ffn.w_gate.slice3
+            graph.initializer.append(numpy_helper.from_array(value, folded[key]))
+        node.input[1] = folded[key]
+    return remove_dead_nodes(proto)
+
+
+def _sliced_weights(graph: onnx.GraphProto) -> list[tuple[onnx.NodeProto, tuple, list[onnx.NodeProto]]]:
+    """(MatMul node, signature of its weight, the nodes computing that weight in graph order) for every MatMul
+    whose weight is a constant computed from initializers through a Gather or Slice, in graph order. Two weights
+    with one signature are the same computation of the same initializers."""
+    inits = {i.name for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    signature: dict[str, tuple] = {name: ("initializer", name) for name in inits}  # constant values only
+    for node in graph.node:
+        if node.op_type == "Constant" or (node.input and all(i in signature for i in node.input if i)):
+            attrs = tuple(a.SerializeToString() for a in node.attribute)
+            for k, out in enumerate(node.output):
+                signature[out] = (node.op_type, attrs, tuple(signature.get(i) for i in node.input), k)
+    order = {id(n): i for i, n in enumerate(graph.node)}
+    found = []
+    for node in graph.node:
+        w = node.input[1] if node.op_type == "MatMul" else None
+        if w is None or w in inits or w not in signature:
+            continue
+        nodes = _computing(w, producer, order)
+        if any(n.op_type in ("Gather", "Slice") for n in nodes):
+            found.append((node, signature[w], nodes))
+    return found
+
+
+def _computing(name: str, producer: dict[str, onnx.NodeProto], order: dict[int, int]) -> list[onnx.NodeProto]:
+    """The nodes computing constant `name`, in graph order."""
+    nodes, stack = {}, [name]
+    while stack:
+        v = stack.pop()
+        if v in producer and id(producer[v]) not in nodes:
+            nodes[id(producer[v])] = producer[v]
+            stack.extend(i for i in producer[v].input if i)
+    return sorted(nodes.values(), key=lambda n: order[id(n)])
