@@ -6,14 +6,16 @@ import click
 
 from moe_core.cli import run
 
+from .choices import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, PRECISIONS
+
 
 @click.command(context_settings={"show_default": True})
 @click.argument("run_dir", type=click.Path())
 @click.option("--out", required=True, type=click.Path(), help="The ONNX file to write.")
-@click.option("--opset", default=20, type=click.IntRange(18, 23), help="ONNX opset version.")
+@click.option("--opset", default=DEFAULT_OPSET, type=click.IntRange(MIN_OPSET, MAX_OPSET), help="ONNX opset version.")
 @click.option("--check/--no-check", default=True,
               help="Run the parity check (ONNX Runtime vs eager PyTorch) and refuse to write on failure.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32",
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32",
               help="fp16: half-precision weights for GPU serving; int8: dynamic int8 quantisation for CPU serving. "
                    "The fp32 graph must pass parity first; the variant's own figures are printed.")
 @click.option("--eval-text", type=click.Path(), default=None,

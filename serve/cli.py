@@ -11,6 +11,9 @@ import click
 
 from moe_core.cli import run
 
+from .runtime import PROVIDER_CHOICES, RUNTIMES
+from .server import MODE_TASK
+
 CHUNK_BATCHES = 64  # records read at a time = CHUNK_BATCHES * rows per pass: bounded memory, good length sorting
 
 
@@ -33,15 +36,15 @@ def finite(expected: str, ok):
                    '(.txt / .csv: one 81-character puzzle a line, optionally followed by its solution).')
 @click.option("--output", "output_path", required=True, type=click.Path(),
               help="JSONL results, one object per input record, in input order.")
-@click.option("--mode", type=click.Choice(["score", "generate", "solve"]), default="score",
+@click.option("--mode", type=click.Choice(list(MODE_TASK)), default="score",
               help="score / generate: a language model (task lm); solve: a Sudoku model (task sudoku).")
 @click.option("--batch-size", default=32, type=click.IntRange(1),
               help="Rows per forward pass, at most the model's memory budget allows: rows x max_seq_len x "
                    "(halt_max_steps x vocab + heads x max_seq_len + experts x d_expert + 8 x d_model) <= 2^26 "
                    "activation elements (a note says when --batch-size is cut). Results never depend on it.")
-@click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto",
+@click.option("--provider", type=click.Choice(PROVIDER_CHOICES), default="auto",
               help="auto: CUDA when onnxruntime-gpu and a GPU are present, else CPU.")
-@click.option("--runtime", type=click.Choice(["auto", "unrolled", "stepwise"]), default="auto",
+@click.option("--runtime", type=click.Choice(RUNTIMES), default="auto",
               help="unrolled: MODEL.onnx, every halting step for every sample; stepwise: MODEL.step.onnx (moe export "
                    "--stepwise) one step at a time, each sample leaving the batch when it halts (same results); "
                    "auto: stepwise when the step graph is there.")
