@@ -210,8 +210,8 @@ class MoHAttention(nn.Module):
     while the probability taken so far is below theta and the count is below round(t), never fewer than
     min_heads. Each selected head's output is weighted by its router probability, renormalised over the
     selected heads as the MoE combine weights are: a token's attention output is a convex combination of its
-    heads, so concentrating the router buys no output scale (raw probabilities let a router grow its
-    output by collapsing onto one head — seen in training).
+    heads, so concentrating the router buys no output scale (raw probabilities would let a router grow its
+    output by collapsing onto one head).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -349,29 +349,19 @@ class MoHAttention(nn.Module):
 # (`grouped_mm`), and puts the rows back in (token, slot) order to sum the k slots with the combine weights.
 # Nothing is dropped (no capacity): the outputs are dense's up to float rounding.
 #
-# "auto" (resolve_moe_dispatch) is the faster of the two as timed on this project's 2-core CPU: the MoE layer
-# alone, same weights and inputs, median of 21 interleaved calls (benchmarks.timing.measure), one run on 1 thread
-# (on 2, the other jobs of this shared machine stalled OpenMP's spinning workers and every timing swung several-
-# fold, sparse's many small parallel regions most; OMP_WAIT_POLICY=PASSIVE cures that). Dense time / sparse time,
-# inference forward and training forward + backward (`python -m benchmarks --only dispatch` times the 128 x 256
-# cells at 4/2, 8/2 and 8/1 on every path: eager, ONNX Runtime, training eager and torch.compile'd):
-#
-#     d_model x d_expert, tokens | experts/top-k  4/4        4/3        3/2        4/2        8/2        8/1
-#     128 x 256, 2048                             0.86 1.00  1.14 1.34  1.29 1.25  2.83 2.21  3.51 3.91  8.30 6.72
-#     128 x 256, 256                              0.82 0.88                        1.28 1.39  3.63 1.82
-#     64 x 128, 256                               0.75 0.85                        0.99 0.79  1.37 1.83
-#     32 x 64, 256                                0.65 0.62                        0.75 0.74  0.98 1.00
-#
-# Sparse pays fixed costs (the sort, the gather and scatter of the N*k routed rows, one matmul call per expert)
-# to skip (n_experts - top_k) * d_model * d_expert multiply-adds per token: it wins from about 2^15 of them (4/3
-# and 3/2 at 128 x 256; 8/2 at 64 x 128) and loses below (4/2 at 64 x 128 and smaller; every expert at 4/4).
-# Off CPU "auto" stays dense: not measured (CUDA autocasts dense's matmuls to bf16 but not the custom op, and
-# each grouped matmul reads its group sizes back to the host). Both are exact: the choice is only about speed.
+# "auto" (resolve_moe_dispatch) takes sparse on CPU when a token skips at least SPARSE_MIN_SKIPPED_MACS
+# multiply-adds, (n_experts - top_k) * d_model * d_expert. Sparse pays fixed costs (the sort, the gather and
+# scatter of the N*k routed rows, one matmul call per expert) to skip that work, so it is faster only when enough
+# is skipped; 2^15 is where the MoE layer alone, dense against sparse on CPU (inference forward, training forward
+# + backward), crosses over. The timings and the command that makes them: benchmarks/RESULTS.md.
+# Off CPU "auto" stays dense: sparse has no timings there, and nothing says it would win (CUDA autocasts dense's
+# matmuls to bf16 but not the custom op, and each grouped matmul reads its group sizes back to the host). Both are
+# exact: the choice is only about speed.
 SPARSE_MIN_SKIPPED_MACS = 1 << 15
 
 
 def resolve_moe_dispatch(cfg: ModelConfig, device_type: str = "cpu") -> str:
-    """The dispatch a config runs on a device: its moe_dispatch, with "auto" decided as measured above."""
+    """The dispatch a config runs on a device: its moe_dispatch, with "auto" decided by SPARSE_MIN_SKIPPED_MACS."""
     if cfg.moe_dispatch != "auto":
         return cfg.moe_dispatch
     skipped = (cfg.n_experts - cfg.top_k) * cfg.d_model * cfg.d_expert  # multiply-adds sparse skips per token
@@ -428,9 +418,10 @@ class MoEFeedForward(nn.Module):
     """Top-k routed SwiGLU experts, with dense or sparse dispatch (see above; same routing, same outputs).
 
     Weight layout: w_gate, w_up [D, E*F] and w_down [E*F, D] (expert e owns columns / rows e*F..(e+1)*F), so
-    that all experts are one plain matmul each way with the weight fed straight in: einsum over 3-D weights was
-    ~60% of ONNX Runtime's time on this model, and int8 dynamic quantisation only picks up MatMuls whose weight
-    is an initializer. `experts()` gives the per-expert [E, ...] views (which sparse dispatch multiplies by).
+    that all experts are one plain matmul each way with the weight fed straight in: ONNX Runtime runs an einsum
+    over 3-D weights far slower than plain MatMuls (benchmarks/RESULTS.md), and int8 dynamic quantisation only
+    picks up MatMuls whose weight is an initializer.
+    `experts()` gives the per-expert [E, ...] views (which sparse dispatch multiplies by).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:

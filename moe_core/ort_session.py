@@ -6,7 +6,7 @@ transformer fusions do not match a custom MoE/MoH graph, but nothing is lost by 
 physical cores (a second hyper-thread on the same core only contends for the same FMA units), one inter-op
 thread with ORT_SEQUENTIAL execution (the graph is one long chain of dependent ops: parallel branches are
 tiny, and inter-op threads would compete with the intra-op pool), intra-op workers that sleep when idle
-instead of spinning (session_options: measured). `--threads` overrides the intra-op count, up to the CPUs the
+instead of spinning (session_options says why). `--threads` overrides the intra-op count, up to the CPUs the
 process may use (intra_op_threads).
 """
 
@@ -66,10 +66,10 @@ def session_options(threads: int | None):
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.intra_op_num_threads = intra_op_threads(threads)
     opts.inter_op_num_threads = 1
-    # Idle intra-op workers sleep instead of spinning (ORT's default spins): on a machine whose cores other work
-    # also uses, the spinning workers took the cores they waited for. Measured here (2 threads, other jobs
-    # running, 32 x 128): 332 -> 226 ms per batch fp32 (8 x 128: 73 -> 52 ms); batch 1 x 128 pays ~1 ms
-    # (7.3 -> 8.2 ms). The same as OMP_WAIT_POLICY=PASSIVE for PyTorch.
+    # Idle intra-op workers sleep instead of spinning (ORT's default spins): where other work also uses the
+    # cores, spinning workers take the cores the working ones wait for, which costs a batch far more than the
+    # wake-up a sleeping worker adds to a batch of one (figures: benchmarks/RESULTS.md). The same as
+    # OMP_WAIT_POLICY=PASSIVE for PyTorch.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3  # warnings about unused initializers etc. are not the user's business
     return opts
