@@ -24,8 +24,11 @@ from .choices import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, PRECISIONS
 @click.option("--stepwise", is_flag=True,
               help="Also write OUT's stem + .step.onnx: one supervision step as its own graph (carry in, carry out), "
                    "which `moe serve` runs step by step, dropping each sample from the batch once it halts.")
+@click.option("--decode/--no-decode", default=None,
+              help="Also write OUT's stem + .decode.onnx, the KV-cached decode graph `moe serve --mode generate` "
+                   "uses (causal language models). [default: on for a causal language model]")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file (and its tokenizer).")
-def export(run_dir, out, opset, check, precision, eval_text, stepwise, overwrite) -> None:
+def export(run_dir, out, opset, check, precision, eval_text, stepwise, decode, overwrite) -> None:
     """Export the model of RUN_DIR to one static ONNX graph.
 
     Inputs input_ids and attention_mask (int64 [batch, seq], both axes dynamic; pass ones when not padded),
@@ -37,16 +40,27 @@ def export(run_dir, out, opset, check, precision, eval_text, stepwise, overwrite
       inputs  input_ids, attention_mask [batch, seq]; z_H, z_L (the carry) [batch, seq, d_model]
       outputs next_z_H, next_z_L; logits [batch, seq, vocab]; halt_logit [batch] (halts when > 0)
     with the initial carry's vectors in its metadata. It passes the same parity check, run step by step.
-    """
-    from .onnx_export import export_run
 
+    \b
+    --decode (the default for a causal language model) adds OUT's stem + .decode.onnx, one graph for the prefill
+    and every decoding call with a past/present key and value per block application of the recursion:
+      inputs  input_ids, position_ids [batch, new]; attention_mask [batch, past + new]; past_halt_step [batch];
+              past_key_values.{i}.key / .value [batch, heads, past, head_dim]
+      outputs logits [batch, new, vocab]; halt_step [batch]; present.{i}.key / .value
+    checked by a prefill and cached calls against the eager model.
+    """
+    from .onnx_export import decode_by_default, export_run
+
+    if decode is None:
+        decode = decode_by_default(run_dir)
     r = export_run(run_dir, out, opset=opset, check=check, overwrite=overwrite, precision=precision,
-                   eval_text=eval_text, stepwise=stepwise, log=click.echo)
+                   eval_text=eval_text, stepwise=stepwise, decode=decode, log=click.echo)
     click.echo(f"exported {r.path} | {r.precision} | opset {r.opset} | {r.nodes} nodes | "
                f"{r.params / 1e6:.2f}M parameters | "
                f"{r.size_bytes / 1e6:.1f} MB | tokenizer {r.tokenizer_path.name} | {r.seconds:.1f}s"
                + (f" | parity max rel {r.parity.max_rel:.1e}" if r.parity else " | parity not checked")
-               + (f" | step graph {r.step_path.name}" if r.step_path else ""))
+               + (f" | step graph {r.step_path.name}" if r.step_path else "")
+               + (f" | decode graph {r.decode_path.name}" if r.decode_path else ""))
 
 
 def main() -> None:

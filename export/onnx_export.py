@@ -4,7 +4,8 @@ The steps, each in its own module: trace the eval-mode model (export/trace.py), 
 (export/passes.py), check parity (export/parity.py), convert to a reduced precision (export/precision.py).
 Here they run in order for the graphs of one export, and the files are written: OUT, then (with `stepwise`) one
 supervision step (RecursiveMoE.step) as MODEL.step.onnx, for serving that stops each sample when it halts
-(moe_core/stepwise.py), with its own parity check run step by step as serve runs it, then the tokenizer.
+(moe_core/stepwise.py), with its own parity check run step by step as serve runs it, then (with `decode`) the
+KV-cached decode graph MODEL.decode.onnx (export/decode.py) with its own parity check, then the tokenizer.
 
 The names the tests replace (to_onnx, step_to_onnx, check_parity) are looked up in this module when called.
 """
@@ -27,6 +28,8 @@ from moe_core.checkpoint import TOKENIZER_FILE, load_model, load_run_config, run
 from moe_core.errors import MoeError
 from moe_core.files import atomic_output, atomic_write, atomic_write_text, check_not_inputs, check_output
 from moe_core.graph_contract import (
+    decode_graph_metadata,
+    decode_path_for,
     graph_metadata,
     run_task,
     step_graph_metadata,
@@ -38,6 +41,7 @@ from moe_core.ort_session import ort_session
 from moe_core.tokenizer import read_tokenizer
 
 from .choices import DEFAULT_OPSET, PRECISIONS
+from .decode import cache_entries, can_decode, check_decode_parity, decode_to_onnx
 from .parity import ParityReport, check_parity, text_nll, text_windows
 from .passes import (
     dedupe_initializers,
@@ -71,6 +75,8 @@ class ExportResult:
     reports: list[ParityReport]  # fp32 parity, then the precision variant's figures (empty with check=False)
     step_path: Path | None = None  # the step graph (stepwise=True)
     step_reports: list[ParityReport] | None = None  # the same checks, of the step graph run step by step
+    decode_path: Path | None = None  # the decode graph (decode=True)
+    decode_reports: list[ParityReport] | None = None  # its checks: prefill, then cached calls
 
     @property
     def parity(self) -> ParityReport | None:
@@ -84,6 +90,7 @@ class Outputs:
     out: Path
     tokenizer: Path
     step: Path | None  # with `stepwise`
+    decode: Path | None  # with `decode`
 
 
 @dataclass
@@ -97,6 +104,7 @@ class Job:
     precision: str
     metadata: dict[str, str]  # the unrolled graph's
     step_metadata: dict[str, str] | None  # the step graph's (with `stepwise`)
+    decode_metadata: dict[str, str] | None  # the decode graph's (with `decode`)
     tokenizer_text: str
     eval_text: str | os.PathLike | None
     eval_ids: np.ndarray | None  # the windows of eval_text
@@ -104,9 +112,11 @@ class Job:
 
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, opset: int = DEFAULT_OPSET,
                check: bool = True, overwrite: bool = False, precision: str = "fp32",
-               eval_text: str | os.PathLike | None = None, stepwise: bool = False, log=print) -> ExportResult:
-    """Export RUN_DIR to OUT (+ OUT's tokenizer, + OUT's step graph with `stepwise`). Nothing is left at OUT (or
-    beside it) unless every graph exports and passes parity.
+               eval_text: str | os.PathLike | None = None, stepwise: bool = False, decode: bool = False,
+               log=print) -> ExportResult:
+    """Export RUN_DIR to OUT (+ OUT's tokenizer, + OUT's step graph with `stepwise`, + OUT's decode graph with
+    `decode`: causal language models). Nothing is left at OUT (or beside it) unless every graph exports and passes
+    parity.
 
     The fp32 graph must pass the parity check; an fp16 / int8 variant is converted from it and its own
     parity figures are reported (reduced precision has no 1e-4 tolerance to meet). With `eval_text`, the mean
@@ -116,27 +126,40 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, opset: int = 
     if precision not in PRECISIONS:
         raise MoeError(f"--precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
     run_dir = Path(run_dir)
-    outputs = check_outputs(run_dir, out, overwrite, eval_text, stepwise)
+    outputs = check_outputs(run_dir, out, overwrite, eval_text, stepwise, decode)
     t0 = time.perf_counter()
     job = prepare(run_dir, outputs, opset, check, precision, eval_text, stepwise)
-    reports, step_reports = write_outputs(job, outputs, overwrite, log)
+    reports, step_reports, decode_reports = write_outputs(job, outputs, overwrite, log)
     final = onnx.load(str(outputs.out))
     n_params = sum(int(np.prod(t.dims)) for t in final.graph.initializer)
     return ExportResult(outputs.out, outputs.tokenizer, opset, precision, len(final.graph.node), n_params,
-                        outputs.out.stat().st_size, time.perf_counter() - t0, reports, outputs.step, step_reports)
+                        outputs.out.stat().st_size, time.perf_counter() - t0, reports, outputs.step, step_reports,
+                        outputs.decode, decode_reports)
+
+
+def decode_by_default(run_dir: str | os.PathLike) -> bool:
+    """`moe export` writes the decode graph unless told not to when the run is one it serves (can_decode); a run
+    it cannot read is left for export_run to report."""
+    try:
+        cfg, full_config = load_run_config(run_dir)
+    except MoeError:
+        return False
+    return can_decode(cfg, run_task(full_config))
 
 
 def check_outputs(run_dir: Path, out: str | os.PathLike, overwrite: bool, eval_text: str | os.PathLike | None,
-                  stepwise: bool) -> Outputs:
+                  stepwise: bool, decode: bool) -> Outputs:
     """The files the export writes, refused before any work if one is an input or may not be written."""
     inputs = [(p, f"a file of the run {run_dir}") for p in run_files(run_dir)]
     if eval_text is not None:
         inputs.append((Path(eval_text), "the --eval-text file"))
-    check_not_inputs([out, tokenizer_path_for(out), *([step_path_for(out)] if stepwise else [])], inputs)
+    beside = [*([step_path_for(out)] if stepwise else []), *([decode_path_for(out)] if decode else [])]
+    check_not_inputs([out, tokenizer_path_for(out), *beside], inputs)
     out = check_output(out, overwrite)
     tok_path = check_output(tokenizer_path_for(out), overwrite)
     step_path = check_output(step_path_for(out), overwrite) if stepwise else None
-    return Outputs(out, tok_path, step_path)
+    decode_path = check_output(decode_path_for(out), overwrite) if decode else None
+    return Outputs(out, tok_path, step_path, decode_path)
 
 
 def prepare(run_dir: Path, outputs: Outputs, opset: int, check: bool, precision: str,
@@ -157,15 +180,24 @@ def prepare(run_dir: Path, outputs: Outputs, opset: int, check: bool, precision:
     metadata = graph_metadata(full_config, cfg.vocab_size, cfg.max_seq_len, cfg.n_steps, cfg.causal, task,
                               outputs.tokenizer.name, hashlib.sha256(tokenizer_text.encode("utf-8")).hexdigest(),
                               weights_sha256(model))
-    step_metadata = None
+    if outputs.decode is not None and not can_decode(cfg, task):
+        raise MoeError(f"--decode: the KV-cached decode graph is for causal language models without attn_bias; "
+                       f"{run_dir} is a {task} run (causal={cfg.causal}, attn_bias={cfg.attn_bias})")
+    step_metadata = decode_metadata = None
     if outputs.step is not None:
         step_metadata = step_graph_metadata(metadata, model.z_H_init.numpy(), model.z_L_init.numpy())
+    if outputs.decode is not None:
+        decode_metadata = decode_graph_metadata(metadata, cache_entries(cfg))
+    if outputs.step is not None:
         metadata["step_graph"] = outputs.step.name
-    return Job(model, task, opset, check, precision, metadata, step_metadata, tokenizer_text, eval_text, eval_ids)
+    if outputs.decode is not None:
+        metadata["decode_graph"] = outputs.decode.name
+    return Job(model, task, opset, check, precision, metadata, step_metadata, decode_metadata, tokenizer_text,
+               eval_text, eval_ids)
 
 
 def write_outputs(job: Job, outputs: Outputs, overwrite: bool,
-                  log) -> tuple[list[ParityReport], list[ParityReport] | None]:
+                  log) -> tuple[list[ParityReport], list[ParityReport] | None, list[ParityReport] | None]:
     """Write OUT, its step graph and its tokenizer; returns the parity reports of OUT and of the step graph.
 
     OUT is moved into place last, so OUT existing means every file of the export does. The step graph and then the
@@ -185,13 +217,18 @@ def write_outputs(job: Job, outputs: Outputs, overwrite: bool,
                 step_reports = atomic_write(outputs.step, lambda t: write_graph(job, t, outputs.step, log, step=True,
                                                                                exclude=exclude), overwrite)
                 written.append(outputs.step)
+            decode_reports = None
+            if outputs.decode is not None:
+                decode_reports = atomic_write(outputs.decode, lambda t: write_decode_graph(job, t, outputs.decode, log),
+                                              overwrite)
+                written.append(outputs.decode)
             atomic_write_text(outputs.tokenizer, job.tokenizer_text, overwrite)
             written.append(outputs.tokenizer)
     except BaseException:
         for path in written:  # OUT was not moved into place: what belongs to it must not stay behind alone
             path.unlink(missing_ok=True)
         raise
-    return reports, step_reports
+    return reports, step_reports, decode_reports
 
 
 def write_graph(job: Job, tmp: str, name: Path, log, step: bool = False,
@@ -217,6 +254,26 @@ def write_graph(job: Job, tmp: str, name: Path, log, step: bool = False,
     variant = check_parity(job.model, tmp, label=job.precision, tolerance=None, task=job.task, stepwise=step)
     log(variant.summary())
     return [fp32, variant]
+
+
+def write_decode_graph(job: Job, tmp: str, name: Path, log) -> list[ParityReport]:
+    """Trace the decode graph to `tmp`, check it as serve runs it (prefill, then cached calls) and convert it to the
+    job's precision; returns its parity reports as write_graph does."""
+    decode_to_onnx(job.model, tmp, job.opset)
+    proto = strip_node_metadata(dedupe_initializers(onnx.load(tmp)))
+    save_checked(with_metadata(proto, {**job.decode_metadata, "precision": "fp32"}), tmp, name)
+    reports = []
+    if job.check:
+        reports.append(check_decode_parity(job.model, ort_session(tmp)))
+        log(reports[-1].summary())
+        if not reports[-1].ok:
+            raise MoeError(f"{name}: parity check failed ({reports[-1].failure}); nothing was written")
+    if job.precision != "fp32":
+        convert_precision(tmp, job.precision, job.decode_metadata)
+        if job.check:
+            reports.append(check_decode_parity(job.model, ort_session(tmp), label=job.precision, tolerance=None))
+            log(reports[-1].summary())
+    return reports
 
 
 def traced(job: Job, tmp: str, step: bool) -> onnx.ModelProto:

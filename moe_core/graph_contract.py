@@ -49,6 +49,44 @@ INIT_KEYS = ("z_H_init", "z_L_init")
 STEP_SUFFIX = ".step.onnx"
 TOKENIZER_SUFFIX = ".tokenizer.json"
 
+# The decode graph (MODEL.decode.onnx, causal language models): one graph for the prefill and every decoding call,
+# after the onnxruntime-genai / optimum conventions. A prefill passes past tensors of length 0.
+#
+#   inputs  input_ids, position_ids    int64 [batch, new]              new tokens at their logical positions
+#           attention_mask             int64 [batch, past + new]       0: a hole right padding left in the cache
+#           past_halt_step             int64 [batch]                   the prefill's halt_step (ignored at a prefill:
+#                                                                     a sample whose new tokens start at position 0)
+#           past_key_values.{i}.key / .value  float32 [batch, heads, past, head_dim], i = 0..cache_entries-1
+#   outputs logits                     float32 [batch, new, vocab]     the kept step's logits
+#           halt_step                  int64 [batch]                   decided at the prefill, carried after
+#           present.{i}.key / .value   float32 [batch, heads, past + new, head_dim]
+#
+# Entry i belongs to the i-th block application of the recursion (supervision step, H-cycle, net call, layer, in
+# call order). Metadata: the unrolled graph's, plus graph = "decode" and cache_entries.
+DECODE_SUFFIX = ".decode.onnx"
+DECODE_INPUTS = ("input_ids", "attention_mask", "position_ids", "past_halt_step")
+DECODE_OUTPUTS = (LOGITS, HALT_STEP)
+CACHE_ENTRIES = "cache_entries"
+
+
+def past_names(entries: int) -> list[str]:
+    return [f"past_key_values.{i}.{kv}" for i in range(entries) for kv in ("key", "value")]
+
+
+def present_names(entries: int) -> list[str]:
+    return [f"present.{i}.{kv}" for i in range(entries) for kv in ("key", "value")]
+
+
+def decode_path_for(onnx_path: str | os.PathLike) -> Path:
+    """The decode graph written beside MODEL.onnx: MODEL.decode.onnx."""
+    p = Path(onnx_path)
+    return p.with_name(p.stem + DECODE_SUFFIX)
+
+
+def decode_graph_metadata(metadata: dict[str, str], cache_entries: int) -> dict[str, str]:
+    """The decode graph's metadata: its unrolled graph's, plus graph = "decode" and the number of cache entries."""
+    return {**metadata, "graph": "decode", CACHE_ENTRIES: str(cache_entries)}
+
 
 def step_path_for(onnx_path: str | os.PathLike) -> Path:
     """The step graph written beside MODEL.onnx: MODEL.step.onnx."""

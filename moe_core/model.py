@@ -700,17 +700,16 @@ class RecursiveMoE(nn.Module):
         values of every block application at the earlier ones.
 
         input_ids [B, T]: the new tokens, at logical `positions` [B, T]; attention_mask [B, past + T] over the
-        cached and the new indices (0: a hole that right padding left in the cache). `past` None is the prefill:
-        halting is decided there, from position 0 as forward decides it, and `halt_step` must be None; afterwards
-        pass the prefill's halt_step back with the present cache. In eager code a decoding call runs only the steps
-        up to the batch's last kept one, and the prefill stops once every sample has halted (their cache then
-        holds just those steps); a traced graph runs them all."""
+        cached and the new indices (0: a hole that right padding left in the cache); past: the previous call's
+        present (None or length 0 at the prefill). A sample whose new tokens start at position 0 is at its prefill:
+        its halting is decided here, from position 0 as forward decides it; afterwards pass that halt_step back
+        (it is ignored at a prefill). In eager code a decoding call runs only the steps up to the batch's last kept
+        one, and a prefill stops once every sample has halted (their cache then holds just those steps); a traced
+        graph runs them all."""
         cfg = self.config
         if not cfg.causal or self.net.blocks[0].attn.attn_bias is not None:
             raise ValueError("cached_forward: a causal model without attn_bias (its keys depend on later positions "
                              "otherwise)")
-        if (past is None) != (halt_step is None):
-            raise ValueError("cached_forward: pass past and halt_step together (both None for the prefill)")
         B, T = input_ids.shape
         key_mask = attention_mask.bool()
         cursor = CacheCursor(past, positions)
@@ -718,25 +717,24 @@ class RecursiveMoE(nn.Module):
         if not cfg.recursive:
             logits = self.lm_head(self.norm(self.net(x, key_mask, None, cursor)))
             return CachedOutput(logits, torch.ones(B, dtype=torch.long, device=x.device), cursor.present)
+        S = cfg.halt_max_steps
+        fresh = positions[:, 0] == 0  # [B] at its prefill
+        given = torch.full((B,), S, dtype=torch.long, device=x.device) if halt_step is None else halt_step
         eager = not (torch.compiler.is_exporting() or torch.compiler.is_compiling())
-        prefill = halt_step is None
-        if prefill:
-            halt_step = torch.full((B,), cfg.halt_max_steps, dtype=torch.long, device=x.device)
-            halted = torch.zeros(B, dtype=torch.bool, device=x.device)
-        last = int(halt_step.max()) if eager and not prefill else cfg.halt_max_steps
+        last = S if not eager or bool(fresh.any()) else int(given.max())
+        decided = torch.full_like(given, S)
+        halted = torch.zeros(B, dtype=torch.bool, device=x.device)
         c = self.initial_carry(B, T)
         kept = c.z_H
         for step in range(1, last + 1):
             c, h, q = self.step(c, x, key_mask, None, cursor)
-            if prefill:
-                halt_step = torch.where(~halted & (q > 0), torch.full_like(halt_step, step), halt_step)
-                kept = torch.where(halted[:, None, None], kept, h)
-                halted = halted | (q > 0)
-                if eager and bool(halted.all()):
-                    break
-            else:
-                kept = torch.where((step <= halt_step)[:, None, None], h, kept)
-        return CachedOutput(self.lm_head(kept), halt_step, cursor.present)
+            keep = (fresh & ~halted) | (~fresh & (given >= step))  # the prefill's rule (forward's), or the carried step
+            kept = torch.where(keep[:, None, None], h, kept)
+            decided = torch.where(~halted & (q > 0), torch.full_like(decided, step), decided)
+            halted = halted | (q > 0)
+            if eager and bool(fresh.all() & halted.all()):
+                break
+        return CachedOutput(self.lm_head(kept), torch.where(fresh, decided, given), cursor.present)
 
     @staticmethod
     def _output(logits: Tensor, halt_step: Tensor, step_logits: list[Tensor], halt_logits: Tensor | None,

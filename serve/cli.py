@@ -69,9 +69,13 @@ def finite(expected: str, ok):
               help="generate: sample from the smallest set of tokens with this much probability.")
 @click.option("--seed", default=0, type=click.IntRange(0),
               help="generate: sampling seed (a sample's draws depend on the seed and its position in the input only).")
+@click.option("--cache/--no-cache", default=True,
+              help="generate: with the model's decode graph (MODEL.decode.onnx, `moe export` writes it for causal "
+                   "language models), run only the new token per step against the cached keys and values; "
+                   "--no-cache recomputes the whole context for every token (same tokens within max_seq_len).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output file.")
 def serve(model, input_path, output_path, mode, batch_size, provider, runtime, max_steps, halting, threads, stride,
-          token_logprobs, max_new_tokens, temperature, top_k, top_p, seed, overwrite) -> None:
+          token_logprobs, max_new_tokens, temperature, top_k, top_p, seed, cache, overwrite) -> None:
     """Score or continue every text of a JSONL file with an exported MODEL.onnx on ONNX Runtime.
 
     \b
@@ -82,8 +86,9 @@ def serve(model, input_path, output_path, mode, batch_size, provider, runtime, m
               sliding window: windows of max_seq_len tokens advancing by --stride, every token scored once
               with at least max_seq_len - stride tokens of context; halt_step is the first window's.
     generate: {"id", "completion", "n_new_tokens", "finish_reason", "halt_step"} per record. The context is
-              the last max_seq_len tokens of prompt + continuation; stops at <|endoftext|> ("eot") or after
-              --max-new-tokens ("length"); halt_step is that of the last step.
+              the last max_seq_len tokens of prompt + continuation (with the cache: the prompt's last max_seq_len
+              tokens, and when a text reaches max_seq_len, its last 3/4 of it prefilled again); stops at
+              <|endoftext|> ("eot") or after --max-new-tokens ("length"); halt_step is decided on the prompt.
     solve:    {"id", "puzzle", "solution", "steps", "valid"[, "correct"]} per puzzle. solution = the model's answer
               (81 digits); steps = the halting step it came from; valid = the answer obeys the rules and keeps every
               given, checked by the rules (never by the model); correct = it equals the solution given in the
@@ -112,7 +117,7 @@ def serve(model, input_path, output_path, mode, batch_size, provider, runtime, m
     if threads is not None and threads > usable_cpus():
         click.echo(f"note: --threads {threads}: using {usable_cpus()}, the CPUs this process may use", err=True)
     server = Server.open(model, provider=provider, threads=threads, runtime=runtime, max_steps=max_steps,
-                         halting=halting)
+                         halting=halting, cache=cache and mode == "generate")
     note_inputs(server.files())
     check_not_inputs([out], option="--output")
     server.require_task(mode)
@@ -127,7 +132,8 @@ def serve(model, input_path, output_path, mode, batch_size, provider, runtime, m
     info = server.info
     click.echo(f"model {info.path.name} | vocab {info.vocab_size} | max_seq_len {info.max_seq_len} | "
                f"halt_max_steps {info.halt_max_steps}{server.steps_note()} | {info.precision} | provider "
-               f"{server.model.describe()}")
+               f"{server.model.describe()}"
+               + (f" | {server.decoder.describe}" if server.decoder is not None else ""))
     if server.model.note:
         click.echo(f"note: {server.model.note}")
 

@@ -47,10 +47,14 @@ from moe_core.config import MAX_CYCLES
 from moe_core.errors import MoeError
 from moe_core.formats import check_format
 from moe_core.graph_contract import (
+    CACHE_ENTRIES,
+    DECODE_INPUTS,
+    DECODE_OUTPUTS,
     GRAPH_IO,
     METADATA_KEYS,
     STEP_SUFFIX,
     TASKS,
+    past_names,
     read_step_metadata,
     run_task,
 )
@@ -59,6 +63,7 @@ from moe_core.ort_session import CPU_EP, intra_op_threads, ort_session
 from moe_core.stepwise import StepCounts, run_stepwise
 from moe_core.tokenizer import read_tokenizer
 
+from .decoding import Decoder
 from .graph import add_serving_outputs
 
 PROVIDER_CHOICES = ("auto", "cuda", "cpu")
@@ -117,6 +122,8 @@ class ModelInfo:
     task: str  # "lm" (score, generate) or "sudoku" (solve)
     graph: str = "unrolled"  # or "step": one supervision step (`moe export --stepwise`)
     step_graph: str | None = None  # an unrolled graph's step graph, a file name beside it (when exported)
+    decode_graph: str | None = None  # an unrolled graph's decode graph, likewise
+    cache_entries: int | None = None  # a decode graph's past/present pairs
     weights_sha256: str | None = None  # of the weights both graphs of one export were traced from
 
 
@@ -142,9 +149,17 @@ def read_model(path: str | os.PathLike, graph: str = "unrolled"):
     if graph == "unrolled" and meta.get("graph") == "step":
         raise MoeError(f"{path}: a step graph (`moe export --stepwise`); serve the model it belongs to "
                        f"({path.name.removesuffix(STEP_SUFFIX)}.onnx), which runs it with --runtime stepwise")
-    want_in, want_out = GRAPH_IO[graph]
+    if graph == "decode":
+        entries = meta.get(CACHE_ENTRIES, "")
+        if not (entries.isascii() and entries.isdigit() and 0 < int(entries) < 10**6):
+            raise MoeError(f"{path}: malformed metadata {CACHE_ENTRIES}: expected a positive integer, got "
+                           f"{entries[:40]!r} (expected a decode graph written by `moe export`)")
+        want_in, want_out = (*DECODE_INPUTS, *past_names(int(entries))), DECODE_OUTPUTS
+    else:
+        want_in, want_out = GRAPH_IO[graph]
     if sorted(inputs) != sorted(want_in) or not set(want_out) <= set(outputs):
-        raise MoeError(f"{path}: not a `moe export` {'step graph' if graph == 'step' else 'model'}: expected inputs "
+        what = {"step": "step graph", "decode": "decode graph"}.get(graph, "model")
+        raise MoeError(f"{path}: not a `moe export` {what}: expected inputs "
                        f"{', '.join(want_in)} and outputs {', '.join(want_out)}, found inputs [{', '.join(inputs)}] "
                        f"outputs [{', '.join(outputs)}]")
     missing = [k for k in METADATA_KEYS if k not in meta]
@@ -173,8 +188,10 @@ def read_model(path: str | os.PathLike, graph: str = "unrolled"):
         raise MoeError(f"{path}: malformed metadata task: expected one of {', '.join(TASKS)}, got {str(task)[:40]!r}")
     info = ModelInfo(path, path.with_name(tok_name), sizes["vocab_size"], sizes["max_seq_len"],
                      sizes["halt_max_steps"], meta["moe_version"], config, meta["tokenizer_sha256"],
-                     meta.get("precision", "fp32"), task, graph, file_beside(meta, "step_graph", path),
-                     meta.get("weights_sha256"))
+                     meta.get("precision", "fp32"), task, graph, step_graph=file_beside(meta, "step_graph", path),
+                     weights_sha256=meta.get("weights_sha256"),
+                     decode_graph=file_beside(meta, "decode_graph", path),
+                     cache_entries=int(meta[CACHE_ENTRIES]) if graph == "decode" else None)
     logits = next(o for o in proto.graph.output if o.name == "logits")
     dims = logits.type.tensor_type.shape.dim
     if dims and (len(dims) != 3 or (dims[2].HasField("dim_value") and dims[2].dim_value != info.vocab_size)):
@@ -224,7 +241,8 @@ class OrtModel:
 
         proto, self.info = loaded or read_model(path, graph)
         self.tokenizer = load_tokenizer(self.info)
-        add_serving_outputs(proto)
+        if graph != "decode":  # the decode graph's callers read its logits as they are (serve/decoding.py)
+            add_serving_outputs(proto)
         available = ort.get_available_providers()
         providers = choose_providers(provider, available)
         if CUDA_EP in available and provider != "cpu" and hasattr(ort, "preload_dlls"):
@@ -334,3 +352,28 @@ def open_model(path: str | os.PathLike, provider: str = "auto", threads: int | N
             model.note = f"{model.note}; {missing}" if model.note else missing
         return model
     return StepwiseModel(info, OrtModel(step, provider, threads, graph="step"), max_steps, halting)
+
+
+def open_decoder(info: ModelInfo, provider: str = "auto", threads: int | None = None) -> tuple[Decoder | None, str]:
+    """The decode graph of the model `info` describes, ready to generate with (serve/decoding.py), or None with the
+    reason: the model was exported without one, or it is missing beside the model."""
+    if not info.decode_graph:
+        return None, "no decode graph (exported without one)"
+    path = info.path.with_name(info.decode_graph)
+    if not path.exists():
+        return None, f"decode graph {path.name} not found: generating without the cache"
+    model = OrtModel(path, provider, threads, graph="decode")
+    d = model.info
+    for what, mine, theirs in (("weights", info.weights_sha256, d.weights_sha256),
+                               ("precision", info.precision, d.precision),
+                               ("tokenizer", info.tokenizer_sha256, d.tokenizer_sha256)):
+        if mine is None or mine != theirs:
+            raise MoeError(f"{path}: the decode graph does not belong to {info.path.name} ({what} differ); export "
+                           "both again with `moe export`")
+    cfg = info.config.get("model", {}) if isinstance(info.config, dict) else {}
+    heads, d_model = cfg.get("n_heads"), cfg.get("d_model")
+    if not (isinstance(heads, int) and isinstance(d_model, int) and heads > 0 and d_model % heads == 0):
+        raise MoeError(f"{info.path}: metadata config lacks model.n_heads / model.d_model (needed for the cache)")
+    decoder = Decoder(model.run_feeds, d.cache_entries, heads, d_model // heads, info.max_seq_len)
+    decoder.describe = f"KV cache ({path.name}, {d.cache_entries} block applications)"
+    return decoder, ""

@@ -61,8 +61,9 @@ from moe_core import sudoku as S
 from moe_core.errors import MoeError
 from moe_core.graph_contract import HALT_STEP, LOGITS
 
+from .decoding import Decoder
 from .graph import LAST_LOGITS, TOKEN_LOGPROBS
-from .runtime import ModelInfo, OrtModel, StepwiseModel, open_model
+from .runtime import ModelInfo, OrtModel, StepwiseModel, open_decoder, open_model
 
 # Activation elements one forward pass may hold (see "Batching" above): 2^26 float32 = 256 MiB per estimated
 # tensor slot. The estimate undercounts what ONNX Runtime keeps alive (measured on the tiny test model: ~3.6k
@@ -304,24 +305,32 @@ def max_batch_rows(info: ModelInfo) -> int:
 
 
 class Server:
-    def __init__(self, model: OrtModel | StepwiseModel) -> None:
+    def __init__(self, model: OrtModel | StepwiseModel, decoder: Decoder | None = None) -> None:
         self.model = model
+        self.decoder = decoder  # generation with the KV cache (serve/decoding.py); None: recompute every prefix
         self.tokenizer = model.tokenizer
         self.eot_id: int | None = self.tokenizer.token_to_id(EOT)
         self.stats = ServeStats()
 
     @classmethod
     def open(cls, model_path: str | os.PathLike, provider: str = "auto", threads: int | None = None,
-             runtime: str = "auto", max_steps: int | None = None, halting: bool = True) -> Server:
+             runtime: str = "auto", max_steps: int | None = None, halting: bool = True, cache: bool = True) -> Server:
         """Load MODEL.onnx and the tokenizer beside it (both checked); provider "auto" | "cuda" | "cpu"; runtime
         "auto" (the step graph when the model has one) | "unrolled" | "stepwise" (see the module docstring).
         max_steps / halting=False: run up to max_steps steps / ignore the halt head (step graph only). threads is
-        cut to the CPUs this process may use."""
+        cut to the CPUs this process may use. cache: generate with the decode graph when the model has one (the
+        exported steps with halting: not with max_steps / halting=False)."""
         if threads is not None:
             check_int("threads", threads, 1)
         if max_steps is not None:
             check_int("max_steps", max_steps, 1)
-        return cls(open_model(model_path, provider, threads, runtime, max_steps, halting))
+        model = open_model(model_path, provider, threads, runtime, max_steps, halting)
+        decoder = None
+        if cache and max_steps is None and halting and model.info.task == "lm":
+            decoder, why = open_decoder(model.info, provider, threads)
+            if why and model.info.decode_graph:
+                model.note = f"{model.note}; {why}" if model.note else why
+        return cls(model, decoder)
 
     @property
     def info(self) -> ModelInfo:
@@ -337,12 +346,14 @@ class Server:
         return min(check_int("batch_size", batch_size, 1), self.max_batch_rows)
 
     def files(self) -> list[tuple[Path, str]]:
-        """(path, what) of every file of the exported model: the graph, its tokenizer and its step graph (when
-        the export has one, served or not); no output may replace them."""
+        """(path, what) of every file of the exported model: the graph, its tokenizer, its step and decode graphs
+        (when the export has them, served or not); no output may replace them."""
         info = self.info
         out = [(info.path, "the model"), (info.tokenizer_path, "the model's tokenizer")]
         if info.step_graph:
             out.append((info.path.with_name(info.step_graph), "the model's step graph"))
+        if info.decode_graph:
+            out.append((info.path.with_name(info.decode_graph), "the model's decode graph"))
         return out
 
     def steps_note(self) -> str:
@@ -362,10 +373,12 @@ class Server:
 
     def _forward(self, rows: Sequence[Sequence[int]], outputs: list[str]) -> list[np.ndarray]:
         ids, mask = pad_batch(rows)
-        valid = int(mask.sum())
-        self.stats.positions += valid
-        self.stats.padding += mask.size - valid
+        self._count(int(mask.sum()), mask.size)
         return self.model.run(ids, mask, outputs)
+
+    def _count(self, valid: int, size: int) -> None:
+        self.stats.positions += valid
+        self.stats.padding += size - valid
 
     # -- score -----------------------------------------------------------------------------------------
 
@@ -449,9 +462,16 @@ class Server:
             rngs = {i: np.random.default_rng([seed, first_index + i]) for i in batch} if sampling else {}
             new: dict[int, list[int]] = {i: [] for i in batch}
             active = list(batch)
+            state = None
             while active:
-                last, hs = self._forward([(prompts[i] + new[i])[-T:] for i in active], [LAST_LOGITS, HALT_STEP])
-                still = []
+                if self.decoder is None:
+                    last, hs = self._forward([(prompts[i] + new[i])[-T:] for i in active], [LAST_LOGITS, HALT_STEP])
+                elif state is None:
+                    rows = [prompts[i][-T:] for i in active]
+                    self._count(sum(map(len, rows)), len(rows) * max(map(len, rows)))
+                    last, state = self.decoder.prefill(rows)
+                    hs = state.halt_step
+                still, rows_still = [], []
                 for r, i in enumerate(active):
                     t = pick_token(last[r, :n_valid], temperature, top_k, top_p, rngs.get(i))
                     if t != self.eot_id:
@@ -461,8 +481,15 @@ class Server:
                         results[i] = GenerateResult(self.tokenizer.decode(new[i]), new[i], reason, int(hs[r]))
                     else:
                         still.append(i)
+                        rows_still.append(r)
                 if progress is not None and len(still) < len(active):
                     progress(len(active) - len(still))
+                if self.decoder is not None and still:
+                    state = state.keep(rows_still)
+                    self._count(len(still), len(still))
+                    last, state = self.decoder.step([new[i][-1] for i in still], state,
+                                                    [prompts[i] + new[i] for i in still])
+                    hs = state.halt_step
                 active = still
         self._account([r.halt_step for r in results], tokens=sum(len(r.tokens) for r in results),
                       long=sum(len(p) > T for p in prompts))

@@ -121,7 +121,7 @@ def _decision_graph(exported) -> str:
 
         to_onnx(load_model(run), path, decisions=True)
         proto = onnx.load(str(path))
-        dedupe_initializers(proto)
+        proto = dedupe_initializers(proto)
         onnx.save(proto, str(path))
     return str(path)
 

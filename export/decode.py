@@ -1,0 +1,162 @@
+"""The decode graph (MODEL.decode.onnx): RecursiveMoE.cached_forward traced, one graph for the prefill and every
+decoding call, with a past/present key and value for every block application of the recursion (the contract:
+moe_core/graph_contract.py). Causal language models only: their position t depends on positions <= t alone.
+
+Its parity check runs it as a server does — a prefill of right-padded prompts of different lengths, then new
+tokens one at a time against the returned cache — and compares each call's logits with the eager model's full
+forward at the same positions (export/parity.py's tolerance), and halt_step exactly.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from moe_core.config import ModelConfig
+from moe_core.graph_contract import DECODE_INPUTS, DECODE_OUTPUTS, past_names, present_names
+from moe_core.model import KVCache, RecursiveMoE
+
+from .parity import TOLERANCE, CaseResult, ParityReport
+from .trace import trace
+
+DECODE_STEPS = 3  # decoding calls after each prefill in the parity check
+
+
+def cache_entries(cfg: ModelConfig) -> int:
+    """Block applications of one forward: the keys and values a decode graph carries."""
+    if not cfg.recursive:
+        return cfg.n_layers
+    return cfg.halt_max_steps * cfg.H_cycles * (cfg.L_cycles + 1) * cfg.n_layers
+
+
+def can_decode(cfg: ModelConfig, task: str) -> bool:
+    """A model the decode graph serves: a causal language model without the learned attention bias."""
+    return task == "lm" and cfg.causal and not cfg.attn_bias
+
+
+class DecodeGraph(nn.Module):
+    """(input_ids, attention_mask, position_ids, past_halt_step, *past) -> (logits, halt_step, *present)."""
+
+    def __init__(self, model: RecursiveMoE) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, past_halt_step: Tensor,
+                *past: Tensor) -> tuple[Tensor, ...]:
+        cache = KVCache(list(past[0::2]), list(past[1::2]))
+        out = self.model.cached_forward(input_ids, attention_mask, position_ids, cache, past_halt_step)
+        return (out.logits, out.halt_step, *flat(out.present))
+
+
+def flat(cache: KVCache) -> list[Tensor]:
+    """key 0, value 0, key 1, ...: the order of past_names / present_names."""
+    return [t for kv in zip(cache.keys, cache.values, strict=True) for t in kv]
+
+
+def decode_to_onnx(model: RecursiveMoE, path: str | os.PathLike, opset: int) -> None:
+    """Trace the eval-mode `model`'s cached_forward (DecodeGraph) and write it to `path`."""
+    cfg = model.config
+    n = cache_entries(cfg)
+    B, T, P = 2, 2, 3  # sizes >= 2: torch.export specialises dimensions of size 0 and 1
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    new = torch.export.Dim("new", min=1, max=max(cfg.max_seq_len, 2))
+    past_len = torch.export.Dim("past", min=0, max=max(cfg.max_seq_len, 2))
+    total = torch.export.Dim("total", min=1, max=2 * max(cfg.max_seq_len, 2))
+    args = (torch.randint(0, cfg.vocab_size, (B, T)), torch.ones(B, P + T, dtype=torch.long),
+            (torch.arange(T) + P).expand(B, T).contiguous(), torch.full((B,), cfg.halt_max_steps),
+            *(torch.randn(B, cfg.n_heads, P, cfg.head_dim) for _ in range(2 * n)))
+    dynamic = {"input_ids": {0: batch, 1: new}, "attention_mask": {0: batch, 1: total},
+               "position_ids": {0: batch, 1: new}, "past_halt_step": {0: batch},
+               "past": tuple({0: batch, 2: past_len} for _ in range(2 * n))}
+    trace(DecodeGraph(model), args, (*DECODE_INPUTS, *past_names(n)), (*DECODE_OUTPUTS, *present_names(n)), dynamic,
+          path, opset)
+
+
+def decode_cases(cfg: ModelConfig, seed: int = 0) -> list[tuple[str, list[list[int]], list[list[int]]]]:
+    """(name, prompts, continuations): batch 1 from a one-token prompt, and a batch of prompts of different
+    lengths (one of length 1, one as long as the continuation leaves room for)."""
+    rng = np.random.default_rng(seed)
+    longest = max(1, cfg.max_seq_len - DECODE_STEPS)
+
+    def tokens(n: int) -> list[int]:
+        return rng.integers(0, cfg.vocab_size, size=n).tolist()
+
+    lengths = [1, longest, *rng.integers(1, longest + 1, size=4).tolist()]
+    return [("decode_batch1", [tokens(1)], [tokens(DECODE_STEPS)]),
+            ("decode_batch6", [tokens(n) for n in lengths], [tokens(DECODE_STEPS) for _ in lengths])]
+
+
+def check_decode_parity(model: RecursiveMoE, session, seed: int = 0, label: str = "fp32",
+                        tolerance: float | None = TOLERANCE) -> ParityReport:
+    """The decode graph in `session`, prefill then DECODE_STEPS calls, against the eager full forward."""
+    model.eval()
+    cases = []
+    for name, prompts, continuations in decode_cases(model.config, seed):
+        cfg = model.config
+        got, halt = run_decode(session, prompts, continuations, cache_entries(cfg), cfg.n_heads, cfg.head_dim)
+        seqs = [p + c for p, c in zip(prompts, continuations, strict=True)]
+        T = max(map(len, seqs))
+        ids = np.array([s + [0] * (T - len(s)) for s in seqs], dtype=np.int64)
+        mask = np.array([[1] * len(s) + [0] * (T - len(s)) for s in seqs], dtype=np.int64)
+        with torch.no_grad():
+            full = model(torch.from_numpy(ids), torch.from_numpy(mask))
+        ref = np.stack([full.logits[b, len(p) - 1: len(p) + DECODE_STEPS].float().numpy()
+                        for b, p in enumerate(prompts)])  # [B, calls, V]: the logits predicting each next token
+        diff = np.abs(got - ref)
+        max_abs = float(diff.max())
+        ref_halt = full.halt_step.numpy()
+        cases.append(CaseResult(name, (len(prompts), T), max_abs, max_abs / max(float(np.abs(ref).max()), 1e-12),
+                                bool(np.array_equal(halt, ref_halt)), sorted(set(ref_halt.tolist())),
+                                float((got.argmax(-1) == ref.argmax(-1)).mean())))
+    return ParityReport(cases, f"{label}, decode graph: prefill + {DECODE_STEPS} cached calls", tolerance)
+
+
+def run_decode(session, prompts: list[list[int]], continuations: list[list[int]], entries: int, heads: int,
+               head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prefill the right-padded prompts, then feed the continuations' tokens one call at a time: the logits
+    predicting each next token [B, 1 + calls, V] (after the prompt, then after each fed token) and halt_step."""
+    B, P = len(prompts), max(map(len, prompts))
+    lengths = np.array([len(p) for p in prompts], dtype=np.int64)
+    ids = np.array([p + [0] * (P - len(p)) for p in prompts], dtype=np.int64)
+    mask = (np.arange(P)[None, :] < lengths[:, None]).astype(np.int64)
+    names = [o.name for o in session.get_outputs()]
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": np.broadcast_to(np.arange(P), (B, P)).copy(),
+             "past_halt_step": np.zeros(B, dtype=np.int64)}
+    past = dict.fromkeys(past_names(entries), np.zeros((B, heads, 0, head_dim), dtype=np.float32))
+    out = dict(zip(names, session.run(names, {**feeds, **past}), strict=True))
+    logits = [out["logits"][np.arange(B), lengths - 1]]
+    halt = out["halt_step"]
+    for j in range(len(continuations[0])):
+        mask = np.concatenate([mask, np.ones((B, 1), dtype=np.int64)], axis=1)
+        feeds = {"input_ids": np.array([[c[j]] for c in continuations], dtype=np.int64), "attention_mask": mask,
+                 "position_ids": (lengths + j)[:, None], "past_halt_step": halt}
+        past = {p: out[q] for p, q in zip(past_names(entries), present_names(entries), strict=True)}
+        out = dict(zip(names, session.run(names, {**feeds, **past}), strict=True))
+        logits.append(out["logits"][:, 0])
+        if not np.array_equal(out["halt_step"], halt):
+            raise AssertionError("the decode graph changed halt_step after the prefill")
+    return np.stack(logits, axis=1), halt
+
+
+def eager_runner(model: RecursiveMoE):
+    """The eager model behind the decode graph's interface (serve/decoding.py Decoder's `run`): the same feeds and
+    outputs as host arrays, cached_forward underneath — so eager and ONNX Runtime generate through one loop."""
+    model.eval()
+
+    def run(feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+        pairs = sum(1 for k in feeds if k.startswith("past_key_values.")) // 2
+        keys = [torch.from_numpy(feeds[f"past_key_values.{i}.key"]) for i in range(pairs)]
+        values = [torch.from_numpy(feeds[f"past_key_values.{i}.value"]) for i in range(pairs)]
+        fresh = keys and keys[0].shape[2] == 0  # a prefill: the eager model takes no past
+        with torch.no_grad():
+            out = model.cached_forward(torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"]),
+                                       torch.from_numpy(feeds["position_ids"]),
+                                       None if fresh else KVCache(keys, values),
+                                       None if fresh else torch.from_numpy(feeds["past_halt_step"]))
+        return [out.logits.float().numpy(), out.halt_step.numpy(),
+                *(t.numpy() for t in flat(out.present))]
+
+    return run

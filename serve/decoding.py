@@ -1,0 +1,85 @@
+"""KV-cached generation on the decode graph (MODEL.decode.onnx, moe_core/graph_contract.py).
+
+One `DecodeState` holds a batch of continuing samples: the keys and values of every block application for every
+cached index, the attention mask over them (right-padded prompts leave holes, masked), each sample's length (the
+logical position of its next token) and its halt_step, decided at the prefill and carried. A call runs only the new
+tokens: the prefill the prompts, then one token per sample.
+
+Sliding past max_seq_len: the rotary tables, and what the model was trained on, end at max_seq_len positions. When a
+sample's next token would be at position max_seq_len, the batch is prefilled again from each sample's last
+REFILL_WINDOW tokens (3/4 of max_seq_len), which leaves a quarter of the window for cached calls before the next
+refill. Up to max_seq_len tokens the results are those of uncached generation; past it, uncached generation
+re-reads the last max_seq_len tokens for every token and the two see different contexts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from moe_core.graph_contract import HALT_STEP, LOGITS, past_names, present_names
+
+
+def refill_window(max_seq_len: int) -> int:
+    return max(1, max_seq_len - max_seq_len // 4)
+
+
+@dataclass
+class DecodeState:
+    cache: list[np.ndarray]  # past_key_values.{i}.key / .value, in past_names order: [B, heads, L, head_dim]
+    mask: np.ndarray  # int64 [B, L]
+    lengths: np.ndarray  # int64 [B]: tokens of each sample so far (prompt + generated) = its next position
+    halt_step: np.ndarray  # int64 [B]
+
+    def keep(self, rows: Sequence[int]) -> DecodeState:
+        """The state of these rows only (samples that finished leave the batch)."""
+        idx = np.asarray(rows, dtype=np.int64)
+        return DecodeState([c[idx] for c in self.cache], self.mask[idx], self.lengths[idx], self.halt_step[idx])
+
+
+class Decoder:
+    """Runs a decode graph: `run(feeds, outputs)` is the session's (serve/runtime.py OrtModel.run_feeds)."""
+
+    def __init__(self, run, entries: int, heads: int, head_dim: int, max_seq_len: int) -> None:
+        self.run, self.entries, self.heads, self.head_dim = run, entries, heads, head_dim
+        self.max_seq_len = max_seq_len
+        self.past, self.present = past_names(entries), present_names(entries)
+        self.calls = 0
+        self.refills = 0
+
+    def prefill(self, rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, DecodeState]:
+        """Right-pad the rows (each at most max_seq_len tokens) and run them: (the logits after each row's last token
+        [B, V], the state)."""
+        B, P = len(rows), max(map(len, rows))
+        lengths = np.array([len(r) for r in rows], dtype=np.int64)
+        ids = np.zeros((B, P), dtype=np.int64)
+        for b, r in enumerate(rows):
+            ids[b, : len(r)] = r
+        mask = (np.arange(P)[None, :] < lengths[:, None]).astype(np.int64)
+        empty = np.zeros((B, self.heads, 0, self.head_dim), dtype=np.float32)
+        logits, halt, cache = self._call(ids, mask, np.broadcast_to(np.arange(P), (B, P)).copy(),
+                                         np.zeros(B, dtype=np.int64), [empty] * len(self.past))
+        return logits[np.arange(B), lengths - 1], DecodeState(cache, mask, lengths, halt)
+
+    def step(self, tokens: Sequence[int], state: DecodeState, history: Sequence[Sequence[int]]
+             ) -> tuple[np.ndarray, DecodeState]:
+        """Append one token per row: (the logits after it [B, V], the new state). `history`: each row's tokens so
+        far, this one included, for a refill when a row reaches max_seq_len (module docstring)."""
+        if int(state.lengths.max()) >= self.max_seq_len:
+            self.refills += 1
+            window = refill_window(self.max_seq_len)
+            return self.prefill([list(h)[-window:] for h in history])
+        B = len(tokens)
+        mask = np.concatenate([state.mask, np.ones((B, 1), dtype=np.int64)], axis=1)
+        logits, halt, cache = self._call(np.asarray(tokens, dtype=np.int64)[:, None], mask, state.lengths[:, None],
+                                         state.halt_step, state.cache)
+        return logits[:, 0], DecodeState(cache, mask, state.lengths + 1, halt)
+
+    def _call(self, ids, mask, positions, halt, cache) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        self.calls += 1
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "past_halt_step": halt,
+                 **dict(zip(self.past, cache, strict=False))}  # an eager prefill may cache fewer steps
+        out = self.run(feeds, [LOGITS, HALT_STEP, *self.present])
+        return out[0], out[1], out[2:]

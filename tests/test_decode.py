@@ -1,0 +1,152 @@
+"""KV-cached generation on the decode graph (MODEL.decode.onnx): exported with its own parity check, refused when it
+is not the model's, and generating exactly what uncached generation and the eager model generate — greedy and
+seeded sampling, prompts of different lengths in one batch, samples halting at different steps."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from test_serve import WORDS, make_texts
+
+from export.decode import cache_entries
+from export.onnx_export import export_run
+from moe_core import ModelConfig, MoeError, RecursiveMoE, load_model
+from moe_core.checkpoint import save_run
+from moe_core.graph_contract import CACHE_ENTRIES, decode_path_for
+from serve import Server
+from train.data import train_tokenizer
+
+T = 24  # max_seq_len
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(run_dir, model.onnx, export result) of a random causal model whose routing and halting vary, exported with
+    its decode graph and both parity checks."""
+    tmp = tmp_path_factory.mktemp("decode")
+    torch.manual_seed(1)
+    cfg = ModelConfig(vocab_size=300, max_seq_len=T, d_model=32, n_heads=4, n_layers=1, n_experts=4, d_expert=32,
+                      H_cycles=2, L_cycles=1, halt_max_steps=2)
+    model = RecursiveMoE(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(k in name for k in ("router", "complexity_head", "threshold_head")):
+                p.normal_(0.0, 0.5)
+        model.halt_head.weight.normal_(0.0, 1.0)  # decided at the first position: some halt at step 1, some not
+        model.halt_head.bias.zero_()
+        model.lm_head.weight.mul_(10.0)  # logits of O(1) spread: greedy argmax never sits within noise of a tie
+    rng = random.Random(1)
+    run = tmp / "run"
+    save_run(run, model, train_tokenizer([" ".join(rng.choice(WORDS) for _ in range(2000))], 300).to_str())
+    out = tmp / "m.onnx"
+    result = export_run(run, out, decode=True, log=lambda _: None)
+    return run, out, result
+
+
+def texts(n: int = 12) -> list[str]:
+    return [t for t in make_texts(n, seed=5) if t][:n]
+
+
+def short_texts(server: Server, room: int, n: int = 12) -> list[str]:
+    """n texts whose prompt leaves `room` tokens before max_seq_len: cached and uncached see the same context."""
+    got = [t for t in make_texts(4 * n, seed=5) if 0 < len(server.encode([t])[0]) <= T - room][:n]
+    assert len(got) == n
+    return got
+
+
+def test_export_writes_a_decode_graph_that_passes_parity(exported):
+    run, out, result = exported
+    assert result.decode_path == decode_path_for(out) and result.decode_path.is_file()
+    report = result.decode_reports[0]
+    assert report.ok and len(report.cases) == 2, report.summary()
+    meta = {p.key: p.value for p in onnx.load(str(result.decode_path)).metadata_props}
+    assert meta["graph"] == "decode" and int(meta[CACHE_ENTRIES]) == cache_entries(load_model(run).config)
+    main = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert main["decode_graph"] == result.decode_path.name and main["weights_sha256"] == meta["weights_sha256"]
+
+
+def test_cached_generation_equals_uncached_and_eager(exported):
+    """Greedy, within max_seq_len: the same tokens cached, uncached and from the eager model."""
+    run, out, _ = exported
+    cached = Server.open(out, provider="cpu", threads=1)
+    plain = Server.open(out, provider="cpu", threads=1, cache=False)
+    assert cached.decoder is not None and plain.decoder is None
+    prompts = short_texts(cached, 8)
+    a = cached.generate(prompts, max_new_tokens=8, batch_size=5)
+    b = plain.generate(prompts, max_new_tokens=8, batch_size=5)
+    assert [r.tokens for r in a] == [r.tokens for r in b]
+    assert [r.halt_step for r in a] == [r.halt_step for r in b]
+    assert len({r.halt_step for r in a}) >= 2, "halting did not vary across the prompts"
+    assert cached.decoder.calls > 0 and cached.decoder.refills == 0
+    # The eager model, greedy, recomputing the whole prefix (its own forward is the reference).
+    model = load_model(run)
+    for text, r in zip(prompts, a, strict=True):
+        ids = cached.encode([text])[0]
+        tokens = []
+        with torch.no_grad():
+            for _ in range(8):
+                t = int(model(torch.tensor([ids + tokens])).logits[0, -1].argmax())
+                if t == cached.eot_id:
+                    break
+                tokens.append(t)
+        assert tokens == r.tokens, text
+
+
+def test_cached_sampling_with_a_seed_equals_uncached(exported):
+    _, out, _ = exported
+    kw = dict(max_new_tokens=10, temperature=0.9, top_k=30, top_p=0.95, seed=7, batch_size=4)
+    cached = Server.open(out, provider="cpu", threads=1)
+    prompts = short_texts(cached, 10)
+    a = cached.generate(prompts, **kw)
+    b = Server.open(out, provider="cpu", threads=1, cache=False).generate(prompts, **kw)
+    assert [r.tokens for r in a] == [r.tokens for r in b]
+
+
+def test_generation_past_max_seq_len_refills_the_cache(exported):
+    _, out, _ = exported
+    server = Server.open(out, provider="cpu", threads=1)
+    eot = server.eot_id
+    results = server.generate(texts(4), max_new_tokens=40, batch_size=4)
+    assert server.decoder.refills >= 1 or all(r.finish_reason == "eot" for r in results)
+    for r in results:
+        assert (r.finish_reason == "length") == (len(r.tokens) == 40) and eot not in r.tokens
+
+
+def test_a_decode_graph_of_another_model_is_refused(exported, tmp_path):
+    _, out, _ = exported
+    for f in (out, out.with_name("m.tokenizer.json")):
+        shutil.copy(f, tmp_path / f.name)
+    proto = onnx.load(str(decode_path_for(out)))
+    for p in proto.metadata_props:
+        if p.key == "weights_sha256":
+            p.value = "0" * 64
+    onnx.save(proto, str(decode_path_for(tmp_path / "m.onnx")))
+    with pytest.raises(MoeError, match="the decode graph does not belong to m.onnx"):
+        Server.open(tmp_path / "m.onnx", provider="cpu", threads=1)
+    # Without the cache the model still serves.
+    assert Server.open(tmp_path / "m.onnx", provider="cpu", threads=1, cache=False).generate(["a"], 2)
+
+
+def test_a_broken_decode_graph_is_one_line_at_the_cli(exported, tmp_path):
+    from conftest import run_moe
+
+    _, out, _ = exported
+    for f in (out, out.with_name("m.tokenizer.json")):
+        shutil.copy(f, tmp_path / f.name)
+    decode_path_for(tmp_path / "m.onnx").write_bytes(b"not onnx")
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"text": "the king"}) + "\n", encoding="utf-8")
+    r = run_moe(["serve", tmp_path / "m.onnx", "--input", inp, "--output", tmp_path / "o.jsonl", "--mode", "generate",
+                 "--max-new-tokens", "2"])
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "m.decode.onnx: not an ONNX model" in r.stderr, r.stderr
+    assert not (tmp_path / "o.jsonl").exists()
+    r = run_moe(["serve", tmp_path / "m.onnx", "--input", inp, "--output", tmp_path / "o.jsonl", "--mode", "generate",
+                 "--max-new-tokens", "2", "--no-cache"])
+    assert r.returncode == 0, r.stderr
+    assert np.isfinite(json.loads((tmp_path / "o.jsonl").read_text())["halt_step"])
