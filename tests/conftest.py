@@ -46,6 +46,21 @@ def tiny_model_config(**overrides) -> ModelConfig:
     return cfg
 
 
+@torch.no_grad()
+def vary_routing(model: torch.nn.Module, lm_scale: float = 1.0) -> torch.nn.Module:
+    """Random routers and predictors (a fresh model routes almost uniformly: here tokens use different experts and
+    head counts) and a halt head that stops samples of one batch at different steps (halting is decided at the
+    first position in a causal model). lm_scale widens the logits' spread, so that greedy argmax never sits within
+    float noise of a tie."""
+    for name, p in model.named_parameters():
+        if any(k in name for k in ("router", "complexity_head", "threshold_head")):
+            p.normal_(0.0, 0.5)
+    model.halt_head.weight.normal_(0.0, 1.0)
+    model.halt_head.bias.zero_()
+    model.lm_head.weight.mul_(lm_scale)
+    return model
+
+
 @pytest.fixture
 def make_config() -> Callable[..., ModelConfig]:
     return tiny_model_config

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import vary_routing
 from test_serve import WORDS, make_texts
 
 from export.decode import cache_entries
@@ -33,14 +34,7 @@ def exported(tmp_path_factory):
     torch.manual_seed(1)
     cfg = ModelConfig(vocab_size=300, max_seq_len=T, d_model=32, n_heads=4, n_layers=1, n_experts=4, d_expert=32,
                       H_cycles=2, L_cycles=1, halt_max_steps=2)
-    model = RecursiveMoE(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if any(k in name for k in ("router", "complexity_head", "threshold_head")):
-                p.normal_(0.0, 0.5)
-        model.halt_head.weight.normal_(0.0, 1.0)  # decided at the first position: some halt at step 1, some not
-        model.halt_head.bias.zero_()
-        model.lm_head.weight.mul_(10.0)  # logits of O(1) spread: greedy argmax never sits within noise of a tie
+    model = vary_routing(RecursiveMoE(cfg), lm_scale=10.0)
     rng = random.Random(1)
     run = tmp / "run"
     save_run(run, model, train_tokenizer([" ".join(rng.choice(WORDS) for _ in range(2000))], 300).to_str())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import vary_routing
 
 from export.parity import TOLERANCE
 from moe_core import ModelConfig, RecursiveMoE
@@ -20,14 +21,7 @@ def random_model(seed: int = 0, **overrides) -> RecursiveMoE:
     """Random routers and predictors (routing varies per token) and a halt head that stops samples of one batch at
     different steps."""
     torch.manual_seed(seed)
-    model = RecursiveMoE(ModelConfig(**{**CFG, **overrides})).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if any(k in name for k in ("router", "complexity_head", "threshold_head")):
-                p.normal_(0.0, 0.5)
-        model.halt_head.weight.normal_(0.0, 1.0)
-        model.halt_head.bias.zero_()
-    return model
+    return vary_routing(RecursiveMoE(ModelConfig(**{**CFG, **overrides})).eval())
 
 
 def right_padded(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

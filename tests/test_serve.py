@@ -14,6 +14,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import vary_routing
 
 from export.onnx_export import export_run
 from moe_core import ModelConfig, MoeError, RecursiveMoE, load_model
@@ -48,16 +49,7 @@ def exported(tmp_path_factory) -> tuple[Path, Path]:
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=300, max_seq_len=T, d_model=32, n_heads=4, n_layers=1, n_experts=4, d_expert=32,
                       H_cycles=2, L_cycles=1, halt_max_steps=2)
-    model = RecursiveMoE(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if any(k in name for k in ("router", "complexity_head", "threshold_head")):
-                p.normal_(0.0, 0.5)
-        # Halting is decided at the first position: about half the first tokens halt at step 1.
-        model.halt_head.weight.normal_(0.0, 1.0)
-        model.halt_head.bias.zero_()
-        # Logits of O(1) spread: greedy argmax never sits within float noise of a tie.
-        model.lm_head.weight.mul_(10.0)
+    model = vary_routing(RecursiveMoE(cfg), lm_scale=10.0)
     rng = random.Random(1)
     corpus = [" ".join(rng.choice(WORDS) for _ in range(2000))]
     run_dir = tmp / "run"
