@@ -31,9 +31,9 @@ from moe_core.graph_contract import (
     decode_graph_metadata,
     decode_path_for,
     graph_metadata,
-    run_task,
     step_graph_metadata,
     step_path_for,
+    task_of,
     tokenizer_path_for,
 )
 from moe_core.model import RecursiveMoE
@@ -144,7 +144,7 @@ def decode_by_default(run_dir: str | os.PathLike) -> bool:
         cfg, full_config = load_run_config(run_dir)
     except MoeError:
         return False
-    return can_decode(cfg, run_task(full_config))
+    return can_decode(cfg, task_of(full_config))
 
 
 def check_outputs(run_dir: Path, out: str | os.PathLike, overwrite: bool, eval_text: str | os.PathLike | None,
@@ -166,7 +166,7 @@ def prepare(run_dir: Path, outputs: Outputs, opset: int, check: bool, precision:
             eval_text: str | os.PathLike | None, stepwise: bool) -> Job:
     """Load the run's model and tokenizer and build the graphs' metadata; refuse options the run does not fit."""
     _, full_config = load_run_config(run_dir)
-    task = run_task(full_config)
+    task = task_of(full_config)
     if eval_text is not None and task != "lm":
         raise MoeError(f"--eval-text: a language-model option (mean next-token loss on a text); {run_dir} is a {task} "
                        "run")

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from moe_core import sudoku as S
+from moe_core import sudoku
 from moe_core.errors import MoeError
 from moe_core.metrics import token_logprobs
 from moe_core.model import Decision, RecursiveMoE, recording_decisions
@@ -181,7 +181,7 @@ def parity_inputs(vocab_size: int, max_seq_len: int, seed: int = 0,
     mask = (np.arange(T)[None, :] < lengths[:, None]).astype(np.int64)
     out.append(("padded_batch6", np.where(mask == 1, rand(6, T), 0), mask))
     if task == "sudoku":
-        puzzles = S.generate(8, seed, givens=(25, 50)).puzzles.astype(np.int64)  # ~20 ms
+        puzzles = sudoku.generate(8, seed, givens=(25, 50)).puzzles.astype(np.int64)
         out.append(("sudoku_grids", puzzles, np.ones_like(puzzles)))
     return out
 

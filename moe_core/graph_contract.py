@@ -42,6 +42,8 @@ OUTPUTS = (LOGITS, HALT_STEP)
 STEP_INPUTS = ("input_ids", "attention_mask", "z_H", "z_L")
 STEP_OUTPUTS = ("next_z_H", "next_z_L", LOGITS, "halt_logit")
 GRAPH_IO = {"unrolled": (INPUTS, OUTPUTS), "step": (STEP_INPUTS, STEP_OUTPUTS)}  # by metadata "graph"
+# halt_max_steps: the supervision steps the graph runs (the model's n_steps: 1 with recursion off); the key keeps
+# its name, which graphs already exported carry.
 METADATA_KEYS = ("moe_version", "config", "vocab_size", "max_seq_len", "halt_max_steps", "causal",
                  "tokenizer_file", "tokenizer_sha256")
 TASKS = ("lm", "sudoku")  # every task a run can have (its train.task): train checks and builds these, serve serves them
@@ -100,7 +102,7 @@ def tokenizer_path_for(onnx_path: str | os.PathLike) -> Path:
     return p.with_name(p.stem + TOKENIZER_SUFFIX)
 
 
-def run_task(full_config: dict) -> str:
+def task_of(full_config: dict) -> str:
     """The run's task (train.task of its config.json): "lm" (runs from before tasks existed too) or "sudoku"."""
     train = full_config.get("train")
     return train.get("task", "lm") if isinstance(train, dict) else "lm"

@@ -660,6 +660,8 @@ class RecursiveMoE(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> ModelOutput:
         """input_ids: [B, T] int64; attention_mask: [B, T] (1 = token, 0 = right padding) or None."""
         cfg = self.config
+        if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+            self._check_inputs(input_ids, attention_mask)
         B, T = input_ids.shape
         key_mask = None if attention_mask is None else attention_mask.bool()
         acc = AuxAccumulator() if self.training else None
@@ -735,6 +737,27 @@ class RecursiveMoE(nn.Module):
             if eager and bool(fresh.all() & halted.all()):
                 break
         return CachedOutput(self.lm_head(kept), torch.where(fresh, decided, given), cursor.present)
+
+    def _check_inputs(self, input_ids: Tensor, attention_mask: Tensor | None) -> None:
+        """The Python API's guard: errors that name the argument and what was expected, instead of an indexing error
+        deep inside. Shapes and dtypes always; the id range in evaluation (a host sync per forward, which a training
+        step's batches, built by the trainer, do not need)."""
+        cfg = self.config
+        if not isinstance(input_ids, Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
+            got = input_ids.dtype if isinstance(input_ids, Tensor) else type(input_ids).__name__
+            raise TypeError(f"input_ids: expected an int64 tensor [batch, seq] of token ids, got {got}")
+        if input_ids.dim() != 2 or input_ids.shape[0] == 0 or not 1 <= input_ids.shape[1] <= cfg.max_seq_len:
+            raise ValueError(f"input_ids: expected shape [batch >= 1, seq in 1..max_seq_len={cfg.max_seq_len}], got "
+                             f"{list(input_ids.shape)}")
+        if attention_mask is not None and (not isinstance(attention_mask, Tensor)
+                                           or attention_mask.shape != input_ids.shape):
+            got = list(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
+            raise ValueError(f"attention_mask: expected the shape of input_ids {list(input_ids.shape)}, got {got}")
+        if not self.training:
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= cfg.vocab_size:
+                raise ValueError(f"input_ids: expected token ids in 0..{cfg.vocab_size - 1} (vocab_size), got "
+                                 f"{lo if lo < 0 else hi}")
 
     @staticmethod
     def _output(logits: Tensor, halt_step: Tensor, step_logits: list[Tensor], halt_logits: Tensor | None,

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from moe_core import sudoku as S
+from moe_core import sudoku
 from moe_core.errors import MoeError
 from moe_core.jsonl import EXPECTED, Record, read_objects, record_id, string_field
 
@@ -129,17 +129,18 @@ def read_puzzles(path: str | os.PathLike) -> Iterator[PuzzleRecord]:
     """The puzzles of a JSONL or puzzle file (see is_jsonl), lazily for JSONL; MoeError naming path:line for a bad
     grid, conflicting givens, or a given solution that does not solve its puzzle."""
     if not is_jsonl(path):
-        puzzles, solutions = S.read_puzzle_file(path)
+        puzzles, solutions = sudoku.read_puzzle_file(path)
         for i, p in enumerate(puzzles):
             yield PuzzleRecord(i + 1, p, None if solutions is None else solutions[i])
         return
     ids = IdRule()
     for lineno, where, obj in read_objects(path, PUZZLE_EXPECTED):
         key = "puzzle" if "puzzle" in obj or "text" not in obj else "text"
-        puzzle = S.check_givens(S.parse_grid(string_field(obj, key, where, PUZZLE_EXPECTED), f'{where}: "{key}"'),
-                                f'{where}: "{key}"')
+        field = f'{where}: "{key}"'
+        puzzle = sudoku.check_givens(sudoku.parse_grid(string_field(obj, key, where, PUZZLE_EXPECTED), field), field)
         solution = None
         if obj.get("solution") is not None:
-            solution = S.check_solution(puzzle, S.parse_grid(string_field(obj, "solution", where, PUZZLE_EXPECTED),
-                                                             f'{where}: "solution"'), f'{where}: "solution"')
+            field = f'{where}: "solution"'
+            solution = sudoku.check_solution(
+                puzzle, sudoku.parse_grid(string_field(obj, "solution", where, PUZZLE_EXPECTED), field), field)
         yield PuzzleRecord(ids.check(obj, where, lineno), puzzle, solution)

@@ -22,8 +22,7 @@ a time with halted samples dropped from the batch (moe_core/stepwise.py) — sam
 must come from the same export (weights sha256, precision, tokenizer and halt_max_steps in both files' metadata).
 fp32 results are equal (halt steps exactly, outputs within fp32 noise). Reduced precision agrees within its own noise
 only: fp16 graphs pass the carry between steps in fp32 (kept float32 I/O), and int8 graphs quantise activations per
-batch, which changes as samples leave it (measured on a test model: identical halt steps, max |logit diff| 8e-5 fp16,
-1e-5 int8).
+batch, which changes as samples leave it (figures: benchmarks/RESULTS.md).
 
 Verifying the CUDA path on a GPU machine (it cannot run on the CPU-only CI):
     pip install "moe[gpu]"        # onnxruntime-gpu replaces onnxruntime; needs CUDA 13 + cuDNN 9
@@ -42,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from moe_core import sudoku as S
+from moe_core import sudoku
 from moe_core.config import MAX_CYCLES
 from moe_core.errors import MoeError
 from moe_core.formats import check_format
@@ -56,7 +55,7 @@ from moe_core.graph_contract import (
     TASKS,
     past_names,
     read_step_metadata,
-    run_task,
+    task_of,
 )
 from moe_core.jsonl import json_error, json_type, parse_json
 from moe_core.ort_session import CPU_EP, intra_op_threads, ort_session
@@ -183,7 +182,7 @@ def read_model(path: str | os.PathLike, graph: str = "unrolled"):
     if not isinstance(config, dict):
         raise MoeError(f"{path}: malformed metadata config: expected a JSON object, got a JSON {json_type(config)}")
     tok_name = file_beside(meta, "tokenizer_file", path)
-    task = meta.get("task", run_task(config))  # files exported before the key existed: the run config's
+    task = meta.get("task", task_of(config))  # files exported before the key existed: the run config's
     if task not in TASKS:
         raise MoeError(f"{path}: malformed metadata task: expected one of {', '.join(TASKS)}, got {str(task)[:40]!r}")
     info = ModelInfo(path, path.with_name(tok_name), sizes["vocab_size"], sizes["max_seq_len"],
@@ -201,9 +200,9 @@ def read_model(path: str | os.PathLike, graph: str = "unrolled"):
     if task == "lm" and meta["causal"] != "true":
         raise MoeError(f"{path}: the model is not causal (metadata causal={meta['causal']}); "
                        "scoring and generation need a causal language model")
-    if task == "sudoku" and (info.vocab_size != S.VOCAB or info.max_seq_len < S.CELLS):
+    if task == "sudoku" and (info.vocab_size != sudoku.VOCAB or info.max_seq_len < sudoku.CELLS):
         raise MoeError(f"{path}: a sudoku model with vocab_size {info.vocab_size} and max_seq_len {info.max_seq_len}; "
-                       f"expected vocab_size {S.VOCAB} (blank + 9 digits) and max_seq_len >= {S.CELLS}")
+                       f"expected vocab_size {sudoku.VOCAB} (blank + 9 digits) and max_seq_len >= {sudoku.CELLS}")
     return proto, info
 
 

@@ -56,8 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from moe_core import EOT
-from moe_core import sudoku as S
+from moe_core import EOT, sudoku
 from moe_core.errors import MoeError
 from moe_core.graph_contract import HALT_STEP, LOGITS
 
@@ -66,9 +65,9 @@ from .graph import LAST_LOGITS, TOKEN_LOGPROBS
 from .runtime import ModelInfo, OrtModel, StepwiseModel, open_decoder, open_model
 
 # Activation elements one forward pass may hold (see "Batching" above): 2^26 float32 = 256 MiB per estimated
-# tensor slot. The estimate undercounts what ONNX Runtime keeps alive (measured on the tiny test model: ~3.6k
-# floats per position against 748 estimated), so the real peak is a few GiB at most; the default preset (2048 x
-# 128, 3 steps) still runs 60 rows, above the default batch of 32.
+# tensor slot. The estimate undercounts what ONNX Runtime keeps alive (by a few times: benchmarks/RESULTS.md), so
+# the real peak is a few GiB at most; the default preset (2048 x 128, 3 steps) still runs 60 rows, above the
+# default batch of 32.
 MAX_BATCH_ELEMENTS = 2**26
 
 Progress = Callable[[int], Any]  # called with the number of input texts a batch has finished
@@ -209,15 +208,15 @@ def pick_token(logits: np.ndarray, temperature: float = 0.0, top_k: int = 0, top
 def to_grid(value: str | np.ndarray, where: str) -> np.ndarray:
     """A puzzle or solution as uint8 [81]: parsed from 81 characters, or checked (81 integers 0-9)."""
     if isinstance(value, str):
-        return S.parse_grid(value, where)
-    expected = f"expected 81 characters or 81 integers 0-9 ({S.CELLS} cells)"
+        return sudoku.parse_grid(value, where)
+    expected = f"expected 81 characters or 81 integers 0-9 ({sudoku.CELLS} cells)"
     if value is None or isinstance(value, (bytes, dict, set)):
         raise MoeError(f"{where}: {expected}, got {type(value).__name__}")
     try:
         grid = np.asarray(value)
     except (TypeError, ValueError):
         raise MoeError(f"{where}: {expected}, got {type(value).__name__}") from None
-    if grid.shape != (S.CELLS,) or grid.dtype.kind not in "iu" or grid.min() < 0 or grid.max() > 9:
+    if grid.shape != (sudoku.CELLS,) or grid.dtype.kind not in "iu" or grid.min() < 0 or grid.max() > 9:
         got = f"shape {grid.shape} of {grid.dtype}" if grid.dtype.kind in "iub" else f"{grid.dtype} values"
         raise MoeError(f"{where}: {expected}, got {got}")
     return grid.astype(np.uint8)
@@ -276,7 +275,7 @@ def _grid_list(value: Any, name: str) -> list[Any]:
                        f"[N, 81], got a single {type(value).__name__} (wrap it in a list)")
     if isinstance(value, np.ndarray):
         if value.ndim != 2:
-            raise MoeError(f"{name}: expected an array [N, {S.CELLS}], got shape {value.shape}")
+            raise MoeError(f"{name}: expected an array [N, {sudoku.CELLS}], got shape {value.shape}")
         return list(value)
     try:
         return list(value)
@@ -505,7 +504,7 @@ class Server:
         self.require_task("solve")
         batch_size = self.batch_rows(batch_size)
         puzzles = _grid_list(puzzles, "puzzles")
-        grids = np.zeros((len(puzzles), S.CELLS), dtype=np.uint8)
+        grids = np.zeros((len(puzzles), sudoku.CELLS), dtype=np.uint8)
         for i, p in enumerate(puzzles):
             grids[i] = to_grid(p, f"puzzles[{i}]")
         solutions = [None] * len(grids) if solutions is None else _grid_list(solutions, "solutions")
@@ -518,12 +517,12 @@ class Server:
         for i in range(0, len(grids), batch_size):
             rows = grids[i:i + batch_size].astype(np.int64)
             logits, hs = self._forward(rows, [LOGITS, HALT_STEP])
-            answers[i:i + len(rows)] = S.cell_answers(logits)
+            answers[i:i + len(rows)] = sudoku.cell_answers(logits)
             steps[i:i + len(rows)] = hs
             if progress is not None:
                 progress(len(rows))
-        valid = S.valid_solutions(grids, answers)  # the rules decide, never the model
-        results = [SolveResult(S.format_grid(p), "".join(map(str, a)), int(n), bool(v),
+        valid = sudoku.valid_solutions(grids, answers)  # the rules decide, never the model
+        results = [SolveResult(sudoku.format_grid(p), "".join(map(str, a)), int(n), bool(v),
                                None if g is None else bool(np.array_equal(a, g)))
                    for p, a, n, v, g in zip(grids, answers, steps, valid, given, strict=True)]
         self._account(steps.tolist(), tokens=grids.size, long=0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO, CliResult, finish, run_moe, spawn_moe, subprocess_env, tiny_train_args
 from tokenizers import Tokenizer
 
@@ -236,3 +238,22 @@ def test_eval_refuses_a_bad_baseline_before_creating_anything(tiny_run_dir: Path
             result = run_moe(["eval", run, "--baseline", baseline, "--device", "cpu", *out], in_process=True)
             assert f"error: {baseline}: not a run directory" in error_line(result)
             assert not (tmp_path / "eval").exists() and not (run / "eval").exists()
+
+
+@pytest.mark.parametrize("ids, error, message", [
+    (lambda T, V: torch.zeros(1, T + 1, dtype=torch.long), ValueError, "input_ids: expected shape [batch >= 1, seq in"),
+    (lambda T, V: torch.full((1, 3), -1), ValueError, "input_ids: expected token ids in 0.."),
+    (lambda T, V: torch.full((1, 3), V), ValueError, "input_ids: expected token ids in 0.."),
+    (lambda T, V: torch.zeros(1, 3), TypeError, "input_ids: expected an int64 tensor"),
+    (lambda T, V: torch.zeros(3, dtype=torch.long), ValueError, "input_ids: expected shape"),
+    (lambda T, V: [[1, 2]], TypeError, "input_ids: expected an int64 tensor"),
+], ids=["too-long", "negative", "past-vocab", "float", "1-D", "list"])
+def test_the_model_api_names_a_bad_argument(tiny_run_dir, ids, error, message):
+    from moe_core import load_model
+
+    model = load_model(tiny_run_dir)
+    cfg = model.config
+    with pytest.raises(error, match=re.escape(message)):
+        model(ids(cfg.max_seq_len, cfg.vocab_size))
+    with pytest.raises(ValueError, match=re.escape("attention_mask: expected the shape of input_ids")):
+        model(torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 4, dtype=torch.long))

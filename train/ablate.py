@@ -258,12 +258,12 @@ def run_ablation(grid: Grid, preset: str | None, config_file: str | None, sets: 
 
 def _run_grid(out: Path, grid: Grid, base: RunConfig, rows: list[Row], shared: list[str], overwrite: bool) -> None:
     """The tokenizer, then every variant, with the report rewritten after each (OUT exists and is locked)."""
-    from . import data as D
+    from .data import load_documents, train_tokenizer
     from .trainer import train as train_run
 
     if shared:  # one tokenizer for every variant: the same tokens, and its training is paid once
         t0 = time.perf_counter()
-        tok = D.train_tokenizer(D.load_documents(base.train.data), base.model.vocab_size)
+        tok = train_tokenizer(load_documents(base.train.data), base.model.vocab_size)
         atomic_write_text(out / TOKENIZER_FILE, tok.to_str(pretty=False))
         click.echo(f"tokenizer: {tok.get_vocab_size()} tokens, shared by every variant "
                    f"({time.perf_counter() - t0:.1f}s) -> {out / TOKENIZER_FILE}")

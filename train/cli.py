@@ -10,7 +10,7 @@ import click
 
 from moe_core.cli import run
 
-from .config import build_config, preset_names, with_absolute_paths
+from .config import DEVICES, build_config, preset_names, with_absolute_paths
 
 
 @click.command(context_settings={"show_default": True})
@@ -33,7 +33,7 @@ from .config import build_config, preset_names, with_absolute_paths
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in --out.")
 @click.option("--compile/--no-compile", "compile_", default=None,
               help="torch.compile the training step (default: train.compile, on in every preset).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
+@click.option("--device", type=click.Choice(DEVICES), default=None,
               help="Device (default: train.device = auto: CUDA with bf16 autocast where present, else CPU).")
 def train(config_file, preset, overrides, data, tokenizer, out, resume_dir, overwrite, compile_, device) -> None:
     """Train a recursive MoE/MoH model and write the run directory OUT, or continue one with --resume.

@@ -16,6 +16,7 @@ from moe_core.graph_contract import TASKS
 from moe_core.jsonl import read_text_file
 
 MAX_SEED = 2**63 - 1
+DEVICES = ("auto", "cpu", "cuda")  # train.device: auto = CUDA when torch sees a GPU, else CPU
 
 
 def seed_for(*parts: int) -> int:
@@ -82,7 +83,7 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             if f.name.endswith("_weight"):
                 _check(getattr(self, f.name) >= 0, where, f"{f.name}: expected >= 0, got {getattr(self, f.name)}")
-        _check(self.device in ("auto", "cpu", "cuda"), where,
+        _check(self.device in DEVICES, where,
                f"device: expected auto, cpu or cuda, got {show(self.device)}")
         _check(self.parallel in ("ddp", "fsdp"), where, f"parallel: expected ddp or fsdp, got {show(self.parallel)}")
         _check(self.task in TASKS, where, f"task: expected {' or '.join(TASKS)}, got {show(self.task)}")

@@ -38,7 +38,7 @@ from moe_core.model import RecursiveMoE
 from moe_core.tokenizer import read_tokenizer
 
 from .checkpointing import saved_run_config
-from .config import RunConfig
+from .config import DEVICES, RunConfig
 from .distributed import autocast_for, use_cuda
 from .tasks import Task, make_task
 
@@ -164,7 +164,7 @@ def plot(rows: list[dict[str, Any]], task: str, trained: int, title: str, path: 
 @click.option("--baseline", "baseline_dir", default=None, type=click.Path(),
               help="Another run of the same task and tokenizer (e.g. recursion off), evaluated on RUN_DIR's "
                    "held-out set: one more row, and a line on the plot.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+@click.option("--device", type=click.Choice(DEVICES), default="auto",
               help="auto: CUDA where present, else CPU.")
 @click.option("--overwrite", is_flag=True, help="Replace eval outputs already in --out.")
 def eval_(run_dir: str, steps_text: str, out: str | None, baseline_dir: str | None, device: str,

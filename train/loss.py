@@ -17,8 +17,9 @@ def per_sample_nll(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 def training_loss(out: ModelOutput, targets: Tensor, aux_weights: dict[str, float], halt_weight: float,
-                  halt_target: str = "no_gain") -> tuple[Tensor, dict[str, Tensor]]:
-    """The loss to backpropagate and its parts (all tensors; the caller decides when to sync them).
+                  halt_target: str = "no_gain", loss_key: str = "lm_loss") -> tuple[Tensor, dict[str, Tensor]]:
+    """The loss to backpropagate and its parts (all tensors; the caller decides when to sync them). The task's own
+    loss is reported under `loss_key` (its Task.loss_key: "lm_loss" for language, "cell_loss" for puzzles).
 
     Deep supervision: the mean next-token (or per-cell) loss over every supervision step. The halt head's
     target at step s, by task:
@@ -27,9 +28,9 @@ def training_loss(out: ModelOutput, targets: Tensor, aux_weights: dict[str, floa
       correct  (puzzles) halt when the answer at step s is completely right (TRM's rule), at every step.
     """
     nll = torch.stack([per_sample_nll(lg, targets) for lg in out.step_logits])  # [S, B]
-    lm_loss = nll.mean()
-    total = lm_loss
-    parts: dict[str, Tensor] = {"lm_loss": lm_loss.detach(), "last_step_loss": nll[-1].mean().detach()}
+    task_loss = nll.mean()
+    total = task_loss
+    parts: dict[str, Tensor] = {loss_key: task_loss.detach(), "last_step_loss": nll[-1].mean().detach()}
     if out.halt_logits is not None:
         if halt_target == "no_gain":
             q, target = out.halt_logits[:-1], (nll[1:] >= nll[:-1]).detach()  # [S-1, B]

@@ -3,7 +3,7 @@
 `write_plots(run_dir)` writes whichever of these the logged data supports (a plot whose data is absent is
 skipped, so a baseline model or a run killed after the step-0 eval still gets what it can):
 
-  loss.png         train lm_loss and val_loss, with the uniform ln(V) and unigram baselines
+  loss.png         the task's train loss (lm_loss / cell_loss) and val_loss, with the ln(V) and unigram baselines
   lr.png           learning rate
   grad_norm.png    total (pre-clip) grad norm and the router / halt parameter-group norms
   heads.png        MoH heads per token per layer; threshold mean with min-max band, and complexity
@@ -175,11 +175,12 @@ def _marker(xs: list[float]) -> str | None:
 
 
 def plot_loss(train: list[Record], evals: list[Record]) -> Figure | None:
-    tx, ty = series(train, "lm_loss")
-    train_label = "train lm_loss"
-    if not tx:
-        tx, ty = series(train, "loss")
-        train_label = "train loss"
+    # The task's own loss (Task.loss_key: lm_loss, cell_loss), else the total.
+    for key in ("lm_loss", "cell_loss", "loss"):
+        tx, ty = series(train, key)
+        train_label = f"train {key}"
+        if tx:
+            break
     vx, vy = series(evals, "val_loss")
     if not tx and not vx:
         return None

@@ -62,6 +62,7 @@ def solve_batches(model: RecursiveMoE, puzzles: np.ndarray, batch_size: int, dev
 
 class SudokuTask(Task):
     name = "sudoku"
+    loss_key = "cell_loss"  # cross-entropy over the 81 cells' digits
 
     def __init__(self, cfg: RunConfig, log: Any = print) -> None:
         check_model(cfg)
@@ -101,7 +102,7 @@ class SudokuTask(Task):
 
     def loss(self, out: ModelOutput, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         tc = self.cfg.train
-        return training_loss(out, y, tc.aux_weights, tc.halt_weight, halt_target="correct")
+        return training_loss(out, y, tc.aux_weights, tc.halt_weight, halt_target="correct", loss_key=self.loss_key)
 
     def evaluate(self, model: RecursiveMoE, device: torch.device, autocast: contextlib.AbstractContextManager,
                  dist: Dist = SINGLE) -> dict[str, float]:

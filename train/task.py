@@ -18,6 +18,7 @@ class Task:
     """The interface the trainer uses (LanguageTask is the reference implementation)."""
 
     name: str
+    loss_key: str  # the metrics key of the task's own loss (before the halt and aux losses)
     tokenizer_json: str  # written to RUN_DIR/tokenizer.json: export and serve read it
     fingerprint: str  # identity of the training data: resume refuses other data
     baselines: dict[str, float]  # logged with every evaluation

@@ -22,9 +22,18 @@ from torch import Tensor
 from moe_core.errors import MoeError
 from moe_core.model import ModelOutput, RecursiveMoE
 
-from . import data as D
 from .checkpointing import data_fingerprint
 from .config import RunConfig, seed_for
+from .data import (
+    describe_data,
+    eval_batches,
+    get_batch,
+    load_documents,
+    load_tokenizer,
+    tokenize_corpus,
+    train_tokenizer,
+    unigram_baseline,
+)
 from .distributed import SINGLE, Dist, is_sharded
 from .loss import per_sample_nll, training_loss
 from .task import Task
@@ -46,6 +55,7 @@ def make_task(cfg: RunConfig, tokenizer_json: str | None, log: Any = print, new_
 
 class LanguageTask(Task):
     name = "lm"
+    loss_key = "lm_loss"  # mean next-token cross-entropy
 
     def __init__(self, cfg: RunConfig, tokenizer_json: str | None, log: Any = print, new_run: bool = False) -> None:
         import time
@@ -53,14 +63,14 @@ class LanguageTask(Task):
         mc, tc = cfg.model, cfg.train
         self.cfg = cfg
         t0 = time.perf_counter()
-        docs = D.load_documents(tc.data)
+        docs = load_documents(tc.data)
         trained = tokenizer_json is None and tc.tokenizer is None
         if tokenizer_json is not None:
             tok = Tokenizer.from_str(tokenizer_json)
         elif tc.tokenizer is not None:
-            tok = D.load_tokenizer(tc.tokenizer)
+            tok = load_tokenizer(tc.tokenizer)
         else:
-            tok = D.train_tokenizer(docs, mc.vocab_size)
+            tok = train_tokenizer(docs, mc.vocab_size)
         if tc.tokenizer is not None:
             mc.vocab_size = tok.get_vocab_size()  # the model's vocabulary is the user tokenizer's
         elif (trained or new_run) and tok.get_vocab_size() < mc.vocab_size:
@@ -71,16 +81,16 @@ class LanguageTask(Task):
             # corpus supports is only known once the tokenizer is trained. (A resumed run keeps its saved size.)
             if trained:
                 log(f"note: model.vocab_size {mc.vocab_size} lowered to {tok.get_vocab_size()}: the BPE trained "
-                    f"on {D.describe_data(tc.data)} stops there (the corpus has no more pairs to merge)")
+                    f"on {describe_data(tc.data)} stops there (the corpus has no more pairs to merge)")
             mc.vocab_size = tok.get_vocab_size()
         self.tokenizer_json = tokenizer_json or tok.to_str(pretty=False)
-        self.data = D.tokenize_corpus(docs, tok, tc.val_fraction, mc.max_seq_len, where=D.describe_data(tc.data))
+        self.data = tokenize_corpus(docs, tok, tc.val_fraction, mc.max_seq_len, where=describe_data(tc.data))
         if self.data.vocab_size > mc.vocab_size:
             raise MoeError(f"tokenizer has {self.data.vocab_size} tokens but model.vocab_size is {mc.vocab_size}")
-        self.val_batches = D.eval_batches(self.data.val, tc.batch_size, mc.max_seq_len, tc.eval_batches)
+        self.val_batches = eval_batches(self.data.val, tc.batch_size, mc.max_seq_len, tc.eval_batches)
         self.fingerprint = data_fingerprint(self.data.train)
         self.baselines = {"uniform_baseline": math.log(mc.vocab_size),
-                          "unigram_baseline": D.unigram_baseline(self.data.train, self.data.val, mc.vocab_size)}
+                          "unigram_baseline": unigram_baseline(self.data.train, self.data.val, mc.vocab_size)}
         self._gen = torch.Generator()
         log(f"data: {len(docs)} documents, {len(self.data.train):,} train / {len(self.data.val):,} val tokens, "
             f"tokenizer {self.data.vocab_size} tokens ({time.perf_counter() - t0:.1f}s)")
@@ -90,12 +100,12 @@ class LanguageTask(Task):
     def batch(self, step: int, rows: slice) -> tuple[Tensor, Tensor]:
         tc = self.cfg.train
         self._gen.manual_seed(seed_for(tc.seed * 1_000_003, step))  # the global batch; each rank takes its rows
-        x, y = D.get_batch(self.data.train, tc.batch_size, self.cfg.model.max_seq_len, self._gen)
+        x, y = get_batch(self.data.train, tc.batch_size, self.cfg.model.max_seq_len, self._gen)
         return x[rows], y[rows]
 
     def loss(self, out: ModelOutput, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         tc = self.cfg.train
-        return training_loss(out, y, tc.aux_weights, tc.halt_weight, halt_target="no_gain")
+        return training_loss(out, y, tc.aux_weights, tc.halt_weight, halt_target="no_gain", loss_key=self.loss_key)
 
     def evaluate(self, model: RecursiveMoE, device: torch.device, autocast: contextlib.AbstractContextManager,
                  dist: Dist = SINGLE) -> dict[str, float]:

@@ -4,7 +4,7 @@ update, then logging, evaluation and checkpoints; and its two entry points, `tra
 The loop's parts live in their own modules: the run directory's preparation (run_dir.py), the optimizer and
 gradient norms (optimizer.py), metrics.jsonl and TensorBoard (metrics_log.py), console lines (console.py),
 SIGINT / SIGTERM (signals.py), checkpoints (checkpointing.py) and the tasks (tasks.py, sudoku_task.py). The run
-directory's layout: DESIGN.md section 2.
+directory's layout: README.md, "Training".
 """
 
 from __future__ import annotations
@@ -301,8 +301,8 @@ class Trainer:
                            **to_record(stats), **to_record(group_norms)}
                     rec["halt_hist"] = [int(c) for c in rec["halt_hist"]]
                     self.metrics.write(rec)
-                    bar.set_postfix(loss=f"{rec['lm_loss']:.3f}", lr=f"{rec['lr']:.2e}", gnorm=f"{grad_norm:.2f}",
-                                    tok_s=f"{tok_s:.0f}", refresh=False)
+                    bar.set_postfix(loss=f"{rec[self.task.loss_key]:.3f}", lr=f"{rec['lr']:.2e}",
+                                    gnorm=f"{grad_norm:.2f}", tok_s=f"{tok_s:.0f}", refresh=False)
                     if step % (tc.log_every * 5) == 0 or last:
                         summary = routing_summary(rec, mc.n_layers)
                         if summary:
