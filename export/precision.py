@@ -22,7 +22,8 @@ def convert_precision(path: str, precision: str, metadata: dict[str, str]) -> No
     ranks in fp32. int8: dynamic quantisation of the MatMul weights that are initializers (a CPU speed-up): the
     experts' weights under either MoE dispatch (sparse dispatch's per-expert slices are folded into initializers
     first, passes.fold_sliced_weights) and the halt head's Gemm; the attention, router and output projections
-    (Linear weights, a Transpose in the graph) stay fp32.
+    (Linear weights, a Transpose in the graph) stay fp32. The standard Attention op (opset 23) is left as it is:
+    the quantiser would rewrite it as the contrib QAttention, a different operator with other attributes.
     """
     if precision == "fp16":
         from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -30,6 +31,7 @@ def convert_precision(path: str, precision: str, metadata: dict[str, str]) -> No
         proto = convert_float_to_float16(onnx.load(path), keep_io_types=True)
     else:
         from onnxruntime.quantization import QuantType, quantize_dynamic
+        from onnxruntime.quantization.registry import IntegerOpsRegistry
 
         proto = onnx.load(path)
         if sliced_weights(proto):
@@ -39,7 +41,8 @@ def convert_precision(path: str, precision: str, metadata: dict[str, str]) -> No
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                quantize_dynamic(path, path, weight_type=QuantType.QInt8)
+                quantize_dynamic(path, path, weight_type=QuantType.QInt8,
+                                 op_types_to_quantize=[op for op in IntegerOpsRegistry if op != "Attention"])
         finally:
             logging.disable(previous)
         proto = onnx.load(path)
