@@ -42,9 +42,10 @@ class DecodeState:
 class Decoder:
     """Runs a decode graph: `run(feeds, outputs)` is the session's (serve/runtime.py OrtModel.run_feeds)."""
 
-    def __init__(self, run, entries: int, heads: int, head_dim: int, max_seq_len: int) -> None:
+    def __init__(self, run, entries: int, heads: int, head_dim: int, max_seq_len: int, describe: str = "") -> None:
         self.run, self.entries, self.heads, self.head_dim = run, entries, heads, head_dim
         self.max_seq_len = max_seq_len
+        self.describe = describe  # for the console: which graph, how many cache entries
         self.past, self.present = past_names(entries), present_names(entries)
         self.calls = 0
         self.refills = 0

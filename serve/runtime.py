@@ -373,6 +373,5 @@ def open_decoder(info: ModelInfo, provider: str = "auto", threads: int | None = 
     heads, d_model = cfg.get("n_heads"), cfg.get("d_model")
     if not (isinstance(heads, int) and isinstance(d_model, int) and heads > 0 and d_model % heads == 0):
         raise MoeError(f"{info.path}: metadata config lacks model.n_heads / model.d_model (needed for the cache)")
-    decoder = Decoder(model.run_feeds, d.cache_entries, heads, d_model // heads, info.max_seq_len)
-    decoder.describe = f"KV cache ({path.name}, {d.cache_entries} block applications)"
-    return decoder, ""
+    return Decoder(model.run_feeds, d.cache_entries, heads, d_model // heads, info.max_seq_len,
+                   f"KV cache ({path.name}, {d.cache_entries} block applications)"), ""
