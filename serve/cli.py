@@ -164,8 +164,13 @@ def serve(model, input_path, output_path, mode, batch_size, provider, runtime, m
     seconds = time.perf_counter() - t0
     s, c = server.stats, server.model.counts
     of = f"every sample running {server.model.n_steps} steps" if server.steps_note() else "unrolled"
-    tail = (f"runtime {server.model.runtime}: {c.rows:,} sample-steps computed ({c.rows / max(1, c.full):.0%} of "
-            f"{of}) | provider {server.provider} | {seconds:.1f}s -> {out}")
+    if server.decoder is not None and mode == "generate":
+        runtime = (f"runtime KV cache: {server.decoder.calls:,} decode-graph calls, {server.decoder.refills} "
+                   "refills at max_seq_len")
+    else:
+        runtime = (f"runtime {server.model.runtime}: {c.rows:,} sample-steps computed ({c.rows / max(1, c.full):.0%} "
+                   f"of {of})")
+    tail = f"{runtime} | provider {server.provider} | {seconds:.1f}s -> {out}"
     if mode == "solve":
         correct = f" | correct {s.correct}/{s.checked} ({s.correct / s.checked:.1%})" if s.checked else ""
         click.echo(f"solve: {s.sequences} puzzles | valid {s.valid}/{s.sequences} ({s.valid / s.sequences:.1%}, "
