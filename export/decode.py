@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from moe_core.config import ModelConfig
+from moe_core.decoding import Decoder
 from moe_core.graph_contract import DECODE_INPUTS, DECODE_OUTPUTS, past_names, present_names
 from moe_core.model import KVCache, RecursiveMoE
 
@@ -96,7 +97,8 @@ def check_decode_parity(model: RecursiveMoE, session, seed: int = 0, label: str 
     cases = []
     for name, prompts, continuations in decode_cases(model.config, seed):
         cfg = model.config
-        got, halt = run_decode(session, prompts, continuations, cache_entries(cfg), cfg.n_heads, cfg.head_dim)
+        got, halt = run_decode(session, prompts, continuations, cache_entries(cfg), cfg.n_heads, cfg.head_dim,
+                               cfg.max_seq_len)
         seqs = [p + c for p, c in zip(prompts, continuations, strict=True)]
         T = max(map(len, seqs))
         ids = np.array([s + [0] * (T - len(s)) for s in seqs], dtype=np.int64)
@@ -115,34 +117,32 @@ def check_decode_parity(model: RecursiveMoE, session, seed: int = 0, label: str 
 
 
 def run_decode(session, prompts: list[list[int]], continuations: list[list[int]], entries: int, heads: int,
-               head_dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """Prefill the right-padded prompts, then feed the continuations' tokens one call at a time: the logits
-    predicting each next token [B, 1 + calls, V] (after the prompt, then after each fed token) and halt_step."""
-    B, P = len(prompts), max(map(len, prompts))
-    lengths = np.array([len(p) for p in prompts], dtype=np.int64)
-    ids = np.array([p + [0] * (P - len(p)) for p in prompts], dtype=np.int64)
-    mask = (np.arange(P)[None, :] < lengths[:, None]).astype(np.int64)
+               head_dim: int, max_seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prefill the right-padded prompts, then feed the continuations' tokens one call at a time, through the loop
+    serve generates with (moe_core/decoding.py): the logits predicting each next token [B, 1 + calls, V] (after the
+    prompt, then after each fed token) and halt_step."""
     names = [o.name for o in session.get_outputs()]
-    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": np.broadcast_to(np.arange(P), (B, P)).copy(),
-             "past_halt_step": np.zeros(B, dtype=np.int64)}
-    past = dict.fromkeys(past_names(entries), np.zeros((B, heads, 0, head_dim), dtype=np.float32))
-    out = dict(zip(names, session.run(names, {**feeds, **past}), strict=True))
-    logits = [out["logits"][np.arange(B), lengths - 1]]
-    halt = out["halt_step"]
+
+    def run(feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+        out = dict(zip(names, session.run(names, feeds), strict=True))
+        return [out[n] for n in outputs]
+
+    decoder = Decoder(run, entries, heads, head_dim, max_seq_len)
+    last, state = decoder.prefill(prompts)
+    logits, halt = [last], state.halt_step
+    history = [list(p) for p in prompts]
     for j in range(len(continuations[0])):
-        mask = np.concatenate([mask, np.ones((B, 1), dtype=np.int64)], axis=1)
-        feeds = {"input_ids": np.array([[c[j]] for c in continuations], dtype=np.int64), "attention_mask": mask,
-                 "position_ids": (lengths + j)[:, None], "past_halt_step": halt}
-        past = {p: out[q] for p, q in zip(past_names(entries), present_names(entries), strict=True)}
-        out = dict(zip(names, session.run(names, {**feeds, **past}), strict=True))
-        logits.append(out["logits"][:, 0])
-        if not np.array_equal(out["halt_step"], halt):
+        for h, c in zip(history, continuations, strict=True):
+            h.append(c[j])
+        last, state = decoder.step([c[j] for c in continuations], state, history)
+        logits.append(last)
+        if not np.array_equal(state.halt_step, halt):
             raise AssertionError("the decode graph changed halt_step after the prefill")
     return np.stack(logits, axis=1), halt
 
 
 def eager_runner(model: RecursiveMoE):
-    """The eager model behind the decode graph's interface (serve/decoding.py Decoder's `run`): the same feeds and
+    """The eager model behind the decode graph's interface (moe_core/decoding.py Decoder's `run`): the same feeds and
     outputs as host arrays, cached_forward underneath — so eager and ONNX Runtime generate through one loop."""
     model.eval()
 

@@ -43,6 +43,7 @@ import numpy as np
 
 from moe_core import sudoku
 from moe_core.config import MAX_CYCLES
+from moe_core.decoding import Decoder
 from moe_core.errors import MoeError
 from moe_core.formats import check_format
 from moe_core.graph_contract import (
@@ -62,7 +63,6 @@ from moe_core.ort_session import CPU_EP, intra_op_threads, ort_session
 from moe_core.stepwise import StepCounts, run_stepwise
 from moe_core.tokenizer import read_tokenizer
 
-from .decoding import Decoder
 from .graph import add_serving_outputs
 
 PROVIDER_CHOICES = ("auto", "cuda", "cpu")
@@ -240,7 +240,7 @@ class OrtModel:
 
         proto, self.info = loaded or read_model(path, graph)
         self.tokenizer = load_tokenizer(self.info)
-        if graph != "decode":  # the decode graph's callers read its logits as they are (serve/decoding.py)
+        if graph != "decode":  # the decode graph's callers read its logits as they are (moe_core/decoding.py)
             add_serving_outputs(proto)
         available = ort.get_available_providers()
         providers = choose_providers(provider, available)
@@ -354,7 +354,7 @@ def open_model(path: str | os.PathLike, provider: str = "auto", threads: int | N
 
 
 def open_decoder(info: ModelInfo, provider: str = "auto", threads: int | None = None) -> tuple[Decoder | None, str]:
-    """The decode graph of the model `info` describes, ready to generate with (serve/decoding.py), or None with the
+    """The decode graph of the model `info` describes, ready to generate with (moe_core/decoding.py), or None with the
     reason: the model was exported without one, or it is missing beside the model."""
     if not info.decode_graph:
         return None, "no decode graph (exported without one)"

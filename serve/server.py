@@ -57,10 +57,10 @@ from typing import Any
 import numpy as np
 
 from moe_core import EOT, sudoku
+from moe_core.decoding import Decoder
 from moe_core.errors import MoeError
 from moe_core.graph_contract import HALT_STEP, LOGITS
 
-from .decoding import Decoder
 from .graph import LAST_LOGITS, TOKEN_LOGPROBS
 from .runtime import ModelInfo, OrtModel, StepwiseModel, open_decoder, open_model
 
@@ -306,7 +306,7 @@ def max_batch_rows(info: ModelInfo) -> int:
 class Server:
     def __init__(self, model: OrtModel | StepwiseModel, decoder: Decoder | None = None) -> None:
         self.model = model
-        self.decoder = decoder  # generation with the KV cache (serve/decoding.py); None: recompute every prefix
+        self.decoder = decoder  # generation with the KV cache (moe_core/decoding.py); None: recompute every prefix
         self.tokenizer = model.tokenizer
         self.eot_id: int | None = self.tokenizer.token_to_id(EOT)
         self.stats = ServeStats()
