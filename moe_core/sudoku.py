@@ -10,9 +10,12 @@ Pure Python + numpy (no torch), so serving and tests can check solutions without
   check_givens / check_solution                 the same rules as input checks: MoeError naming the grid
   search / solve / count_solutions              exact solver: bitmasks, naked + hidden singles, fewest candidates
                                                 first; counts solutions up to a limit and reports its effort
+  deduction_rounds                              how hard: rounds of singles placed all at once (a model's pass
+                                                through its block can take about one such round)
   generate                                      puzzles with exactly one solution, deterministic by seed
   augment                                       the validity-preserving symmetry group, per sample, vectorised
-  equivalence_keys / make_splits                train/test sets with no test puzzle equivalent to a train puzzle
+  equivalence_keys / make_splits / make_ladder  train/test sets and difficulty levels (one set per number of
+                                                givens), no puzzle equivalent to one of another set
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ GRID_CHARS = "123456789" + BLANKS
 MAX_FILE_BYTES = 1 << 30  # ~6M puzzle+solution lines; the arrays would be ~1 GB
 MAX_LINE_CHARS = 1024  # a puzzle and its solution are 163 characters
 MIN_GIVENS = 17  # no 16-clue Sudoku has a unique solution (McGuire et al., 2012)
+# The givens a generated set may ask for: below 22, random blanking reaches the target in fewer than 1 grid of 20
+# (generate), so a set takes minutes; 81 is a solved grid, nothing left to solve.
+GENERATED_GIVENS = (22, 80)
 VOCAB = 10  # a Sudoku model's vocabulary: blank + 9 digits; the token id of a cell is its digit, 0 = blank
 
 # Geometry. UNITS[u] are the 9 cells of unit u: rows 0-8, columns 9-17, boxes 18-26.
@@ -388,6 +394,49 @@ def count_solutions(grid: np.ndarray, limit: int = 2) -> int:
     return len(search(grid, limit).solutions)
 
 
+class Rounds(NamedTuple):
+    rounds: int  # rounds in which singles were placed
+    left: int  # blanks left when no single remains: 0 = singles alone solve the grid (Search.guesses == 0)
+
+
+def deduction_rounds(grid: np.ndarray, hidden: bool = True) -> Rounds:
+    """How many rounds of deduction a grid takes: in each round every single of the grid as it stands is placed
+    at once — naked singles (a cell with one candidate) and, with `hidden`, hidden singles (a digit with one
+    place left in a row, column or box) — until the grid is full or no single is left.
+
+    The search's propagation (search) places singles one after another, each seeing the last; here a round sees
+    only what earlier rounds placed, as a model's pass through its block sees only the previous pass's state, so
+    the rounds count the longest chain of deductions. On a grid with one solution every single is that
+    solution's digit, so the rounds end in the state the search's propagation reaches: left == 0 exactly when
+    the search needs no guess. A grid without a solution stops at its first contradiction."""
+    solver = _Solver(_as_grid(grid).tolist(), limit=1)
+    if not solver.ok:
+        raise MoeError("sudoku grid: the givens conflict; expected no digit twice in a row, column or box")
+    empty = [i for i, d in enumerate(solver.grid) if not d]
+    rounds = 0
+    while empty:
+        cand = {i: solver.candidates(i) for i in empty}
+        found = {i: m for i, m in cand.items() if _POP[m] == 1}  # cell -> the bit it takes this round
+        if hidden:
+            for cells in _UNIT_CELLS:
+                once = twice = 0
+                for i in cells:
+                    m = cand.get(i, 0)
+                    twice |= once & m
+                    once |= m
+                for bit in _BITS[once & ~twice]:
+                    i = next(i for i in cells if cand.get(i, 0) & bit)
+                    if found.setdefault(i, bit) != bit:
+                        return Rounds(rounds, len(empty))  # two digits forced into one cell: no solution
+        if not found or 0 in cand.values():
+            break
+        if not all(solver.place(i, bit) for i, bit in found.items()):
+            break  # two cells of a unit forced to the same digit: no solution
+        rounds += 1
+        empty = [i for i in empty if not solver.grid[i]]
+    return Rounds(rounds, len(empty))
+
+
 # -----------------------------------------------------------------------------
 # generator
 
@@ -575,6 +624,28 @@ def equivalence_keys(puzzles: np.ndarray) -> list[bytes]:
     return [min(a.tobytes(), b.tobytes()) for a, b in zip(codes(feats), codes(swap), strict=True)]
 
 
+def _distinct(stream: str, givens: int | tuple[int, int], n: int, taken: set[bytes], min_guesses: int,
+              attempts: int, what: str) -> tuple[SudokuSet, int]:
+    """`n` puzzles of the seed stream `stream`, skipping every puzzle whose equivalence key is in `taken` (each
+    key taken is added to it); also returns how many were skipped."""
+    skipped = 0
+
+    def rows() -> Iterator[tuple[list[int], list[int], int]]:
+        nonlocal skipped
+        for row in _puzzles(stream, givens, min_guesses, attempts):
+            key = equivalence_keys(np.array([row[0]], dtype=np.uint8))[0]
+            if key not in taken:
+                taken.add(key)
+                yield row
+                continue
+            skipped += 1
+            if skipped > 10 * n + 100:  # only when givens leave few keys, e.g. near-complete grids
+                raise MoeError(f"sudoku {what}: {skipped} puzzles skipped as equivalent to earlier ones; "
+                               f"givens={givens!r} allows too few distinct puzzles, expected fewer givens")
+
+    return _collect(rows(), n), skipped
+
+
 def make_splits(n_train: int, n_test: int, seed: int | str, givens: int | tuple[int, int] = (25, 35),
                 min_guesses: int = 0, attempts: int = 500) -> tuple[SudokuSet, SudokuSet]:
     """Train and test sets, disjoint under every symmetry augment() can apply.
@@ -587,21 +658,19 @@ def make_splits(n_train: int, n_test: int, seed: int | str, givens: int | tuple[
     train solution grid (there are ~5.5e9 inequivalent grids, so for independent streams it is improbable).
     The train set is not generate(n_train, seed): each set has its own stream."""
     taken: set[bytes] = set()
+    train, _ = _distinct(f"{seed}/train", givens, n_train, taken, min_guesses, attempts, "splits: train")
+    test, _ = _distinct(f"{seed}/test", givens, n_test, taken, min_guesses, attempts, "splits: test")
+    return train, test
 
-    def fresh(stream: str, n: int) -> SudokuSet:
-        def distinct() -> Iterator[tuple[list[int], list[int], int]]:
-            skipped = 0
-            for row in _puzzles(f"{seed}/{stream}", givens, min_guesses, attempts):
-                key = equivalence_keys(np.array([row[0]], dtype=np.uint8))[0]
-                if key not in taken:
-                    taken.add(key)
-                    yield row
-                    continue
-                skipped += 1
-                if skipped > 10 * n + 100:  # only when givens leave few keys, e.g. near-complete grids
-                    raise MoeError(f"sudoku splits: {skipped} {stream} puzzles skipped as equivalent to earlier "
-                                   f"ones; givens={givens!r} allows too few distinct puzzles, expected fewer givens")
 
-        return _collect(distinct(), n)
+def make_ladder(levels: list[int], n: int, seed: int | str, exclude: set[bytes] = frozenset(),
+                attempts: int = 500) -> list[tuple[SudokuSet, int]]:
+    """A difficulty ladder: for each number of givens in `levels`, `n` puzzles with exactly that many givens and
+    one solution, with how many of its stream's puzzles were skipped.
 
-    return fresh("train", n_train), fresh("test", n_test)
+    Level g is the stream "ladder/{seed}/{g}", which no train / test stream of make_splits can be (their seeds are
+    the run's seed, then "/train" or "/test"). A puzzle equivalent to one in `exclude` (equivalence_keys, e.g. of
+    a run's training set) or to an earlier ladder puzzle is skipped, so the ladder is held out under the symmetry
+    group. Deterministic: the same arguments give the same ladder on every machine."""
+    taken = set(exclude)
+    return [_distinct(f"ladder/{seed}/{g}", g, n, taken, 0, attempts, f"ladder ({g} givens)") for g in levels]

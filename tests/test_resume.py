@@ -245,3 +245,53 @@ def test_metrics_go_to_tensorboard_when_installed(monkeypatch: pytest.MonkeyPatc
     metrics_log.MetricsLog(tmp_path / "metrics.jsonl", keep_until=2)
     assert calls == [("open", "tensorboard", 3)]
     assert (tmp_path / "metrics.jsonl").read_text(encoding="utf-8") == ""  # step-3 records dropped on resume
+
+
+def test_ema_and_keep_best_resume_exactly(corpus_file: Path, tmp_path: Path) -> None:
+    """With train.ema_decay and train.keep_best, a run resumed from any checkpoint (or from none) ends as the run
+    that never stopped: raw and EMA weights, the best evaluation's weights and record, every logged value — also
+    when the stopped run had already kept a best from after that checkpoint, and left a torn best behind."""
+    import shutil
+
+    from moe_core.checkpoint import load_model
+    from train.checkpointing import read_best
+    from train.config import build_config
+    from train.tasks import make_task
+
+    extra = ["--set", "train.ema_decay=0.9", "--set", "train.keep_best=true", "--set", "train.keep_checkpoints=20"]
+    reference = tmp_path / "reference"
+    result = run_moe(train_args(corpus_file, reference, *extra), module="train", in_process=True)
+    assert result.returncode == 0, result.describe()
+    evals = [r for r in records(reference) if r["kind"] == "eval"]
+    best = read_best(reference)
+    first_lowest = min(evals, key=lambda r: r["val_loss"])  # min keeps the first of equal ones, as keep_best does
+    assert best["step"] == first_lowest["step"] and best["weights"] == "ema"
+    assert best["figures"]["val_loss"] == first_lowest["val_loss"]
+    state = reference / "trainer_state"
+    assert (reference / "model.safetensors").read_bytes() == (state / "best" / "model.safetensors").read_bytes()
+    last = sorted(state.glob("step-*"))[-1]
+    assert load_file(last / "ema.safetensors").keys() == load_file(last / "model.safetensors").keys()
+    # the exported weights are the ones evaluated: evaluating them again gives the kept evaluation's figures
+    cfg = build_config("tiny", None, [f"train.data={str(corpus_file)!r}", "model.vocab_size=300",
+                                      "train.eval_batches=2"])
+    tok = (reference / "tokenizer.json").read_text(encoding="utf-8")
+    again = make_task(cfg, tok, lambda _: None).evaluate(load_model(reference), torch.device("cpu"),
+                                                         torch.autocast("cpu", enabled=False))
+    assert again["val_loss"] == best["figures"]["val_loss"]
+
+    seed = random.randrange(1 << 30)
+    resume_at = random.Random(seed).choice([0, *range(3, STEPS, 3)])
+    run = tmp_path / "stopped"
+    shutil.copytree(reference, run)
+    for s in run.glob("trainer_state/step-*"):  # as if killed after the checkpoint at resume_at
+        if int(s.name.split("-")[1]) > resume_at:
+            shutil.rmtree(s)
+    shutil.copytree(run / "trainer_state" / "best", run / "trainer_state" / ".best.tmp")  # a torn save of the best
+    result = run_moe(["--resume", run], module="train", in_process=True)
+    assert result.returncode == 0, f"seed {seed}, resumed at {resume_at}: " + result.describe()
+    for name in ("model.safetensors", "trainer_state/best/model.safetensors",
+                 f"trainer_state/{last.name}/model.safetensors", f"trainer_state/{last.name}/ema.safetensors"):
+        a, b = load_file(reference / name), load_file(run / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), f"seed {seed}, resumed at {resume_at}: {name} differs"
+    assert read_best(run) == best and records(run) == records(reference)
+    assert not (run / "trainer_state" / ".best.tmp").exists()

@@ -263,3 +263,58 @@ def test_make_splits_disjoint(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (train.puzzles > 0).sum() != (test.puzzles > 0).sum()
     with pytest.raises(MoeError, match="too few distinct puzzles"):
         S.make_splits(2, 1, seed=0, givens=(30, 31))
+
+
+# -----------------------------------------------------------------------------
+# difficulty
+
+
+def test_deduction_rounds_count_the_longest_chain_of_singles() -> None:
+    solution = grid(WIKIPEDIA[1])
+    assert S.deduction_rounds(solution) == S.Rounds(0, 0)
+    one = solution.copy()
+    one[40] = 0
+    assert S.deduction_rounds(one) == S.Rounds(1, 0)
+    # Row 1 and column 1 blank (17 cells). Every cell but r1c1 has its column (or row) full but for itself: a
+    # naked single in round 1. r1c1 still has 5 candidates (only its box's 4 givens rule digits out), so naked
+    # singles alone need a second round; as a hidden single (its digit is in every other blank cell's column or
+    # row, so it has one place left in the box) it goes in round 1.
+    cross = solution.reshape(9, 9).copy()
+    cross[0, :] = 0
+    cross[:, 0] = 0
+    cross = cross.reshape(81)
+    assert S.deduction_rounds(cross, hidden=False) == S.Rounds(2, 0)
+    assert S.deduction_rounds(cross) == S.Rounds(1, 0)
+    assert S.deduction_rounds(grid(INKALA[0])).left > 0  # singles stall: the search has to guess
+    with pytest.raises(MoeError, match="the givens conflict"):
+        S.deduction_rounds(grid("11" + "." * 79))
+
+
+def test_deduction_rounds_end_where_the_search_needs_no_guess(sample: S.SudokuSet) -> None:
+    """On a puzzle with one solution every single is that solution's digit, so singles placed round by round end
+    where the search's one-at-a-time propagation ends: no blank left exactly when the search needs no guess."""
+    rounds = [S.deduction_rounds(p) for p in sample.puzzles]
+    solved = [r.left == 0 for r in rounds]
+    assert solved == [g == 0 for g in sample.guesses.tolist()]
+    assert any(solved) and not all(solved)
+    assert all(r.rounds >= 1 for r in rounds)
+
+
+def test_make_ladder_levels_are_exact_unique_deterministic_and_held_out() -> None:
+    train, test = S.make_splits(20, 5, seed=0, givens=(28, 42))
+    exclude = set(S.equivalence_keys(np.concatenate([train.puzzles, test.puzzles])))
+    ladder = S.make_ladder([40, 28], 4, seed=0, exclude=exclude)
+    assert [len(s.puzzles) for s, _ in ladder] == [4, 4]
+    for (s, skipped), g in zip(ladder, [40, 28], strict=True):
+        assert ((s.puzzles > 0).sum(1) == g).all() and skipped == 0
+        assert S.valid_solutions(s.puzzles, s.solutions).all()
+        assert all(S.count_solutions(p) == 1 for p in s.puzzles)
+    keys = S.equivalence_keys(np.concatenate([s.puzzles for s, _ in ladder]))
+    assert len(set(keys)) == 8 and not set(keys) & exclude
+    again = S.make_ladder([40, 28], 4, seed=0, exclude=exclude)
+    assert all(np.array_equal(a.puzzles, b.puzzles) for (a, _), (b, _) in zip(ladder, again, strict=True))
+    assert not np.array_equal(S.make_ladder([40], 4, seed=1)[0][0].puzzles, ladder[0][0].puzzles)
+    # a puzzle equivalent to an excluded one (here: the first of level 40, relabelled and permuted) is skipped
+    seen = S.augment(ladder[0][0].puzzles[:1], ladder[0][0].solutions[:1], np.random.default_rng(0))[0]
+    shifted, skipped = S.make_ladder([40], 4, seed=0, exclude=set(S.equivalence_keys(seen)))[0]
+    assert skipped == 1 and np.array_equal(shifted.puzzles[:3], ladder[0][0].puzzles[1:])

@@ -90,3 +90,78 @@ def test_sudoku_presets_describe_a_valid_grid_model(preset: str) -> None:
     with torch.device("meta"):
         model = RecursiveMoE(cfg.model)
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_curriculum_draws_from_puzzles_with_enough_givens() -> None:
+    cfg = build_config("sudoku-tiny", None, ["train.sudoku_train=40", "train.sudoku_test=4", "train.batch_size=32",
+                                             "train.max_steps=20", "train.sudoku_curriculum_start=47",
+                                             "train.sudoku_curriculum_frac=0.5"])
+    task = SudokuTask(cfg, log=lambda _: None)
+    # 47 at step 0, down linearly to sudoku_givens_min (40) at step 10 = 0.5 x max_steps, then the whole set
+    assert [task.givens_floor(s) for s in (0, 1, 5, 9, 10, 19)] == [47, 47, 44, 41, 40, 40]
+    assert task.schedule(5) == {"givens_floor": 44.0}
+    for step in (0, 5):
+        x, y = task.batch(step, slice(None))
+        givens = (x > 0).sum(1)
+        assert (givens >= task.givens_floor(step)).all()  # augmentation keeps the number of givens
+        assert S.valid_solutions(x.numpy().astype(np.uint8), y.numpy()).all()
+    assert ((task.batch(15, slice(None))[0] > 0).sum(1) < 44).any()  # harder puzzles have joined
+    off = SudokuTask(build_config("sudoku-tiny", None, ["train.sudoku_train=40", "train.sudoku_test=4",
+                                                        "train.batch_size=32"]), log=lambda _: None)
+    assert off.givens_floor(0) is None and off.schedule(0) == {}
+
+
+def test_curriculum_start_needs_puzzles(tmp_path) -> None:
+    path = tmp_path / "puzzles.txt"
+    path.write_text("53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79\n")  # 30 givens
+    cfg = build_config("sudoku-tiny", None, [f"train.data={str(path)!r}", "train.sudoku_test=2",
+                                             "train.sudoku_curriculum_start=45"])
+    with pytest.raises(ConfigError, match="sudoku_curriculum_start = 45: no train puzzle has that many givens"):
+        SudokuTask(cfg, log=lambda _: None)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("train.ema_decay=1.0", "train.ema_decay: expected in [0, 1) (0 = off), got 1.0"),
+    ("train.ema_decay=-0.5", "train.ema_decay: expected in [0, 1)"),
+    ("train.keep_best=1", "train.keep_best: expected true or false"),
+    ("train.sudoku_curriculum_start=39", "sudoku_curriculum_start: expected 0 (off) or a number of givens in "
+                                         "sudoku_givens_min..max (40..50), got 39"),
+    ("train.sudoku_curriculum_start=51", "got 51"),
+    ("train.sudoku_curriculum_frac=0", "sudoku_curriculum_frac: expected in (0, 1], got 0.0"),
+])
+def test_training_feature_settings_are_checked(override: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        build_config("sudoku-tiny", None, [override])
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("feature", ["train.ema_decay=0.99", "train.keep_best=true"])
+def test_ema_and_keep_best_refuse_fsdp(feature: str, moe_cli) -> None:
+    result = moe_cli("train", "--preset", "sudoku-tiny", "--set", feature, "--set", "train.parallel=fsdp",
+                     "--out", "never-written", in_process=True)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.describe()
+    assert "expected it off with parallel = 'fsdp'" in result.stderr
+
+
+def test_ema_follows_its_decay_schedule() -> None:
+    """Towards fixed weights c, n updates leave the average at c + prod_k d_k * (start - c), d_k the decay of the
+    k-th update; float32 lerp rounds each update by a few ulps of the values' size."""
+    from train.ema import EMA, ema_decay_at
+
+    model = RecursiveMoE(build_config("sudoku-tiny", None, []).model)
+    ema = EMA(model, decay=0.95)
+    start = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(0.5)
+    n = 40
+    for k in range(1, n + 1):
+        ema.update(model, k)
+    shrink = float(np.prod([ema_decay_at(0.95, k) for k in range(1, n + 1)]))
+    assert [ema_decay_at(0.95, k) for k in (1, 10, 200)] == [2 / 11, 11 / 20, 0.95]
+    for avg, s in zip(ema.model.parameters(), start, strict=True):
+        expected = 0.5 + shrink * (s - 0.5)
+        ulp = torch.finfo(torch.float32).eps * max(1.0, float(s.abs().max()))
+        assert torch.allclose(avg, expected, rtol=0, atol=4 * n * ulp)
+        assert not avg.requires_grad
+    assert all(torch.equal(a, b) for a, b in zip(ema.model.buffers(), model.buffers(), strict=True))

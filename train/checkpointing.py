@@ -1,9 +1,18 @@
 """Checkpoint sets for exact resume, in RUN_DIR/trainer_state/:
 
     trainer_state/step-00000150/
-      model.safetensors       # the weights at that step
+      model.safetensors       # the weights at that step (the raw ones: what training continues from)
+      ema.safetensors         # with train.ema_decay: the moving average of the weights at that step
       optimizer.safetensors   # AdamW moments, the RNG states and the grad-norm history, as tensors
-      state.json              # step, optimizer param groups, counters, data fingerprint, format version
+      state.json              # step, optimizer param groups, counters, the best evaluation so far, data
+                              # fingerprint, format version
+    trainer_state/best/       # with train.keep_best: the weights of the best evaluation so far
+      model.safetensors       # (the EMA weights with train.ema_decay)
+      best.json               # its step, the figures it was chosen by and every figure of that evaluation
+
+RUN_DIR/model.safetensors, what load_model and `moe export` read, is published from these: the best weights
+with keep_best, else the newest set's EMA weights with ema_decay, else its raw weights. The raw weights of
+a run with EMA or keep_best are only in the sets.
 
 A model sharded with FSDP is saved sharded (format 2): no rank ever holds the whole model or optimizer.
 
@@ -50,6 +59,7 @@ from moe_core.checkpoint import (
     check_weights,
     drop_sharded_weights,
     load_run_config,
+    load_weights,
     read_json,
     read_shards,
     read_weights,
@@ -70,6 +80,9 @@ _CPU = torch.device("cpu")
 _SET = re.compile(r"^step-(\d{8})$")
 _OPTIMIZER_FILE = "optimizer.safetensors"
 _STATE_FILE = "state.json"
+EMA_FILE = "ema.safetensors"
+BEST_DIR = "best"
+BEST_FILE = "best.json"
 
 
 @dataclass
@@ -81,6 +94,8 @@ class LoopState:
     bad_in_a_row: int = 0
     grad_norms: list[float] = field(default_factory=list)  # pre-clip global norm of every step after warmup
     data_fingerprint: str = ""  # of the tokenized training split: resume refuses different data
+    best_step: int = -1  # train.keep_best: the step of the best evaluation so far (-1: none yet)
+    best_key: list[float] = field(default_factory=list)  # its Task.best_by figures, signed so that higher is better
 
 
 def _fsync_dir(path: Path) -> None:
@@ -107,12 +122,14 @@ def checkpoint_sets(run_dir: Path) -> list[tuple[int, Path]]:
 
 def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: LoopState,
                     keep: int, rng: dict[str, torch.Tensor], dist: Dist = SINGLE,
-                    device: torch.device = _CPU) -> Path:
-    """Write the set for `state.step`, publish its weights as what load_model reads, keep the newest `keep`.
+                    device: torch.device = _CPU, ema: torch.nn.Module | None = None, publish: bool = True) -> Path:
+    """Write the set for `state.step`, keep the newest `keep`, and (`publish`) make its weights — `ema`'s when
+    given — what load_model reads.
 
     Called on every rank. `rng` holds every rank's generator states by name (`rng.cpu.{rank}`,
     `rng.cuda.{rank}`). A model sharded with FSDP is saved sharded (every rank writes its pieces, rank 0 the
-    indexes); otherwise rank 0 writes the whole set and the other ranks return at once."""
+    indexes; train.config refuses ema and keep_best with FSDP); otherwise rank 0 writes the whole set and the
+    other ranks return at once."""
     sd = optimizer.state_dict()
     opt = {f"opt.{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items() if isinstance(v, torch.Tensor)}
     norms = {"grad_norms": torch.tensor(state.grad_norms, dtype=torch.float64)}
@@ -121,6 +138,8 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
     final = Path(run_dir) / STATE_DIR / f"step-{state.step:08d}"
     tmp = final.parent / f".{final.name}.tmp"
     if is_sharded(model):
+        if ema is not None or not publish:
+            raise CheckpointError("a sharded model is saved without ema or keep_best (train.parallel = 'fsdp')")
         mine = {k: v for k, v in rng.items() if k.rsplit(".", 1)[1] == str(dist.rank)}
         _save_sharded(Path(run_dir), final, tmp, model.state_dict(), {**opt, **norms}, mine, meta, keep, dist,
                       device)
@@ -128,6 +147,8 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
         _start_set(tmp)
         try:
             save_weights(model, tmp / WEIGHTS_FILE)
+            if ema is not None:
+                save_weights(ema, tmp / EMA_FILE)
             tensors = {**{k: v.detach().cpu().contiguous() for k, v in opt.items()}, **rng, **norms}
             atomic_write(tmp / _OPTIMIZER_FILE, lambda p: save_file(tensors, p))
             _write_json(tmp / _STATE_FILE, meta)
@@ -135,8 +156,9 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _publish(final / WEIGHTS_FILE, Path(run_dir) / WEIGHTS_FILE)
-        drop_sharded_weights(run_dir)
+        if publish:
+            _publish(final / (WEIGHTS_FILE if ema is None else EMA_FILE), Path(run_dir) / WEIGHTS_FILE)
+            drop_sharded_weights(run_dir)
         _prune(Path(run_dir), keep)
     return final
 
@@ -228,6 +250,38 @@ def _finish_set(tmp: Path, final: Path) -> None:
     _fsync_dir(final.parent)
 
 
+def save_best(run_dir: Path, model: torch.nn.Module, step: int, by: tuple[str, ...], figures: dict[str, float],
+              ema: bool) -> None:
+    """trainer_state/best/ for the evaluation at `step` (weights, then best.json: built in a temp directory and
+    renamed into place, as a set is), then published as RUN_DIR/model.safetensors. Rank 0 only."""
+    final = Path(run_dir) / STATE_DIR / BEST_DIR
+    tmp = final.parent / f".{BEST_DIR}.tmp"
+    _start_set(tmp)
+    try:
+        save_weights(model, tmp / WEIGHTS_FILE)
+        _write_json(tmp / BEST_FILE, {"format": FORMAT, "step": step, "by": list(by),
+                                      "weights": "ema" if ema else "raw", "figures": figures})
+        _finish_set(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _publish(final / WEIGHTS_FILE, Path(run_dir) / WEIGHTS_FILE)
+    drop_sharded_weights(run_dir)
+
+
+def read_best(run_dir: Path) -> dict[str, Any] | None:
+    """trainer_state/best/best.json of a run trained with keep_best (step, by, weights, figures), else None."""
+    path = Path(run_dir) / STATE_DIR / BEST_DIR / BEST_FILE
+    if not path.exists():
+        return None
+    best = read_json(path)
+    ok = (isinstance(best, dict) and isinstance(best.get("step"), int) and isinstance(best.get("figures"), dict)
+          and isinstance(best.get("by"), list) and best.get("weights") in ("ema", "raw"))
+    if not ok:
+        raise CheckpointError(f"{path}: expected step, by, weights and figures (a file written by moe train)")
+    return best
+
+
 def _prune(run_dir: Path, keep: int) -> None:
     for _, old_set in checkpoint_sets(run_dir)[:-keep]:
         shutil.rmtree(old_set, ignore_errors=True)
@@ -250,13 +304,14 @@ def clean_partial_sets(run_dir: Path) -> None:
     state_dir = Path(run_dir) / STATE_DIR
     if state_dir.is_dir():
         for p in state_dir.iterdir():
-            if p.name.startswith(".step-") and p.is_dir():
+            if p.name.startswith((".step-", f".{BEST_DIR}.")) and p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0,
-                    world: int = 1) -> LoopState:
-    """Restore model, optimizer and this rank's RNG from the set at `path`; return the loop state.
+                    world: int = 1, ema: torch.nn.Module | None = None) -> LoopState:
+    """Restore model, optimizer, this rank's RNG and (given `ema`) the weights' moving average from the set at
+    `path`; return the loop state.
 
     Errors name the file. A sharded set resumed on as many ranks reads only this rank's files; any other
     combination (another number of ranks, a sharded set into a whole model or the reverse) reads whole tensors
@@ -270,10 +325,14 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
                               f"format {FORMAT} and {SHARDED_FORMAT} (resume it with the moe version that wrote it)")
     try:
         state = LoopState(step=int(meta["step"]), skipped_steps=int(meta["skipped_steps"]),
-                          bad_in_a_row=int(meta["bad_in_a_row"]), data_fingerprint=str(meta["data_fingerprint"]))
+                          bad_in_a_row=int(meta["bad_in_a_row"]), data_fingerprint=str(meta["data_fingerprint"]),
+                          best_step=int(meta.get("best_step", -1)),
+                          best_key=[float(v) for v in meta.get("best_key", [])])
         groups = meta["param_groups"]
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path / _STATE_FILE}: missing or invalid field {e}") from None
+    if ema is not None:
+        load_weights(ema, path / EMA_FILE)
     own = fmt == SHARDED_FORMAT and meta.get("world_size") == world and is_sharded(model)
     if fmt == SHARDED_FORMAT:
         index = read_json(path / SHARD_INDEX)

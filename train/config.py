@@ -14,6 +14,7 @@ from moe_core.config import ModelConfig, _check, from_dict, show
 from moe_core.errors import ConfigError
 from moe_core.graph_contract import TASKS
 from moe_core.jsonl import read_text_file
+from moe_core.sudoku import GENERATED_GIVENS
 
 MAX_SEED = 2**63 - 1
 DEVICES = ("auto", "cpu", "cuda")  # train.device: auto = CUDA when torch sees a GPU, else CPU
@@ -52,6 +53,16 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 50  # steps between checkpoints in trainer_state/ (also at the end and on SIGINT/SIGTERM)
     keep_checkpoints: int = 3  # the last K checkpoints are kept, older ones are deleted
+    # An exponential moving average of the weights (0 = off), updated after every optimizer update with the decay
+    # min(ema_decay, (1 + n) / (10 + n)) at the n-th update: a run shorter than ~10 / (1 - ema_decay) steps then
+    # averages its recent weights instead of its random start. When on, the EMA weights are what the run is
+    # evaluated with (eval records, keep_best) and what RUN_DIR/model.safetensors holds; the raw weights stay in
+    # trainer_state/ for exact resume.
+    ema_decay: float = 0.0
+    # RUN_DIR/model.safetensors holds the weights of the best evaluation so far (the task's Task.best_by figures:
+    # Sudoku whole-puzzle accuracy, then cell accuracy; language val loss) instead of the last checkpoint's; the
+    # step and figures are in trainer_state/best/best.json.
+    keep_best: bool = False
     max_bad_steps: int = 5  # stop after this many steps in a row with a non-finite loss or gradient (each skipped)
     seed: int = 1337
     compile: bool = True
@@ -68,6 +79,12 @@ class TrainConfig:
     sudoku_givens_min: int = 25
     sudoku_givens_max: int = 35
     sudoku_min_guesses: int = 0
+    # A curriculum over givens (0 = off): training batches are drawn from the train puzzles with at least L givens,
+    # L going linearly from sudoku_curriculum_start at step 0 to sudoku_givens_min at sudoku_curriculum_frac of
+    # max_steps (the whole set from then on). Easy puzzles stay in the mix as harder ones join. The train and test
+    # sets are generated over sudoku_givens_min..max as without it.
+    sudoku_curriculum_start: int = 0
+    sudoku_curriculum_frac: float = 0.5
 
     def validate(self, where: str = "train") -> None:
         for name in ("batch_size", "max_steps", "eval_every", "eval_batches", "log_every", "checkpoint_every",
@@ -89,10 +106,22 @@ class TrainConfig:
         _check(self.task in TASKS, where, f"task: expected {' or '.join(TASKS)}, got {show(self.task)}")
         for name in ("sudoku_train", "sudoku_test"):
             _check(getattr(self, name) >= 1, where, f"{name}: expected >= 1, got {getattr(self, name)}")
-        _check(22 <= self.sudoku_givens_min <= self.sudoku_givens_max <= 80, where,
-               f"sudoku_givens_min/max: expected 22 <= min <= max <= 80, got {self.sudoku_givens_min}, "
+        lo, hi = GENERATED_GIVENS
+        _check(lo <= self.sudoku_givens_min <= self.sudoku_givens_max <= hi, where,
+               f"sudoku_givens_min/max: expected {lo} <= min <= max <= {hi}, got {self.sudoku_givens_min}, "
                f"{self.sudoku_givens_max}")
         _check(self.sudoku_min_guesses >= 0, where, f"sudoku_min_guesses: expected >= 0, got {self.sudoku_min_guesses}")
+        start = self.sudoku_curriculum_start
+        _check(start == 0 or self.sudoku_givens_min <= start <= self.sudoku_givens_max, where,
+               f"sudoku_curriculum_start: expected 0 (off) or a number of givens in sudoku_givens_min..max "
+               f"({self.sudoku_givens_min}..{self.sudoku_givens_max}), got {start}")
+        _check(0.0 < self.sudoku_curriculum_frac <= 1.0, where,
+               f"sudoku_curriculum_frac: expected in (0, 1], got {self.sudoku_curriculum_frac}")
+        _check(0.0 <= self.ema_decay < 1.0, where, f"ema_decay: expected in [0, 1) (0 = off), got {self.ema_decay}")
+        for name, on in (("ema_decay", self.ema_decay > 0), ("keep_best", self.keep_best)):
+            # FSDP shards the weights over the ranks: neither the average nor the best weights have a whole copy
+            _check(not (on and self.parallel == "fsdp"), where,
+                   f"{name}: expected it off with parallel = 'fsdp' (only a whole model is averaged and kept)")
         # torch seeds its generators with a 64-bit integer; the streams derived from the seed (per step, per rank)
         # are taken modulo 2**64 (see seed_for), so every seed in this range gives a run.
         _check(0 <= self.seed <= MAX_SEED, where, f"seed: expected an integer in 0..{MAX_SEED}, got {show(self.seed)}")

@@ -107,11 +107,16 @@ def load_baseline(base: Path, run: Path, cfg: RunConfig, tokenizer_json: str, de
     return load_model(base, device)
 
 
+def baseline_label(model: RecursiveMoE, name: str) -> str:
+    """The mode column of the other run's rows: its name and how it runs."""
+    kind = "recursion off" if not model.config.recursive else f"halt_max_steps {model.config.halt_max_steps}"
+    return f"{BASELINE}: {name} ({kind})"
+
+
 def baseline_row(model: RecursiveMoE, name: str, task: Task, device: torch.device) -> dict[str, Any]:
     """The other run's model (as trained: its own steps and halting) on `task`'s held-out set."""
-    kind = "recursion off" if not model.config.recursive else f"halt_max_steps {model.config.halt_max_steps}"
     ev = task.evaluate(model, device, autocast_for(device))
-    return {"halt_max_steps": model.config.n_steps, "mode": f"{BASELINE}: {name} ({kind})", **ev}
+    return {"halt_max_steps": model.config.n_steps, "mode": baseline_label(model, name), **ev}
 
 
 def table(rows: list[dict[str, Any]], task: str, trained: int) -> str:
@@ -158,24 +163,50 @@ def plot(rows: list[dict[str, Any]], task: str, trained: int, title: str, path: 
 
 @click.command(context_settings={"show_default": True})
 @click.argument("run_dir", type=click.Path())
-@click.option("--halt-max-steps", "steps_text", default="1-8", metavar="LIST",
+@click.option("--halt-max-steps", "--steps", "steps_text", default="1-8", metavar="LIST",
               help="The K values to evaluate: counts and ranges, e.g. 1,2,4,8 or 1-16.")
-@click.option("--out", default=None, type=click.Path(), help="Directory for eval.md/.csv/.png. Default: RUN_DIR/eval.")
+@click.option("--ladder", is_flag=True,
+              help="Sudoku: evaluate on a difficulty ladder, one held-out set per number of givens, instead of the "
+                   "run's held-out set (ladder.md/.json/.png, ladder_puzzles.txt).")
+@click.option("--ladder-givens", default="50,40,35,30,25", metavar="LIST",
+              help="With --ladder: the levels, as numbers of givens.")
+@click.option("--ladder-size", default=500, type=click.IntRange(1, 100_000),
+              help="With --ladder: puzzles per level (whole-puzzle accuracy near 0.5 has a standard error of "
+                   "0.5 / sqrt(size)).")
+@click.option("--ladder-seed", default=0, type=click.IntRange(0, 2**63 - 1),
+              help="With --ladder: the seed of its puzzles (their own streams, never a training set's).")
+@click.option("--out", default=None, type=click.Path(),
+              help="Directory for the outputs (eval.md/.csv/.png, or the ladder's). Default: RUN_DIR/eval.")
 @click.option("--baseline", "baseline_dir", default=None, type=click.Path(),
               help="Another run of the same task and tokenizer (e.g. recursion off), evaluated on RUN_DIR's "
-                   "held-out set: one more row, and a line on the plot.")
+                   "held-out set (or ladder): one more row, and a line on the plot.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto",
               help="auto: CUDA where present, else CPU.")
 @click.option("--overwrite", is_flag=True, help="Replace eval outputs already in --out.")
-def eval_(run_dir: str, steps_text: str, out: str | None, baseline_dir: str | None, device: str,
-          overwrite: bool) -> None:
+def eval_(run_dir: str, steps_text: str, ladder: bool, ladder_givens: str, ladder_size: int, ladder_seed: int,
+          out: str | None, baseline_dir: str | None, device: str, overwrite: bool) -> None:
     """Evaluate RUN_DIR's model on its held-out set for each K = halt_max_steps, with and without halting."""
     run = Path(run_dir)
     steps = parse_steps(steps_text)
+    ctx = click.get_current_context()
+    given = [f"--{n.replace('_', '-')}" for n in ("ladder_givens", "ladder_size", "ladder_seed")
+             if ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT]
+    if given and not ladder:
+        raise ConfigError(f"{given[0]}: only with --ladder")
     cfg = saved_run_config(run)
+    if ladder and cfg.train.task != "sudoku":
+        raise ConfigError(f"--ladder: {run} is a {cfg.train.task!r} run; expected a Sudoku run (train.task = "
+                          f"'sudoku')")
+    if ladder:
+        from .ladder import OUTPUTS as LADDER_OUTPUTS  # noqa: PLC0415 - ladder.py builds on this module
+        from .ladder import parse_givens  # noqa: PLC0415
+
+        levels = parse_givens(ladder_givens)
+        names = list(LADDER_OUTPUTS)
+    else:
+        names = [*OUTPUTS, PUZZLES_FILE] if cfg.train.task == "sudoku" else list(OUTPUTS)
     dev = torch.device("cuda" if use_cuda(device, "--device") else "cpu")
     out_dir = Path(out) if out is not None else run / "eval"
-    names = [*OUTPUTS, PUZZLES_FILE] if cfg.train.task == "sudoku" else list(OUTPUTS)
     # Everything that can be refused is refused before the evaluations are spent, and every argument before
     # anything is created: a refused command leaves no empty output directory behind.
     if out_dir.exists() and not out_dir.is_dir():
@@ -195,6 +226,12 @@ def eval_(run_dir: str, steps_text: str, out: str | None, baseline_dir: str | No
     if not model.config.recursive:
         steps = [1]  # the baseline has one pass: K does not apply
     task = make_task(cfg, tok_text, click.echo)
+    if ladder:
+        from .ladder import run_ladder  # noqa: PLC0415
+
+        run_ladder(run, cfg, model, task, tok_text, steps, levels, ladder_size, ladder_seed, baseline_dir, base_model,
+                   dev, out_dir, overwrite)
+        return
     rows = sweep(model, task, steps, dev, click.echo)
     if base_model is not None:
         rows.append(baseline_row(base_model, Path(baseline_dir).name, task, dev))

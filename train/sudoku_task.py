@@ -2,8 +2,9 @@
 head trained on "is the current answer completely right" (TRM's rule).
 
 Puzzles are generated at start-up (moe_core.sudoku: unique solutions, deterministic by train.seed), train and
-test disjoint under the symmetry group; every training batch is drawn from the train puzzles and augmented with
-a random symmetry, both a function of (seed, step).
+test disjoint under the symmetry group; every training batch is drawn from the train puzzles (under a curriculum,
+from those with enough givens for the step: train.sudoku_curriculum_start) and augmented with a random symmetry,
+both a function of (seed, step).
 """
 
 from __future__ import annotations
@@ -40,6 +41,13 @@ def check_model(cfg: RunConfig) -> None:
             raise ConfigError(f"train.task = 'sudoku': {msg}; start from --preset sudoku-tiny or sudoku")
 
 
+def data_spec(cfg: RunConfig) -> tuple:
+    """What the task's train and test puzzles are a function of: two runs with the same spec hold the same sets."""
+    tc = cfg.train
+    return (tc.data, tc.seed, tc.sudoku_train, tc.sudoku_test, tc.sudoku_givens_min, tc.sudoku_givens_max,
+            tc.sudoku_min_guesses)
+
+
 @torch.no_grad()
 def solve_batches(model: RecursiveMoE, puzzles: np.ndarray, batch_size: int, device: torch.device,
                   autocast: contextlib.AbstractContextManager | None = None
@@ -60,9 +68,58 @@ def solve_batches(model: RecursiveMoE, puzzles: np.ndarray, batch_size: int, dev
     return np.concatenate(answers), np.concatenate(steps), torch.cat(logits_all)
 
 
+@torch.no_grad()
+def solve_steps(model: RecursiveMoE, puzzles: np.ndarray, n_steps: int, batch_size: int, device: torch.device,
+                autocast: contextlib.AbstractContextManager | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The recursive eval-mode model's answer at every supervision step 1..n_steps, from one run of n_steps steps:
+    (answers [n_steps, N, 81] digits, halt logits [n_steps, N]). The steps share their weights and step s never
+    depends on how many follow, so step s is what a model limited to any K >= s computes there; halted_at gives
+    each K's halting choice from these."""
+    autocast = autocast or contextlib.nullcontext()
+    was_training = model.training
+    model.eval()
+    answers, halts = [], []
+    for i in range(0, len(puzzles), batch_size):
+        ids = torch.from_numpy(puzzles[i:i + batch_size].astype(np.int64)).to(device)
+        steps_a, steps_q = [], []
+        with autocast:
+            x = model.embed_inputs(ids)
+            c = model.initial_carry(*ids.shape)
+            for _ in range(n_steps):
+                c, h, q = model.step(c, x, None)
+                steps_a.append(cell_answers(model.lm_head(h)).cpu().numpy())
+                steps_q.append(q.cpu().numpy())
+        answers.append(np.stack(steps_a))
+        halts.append(np.stack(steps_q))
+    model.train(was_training)
+    return np.concatenate(answers, axis=1), np.concatenate(halts, axis=1)
+
+
+def halted_at(halt_logits: np.ndarray, k: int, halting: bool = True) -> np.ndarray:
+    """The 1-based step each sample keeps when at most k steps run, from halt logits [S >= k, N]: the model's rule
+    (RecursiveMoE.forward) — the first step whose halt logit is > 0, step k if none; halting=False: step k."""
+    over = halt_logits[:k] > 0
+    return np.where(over.any(axis=0) & halting, over.argmax(axis=0) + 1, k)
+
+
+def counts(puzzles: np.ndarray, solutions: np.ndarray, answers: np.ndarray, steps: np.ndarray) -> list[float]:
+    """The sums the Sudoku figures are made of (so that ranks can add them up): right blank cells, blank cells,
+    rule-checked solved puzzles, steps taken, puzzles."""
+    blank = puzzles == 0
+    return [float(((answers == solutions) & blank).sum()), float(blank.sum()),
+            float(sudoku.valid_solutions(puzzles, answers).sum()), float(np.sum(steps)), float(len(puzzles))]
+
+
+def figures(right_cells: float, blank_cells: float, solved: float, step_sum: float, n: float) -> dict[str, float]:
+    """Cell accuracy on the blanks, whole-puzzle accuracy (checked by the rules) and mean steps, from counts()."""
+    return {"cell_acc": right_cells / blank_cells, "puzzle_acc": solved / n, "val_halt_step": step_sum / n}
+
+
 class SudokuTask(Task):
     name = "sudoku"
     loss_key = "cell_loss"  # cross-entropy over the 81 cells' digits
+    best_by = ("puzzle_acc", "cell_acc")  # solved puzzles first; cell accuracy breaks ties (early on, all at 0)
+    higher_is_better = True
 
     def __init__(self, cfg: RunConfig, log: Any = print) -> None:
         check_model(cfg)
@@ -85,6 +142,14 @@ class SudokuTask(Task):
             self.train_puzzles, self.train_solutions = train.puzzles, train.solutions
             self.test_puzzles, self.test_solutions = test.puzzles, test.solutions
             source = f"generated, {givens[0]}-{givens[1]} givens"
+        self.train_givens = (self.train_puzzles > 0).sum(axis=1)
+        self._pools: dict[int, np.ndarray] = {}
+        floor = self.givens_floor(0)
+        if floor is not None:
+            if not len(self._pool(floor)):
+                raise ConfigError(f"train.sudoku_curriculum_start = {floor}: no train puzzle has that many givens "
+                                  f"(most: {self.train_givens.max()}); expected a lower start")
+            source += f", curriculum from {floor}+ givens"
         self.tokenizer_json = digit_tokenizer().to_str(pretty=False)
         self.fingerprint = data_fingerprint(np.concatenate([self.train_puzzles, self.train_solutions], axis=1))
         self.baselines = {"uniform_baseline": math.log(VOCAB)}
@@ -93,10 +158,35 @@ class SudokuTask(Task):
             f"{len(self.test_puzzles):,} test puzzles with {blanks:.1f} blanks on average "
             f"({time.perf_counter() - t0:.1f}s)")
 
+    def givens_floor(self, step: int) -> int | None:
+        """The fewest givens a training puzzle of this step may have under the curriculum (None: no curriculum):
+        sudoku_curriculum_start at step 0, down by a linear schedule to sudoku_givens_min at
+        sudoku_curriculum_frac of max_steps."""
+        tc = self.cfg.train
+        start = tc.sudoku_curriculum_start
+        if not start:
+            return None
+        done = min(1.0, step / (tc.sudoku_curriculum_frac * tc.max_steps))
+        return start - int((start - tc.sudoku_givens_min) * done)
+
+    def _pool(self, floor: int) -> np.ndarray:
+        if floor not in self._pools:
+            self._pools[floor] = np.flatnonzero(self.train_givens >= floor)
+        return self._pools[floor]
+
+    def schedule(self, step: int) -> dict[str, float]:
+        floor = self.givens_floor(step)
+        return {} if floor is None else {"givens_floor": float(floor)}
+
     def batch(self, step: int, rows: slice) -> tuple[Tensor, Tensor]:
         tc = self.cfg.train
         rng = np.random.default_rng([tc.seed, step])  # the global batch: a function of (seed, step)
-        idx = rng.integers(0, len(self.train_puzzles), tc.batch_size)
+        floor = self.givens_floor(step)
+        if floor is None:
+            idx = rng.integers(0, len(self.train_puzzles), tc.batch_size)
+        else:
+            pool = self._pool(floor)
+            idx = pool[rng.integers(0, len(pool), tc.batch_size)]
         p, s = sudoku.augment(self.train_puzzles[idx], self.train_solutions[idx], rng)
         return torch.from_numpy(p[rows].astype(np.int64)), torch.from_numpy(s[rows].astype(np.int64))
 
@@ -111,15 +201,10 @@ class SudokuTask(Task):
         puzzles, solutions = self.test_puzzles[indices][:n], self.test_solutions[indices][:n]
         answers, steps, logits = (a[:n] for a in solve_batches(model, self.test_puzzles[indices],
                                                                self.cfg.train.batch_size, device, autocast))
-        blank = puzzles == 0
         nll = per_sample_nll(logits, torch.from_numpy(solutions.astype(np.int64))).sum().item() * sudoku.CELLS
-        sums = dist.sum_([nll, float(((answers == solutions) & blank).sum()), float(blank.sum()),
-                          float(sudoku.valid_solutions(puzzles, answers).sum()), float(steps.sum()),
-                          float(len(puzzles))], device)
-        nll, right_cells, blank_cells, solved, step_sum, n = sums
-        val_loss = nll / (n * sudoku.CELLS)
-        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "cell_acc": right_cells / blank_cells,
-                "puzzle_acc": solved / n, "val_halt_step": step_sum / n}
+        nll, *sums = dist.sum_([nll, *counts(puzzles, solutions, answers, steps)], device)
+        val_loss = nll / (sums[-1] * sudoku.CELLS)
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), **figures(*sums)}
 
     def describe(self, ev: dict[str, float]) -> str:
         return (f"val loss {ev['val_loss']:.4f} | cell acc {ev['cell_acc']:.4f} (blanks) | "

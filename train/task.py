@@ -22,8 +22,15 @@ class Task:
     tokenizer_json: str  # written to RUN_DIR/tokenizer.json: export and serve read it
     fingerprint: str  # identity of the training data: resume refuses other data
     baselines: dict[str, float]  # logged with every evaluation
+    # train.keep_best compares evaluations by these figures, in order (the first decides, the next break ties)
+    best_by: tuple[str, ...]
+    higher_is_better: bool
 
     def batch(self, step: int, rows: slice) -> tuple[Tensor, Tensor]: ...
+
+    def schedule(self, step: int) -> dict[str, float]:
+        """The task's scheduled settings at `step` (e.g. a curriculum's level), logged with the train records."""
+        return {}
 
     def loss(self, out: ModelOutput, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]: ...
 

@@ -56,6 +56,8 @@ def make_task(cfg: RunConfig, tokenizer_json: str | None, log: Any = print, new_
 class LanguageTask(Task):
     name = "lm"
     loss_key = "lm_loss"  # mean next-token cross-entropy
+    best_by = ("val_loss",)
+    higher_is_better = False
 
     def __init__(self, cfg: RunConfig, tokenizer_json: str | None, log: Any = print, new_run: bool = False) -> None:
         import time

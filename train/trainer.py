@@ -36,12 +36,14 @@ from .checkpointing import (
     checkpoint_sets,
     clean_partial_sets,
     load_checkpoint,
+    save_best,
     save_checkpoint,
     saved_config,
 )
 from .config import RunConfig, parse_override, seed_for, with_absolute_paths
 from .console import final_lines, model_line, routing_summary
 from .distributed import SINGLE, Dist, autocast_for, init_from_env, parallelize, shutdown
+from .ema import EMA
 from .metrics_log import MetricsLog, to_record
 from .optimizer import build_optimizer, global_grad_norm, norm_groups
 from .plots import METRICS_FILE, write_plots
@@ -166,7 +168,8 @@ def resume(run_dir: str | os.PathLike, overrides: list[str] = ()) -> dict[str, A
         model = _seeded_model(cfg, device, dist)
         trainer = Trainer(cfg, run_dir, device, task, model, dist)
         if sets:
-            state = load_checkpoint(sets[-1][1], model, trainer.optimizer, dist.rank, dist.world)
+            state = load_checkpoint(sets[-1][1], model, trainer.optimizer, dist.rank, dist.world,
+                                    trainer.ema.model if trainer.ema else None)
             dist.log(f"resume: {sets[-1][1]} (step {state.step})")
         else:  # killed before the first checkpoint: the seeded start is the checkpoint
             state = LoopState()
@@ -200,6 +203,8 @@ class Trainer:
         mc, tc = cfg.model, cfg.train
         self.cfg, self.run_dir, self.device, self.task, self.model = cfg, run_dir, device, task, model
         self.dist, self.log = dist, dist.log
+        # Before compiling: the average is a plain copy (evaluated eagerly), the weights as seeded
+        self.ema = EMA(model, tc.ema_decay) if tc.ema_decay > 0 else None
         if tc.compile:
             compile_blocks(model)
         # Under torchrun: DDP averages the gradients over ranks during backward (the baseline never uses the halt
@@ -212,6 +217,11 @@ class Trainer:
         self.autocast = autocast_for(device)
         self.warmup = warmup_steps(tc.max_steps, tc.warmup_frac)
 
+    @property
+    def evaluated(self) -> RecursiveMoE:
+        """The weights the run is evaluated with, keeps as its best and exports: the moving average when on."""
+        return self.ema.model if self.ema else self.model
+
     def run(self, state: LoopState, resumed: bool = False) -> dict[str, Any]:
         mc, tc = self.cfg.model, self.cfg.train
         self.start_step, self.first_step_s, self.step_times = state.step, 0.0, []
@@ -220,7 +230,13 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir / METRICS_FILE, keep_until=state.step if resumed else None,
                                   files=self.dist.is_main)
         if state.step == 0 and not self.metrics.has_eval_at(0):
-            self._evaluate(0)
+            self._evaluate(state)
+        elif state.step == 0 and tc.keep_best:
+            # resumed before the first checkpoint: the logged step-0 evaluation (of these seeded weights) is the
+            # first best, as it was for the run that stopped
+            rec = self.metrics.last_eval
+            self._keep_if_best(state, {k: v for k, v in rec.items()
+                                       if k not in ("kind", "step", *self.task.baselines)})
         if state.step >= tc.max_steps:
             self.log(f"run is complete at step {state.step} (raise train.max_steps with --set to train further)")
         else:
@@ -238,11 +254,16 @@ class Trainer:
             "first_step_s": self.first_step_s, "step_s": steady,
             "tokens_per_s": tc.batch_size * mc.max_seq_len / steady if steady else 0.0,
         }
+        if tc.keep_best and state.best_step >= 0:
+            result["best_step"] = state.best_step
         self.metrics.write({"kind": "summary", **result})
         self.metrics.close()
         write_plots(self.run_dir)
         timed = bool(self.step_times or self.first_step_s)
         print(final_lines(self.task.describe(ev), result, tc.compile, self.run_dir, timed))
+        if tc.keep_best and state.best_step >= 0:
+            print(f"{self.run_dir / 'model.safetensors'}: the best evaluation's weights (step {state.best_step}"
+                  f"{', EMA' if self.ema else ''}; trainer_state/best/best.json)")
         return result
 
     def _loop(self, state: LoopState) -> None:
@@ -279,6 +300,8 @@ class Trainer:
                                self.autocast, decide)
                 out, parts, grad_norm = r.out, r.parts, r.grad_norm
                 if r.updated:
+                    if self.ema:
+                        self.ema.update(model, state.step - state.skipped_steps)  # updates so far, this one too
                     state.bad_in_a_row = 0
                     if step >= self.warmup:
                         state.grad_norms.append(grad_norm)
@@ -298,7 +321,7 @@ class Trainer:
                         "halt_hist": torch.bincount(out.halt_step - 1, minlength=mc.n_steps)})
                     rec = {"kind": "train", "step": step + 1, "lr": tc.lr * mult, "grad_norm": grad_norm,
                            "tokens_per_s": tok_s, "skipped_steps": state.skipped_steps,
-                           **to_record(stats), **to_record(group_norms)}
+                           **self.task.schedule(step), **to_record(stats), **to_record(group_norms)}
                     rec["halt_hist"] = [int(c) for c in rec["halt_hist"]]
                     self.metrics.write(rec)
                     bar.set_postfix(loss=f"{rec[self.task.loss_key]:.3f}", lr=f"{rec['lr']:.2e}",
@@ -308,7 +331,7 @@ class Trainer:
                         if summary:
                             self.log(summary)
                 if state.step % tc.eval_every == 0 or last:
-                    self._evaluate(state.step)
+                    self._evaluate(state)
                 if state.step % tc.checkpoint_every == 0 or last or stop:
                     self._checkpoint(state)
                 if stop:
@@ -322,8 +345,10 @@ class Trainer:
         if self.device.type == "cuda":
             states = self.dist.gather(torch.cuda.get_rng_state(self.device), self.device)
             rng.update({f"rng.cuda.{r}": s for r, s in enumerate(states)})
-        save_checkpoint(self.run_dir, self.model, self.optimizer, state, self.cfg.train.keep_checkpoints, rng,
-                        self.dist, self.device)  # every rank: each writes its shards of an FSDP model
+        tc = self.cfg.train
+        save_checkpoint(self.run_dir, self.model, self.optimizer, state, tc.keep_checkpoints, rng, self.dist,
+                        self.device, self.ema.model if self.ema else None, publish=not tc.keep_best)
+        # every rank: each writes its shards of an FSDP model
 
     def _skip(self, state: LoopState, loss_value: float) -> None:
         """A non-finite loss or gradient: no update, count it, name the culprit, stop after too many in a row."""
@@ -341,7 +366,21 @@ class Trainer:
                            f"loss or gradient ({what}); the last checkpoint holds the last good weights. Lower "
                            f"train.lr or train.grad_clip, or check the data")
 
-    def _evaluate(self, step: int) -> None:
-        ev = self.task.evaluate(self.model, self.device, self.autocast, self.dist)
+    def _evaluate(self, state: LoopState) -> None:
+        step = state.step
+        ev = self.task.evaluate(self.evaluated, self.device, self.autocast, self.dist)
         self.metrics.write({"kind": "eval", "step": step, **ev, **self.task.baselines})
         self.log(f"step {step}: {self.task.describe(ev)}" + (f" | halt step {ev['val_halt_step']:.2f}" if step else ""))
+        if self.cfg.train.keep_best:
+            self._keep_if_best(state, ev)
+
+    def _keep_if_best(self, state: LoopState, ev: dict[str, float]) -> None:
+        """train.keep_best: an evaluation strictly better than the best so far (by Task.best_by, in order) becomes
+        the run's weights. A non-finite figure never does. Every rank decides alike (the figures are reduced)."""
+        sign = 1.0 if self.task.higher_is_better else -1.0
+        key = [sign * float(ev[name]) for name in self.task.best_by]
+        if not all(math.isfinite(v) for v in key) or (state.best_step >= 0 and key <= state.best_key):
+            return
+        state.best_step, state.best_key = state.step, key
+        if self.dist.is_main:
+            save_best(self.run_dir, self.evaluated, state.step, self.task.best_by, ev, self.ema is not None)

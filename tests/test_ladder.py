@@ -1,0 +1,128 @@
+"""`moe eval --ladder`: every K's figures from one run of max(K) steps equal the model limited to K (halting and
+not), and the command writes the ladder's sets, difficulty, tables and plot, held out from the runs' puzzles."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import vary_routing
+
+from moe_core import sudoku as S
+from moe_core.checkpoint import load_model, save_run
+from moe_core.model import RecursiveMoE
+from train.config import RunConfig, build_config
+from train.evaluate import with_steps
+from train.sudoku_task import SudokuTask, counts, figures, halted_at, solve_batches, solve_steps
+
+CPU = torch.device("cpu")
+TINY = ["train.sudoku_train=16", "train.sudoku_test=8", "train.batch_size=8"]
+
+
+def varied_model(cfg: RunConfig, seed: int) -> RecursiveMoE:
+    """An untrained model whose routing varies and whose samples halt at different steps: a bidirectional model's
+    halt logit pools over all cells, so random weights give every puzzle nearly the same one; the bias centres it
+    on Sudoku puzzles."""
+    torch.manual_seed(seed)
+    model = vary_routing(RecursiveMoE(cfg.model)).eval()
+    if cfg.model.recursive:
+        _, halt = solve_steps(model, S.generate(8, seed=seed, givens=35).puzzles, cfg.model.halt_max_steps, 8, CPU)
+        with torch.no_grad():
+            model.halt_head.bias -= float(np.median(halt))
+    return model
+
+
+def saved_run(path: Path, cfg: RunConfig, seed: int) -> RecursiveMoE:
+    """A run directory of varied_model (no training needed to evaluate it)."""
+    model = varied_model(cfg, seed)
+    save_run(path, model, S.digit_tokenizer().to_str(pretty=False), {"train": cfg.to_dict()["train"]})
+    return model
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("ladder")
+    saved_run(root / "run", build_config("sudoku-tiny", None, TINY), seed=0)
+    # another training set (seed) and recursion off: its puzzles are excluded too, and it runs as trained
+    saved_run(root / "base", build_config("sudoku-tiny", None, [*TINY, "train.seed=7", "model.recursive=false"]), 1)
+    return root / "run", root / "base"
+
+
+def test_every_k_from_one_run_equals_the_model_limited_to_k() -> None:
+    model = varied_model(build_config("sudoku-tiny", None, TINY), seed=0)
+    puzzles = S.generate(16, seed=3, givens=35).puzzles
+    answers, halt = solve_steps(model, puzzles, 4, 8, CPU)
+    assert answers.shape == (4, 16, 81) and halt.shape == (4, 16)
+    for k in (1, 3, 4):
+        for halting in (True, False):
+            ref_answers, ref_steps, _ = solve_batches(with_steps(model, k, halting), puzzles, 8, CPU)
+            kept = halted_at(halt, k, halting)
+            assert np.array_equal(kept, ref_steps), (k, halting)
+            assert np.array_equal(answers[kept - 1, np.arange(16)], ref_answers), (k, halting)
+    assert len(set(halted_at(halt, 4).tolist())) > 1  # samples halt at different steps: the choice is exercised
+
+
+def test_ladder_command(runs: tuple[Path, Path], tmp_path: Path, moe_cli) -> None:
+    run, base = runs
+    out = tmp_path / "out"
+    args = ["eval", run, "--ladder", "--ladder-givens", "30,45", "--ladder-size", "5", "--steps", "1,3",
+            "--baseline", base, "--out", out, "--device", "cpu"]
+    result = moe_cli(*args, in_process=True)
+    assert result.returncode == 0, result.describe()
+    report = json.loads((out / "ladder.json").read_text(encoding="utf-8"))
+    assert [lv["givens"] for lv in report["levels"]] == [45, 30]  # easiest first
+    assert all(lv["puzzles"] == 5 and lv["blanks"] == 81 - lv["givens"] for lv in report["levels"])
+    rows = report["rows"]
+    assert len(rows) == 2 * 2 * 2 + 2  # levels x K x modes, and the baseline's row per level
+    assert [r["mode"] for r in rows[-2:]] == ["baseline: base (recursion off)"] * 2
+
+    puzzles, solutions = S.read_puzzle_file(out / "ladder_puzzles.txt")
+    assert ((puzzles > 0).sum(1) == [45] * 5 + [30] * 5).all() and S.valid_solutions(puzzles, solutions).all()
+    cfgs = [build_config("sudoku-tiny", None, TINY), build_config("sudoku-tiny", None, [*TINY, "train.seed=7"])]
+    trained = set()
+    for cfg in cfgs:  # the run's and the baseline's train and test puzzles
+        task = SudokuTask(cfg, log=lambda _: None)
+        trained.update(S.equivalence_keys(np.concatenate([task.train_puzzles, task.test_puzzles])))
+    assert not trained & set(S.equivalence_keys(puzzles))
+    rounds = [S.deduction_rounds(p).rounds for p in puzzles[5:]]
+    assert report["levels"][1]["rounds_max"] == max(rounds)
+
+    # the figures are the model's own at K (with_steps): the 30-givens level at K = 3 with halting
+    answers, steps, _ = solve_batches(with_steps(load_model(run), 3, True), puzzles[5:], 8, CPU)
+    expected = figures(*counts(puzzles[5:], solutions[5:], answers, steps))
+    row = next(r for r in rows if r["givens"] == 30 and r["halt_max_steps"] == 3 and r["mode"] == "halting")
+    assert (row["puzzle_acc"], row["cell_acc"], row["mean_steps"]) == \
+        (expected["puzzle_acc"], expected["cell_acc"], expected["val_halt_step"])
+
+    md = (out / "ladder.md").read_text(encoding="utf-8")
+    assert md in result.stdout and "| 30 | 5 | 51 |" in md and "K=3 (trained)" in md
+    assert (out / "ladder.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = moe_cli(*args, in_process=True)
+    assert again.returncode == 2 and "exists; pass --overwrite" in again.stderr, again.describe()
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--ladder-size", "3"], "--ladder-size: only with --ladder"),
+    (["--ladder", "--ladder-givens", "19"], "--ladder-givens: 19: expected numbers of givens in 22..80"),
+    (["--ladder", "--ladder-givens", "40,x"], "--ladder-givens: 'x' is not a number of givens"),
+    (["--ladder", "--ladder-size", "0"], "--ladder-size: expected a value in the range"),
+])
+def test_ladder_refusals(runs: tuple[Path, Path], tmp_path: Path, moe_cli, extra: list[str], needle: str) -> None:
+    out = tmp_path / "out"
+    result = moe_cli("eval", runs[0], "--out", out, *extra, in_process=True)
+    assert result.returncode == 2 and needle in result.stderr and result.stderr.count("\n") == 1, result.describe()
+    assert not out.exists()
+
+
+def test_ladder_refuses_a_language_run(tmp_path: Path, moe_cli) -> None:
+    cfg = build_config("tiny", None, [])
+    run = tmp_path / "lm"
+    torch.manual_seed(0)
+    save_run(run, RecursiveMoE(cfg.model), "{}", {"train": cfg.to_dict()["train"]})
+    result = moe_cli("eval", run, "--ladder", "--out", tmp_path / "out", in_process=True)
+    assert result.returncode == 2 and "expected a Sudoku run (train.task = 'sudoku')" in result.stderr, \
+        result.describe()
+    assert not (tmp_path / "out").exists()
