@@ -34,8 +34,11 @@ class DecodeState:
     halt_step: np.ndarray  # int64 [B]
 
     def keep(self, rows: Sequence[int]) -> DecodeState:
-        """The state of these rows only (samples that finished leave the batch)."""
+        """The state of these rows only (samples that finished leave the batch). When every row stays, in order, the
+        state itself: indexing would copy the whole cache for nothing (serving calls this after every token)."""
         idx = np.asarray(rows, dtype=np.int64)
+        if np.array_equal(idx, np.arange(len(self.lengths))):
+            return self
         return DecodeState([c[idx] for c in self.cache], self.mask[idx], self.lengths[idx], self.halt_step[idx])
 
 
