@@ -81,7 +81,7 @@ def test_sudoku_needs_a_grid_model(override: str, needle: str) -> None:
         SudokuTask(cfg, log=lambda _: None)
 
 
-@pytest.mark.parametrize("preset", ["sudoku-tiny", "sudoku", "sudoku-large"])
+@pytest.mark.parametrize("preset", ["sudoku-tiny", "sudoku", "sudoku-hard", "sudoku-large"])
 def test_sudoku_presets_describe_a_valid_grid_model(preset: str) -> None:
     """Every shipped Sudoku preset validates, fits the task's checks and builds (on the meta device: no memory)."""
     cfg = build_config(preset, None, [])

@@ -13,6 +13,8 @@ For each K in --halt-max-steps and each level, as `moe eval` does on the held-ou
 (rule-checked), cell accuracy on the blanks and mean steps, with halting (each sample keeps the first step whose
 halt logit is > 0, step K at the latest: what serving computes) and with the halt head ignored (all K steps).
 Every K comes from one run of max(K) steps (sudoku_task.solve_steps); the baseline run is evaluated as trained.
+How well halting is calibrated: ladder.json also has, per row, the share of puzzles that stopped before step K
+and the share that stopped there without a solution.
 OUT gets ladder.md (the tables, also printed), ladder.json (every figure), ladder.png and ladder_puzzles.txt (the
 ladder with solutions, a comment line before each level: `moe serve --mode solve --input` reads it).
 """
@@ -96,9 +98,15 @@ def build_ladder(givens: list[int], size: int, seed: int, exclude: set[bytes]) -
 
 
 def _row(name: str, level: Level, k: int, mode: str, answers: np.ndarray, steps: np.ndarray) -> dict[str, Any]:
+    """The figures of one level at K = k. halted_early: the share that stopped before step k (the halt head
+    said "done"); halted_early_wrong: the share that stopped before step k without a solution — where halting
+    is not calibrated."""
     f = figures(*counts(level.puzzles, level.solutions, answers, steps))
+    early = steps < k
+    wrong = early & ~sudoku.valid_solutions(level.puzzles, answers)
     return {"model": name, "givens": level.givens, "halt_max_steps": k, "mode": mode,
-            "puzzle_acc": f["puzzle_acc"], "cell_acc": f["cell_acc"], "mean_steps": f["val_halt_step"]}
+            "puzzle_acc": f["puzzle_acc"], "cell_acc": f["cell_acc"], "mean_steps": f["val_halt_step"],
+            "halted_early": float(early.mean()), "halted_early_wrong": float(wrong.mean())}
 
 
 def ladder_rows(model: RecursiveMoE, name: str, levels: list[Level], steps: list[int], device: torch.device,
@@ -172,9 +180,11 @@ def describe_weights(run: Path, cfg: RunConfig) -> str:
     """Which weights RUN_DIR/model.safetensors holds (train.keep_best, train.ema_decay)."""
     best = read_best(run)
     ema = "the moving average (EMA)" if cfg.train.ema_decay > 0 else "raw"
-    if best is None:
-        return f"{ema}, last checkpoint"
-    return f"{ema}, best evaluation (step {best['step']}, by {', '.join(map(str, best['by']))})"
+    if best is not None:
+        return f"{ema}, best evaluation (step {best['step']}, by {', '.join(map(str, best['by']))})"
+    if cfg.train.keep_best:
+        return "as seeded (keep_best: no evaluation kept yet)"
+    return f"{ema}, last checkpoint"
 
 
 def describe_run(cfg: RunConfig) -> str:
@@ -213,6 +223,13 @@ def to_markdown(title: str, about: str, levels: list[Level], rows: list[dict[str
                 cell = f"{r['puzzle_acc']:.3f} / {r['cell_acc']:.3f}"
                 cells.append(cell + (f" / {r['mean_steps']:.2f}" if mode == "halting" else ""))
             lines.append(f"| {lv.givens} | " + " | ".join(cells) + " |")
+    lines += ["", "**halting calibration**: the share of puzzles stopped before step K / the share stopped there "
+              "unsolved (the halt head said done on a wrong answer)", "",
+              "| givens | " + " | ".join(f"K={k}" for k in steps) + " |", "|---:|" + "---:|" * len(steps)]
+    for lv in levels:
+        cells = [f"{r['halted_early']:.3f} / {r['halted_early_wrong']:.3f}"
+                 for r in (_find(rows, lv.givens, k, "halting") for k in steps)]
+        lines.append(f"| {lv.givens} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
