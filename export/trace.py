@@ -8,6 +8,7 @@ exporter leaves it; export/passes.py rewrites it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -16,9 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from moe_core.graph_contract import INPUTS, OUTPUTS, STEP_INPUTS, STEP_OUTPUTS
-from moe_core.model import Carry, RecursiveMoE, recording_decisions
+from moe_core.model import Carry, RecursiveMoE, onnx_rotary, recording_decisions
 
-from .choices import DEFAULT_OPSET
+from .choices import DEFAULT_OPSET, FUSED_OPSET
 from .parity import decision_output
 
 
@@ -106,8 +107,9 @@ def trace(graph: nn.Module, args: tuple[Tensor, ...], input_names: tuple[str, ..
     registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = registration_log.level
     registration_log.setLevel(logging.ERROR)
+    fused = onnx_rotary() if opset >= FUSED_OPSET else contextlib.nullcontext()
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), fused:
             warnings.simplefilter("ignore")
             program = torch.onnx.export(graph, args, dynamo=True, opset_version=opset,
                                         input_names=list(input_names), output_names=list(output_names),

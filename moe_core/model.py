@@ -138,20 +138,46 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
+# Rotary embeddings as one operator: the ONNX RotaryEmbedding (opset 23) computes exactly the rotate-half form
+# below from half-width tables, and torch.onnx.ops.rotary_embedding traces to that one node (eager, it runs the
+# operator's reference implementation). The exporter turns it on for graphs of opset >= 23 only; training and the
+# eager model keep the plain form.
+_onnx_rotary = False
+
+
+@contextmanager
+def onnx_rotary() -> Iterator[None]:
+    """Within the block, every Rotary is the ONNX RotaryEmbedding operator (torch.onnx.ops.rotary_embedding)."""
+    global _onnx_rotary
+    previous, _onnx_rotary = _onnx_rotary, True
+    try:
+        yield
+    finally:
+        _onnx_rotary = previous
+
+
 class Rotary(nn.Module):
     """Rotary position embeddings (rotate-half form), tables precomputed up to max_seq_len."""
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
         super().__init__()
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # [T, hd/2]
-        angles = torch.cat([angles, angles], dim=-1)  # [T, hd]
+        half = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # [T, hd/2]
+        angles = torch.cat([half, half], dim=-1)  # [T, hd]
         # Not persistent: derived from the config, so never stored in (or demanded from) a checkpoint.
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
+        self.register_buffer("cos_half", half.cos(), persistent=False)  # the ONNX operator's tables
+        self.register_buffer("sin_half", half.sin(), persistent=False)
 
     def forward(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
         """x: [B, H, T, hd] at positions 0..T-1, or at `positions` [B, T] (cached decoding)."""
+        if _onnx_rotary:
+            if positions is None:
+                positions = torch.arange(x.shape[-2], device=x.device).expand(x.shape[0], -1)
+            from torch.onnx import ops as onnx_ops
+
+            return onnx_ops.rotary_embedding(x, self.cos_half, self.sin_half, positions)
         if positions is None:
             cos, sin = self.cos[: x.shape[-2]], self.sin[: x.shape[-2]]
         else:
