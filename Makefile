@@ -30,8 +30,12 @@ $(SERVE_VENV)/.installed: $(VENV)/.installed
 	$(SERVE_VENV)/bin/pip install --quiet --no-deps -e .
 	touch $@
 
+# Every core runs tests (pytest-xdist, at most 4 workers: each holds torch and its own fixtures). A file's tests
+# stay on one worker (--dist loadfile): its module fixtures, the exports and training runs, are built once.
+TEST_WORKERS ?= auto
 test: setup serving-setup
-	MOE_SERVING_PYTHON=$(SERVE_VENV)/bin/python $(BIN)/python -m pytest -q
+	MOE_SERVING_PYTHON=$(SERVE_VENV)/bin/python $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 \
+		--dist loadfile
 
 demo: setup
 	$(BIN)/moe train --preset default --out $(RUN) --overwrite
