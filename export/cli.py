@@ -12,8 +12,9 @@ from .choices import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, PRECISIONS
 @click.command(context_settings={"show_default": True})
 @click.argument("run_dir", type=click.Path())
 @click.option("--out", required=True, type=click.Path(), help="The ONNX file to write.")
-@click.option("--opset", default=DEFAULT_OPSET, type=click.IntRange(MIN_OPSET, MAX_OPSET), help="ONNX opset version: 23 (default) writes the fused Attention, RMSNormalization and "
-              "RotaryEmbedding operators; 18-22 decompose them, for older runtimes.")
+@click.option("--opset", default=DEFAULT_OPSET, type=click.IntRange(MIN_OPSET, MAX_OPSET),
+              help="ONNX opset version: 23 writes the fused Attention, RMSNormalization and RotaryEmbedding "
+                   "operators; 18-22 decompose them, for older runtimes.")
 @click.option("--check/--no-check", default=True,
               help="Run the parity check (ONNX Runtime vs eager PyTorch) and refuse to write on failure.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32",
