@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -13,8 +13,9 @@ from moe_core.cli import run
 
 from .runtime import PROVIDER_CHOICES, RUNTIMES
 from .server import MODE_TASK
+from .shards import CHUNK_BATCHES
 
-CHUNK_BATCHES = 64  # records read at a time = CHUNK_BATCHES * rows per pass: bounded memory, good length sorting
+ENGINES = ("local", "ray")
 
 
 def finite(expected: str, ok):
@@ -33,9 +34,13 @@ def finite(expected: str, ok):
 @click.option("--input", "input_path", required=True, type=click.Path(),
               help='JSONL, one {"text": ..., "id": ...} object per line ("id" optional: the line number); solve: '
                    '{"puzzle": ..., "solution": ..., "id": ...} lines ("solution" optional), or a puzzle file '
-                   '(.txt / .csv: one 81-character puzzle a line, optionally followed by its solution).')
+                   '(.txt / .csv: one 81-character puzzle a line, optionally followed by its solution). Or a set of '
+                   'shards: a directory of such files (.jsonl / .json / .ndjson; solve: also .txt / .csv) or a glob '
+                   'pattern (quoted), served in sorted order as one input.')
 @click.option("--output", "output_path", required=True, type=click.Path(),
-              help="JSONL results, one object per input record, in input order.")
+              help="JSONL results, one object per input record, in input order. For a set of shards: a directory "
+                   "of output shards named after the inputs, plus manifest.json (counts, model sha256, mode, "
+                   "settings), written last.")
 @click.option("--mode", type=click.Choice(list(MODE_TASK)), default="score",
               help="score / generate: a language model (task lm); solve: a Sudoku model (task sudoku).")
 @click.option("--batch-size", default=32, type=click.IntRange(1),
@@ -73,9 +78,21 @@ def finite(expected: str, ok):
               help="generate: with the model's decode graph (MODEL.decode.onnx, `moe export` writes it for causal "
                    "language models), run only the new token per step against the cached keys and values; "
                    "--no-cache recomputes the whole context for every token (same tokens within max_seq_len).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --output file.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --output file (or output set of shards).")
+@click.option("--engine", type=click.Choice(ENGINES), default="local",
+              help="local: serve in this process; ray: on a Ray cluster (pip install 'moe[ray]'), one ONNX Runtime "
+                   "session per worker, the same results (see the README, \"Serving on a Ray cluster\").")
+@click.option("--ray-address", default=None, metavar="auto|HOST:PORT",
+              help="--engine ray: the cluster to join (auto: the one `ray start` runs on this node, or $RAY_ADDRESS). "
+                   "[default: start a local cluster]")
+@click.option("--workers", type=click.IntRange(1), default=None,
+              help="--engine ray: worker actors, each with its own session. [default: one per GPU with CUDA, else the "
+                   "cluster's CPUs / --threads-per-worker]")
+@click.option("--threads-per-worker", type=click.IntRange(1), default=None,
+              help="--engine ray: CPU threads (and Ray CPUs) of each worker's session. [default: 1]")
 def serve(model, input_path, output_path, mode, batch_size, provider, runtime, max_steps, halting, threads, stride,
-          token_logprobs, max_new_tokens, temperature, top_k, top_p, seed, cache, overwrite) -> None:
+          token_logprobs, max_new_tokens, temperature, top_k, top_p, seed, cache, overwrite, engine, ray_address,
+          workers, threads_per_worker) -> None:
     """Score or continue every text of a JSONL file with an exported MODEL.onnx on ONNX Runtime.
 
     \b
@@ -103,84 +120,136 @@ def serve(model, input_path, output_path, mode, batch_size, provider, runtime, m
     a missing "id" is the line number, so lines without "id" and numeric ids do not mix. The output is written to
     a temp file beside --output and moved into place at the end (without --overwrite only if --output still does
     not exist), so a failed or interrupted run leaves nothing behind. --output may not be the input or any file of
-    the model (its tokenizer, its step graph), with or without --overwrite.
+    the model (its tokenizer, its step graph), with or without --overwrite. A set of shards (--input a directory or
+    a pattern) is one input in sorted order, written as a directory of output shards plus manifest.json, built
+    under a temp name beside --output and renamed into place when complete.
+
+    --engine ray serves on a Ray cluster: the input is read and checked here first, then every worker opens the
+    model once (at its absolute path, which every node must be able to read) and serves blocks of records with the
+    same code; the output is the same, record for record, and written here in input order.
     """
-    from moe_core.files import atomic_write, check_not_inputs, check_output, note_inputs
+    from moe_core.errors import MoeError
+    from moe_core.files import check_not_inputs, note_inputs
     from moe_core.ort_session import usable_cpus
 
-    from .jsonl import EXPECTED, PUZZLE_EXPECTED, chunked, count_records, read_puzzles, read_records
+    from . import shards
+    from .jsonl import EXPECTED, PUZZLE_EXPECTED, chunked, read_puzzles, read_records
     from .server import Server
 
-    inp = Path(input_path)
-    note_inputs([(inp, "the --input file"), (Path(model), "the model")])
-    out = check_output(output_path, overwrite, "--output")
+    on_ray = engine == "ray"
+    ray_options = [name for name, value in (("--ray-address", ray_address), ("--workers", workers),
+                                            ("--threads-per-worker", threads_per_worker)) if value is not None]
+    if ray_options and not on_ray:
+        raise MoeError(f"{ray_options[0]}: applies to --engine ray only; add --engine ray (or leave it out)")
+    if on_ray:
+        from .ray_engine import require_ray
+
+        if threads is not None:
+            raise MoeError("--threads: sets the threads of --engine local; with --engine ray use --threads-per-worker")
+        require_ray()  # before any work: a missing extra is one line, not a failure after the input was read
+        threads_per_worker = threads_per_worker or 1
+    inputs = shards.find_inputs(input_path, mode)
+    note_inputs([(p, "an --input shard" if inputs.sharded else "the --input file") for p in inputs.paths()]
+                + [(Path(model), "the model")])
+    out = shards.check_outputs(inputs, output_path, overwrite)
     if threads is not None and threads > usable_cpus():
         click.echo(f"note: --threads {threads}: using {usable_cpus()}, the CPUs this process may use", err=True)
-    server = Server.open(model, provider=provider, threads=threads, runtime=runtime, max_steps=max_steps,
-                         halting=halting, cache=cache and mode == "generate")
+    # With --engine ray this session only checks the model and the options (the driver may have no GPU): the
+    # workers open their own, with --provider, on the runtime found here.
+    server = Server.open(model, provider="cpu" if on_ray else provider, threads=1 if on_ray else threads,
+                         runtime=runtime, max_steps=max_steps, halting=halting, cache=cache and mode == "generate")
     note_inputs(server.files())
-    check_not_inputs([out], option="--output")
+    if inputs.sharded:
+        shards.check_not_inside(out, server.files())
+    else:
+        check_not_inputs([out], option="--output")
     server.require_task(mode)
     rows = server.batch_rows(batch_size)
     if rows < batch_size:
         click.echo(f"note: --batch-size {batch_size}: {rows} rows per forward pass, the most this model's memory "
                    "budget allows (see --help)", err=True)
     read, expected = (read_puzzles, PUZZLE_EXPECTED) if mode == "solve" else (read_records, EXPECTED)
-    n_records = count_records(inp, read, expected)  # every record checked before any compute is spent
+    records: list | None = [] if on_ray else None  # the Ray driver keeps the records it hands to the workers
+    n_records = shards.count_inputs(inputs, read, expected, records)  # every record checked before any compute is spent
     if mode == "score":
         stride = server.window_stride(stride)
+    job = shards.Job(mode, rows, token_logprobs, stride, max_new_tokens, temperature, top_k, top_p, seed)
+    settings = {"batch_size": batch_size, "provider": provider, "runtime": server.model.runtime,
+                "max_steps": max_steps, "halting": halting, "cache": server.decoder is not None}
+    engine_info = {"name": engine, **({"workers": workers, "threads_per_worker": threads_per_worker,
+                                       "ray_address": ray_address} if on_ray else {"threads": threads})}
+
+    def make_manifest() -> dict:
+        return shards.manifest(inputs, job, settings, server.files(), engine_info)
+
     info = server.info
-    click.echo(f"model {info.path.name} | vocab {info.vocab_size} | max_seq_len {info.max_seq_len} | "
-               f"halt_max_steps {info.halt_max_steps}{server.steps_note()} | {info.precision} | provider "
-               f"{server.model.describe()}"
-               + (f" | {server.decoder.describe}" if server.decoder is not None else ""))
-    if server.model.note:
-        click.echo(f"note: {server.model.note}")
+
+    def header(where: str) -> None:
+        click.echo(f"model {info.path.name} | vocab {info.vocab_size} | max_seq_len {info.max_seq_len} | "
+                   f"halt_max_steps {info.halt_max_steps}{server.steps_note()} | {info.precision} | {where}"
+                   + (f" | {server.decoder.describe}" if server.decoder is not None else ""))
+        if server.model.note:
+            click.echo(f"note: {server.model.note}")
 
     from tqdm import tqdm
 
+    unit = "puzzle" if mode == "solve" else "seq"
     t0 = time.perf_counter()
+    workers_note = ""
+    if on_ray:
+        from .ray_engine import serve_on_ray
 
-    def write(tmp: str) -> None:
-        done = 0
-        unit = "puzzle" if mode == "solve" else "seq"
-        with open(tmp, "w", encoding="utf-8") as f, tqdm(total=n_records, unit=unit, desc=mode) as bar:
+        open_args = dict(provider=provider, threads=threads_per_worker, runtime=server.model.runtime,
+                         max_steps=max_steps, halting=halting, cache=cache and mode == "generate")
+        with contextlib.ExitStack() as stack:
+            bars = []
+
+            def announce(where: str) -> None:  # the cluster is up: the header, then progress from here
+                header(where)
+                bars.append(stack.enter_context(tqdm(total=n_records, unit=unit, desc=mode)))
+
+            totals, workers_note = serve_on_ray(
+                info.path, open_args, job, records, inputs, out, overwrite, make_manifest, address=ray_address,
+                workers=workers, threads=threads_per_worker, provider=provider, announce=announce,
+                progress=lambda n: bars[0].update(n))
+        workers_note = f" | {workers_note}"
+    else:
+        header(f"provider {server.model.describe()}")
+        with shards.open_outputs(inputs, out, overwrite, make_manifest) as sink, \
+                tqdm(total=n_records, unit=unit, desc=mode) as bar:
+            done = 0
             weight = (lambda r: 0) if mode == "solve" else (lambda r: len(r.text))
-            for chunk in chunked(read(inp), CHUNK_BATCHES * rows, weight):
-                if mode == "solve":
-                    results = server.solve([r.puzzle for r in chunk], [r.solution for r in chunk], rows,
-                                           progress=bar.update)
-                elif mode == "score":
-                    results = server.score([r.text for r in chunk], rows, token_logprobs, stride,
-                                           progress=bar.update)
-                else:
-                    results = server.generate([r.text for r in chunk], max_new_tokens, temperature, top_k, top_p,
-                                              seed, rows, first_index=done, progress=bar.update)
-                for rec, res in zip(chunk, results, strict=True):
-                    f.write(json.dumps({"id": rec.id, **res.as_record()}, ensure_ascii=False) + "\n")
+            for chunk in chunked(shards.iter_records(inputs, read), CHUNK_BATCHES * rows, weight):
+                for line in shards.serve_chunk(server, job, chunk, done, progress=bar.update):
+                    sink.write(line)
                 done += len(chunk)
-
-    atomic_write(out, write, overwrite)
+        totals = shards.Totals()
+        totals.add(server)
     seconds = time.perf_counter() - t0
-    s, c = server.stats, server.model.counts
+    click.echo(summary(mode, server, totals, seconds, f"{workers_note} | {seconds:.1f}s -> {out}"))
+
+
+def summary(mode: str, server, totals, seconds: float, tail: str) -> str:
+    """The last line of a run: what it computed and how fast. totals: summed over every Server that served it (this
+    process's, or each Ray worker's); server: the one this process opened (what was served)."""
+    s, c = totals.stats, totals.counts
     of = f"every sample running {server.model.n_steps} steps" if server.steps_note() else "unrolled"
     if server.decoder is not None and mode == "generate":
-        runtime = (f"runtime KV cache: {server.decoder.calls:,} decode-graph calls, {server.decoder.refills} "
-                   "refills at max_seq_len")
+        runtime = (f"runtime KV cache: {totals.decode_calls:,} decode-graph calls, {totals.refills} refills at "
+                   "max_seq_len")
     else:
         runtime = (f"runtime {server.model.runtime}: {c.rows:,} sample-steps computed ({c.rows / max(1, c.full):.0%} "
                    f"of {of})")
-    tail = f"{runtime} | provider {server.provider} | {seconds:.1f}s -> {out}"
+    tail = f"{runtime} | provider {', '.join(sorted(totals.providers))}{tail}"
     if mode == "solve":
         correct = f" | correct {s.correct}/{s.checked} ({s.correct / s.checked:.1%})" if s.checked else ""
-        click.echo(f"solve: {s.sequences} puzzles | valid {s.valid}/{s.sequences} ({s.valid / s.sequences:.1%}, "
-                   f"rule-checked){correct} | mean steps {s.mean_halt_step:.2f} | {s.sequences / seconds:,.1f} "
-                   f"puzzles/s | {tail}")
-        return
+        return (f"solve: {s.sequences} puzzles | valid {s.valid}/{s.sequences} ({s.valid / s.sequences:.1%}, "
+                f"rule-checked){correct} | mean steps {s.mean_halt_step:.2f} | {s.sequences / seconds:,.1f} "
+                f"puzzles/s | {tail}")
     what = "tokens" if mode == "score" else "new tokens"
     long = f" | {s.long_inputs} longer than max_seq_len" if s.long_inputs else ""
-    click.echo(f"{mode}: {s.sequences} sequences | {s.tokens} {what} | {s.tokens / seconds:,.0f} {what}/s | "
-               f"padding {100 * s.padding_fraction:.1f}% | mean halt_step {s.mean_halt_step:.2f}{long} | {tail}")
+    return (f"{mode}: {s.sequences} sequences | {s.tokens} {what} | {s.tokens / seconds:,.0f} {what}/s | "
+            f"padding {100 * s.padding_fraction:.1f}% | mean halt_step {s.mean_halt_step:.2f}{long} | {tail}")
 
 
 def main() -> None:
