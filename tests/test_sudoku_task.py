@@ -165,3 +165,11 @@ def test_ema_follows_its_decay_schedule() -> None:
         assert torch.allclose(avg, expected, rtol=0, atol=4 * n * ulp)
         assert not avg.requires_grad
     assert all(torch.equal(a, b) for a, b in zip(ema.model.buffers(), model.buffers(), strict=True))
+
+
+def test_lr_plot_shows_the_curriculum() -> None:
+    from train.plots import plot_lr
+
+    train = [{"kind": "train", "step": s, "lr": 1e-3, "givens_floor": 45.0 - s} for s in range(1, 6)]
+    assert len(plot_lr(train).axes) == 2  # the floor on its own axis
+    assert len(plot_lr([{k: v for k, v in r.items() if k != "givens_floor"} for r in train]).axes) == 1

@@ -15,6 +15,9 @@ OUT/eval.md, OUT/eval.csv and OUT/eval.png (the task's headline figure against K
 atomically and the table is printed. A Sudoku run also gets OUT/test_puzzles.txt: the held-out puzzles with
 their solutions, one line each, for `moe serve --mode solve --input` (its `correct` count reproduces the
 halting row at the trained halt_max_steps).
+
+`--ladder` evaluates a Sudoku run on a difficulty ladder instead: held-out sets by number of givens
+(train/ladder.py).
 """
 
 from __future__ import annotations

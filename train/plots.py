@@ -4,7 +4,7 @@
 skipped, so a baseline model or a run killed after the step-0 eval still gets what it can):
 
   loss.png         the task's train loss (lm_loss / cell_loss) and val_loss, with the ln(V) and unigram baselines
-  lr.png           learning rate
+  lr.png           learning rate (and a Sudoku curriculum's fewest givens, `givens_floor`)
   grad_norm.png    total (pre-clip) grad norm and the router / halt parameter-group norms
   heads.png        MoH heads per token per layer; threshold mean with min-max band, and complexity
   head_load.png    MoH fraction of tokens using each head per layer, with the even share dashed
@@ -211,6 +211,12 @@ def plot_lr(train: list[Record]) -> Figure | None:
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
     ax.set_ylim(bottom=0)
     style_axes(ax, "Learning rate", "learning rate (AdamW step size)")
+    gx, gy = series(train, "givens_floor")  # the Sudoku curriculum's schedule, on its own axis
+    if gx:
+        twin = ax.twinx()
+        twin.plot(gx, gy, color="C2", lw=1.2, ls="--", label="curriculum: fewest givens")
+        twin.set_ylabel("fewest givens a batch draws")
+        twin.legend(loc="lower right", fontsize=8, framealpha=0.85)
     return fig
 
 

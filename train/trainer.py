@@ -346,9 +346,9 @@ class Trainer:
             states = self.dist.gather(torch.cuda.get_rng_state(self.device), self.device)
             rng.update({f"rng.cuda.{r}": s for r, s in enumerate(states)})
         tc = self.cfg.train
+        # every rank: each writes its shards of an FSDP model. keep_best publishes the run's weights itself.
         save_checkpoint(self.run_dir, self.model, self.optimizer, state, tc.keep_checkpoints, rng, self.dist,
                         self.device, self.ema.model if self.ema else None, publish=not tc.keep_best)
-        # every rank: each writes its shards of an FSDP model
 
     def _skip(self, state: LoopState, loss_value: float) -> None:
         """A non-finite loss or gradient: no update, count it, name the culprit, stop after too many in a row."""
