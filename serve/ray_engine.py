@@ -10,9 +10,10 @@ a Python session or a test, serves on its connection), and runs
       .map_batches(Predictor, compute=ActorPoolStrategy(size=workers), num_cpus=threads, num_gpus=0 | 1)
 
 Each actor opens its ONNX Runtime session (serve.Server) once, in __init__, and serves a block with shards.serve_chunk,
-the function the in-process engine runs, so every record becomes the same output line. The driver reads the lines
-back in input order (Ray Data's preserve_order; each line carries its record's index, checked: every record exactly
-once, in order) and writes them with the in-process engine's writer (shards.open_outputs). Ray itself never imports
+the function the in-process engine runs, so every record becomes the same output line. Blocks come back in the
+order they were handed out (Ray Data's preserve_order); each line carries its record's index, and the driver puts
+the lines in input order (serving_order sorts windows of records by length), checks that every record came back
+exactly once, and writes them with the in-process engine's writer (shards.open_outputs). Ray itself never imports
 torch, and this module imports ray only when a run starts, so `moe serve` works without it.
 
 Results. A block is served like a chunk of the in-process engine, only the chunks are smaller (about 4 per worker,
@@ -51,7 +52,7 @@ from moe_core.errors import MoeError
 from moe_core.jsonl import Record
 from moe_core.ort_session import usable_cpus
 
-from .jsonl import PuzzleRecord
+from .jsonl import PuzzleRecord, chunked
 from .server import Server
 from .shards import CHUNK_BATCHES, Inputs, Job, Totals, open_outputs, reset_counters, serve_chunk
 
@@ -96,18 +97,40 @@ def block_rows(n_records: int, workers: int, rows: int) -> int:
     return max(1, min(CHUNK_BATCHES * rows, max(rows, math.ceil(n_records / (BLOCKS_PER_WORKER * workers)))))
 
 
-def items(records: Sequence[Any], mode: str) -> list[dict[str, Any]]:
-    """The dataset's rows: the record's index in the input, its id as JSON text, and what the worker serves."""
+def uses_positions(job: Job) -> bool:
+    """Whether a record's result depends on its position in the input: sampled generation seeds each sample from
+    it. Every other result depends on the record alone."""
+    return job.mode == "generate" and job.temperature > 0
+
+
+def serving_order(records: Sequence[Any], job: Job) -> list[int]:
+    """The order the records are handed to the workers. A result that depends on the record alone lets each window
+    of the in-process engine's chunk size (shards.CHUNK_BATCHES * rows records, at most 32 MiB of text) go longest
+    first, so that a block, cut from it, holds texts of similar length and pads as little as a chunk of the
+    in-process engine does; the driver puts the lines back in input order (holding one window at most). Sampled
+    generation keeps input order: its blocks are runs of consecutive records, each served from its first index."""
+    order = list(range(len(records)))
+    if uses_positions(job) or job.mode == "solve":  # puzzles are all 81 cells: nothing to sort
+        return order
+    out = []
+    for window in chunked(order, CHUNK_BATCHES * job.rows, lambda i: len(records[i].text)):
+        out += sorted(window, key=lambda i: -len(records[i].text))
+    return out
+
+
+def items(records: Sequence[Any], order: Sequence[int], mode: str) -> list[dict[str, Any]]:
+    """The dataset's rows, in serving order: the record's index in the input, its id as JSON text, and what the
+    worker serves."""
     if mode == "solve":
-        return [{"index": i, "id": json.dumps(r.id), "puzzle": sudoku.format_grid(r.puzzle),
-                 "solution": "" if r.solution is None else sudoku.format_grid(r.solution)}
-                for i, r in enumerate(records)]
-    return [{"index": i, "id": json.dumps(r.id), "text": r.text} for i, r in enumerate(records)]
+        return [{"index": i, "id": json.dumps(records[i].id), "puzzle": sudoku.format_grid(records[i].puzzle),
+                 "solution": "" if records[i].solution is None else sudoku.format_grid(records[i].solution)}
+                for i in order]
+    return [{"index": i, "id": json.dumps(records[i].id), "text": records[i].text} for i in order]
 
 
 def runs(index: np.ndarray) -> list[tuple[int, int]]:
     """[begin, end) spans of consecutive record indices in a batch (one span when the batch is a slice of the
-    input): each is served with its first record's index, which seeds generation."""
+    input): each is served with its first record's index, which seeds sampled generation."""
     cuts = [0, *(np.flatnonzero(np.diff(index) != 1) + 1).tolist(), len(index)]
     return list(zip(cuts[:-1], cuts[1:], strict=True))
 
@@ -144,8 +167,9 @@ class Predictor:
         else:
             records = [Record(0, i, t) for i, t in zip(ids, batch["text"], strict=True)]
         reset_counters(self.server)
+        spans = runs(index) if uses_positions(self.job) else [(0, len(index))]
         lines = []
-        for begin, end in runs(index):
+        for begin, end in spans:
             lines += serve_chunk(self.server, self.job, records[begin:end], int(index[begin]))
         totals = Totals()
         totals.add(self.server)
@@ -276,7 +300,8 @@ def serve_on_ray(model: Path, open_args: dict[str, Any], job: Job, records: Sequ
             # max_task_retries has no named parameter in map_batches: it goes through **ray_remote_args, which Ray
             # 2.60 marks as deprecated (as it does some DataContext fields it copies for every dataset).
             warnings.simplefilter("ignore", DeprecationWarning)
-            ds = ray.data.from_items(items(records, job.mode), override_num_blocks=math.ceil(len(records) / size))
+            rows = items(records, serving_order(records, job), job.mode)
+            ds = ray.data.from_items(rows, override_num_blocks=math.ceil(len(records) / size))
             ds = ds.map_batches(Predictor, batch_size=size, batch_format="numpy",
                                 fn_constructor_kwargs={"model": str(model.resolve()), "open_args": open_args,
                                                        "job": job},

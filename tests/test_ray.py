@@ -28,7 +28,9 @@ import serve.ray_engine as ray_engine
 from moe_core import sudoku
 from moe_core.errors import MoeError
 from moe_core.graph_contract import graph_metadata, step_graph_metadata, step_path_for, tokenizer_path_for
-from serve.ray_engine import Predictor, block_rows, plan_workers, runs
+from moe_core.jsonl import Record
+from serve.ray_engine import Predictor, block_rows, plan_workers, runs, serving_order
+from serve.shards import Job
 
 ray = pytest.importorskip("ray")
 
@@ -271,6 +273,17 @@ def test_blocks_and_runs():
     assert block_rows(3, 2, 32) == 32
     assert runs(np.array([4, 5, 6])) == [(0, 3)]
     assert runs(np.array([4, 5, 9, 10, 2])) == [(0, 2), (2, 4), (4, 5)]
+
+
+def test_serving_order_sorts_windows_unless_results_depend_on_positions():
+    records = [Record(i + 1, i + 1, "x" * n) for i, n in enumerate([3, 9, 1, 5, 7, 2])]
+    job = Job("score", rows=1)  # windows of CHUNK_BATCHES records
+    assert serving_order(records, job) == [1, 4, 3, 0, 5, 2]  # longest first
+    small = [Record(i + 1, i + 1, "x" * n) for i, n in enumerate([1, 2] * 40)]  # two windows of 64, then 16
+    order = serving_order(small, job)
+    assert sorted(order[:64]) == list(range(64)) and sorted(order[64:]) == list(range(64, 80))
+    assert serving_order(records, Job("generate", rows=1)) == [1, 4, 3, 0, 5, 2]  # greedy: the record alone
+    assert serving_order(records, Job("generate", rows=1, temperature=0.7)) == list(range(6))  # seeded by position
 
 
 # -----------------------------------------------------------------------------
