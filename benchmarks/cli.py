@@ -3,13 +3,15 @@
 DIR/scaling[-MODE].png.
 
 Modes:
-  full   (default, ~5-10 min) the `default` preset's model (random init, or the trained --run), the serving grid
+  full   (default) the `default` preset's model (random init, or the trained --run), the serving grid
          batch {1, 8, 32} x seq {32, 128}, the preset's training batch, the MoE layer dense vs sparse at 4 experts
-         top-2, 8 top-2 and 8 top-1 (16 x 128 tokens), scaling over 4-5 points per factor.
-  quick  (~1 min) the default preset's block widths with the recursion cut to H1 x L1 x 1 step, so that the ONNX
-         export (~2.5 s per unrolled net call here, 50 s for the full model) fits the minute; batch {1, 32} at
-         seq 128, 3 points per factor. torch.compile still compiles (its cost is reported apart; ~40 s cold,
-         a few seconds from the inductor cache under /tmp).
+         top-2, 8 top-2 and 8 top-1 (16 x 128 tokens), scaling over 4-5 points per factor; generation at batch
+         {1, 8, 32} x prompts of {16, 112} tokens, 64 new tokens (uncached: fewer at batch 8 and 32, stated in the
+         output).
+  quick  the default preset's block widths with the recursion cut to H1 x L1 x 1 step, so that the ONNX exports
+         (the time goes into tracing, which grows with the unrolled net calls) stay short; scoring batch {1, 32} at
+         seq 128, 3 points per factor, generation at batch {1, 32} x 112-token prompts, 16 new tokens. torch.compile
+         still compiles (its cost is reported apart; much less from the inductor cache under /tmp).
   smoke  (seconds) a micro model through every section, torch.compile with the eager backend (dynamo only): checks the
          plumbing (the test suite runs it); its figures mean nothing.
 """
@@ -29,20 +31,23 @@ from typing import Any
 
 import torch
 
+from export.decode import can_decode
 from moe_core import load_model
 from moe_core.files import atomic_write_text
 from moe_core.model import RecursiveMoE
 from serve.runtime import OrtModel
+from train.checkpointing import saved_run_config
 from train.config import RunConfig, build_config
 
 from .flops import PEAK, flops_summary, matmul_peak, measure_routing
+from .generation import generation_section, opset_of
 from .halting import halting_section
 from .report import notes, ratios, table
 from .scaling import plot, scaling
 from .suites import export_graphs, moe_dispatch, random_batch, serving, training
 from .timing import cpu_use, machine_info, set_threads
 
-SECTIONS = ("serving", "training", "dispatch", "scaling", "halting")
+SECTIONS = ("serving", "training", "dispatch", "scaling", "halting", "generation")
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,13 @@ class Mode:
     matmul_n: int
     warmup: int
     repeats: int
+    gen_batches: tuple[int, ...]
+    gen_prompts: tuple[int, ...]  # prompt lengths in tokens
+    gen_new: int  # new tokens per sample (greedy)
+    # New tokens of the uncached paths by batch (absent: gen_new). Uncached generation recomputes the whole context
+    # for every token: at batch 32 x 112 that is a full scoring pass per token, minutes for 64 tokens.
+    gen_uncached_new: dict[int, int]
+    gen_repeats: int  # timed generate calls per path and cell (each is long; the warm-up is one two-token call)
     compile_backend: str = "inductor"
     suffix: str = field(default="")  # of the output file names
 
@@ -74,21 +86,26 @@ MODES = {
         scaling_base=(4, 128), scaling_points={"seq_len": [32, 64, 128, 256, 512], "batch": [1, 2, 4, 8, 16],
                                                "H_cycles": [1, 2, 3, 4], "L_cycles": [1, 2, 3, 4],
                                                "halt_max_steps": [1, 2, 3, 4], "n_experts": [2, 4, 8, 16]},
-        matmul_n=4096, warmup=2, repeats=7),
+        matmul_n=4096, warmup=2, repeats=7,
+        gen_batches=(1, 8, 32), gen_prompts=(16, 112), gen_new=64, gen_uncached_new={8: 16, 32: 8}, gen_repeats=3),
     "quick": Mode(
         "quick", model={"H_cycles": 1, "L_cycles": 1, "halt_max_steps": 1}, serve_batches=(1, 32), serve_seqs=(None,),
         train_batch=4, dispatch_tokens=(8, 128), dispatch_settings=((8, 2),),
         scaling_base=(2, 64), scaling_points={"seq_len": [32, 128, 512], "batch": [1, 4, 16],
                                               "H_cycles": [1, 2, 4], "L_cycles": [1, 2, 4],
                                               "halt_max_steps": [1, 2, 4], "n_experts": [2, 4, 8]},
-        matmul_n=4096, warmup=1, repeats=5, suffix="-quick"),
+        matmul_n=4096, warmup=1, repeats=5,
+        gen_batches=(1, 32), gen_prompts=(112,), gen_new=16, gen_uncached_new={32: 4}, gen_repeats=2,
+        suffix="-quick"),
     "smoke": Mode(
         "smoke", model={"vocab_size": 128, "max_seq_len": 16, "d_model": 32, "n_layers": 1, "d_expert": 32,
                         "H_cycles": 1, "L_cycles": 1, "halt_max_steps": 1},
         serve_batches=(2,), serve_seqs=(None,), train_batch=2, dispatch_tokens=(2, 16), dispatch_settings=((8, 2),),
         scaling_base=(1, 8), scaling_points={"seq_len": [8, 16], "batch": [1, 2], "H_cycles": [1, 2],
                                              "L_cycles": [1, 2], "halt_max_steps": [1, 2], "n_experts": [2, 4]},
-        matmul_n=128, warmup=1, repeats=2, compile_backend="eager", suffix="-smoke"),
+        matmul_n=128, warmup=1, repeats=2,
+        gen_batches=(2,), gen_prompts=(6,), gen_new=4, gen_uncached_new={}, gen_repeats=1,
+        compile_backend="eager", suffix="-smoke"),
 }
 
 
@@ -133,7 +150,8 @@ def serving_section(model: RecursiveMoE, mode: Mode, graphs: dict[str, Path], ex
         util[name] = {"tokens_per_s": tok_s, "model_flops_per_s": mf, "executed_flops_per_s": ef,
                       "model": mf / peak, "executed": ef / peak}
     return {"serving": {"onnx": str(onnx_path) if onnx_path else None, "export_s": export_s,
-                        "session": sessions["ort_fp32"].describe(), "rows": rows, "target_cell": cell},
+                        "opset": opset_of(graphs["ort_fp32"]), "session": sessions["ort_fp32"].describe(),
+                        "rows": rows, "target_cell": cell},
             PEAK: {**cell[PEAK], "timed": f"interleaved with the serving calls at batch {cell['batch']} x "
                                           f"{cell['seq']}"},
             "flops": flops, "utilisation": util}
@@ -172,10 +190,18 @@ def sections_run(r: dict[str, Any], mode: Mode, model: RecursiveMoE, rc: RunConf
     """Run each requested section into `r`, timing its CPU use. The exported graphs live in `tmp`."""
     cpu, cfg = r["cpu_use"], model.config
     graphs, export_s = {}, None
-    if "serving" in sections or "halting" in sections:
+    generation = "generation" in sections
+    if generation:
+        task = saved_run_config(run_dir).train.task if run_dir is not None else "lm"
+        if not can_decode(cfg, task):
+            generation = False
+            r["generation"] = {"skipped": f"no decode graph for this model (task {task}, causal {cfg.causal}, "
+                                          f"attn_bias {cfg.attn_bias}): KV-cached generation needs a causal language "
+                                          "model"}
+    if "serving" in sections or "halting" in sections or generation:
         with cpu_use(cpu, "export"):
             graphs, export_s = export_graphs(model, run_dir, onnx_path, tmp, log, stepwise="halting" in sections,
-                                             int8="serving" in sections)
+                                             int8="serving" in sections, decode=generation)
     if "serving" in sections:
         with cpu_use(cpu, "serving"):
             r.update(serving_section(model, mode, graphs, export_s, onnx_path, threads))
@@ -202,6 +228,12 @@ def sections_run(r: dict[str, Any], mode: Mode, model: RecursiveMoE, rc: RunConf
         with cpu_use(cpu, "halting"):
             r["halting"] = halting_section(model, run_dir, graphs["ort_fp32"], export_s, mode.serve_batches,
                                            mode.warmup, mode.repeats, threads, log)
+    if generation:
+        with cpu_use(cpu, "generation"):
+            r["generation"] = generation_section(model, graphs["ort_fp32"], mode.gen_batches, mode.gen_prompts,
+                                                 mode.gen_new, mode.gen_uncached_new, mode.gen_repeats, threads,
+                                                 r["model"]["source"], log)
+        r["generation"]["export_s"] = export_s
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -25,7 +25,7 @@ from tokenizers import Tokenizer, models
 from export.onnx_export import convert_precision, export_run
 from moe_core.checkpoint import save_run
 from moe_core.config import ModelConfig
-from moe_core.graph_contract import step_path_for, tokenizer_path_for
+from moe_core.graph_contract import decode_path_for, step_path_for, tokenizer_path_for
 from moe_core.metrics import token_logprobs
 from moe_core.model import RecursiveMoE, resolve_moe_dispatch
 from serve.graph import TOKEN_LOGPROBS
@@ -63,21 +63,23 @@ def placeholder_tokenizer(vocab_size: int) -> str:
 
 
 def export_graphs(model: RecursiveMoE, run_dir: Path | None, onnx_path: Path | None, tmp: Path,
-                  log: Callable[[str], None], stepwise: bool = False,
-                  int8: bool = True) -> tuple[dict[str, Path], float | None]:
-    """{"ort_fp32": path[, "ort_int8": path]} of `model` in `tmp` — with `stepwise`, the fp32 graph has its step
-    graph beside it — and the export time (None when `onnx_path`, the run's already exported graph, serves). A
-    random-init model is written as a run directory first, so that `moe export`'s own code (export_run, no parity
-    check) builds the graphs; int8 is export's conversion of that same fp32 graph. Every section that serves
-    uses these graphs: the model is exported once per run."""
+                  log: Callable[[str], None], stepwise: bool = False, int8: bool = True,
+                  decode: bool = False) -> tuple[dict[str, Path], float | None]:
+    """{"ort_fp32": path[, "ort_int8": path]} of `model` in `tmp` — with `stepwise` / `decode`, the fp32 graph has
+    its step graph / decode graph beside it — and the export time (None when `onnx_path`, the run's already exported
+    graph, serves). A random-init model is written as a run directory first, so that `moe export`'s own code
+    (export_run at its default opset, no parity check) builds the graphs; int8 is export's conversion of that same
+    fp32 graph. Every section that serves uses these graphs: the model is exported once per run."""
     export_s = None
-    if onnx_path is None or (stepwise and not step_path_for(onnx_path).exists()):
+    if onnx_path is None or (stepwise and not step_path_for(onnx_path).exists()) \
+            or (decode and not decode_path_for(onnx_path).exists()):
         if run_dir is None:
             run_dir = tmp / "run"
             save_run(run_dir, model, placeholder_tokenizer(model.config.vocab_size))
-        log(f"exporting the model{' and its step graph' if stepwise else ''} to ONNX (no parity check; "
+        extra = [what for what, on in (("step graph", stepwise), ("decode graph", decode)) if on]
+        log(f"exporting the model{' and its ' + ' and '.join(extra) if extra else ''} to ONNX (no parity check; "
             "`moe export` does that) ...")
-        result = export_run(run_dir, tmp / "model.onnx", check=False, stepwise=stepwise, log=log)
+        result = export_run(run_dir, tmp / "model.onnx", check=False, stepwise=stepwise, decode=decode, log=log)
         onnx_path, export_s = result.path, result.seconds
     if not int8:
         return {"ort_fp32": onnx_path}, export_s

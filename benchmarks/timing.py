@@ -99,6 +99,14 @@ def set_threads(threads: int | None) -> int:
     return threads
 
 
+def omp_wait_policy() -> str:
+    """PyTorch's OpenMP wait policy as it applied: set before torch loaded (benchmarks/__init__.py) or not."""
+    from . import OMP_POLICY_BEFORE_TORCH  # noqa: PLC0415 - set when the package is imported
+
+    value = os.environ.get("OMP_WAIT_POLICY", "unset (OpenMP's default)")
+    return value if OMP_POLICY_BEFORE_TORCH else f"as torch loaded it (before the suite; now {value})"
+
+
 def machine_info(threads: int) -> dict[str, Any]:
     def version(pkg: str) -> str | None:
         try:
@@ -110,6 +118,7 @@ def machine_info(threads: int) -> dict[str, Any]:
         "cpu": cpu_name(), "logical_cpus": os.cpu_count(), "physical_cores": physical_cores(),
         "torch_threads": torch.get_num_threads(), "ort_intra_op_threads": threads,
         "load_average": list(os.getloadavg()),
+        "omp_wait_policy": omp_wait_policy(),
         "system": f"{platform.system()} {platform.release()} {platform.machine()}",
         "python": platform.python_version(), "torch": torch.__version__,
         **{pkg: version(pkg) for pkg in ("onnxruntime", "onnx", "onnxscript", "numpy")},

@@ -9,6 +9,7 @@ import math
 
 from benchmarks.cli import MODES, run
 from benchmarks.flops import Routing, executed_flops_per_token, model_flops_per_token
+from benchmarks.generation import PATHS
 from benchmarks.report import RATIO_KEYS, table
 
 
@@ -27,6 +28,14 @@ def test_smoke_run_writes_every_ratio(tmp_path):
         assert math.isfinite(f["time_exponent"]) and math.isfinite(f["flops_exponent"]), factor
     for row in r["serving"]["rows"]:  # the runtimes compute the same log-probs (int8: roughly)
         assert row["ort_fp32"]["max_abs_logprob_diff"] < 1e-3
+    g = r["generation"]
+    assert g["opset"]["decode"] == g["opset"]["unrolled"] == r["serving"]["opset"]  # export's default, one opset
+    for c in g["cells"]:  # the four generation paths choose the same greedy tokens and halting
+        assert c["same_tokens_all"] and c["same_halt_steps"], c["same_tokens"]
+        assert all(c[p]["generated_tokens"] == c["batch"] * c["new_tokens"] for p in ("ort_cached", "eager_cached"))
+        assert c["kv_cache"]["bytes"] == c["kv_cache"]["formula_bytes"] > 0
+        assert c["kv_cache"]["length"] == c["prompt"] + c["new_tokens"] - 1  # the last token is never fed back
+        assert all(c[p]["tokens_per_s"] > 0 and c[p]["ttft_s"] > 0 for p in PATHS)
     text = table(r)
     assert all(t["what"] in text for t in r["ratios"].values())
 
