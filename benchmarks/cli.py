@@ -45,7 +45,7 @@ from .halting import halting_section
 from .report import notes, ratios, table
 from .scaling import plot, scaling
 from .suites import export_graphs, moe_dispatch, random_batch, serving, training
-from .timing import cpu_use, machine_info, set_threads
+from .timing import cpu_use, machine_info, set_threads, source_tree
 
 SECTIONS = ("serving", "training", "dispatch", "scaling", "halting", "generation")
 
@@ -168,7 +168,7 @@ def run(mode: Mode, out_dir: Path, run_dir: Path | None = None, onnx_path: Path 
     cfg = model.config
     r: dict[str, Any] = {
         "mode": mode.name, "command": command, "started": datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": machine_info(threads),
+        "machine": machine_info(threads), "source_tree": source_tree(),
         "settings": {**asdict(mode), "sections": list(sections)},
         "model": {"source": source, "params": sum(p.numel() for p in model.parameters()), "config": cfg.to_dict()},
     }

@@ -137,6 +137,13 @@ def fmt_value(key: str, v: float | None) -> str:
     return f"{v:.1%}" if "utilisation" in key else f"{v:.2f}x"
 
 
+def code_line(tree: dict[str, Any] | None) -> str:
+    if not tree or tree.get("commit") is None:
+        return "code: not a git checkout"
+    mod = tree["modified"]
+    return f"code: commit {tree['commit']}" + (f" + uncommitted changes to {', '.join(mod)}" if mod else "")
+
+
 def describe_model(cfg: dict[str, Any]) -> str:
     rec = (f"H{cfg['H_cycles']} x L{cfg['L_cycles']} x {cfg['halt_max_steps']} steps" if cfg["recursive"]
            else "no recursion")
@@ -156,6 +163,7 @@ def table(r: dict[str, Any]) -> str:
              f"python {m['python']} | torch {m['torch']} | onnxruntime {m['onnxruntime']} | onnx {m['onnx']}",
              f"model: {r['model']['source']}, {r['model']['params'] / 1e6:.2f}M params: "
              f"{describe_model(r['model']['config'])}",
+             code_line(r.get("source_tree")),
              f"timing: median of {s['repeats']} interleaved calls after {s['warmup']} warm-up calls (IQR in the JSON)",
              "CPU cores taken by other processes, mean per section (0 = the machine to ourselves): "
              + ", ".join(f"{k} {v['others_cores']:.2f}" for k, v in r["cpu_use"].items())

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -105,6 +106,27 @@ def omp_wait_policy() -> str:
 
     value = os.environ.get("OMP_WAIT_POLICY", "unset (OpenMP's default)")
     return value if OMP_POLICY_BEFORE_TORCH else f"as torch loaded it (before the suite; now {value})"
+
+
+def source_tree() -> dict[str, Any]:
+    """The code measured: the git commit of the checkout the suite runs from and its tracked files modified since
+    (None outside a git checkout)."""
+    import subprocess  # noqa: PLC0415
+
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True,
+                                  timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    commit = git("rev-parse", "--short", "HEAD")
+    if commit is None:
+        return {"commit": None, "modified": None}
+    status = git("status", "--porcelain", "--untracked-files=no") or ""
+    return {"commit": commit.strip(), "modified": [line[3:] for line in status.splitlines() if line.strip()]}
 
 
 def machine_info(threads: int) -> dict[str, Any]:
