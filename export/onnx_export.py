@@ -48,6 +48,7 @@ from .passes import (
     fold_sliced_weights,
     has_decisions,
     remove_dead_nodes,
+    runtime_folded,
     strip_decisions,
     strip_node_metadata,
     with_metadata,
@@ -260,7 +261,7 @@ def write_decode_graph(job: Job, tmp: str, name: Path, log) -> list[ParityReport
     """Trace the decode graph to `tmp`, check it as serve runs it (prefill, then cached calls) and convert it to the
     job's precision; returns its parity reports as write_graph does."""
     decode_to_onnx(job.model, tmp, job.opset)
-    proto = strip_node_metadata(dedupe_initializers(onnx.load(tmp)))
+    proto = cleaned(tmp)
     save_checked(with_metadata(proto, {**job.decode_metadata, "precision": "fp32"}), tmp, name)
     reports = []
     if job.check:
@@ -277,13 +278,19 @@ def write_decode_graph(job: Job, tmp: str, name: Path, log) -> list[ParityReport
 
 
 def traced(job: Job, tmp: str, step: bool) -> onnx.ModelProto:
-    """The traced graph (with its decisions as outputs when the job checks parity), its weights' copies merged and
-    the exporter's per-node metadata dropped."""
+    """The traced graph (with its decisions as outputs when the job checks parity), cleaned."""
     if step:
         step_to_onnx(job.model, tmp, job.opset)
     else:
         to_onnx(job.model, tmp, job.opset, decisions=job.check)
-    return strip_node_metadata(dedupe_initializers(onnx.load(tmp)))
+    return cleaned(tmp)
+
+
+def cleaned(path: str) -> onnx.ModelProto:
+    """The graph traced to `path`, its weights' copies merged, its constant plumbing folded (passes.runtime_folded)
+    and the exporter's per-node metadata dropped. A decision graph is folded whole, so that the graph shipped (its
+    decision outputs stripped afterwards) computes the logits with the nodes the decisions were checked on."""
+    return strip_node_metadata(runtime_folded(dedupe_initializers(onnx.load(path))))
 
 
 def save_checked(proto: onnx.ModelProto, path: str, name: Path) -> None:

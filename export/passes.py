@@ -5,6 +5,8 @@ its argument as it was; each is exact (the graph computes the same outputs from 
 from __future__ import annotations
 
 import hashlib
+import os
+import tempfile
 
 import numpy as np
 import onnx
@@ -87,6 +89,50 @@ def remove_dead_nodes(proto: onnx.ModelProto) -> onnx.ModelProto:
     del graph.initializer[:]
     graph.initializer.extend(kept)
     return proto
+
+
+def runtime_folded(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph after ONNX Runtime's basic optimisations, run once here and saved: constant folding (the exporter
+    writes thousands of Constant, CastLike and shape-computing Cast / Reshape / Concat chains), redundant-node
+    elimination and the exact node fusions. The result holds standard ONNX operators only, so it runs on any
+    runtime; the hardware-specific levels (fused contrib kernels, layouts) still run when a session loads it, and
+    they see a graph whose patterns are no longer split by constant plumbing. Exact: folding evaluates the same
+    operators once, ahead of time. Weights a fold copies (a transposed weight per unrolled call) are merged again,
+    and the opset imports are cut to the domains the graph uses."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="moe-fold-") as tmp:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        opts.optimized_model_filepath = os.path.join(tmp, "folded.onnx")
+        opts.log_severity_level = 3  # "can't constant fold CastLike": ORT expands the function op instead
+        ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        folded = onnx.load(opts.optimized_model_filepath)
+    used = {n.domain for n in folded.graph.node}
+    imports = [o for o in folded.opset_import if o.domain in used or o.domain in ("", "ai.onnx")]
+    del folded.opset_import[:]
+    folded.opset_import.extend(imports)
+    return dedupe_initializers(_named_by_source(folded, proto.graph))
+
+
+def _named_by_source(folded: onnx.ModelProto, before: onnx.GraphProto) -> onnx.ModelProto:
+    """Name each initializer a fold made after the stored weights it was computed from (a fold names it after the
+    node output it replaces, e.g. `val_380`): `model.net.blocks.0.ffn.w_gate.folded3`. In place."""
+    weights = {i.name for i in before.initializer}
+    producer = {o: n for n in before.node for o in n.output}
+    order = {id(n): i for i, n in enumerate(before.node)}
+    rename: dict[str, str] = {}
+    for init in folded.graph.initializer:
+        if init.name in weights or init.name not in producer:
+            continue
+        sources = sorted({i for n in _computing(init.name, producer, order) for i in n.input if i in weights})
+        if sources:
+            rename[init.name] = init.name = f"{'+'.join(sources)}.folded{len(rename)}"
+    for node in folded.graph.node:
+        for k, name in enumerate(node.input):
+            if name in rename:
+                node.input[k] = rename[name]
+    return folded
 
 
 def has_decisions(proto: onnx.ModelProto) -> bool:

@@ -19,10 +19,10 @@ def convert_precision(path: str, precision: str, metadata: dict[str, str]) -> No
 
     fp16: weights and activations in half precision (for GPU serving); inputs and outputs stay int64 /
     float32, and TopK / CumSum / Range stay fp32 (the converter's default block list), so routing still
-    ranks in fp32. int8: dynamic quantisation of the MatMul weights that are initializers (a CPU speed-up): the
-    experts' weights under either MoE dispatch (sparse dispatch's per-expert slices are folded into initializers
-    first, passes.fold_sliced_weights) and the halt head's Gemm; the attention, router and output projections
-    (Linear weights, a Transpose in the graph) stay fp32. The standard Attention op (opset 23) is left as it is:
+    ranks in fp32. int8: dynamic quantisation of the MatMul and Gemm weights that are initializers (a CPU
+    speed-up). The export folds every weight's transpose or slice into an initializer (passes.runtime_folded;
+    passes.fold_sliced_weights for a graph that was not folded), so that is every projection: attention, routers,
+    experts under either MoE dispatch, the halt and output heads. The standard Attention op (opset 23) is left as it is:
     the quantiser would rewrite it as the contrib QAttention, a different operator with other attributes.
     """
     if precision == "fp16":

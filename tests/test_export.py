@@ -172,7 +172,7 @@ def test_int8_quantises_the_sparse_graphs_experts(recursive_sparse, tmp_path):
     assert integer >= 3 * cfg.n_experts * moe_calls, integer
     # The folded copies of the unrolled calls are merged: one int8 weight per expert matrix.
     expert_weights = [i for i in graph.initializer
-                      if i.data_type == onnx.TensorProto.INT8 and ".ffn." in i.name and len(i.dims) == 2]
+                      if i.data_type == onnx.TensorProto.INT8 and ".ffn.w_" in i.name and len(i.dims) == 2]
     assert len(expert_weights) == 3 * cfg.n_experts * cfg.n_layers, [i.name for i in expert_weights]
     report = check_parity(model, str(path), label="int8", tolerance=None)
     # The bounds of test_precision_variants_report_their_cost; top-1 over all cases (one of them has 5 tokens, of
