@@ -4,7 +4,7 @@ How a run goes. The driver (the `moe serve` process) opens the model once on its
 (exactly as the in-process engine does), then reads and checks every input record — all of this before any cluster
 is started or joined, so a bad line is the usual one-line error and costs no cluster. Then it starts a local
 cluster (no --ray-address) or joins one (--ray-address auto | HOST:PORT; a process already connected to Ray, such as
-a Python session or a test, serves on its connection), and runs
+a Python program or a test, serves on its connection), and runs
 
     ray.data.from_items(records)                          # blocks of (index, id, text | puzzle)
       .map_batches(Predictor, compute=ActorPoolStrategy(size=workers), num_cpus=threads, num_gpus=0 | 1)
@@ -39,6 +39,7 @@ import json
 import logging
 import math
 import os
+import socket
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -191,6 +192,8 @@ def cluster(address: str | None) -> Iterator[str]:
     if ray.is_initialized():
         yield "the Ray cluster this process is connected to"
         return
+    if address is not None:
+        check_reachable(address)
     quiet = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     try:
         if address is None:
@@ -198,7 +201,11 @@ def cluster(address: str | None) -> Iterator[str]:
         else:
             ray.init(address=address, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as e:
-        raise MoeError(f"--ray-address {address}: cannot connect to a Ray cluster ({first_line(e)})") from None
+        # A cluster with token authentication (Ray's default for `ray start`) refuses a driver without its token;
+        # `auto` finds the token of a cluster on this node, an explicit address needs it given.
+        hint = ("; a cluster with token authentication needs RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN, or "
+                "~/.ray/auth_token)" if address not in (None, "auto") else "")
+        raise MoeError(f"--ray-address {address}: cannot connect to a Ray cluster ({first_line(e)}){hint}") from None
     try:
         yield f"a local Ray cluster ({usable_cpus()} CPUs)" if address is None else f"the Ray cluster at {address}"
     finally:
@@ -221,6 +228,20 @@ def quiet_console() -> Iterator[None]:
     finally:
         for h, level in zip(handlers, levels, strict=True):
             h.setLevel(level)
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """MoeError when nothing answers at a HOST:PORT address (ray.init would retry a dead address for minutes);
+    "auto" and anything that is not HOST:PORT are left to Ray."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not (host and port.isdigit()):
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise MoeError(f"--ray-address {address}: no Ray cluster answers there ({reason}); expected the address "
+                       "`ray start --head` printed (HOST:6379 by default), or auto on a node of the cluster") from None
 
 
 def first_line(e: BaseException) -> str:
@@ -326,6 +347,6 @@ def serve_on_ray(model: Path, open_args: dict[str, Any], job: Job, records: Sequ
                 raise
             raise error from None
     restarted = len(processes) - n
-    note = (f"ray: {n} workers, cluster ready in {started:.1f}s"
+    note = (f"ray: {n} worker{'s' if n > 1 else ''}, cluster ready in {started:.1f}s"
             + (f", {restarted} worker process{'es' if restarted > 1 else ''} restarted" if restarted > 0 else ""))
     return totals, note

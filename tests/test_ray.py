@@ -3,8 +3,8 @@ local Ray workers; a worker killed mid-run loses and repeats nothing; bad input 
 worker cannot open fails the run at once; sharded input gives a directory of shards and its manifest.
 
 Budget: one local Ray cluster for the whole module (2 CPUs, plus one GPU resource that no device backs, for the
-CUDA request path), and hand-built graphs with the export contract instead of a real export (which takes ~45 s on a
-2-core CPU; test_serve.py serves real exports). The graphs mix positions through a masked mean over the padded width,
+CUDA request path), and hand-built graphs with the export contract instead of a real export (tens of seconds each;
+test_serve.py serves real exports). The graphs mix positions through a masked mean over the padded width,
 the one reduction whose length depends on the batch, and halt samples at step 1 or 2, so batch composition and
 both runtimes matter. Every run goes through the CLI, in-process.
 """
@@ -149,8 +149,10 @@ def solver(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster():
-    """One local Ray cluster for the module; the CLI serves on this connection (it is already initialized)."""
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    """One local Ray cluster for the module, of its own (address "local": never one another process started); the
+    CLI serves on this connection (it is already initialized)."""
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False,
+             logging_level="ERROR")
     yield
     ray.shutdown()
 
