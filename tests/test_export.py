@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -276,6 +277,28 @@ def test_parity_trained_tiny_model(tmp_path):
     for case in result.parity.cases:
         d = case.decisions
         assert d is not None and d.compared >= case.shape[0] and d.wrong == 0, result.parity.summary()
+
+
+def test_fused_operators_at_opset_23_decomposed_below(recursive_top2, recursive_top1_bidir, tmp_path):
+    """Opset 23, the default: each block application's attention is one Attention node (causal; padding and the
+    learned attn_bias as its mask), its rotary embedding one RotaryEmbedding per q and k, every RMSNorm one
+    RMSNormalization, and no constant plumbing is left (passes.runtime_folded). Opset 20 decomposes all three
+    and passes the same parity check."""
+    fused = ("Attention", "RotaryEmbedding", "RMSNormalization")
+    for run, out, result in (recursive_top2, recursive_top1_bidir):
+        cfg = load_model(run).config
+        calls = cfg.n_steps * cfg.H_cycles * (cfg.L_cycles + 1)  # block-stack calls of the unrolled forward
+        ops = Counter(n.op_type for n in onnx.load(str(out)).graph.node)
+        assert result.opset == 23
+        assert ops["Attention"] == calls * cfg.n_layers and ops["RotaryEmbedding"] == 2 * calls * cfg.n_layers, ops
+        # per call the net's input norm and two per block, and each step's norm of z_H for the heads
+        assert ops["RMSNormalization"] == calls * (2 * cfg.n_layers + 1) + cfg.n_steps, ops
+        assert ops["Constant"] == ops["CastLike"] == ops["Identity"] == 0, ops
+    run = make_run(tmp_path, seed=5, halt_scale=1.0, H_cycles=1, halt_max_steps=2)
+    result = export_run(run, tmp_path / "m20.onnx", opset=20, log=lambda _: None)
+    ops = Counter(n.op_type for n in onnx.load(str(result.path)).graph.node)
+    assert result.opset == 20 and result.parity.ok, result.parity.summary()
+    assert not set(fused) & set(ops), ops
 
 
 def test_parity_check_detects_a_wrong_graph(recursive_top2):
