@@ -13,7 +13,6 @@ from moe_core.cli import run
 
 from .runtime import PROVIDER_CHOICES, RUNTIMES
 from .server import MODE_TASK
-from .shards import CHUNK_BATCHES
 
 ENGINES = ("local", "ray")
 
@@ -133,7 +132,7 @@ def serve(model, input_path, output_path, mode, batch_size, provider, runtime, m
     from moe_core.ort_session import usable_cpus
 
     from . import shards
-    from .jsonl import EXPECTED, PUZZLE_EXPECTED, chunked, read_puzzles, read_records
+    from .jsonl import EXPECTED, PUZZLE_EXPECTED, read_puzzles, read_records
     from .server import Server
 
     on_ray = engine == "ray"
@@ -209,7 +208,7 @@ def serve(model, input_path, output_path, mode, batch_size, provider, runtime, m
                 bars.append(stack.enter_context(tqdm(total=n_records, unit=unit, desc=mode)))
 
             totals, workers_note = serve_on_ray(
-                info.path, open_args, job, records, inputs, out, overwrite, make_manifest, address=ray_address,
+                server, open_args, job, records, inputs, out, overwrite, make_manifest, address=ray_address,
                 workers=workers, threads=threads_per_worker, provider=provider, announce=announce,
                 progress=lambda n: bars[0].update(n))
         workers_note = f" | {workers_note}"
@@ -218,8 +217,7 @@ def serve(model, input_path, output_path, mode, batch_size, provider, runtime, m
         with shards.open_outputs(inputs, out, overwrite, make_manifest) as sink, \
                 tqdm(total=n_records, unit=unit, desc=mode) as bar:
             done = 0
-            weight = (lambda r: 0) if mode == "solve" else (lambda r: len(r.text))
-            for chunk in chunked(shards.iter_records(inputs, read), CHUNK_BATCHES * rows, weight):
+            for chunk in shards.chunks(shards.iter_records(inputs, read), job):
                 for line in shards.serve_chunk(server, job, chunk, done, progress=bar.update):
                     sink.write(line)
                 done += len(chunk)

@@ -6,20 +6,22 @@ is started or joined, so a bad line is the usual one-line error and costs no clu
 cluster (no --ray-address) or joins one (--ray-address auto | HOST:PORT; a process already connected to Ray, such as
 a Python program or a test, serves on its connection), and runs
 
-    ray.data.from_items(records)                          # blocks of (index, id, text | puzzle)
-      .map_batches(Predictor, compute=ActorPoolStrategy(size=workers), num_cpus=threads, num_gpus=0 | 1)
+    ray.data.from_items(one row per block of records)      # (indices, ids, texts | puzzles): plan_blocks
+      .map_batches(Predictor, batch_size=1, compute=ActorPoolStrategy(size=workers), num_cpus=threads, num_gpus=0 | 1)
 
 Each actor opens its ONNX Runtime session (serve.Server) once, in __init__, and serves a block with shards.serve_chunk,
-the function the in-process engine runs, so every record becomes the same output line. Blocks come back in the
-order they were handed out (Ray Data's preserve_order); each line carries its record's index, and the driver puts
-the lines in input order (serving_order sorts windows of records by length), checks that every record came back
-exactly once, and writes them with the in-process engine's writer (shards.open_outputs). Ray itself never imports
-torch, and this module imports ray only when a run starts, so `moe serve` works without it.
+the function the in-process engine runs on a chunk, so every record becomes the same output line. Blocks come back
+in the order they were handed out (Ray Data's preserve_order); each line carries its record's index, and the driver
+puts the lines in input order (plan_blocks may sort a window of records by length), checks that every record came
+back exactly once, and writes them with the in-process engine's writer (shards.open_outputs). Ray itself never
+imports torch, and this module imports ray only when a run starts, so `moe serve` works without it.
 
-Results. A block is served like a chunk of the in-process engine, only the chunks are smaller (about 4 per worker,
-so that the workers share the work), so batches hold other records: discrete results (halt steps, generated tokens,
-solutions, n_tokens) are identical, and float results differ only by fp32 rounding, which depends on the padded
-width of a batch (README, "Serving on a Ray cluster").
+Results. A block is served as the in-process engine serves a chunk, but blocks are smaller (about 4 per worker, so
+that the workers share the work), so a batch holds other records than in one process. Rows never mix, so discrete
+results (halt steps, generated tokens, solutions, n_tokens) are the same and float results differ only by the fp32
+rounding that depends on a batch's padded width (README, "Serving on a Ray cluster", for the bound). The one
+exception is cached generation that reaches max_seq_len, where a sample continues from a context its batch-mates
+decide (shares_batches): then the blocks are the in-process chunks themselves, and the batches are one process's.
 
 Faults. Ray Data restarts an actor whose process dies (max_restarts = -1) and resubmits the block it was serving
 (up to MAX_TASK_RETRIES times, so a record that crashes every worker fails the run instead of looping); the driver
@@ -53,9 +55,9 @@ from moe_core.errors import MoeError
 from moe_core.jsonl import Record
 from moe_core.ort_session import usable_cpus
 
-from .jsonl import PuzzleRecord, chunked
+from .jsonl import PuzzleRecord
 from .server import Server
-from .shards import CHUNK_BATCHES, Inputs, Job, Totals, open_outputs, reset_counters, serve_chunk
+from .shards import CHUNK_BATCHES, Inputs, Job, Totals, chunks, open_outputs, reset_counters, serve_chunk
 
 RAY_MISSING = "--engine ray: Ray is not installed; install it with pip install 'moe[ray]'"
 BLOCKS_PER_WORKER = 4  # blocks per worker at least (when the input has the records): the workers share the work
@@ -104,33 +106,57 @@ def uses_positions(job: Job) -> bool:
     return job.mode == "generate" and job.temperature > 0
 
 
-def serving_order(records: Sequence[Any], job: Job) -> list[int]:
-    """The order the records are handed to the workers. A result that depends on the record alone lets each window
-    of the in-process engine's chunk size (shards.CHUNK_BATCHES * rows records, at most 32 MiB of text) go longest
-    first, so that a block, cut from it, holds texts of similar length and pads as little as a chunk of the
-    in-process engine does; the driver puts the lines back in input order (holding one window at most). Sampled
-    generation keeps input order: its blocks are runs of consecutive records, each served from its first index."""
-    order = list(range(len(records)))
-    if uses_positions(job) or job.mode == "solve":  # puzzles are all 81 cells: nothing to sort
-        return order
-    out = []
-    for window in chunked(order, CHUNK_BATCHES * job.rows, lambda i: len(records[i].text)):
-        out += sorted(window, key=lambda i: -len(records[i].text))
-    return out
+def shares_batches(server: Server, job: Job, records: Sequence[Any]) -> bool:
+    """Whether a record's result may depend on the records it is batched with, beyond fp32 rounding: generation on
+    the KV cache refills a whole batch when one of its samples reaches max_seq_len (moe_core/decoding.py), so when a
+    prompt can get there (its tokens + max_new_tokens >= max_seq_len) every sample of its batch continues from
+    another context than it would in another batch."""
+    if job.mode != "generate" or server.decoder is None:
+        return False
+    longest = max(len(ids) for ids in server.encode([r.text for r in records]))
+    return longest + job.max_new_tokens >= server.info.max_seq_len
 
 
-def items(records: Sequence[Any], order: Sequence[int], mode: str) -> list[dict[str, Any]]:
-    """The dataset's rows, in serving order: the record's index in the input, its id as JSON text, and what the
-    worker serves."""
-    if mode == "solve":
-        return [{"index": i, "id": json.dumps(records[i].id), "puzzle": sudoku.format_grid(records[i].puzzle),
-                 "solution": "" if records[i].solution is None else sudoku.format_grid(records[i].solution)}
-                for i in order]
-    return [{"index": i, "id": json.dumps(records[i].id), "text": records[i].text} for i in order]
+def plan_blocks(records: Sequence[Any], job: Job, workers: int, same_batches: bool) -> list[list[int]]:
+    """The blocks of record indices the workers serve, one Server call each, in the order they are handed out.
+
+    same_batches (shares_batches): exactly the in-process engine's chunks (shards.chunks), so every batch is the
+    one a single process forms. Otherwise smaller blocks (block_rows), so the workers share the work: a result that
+    depends on the record alone lets each window of the in-process chunk size go longest first, so that a block cut
+    from it holds texts of similar length and pads as little as a chunk does (the driver puts the lines back in
+    input order, holding one window at most); sampled generation keeps input order, each block a run of consecutive
+    records served from its first index."""
+    spans, start = [], 0
+    for chunk in chunks(records, job):
+        spans.append(list(range(start, start + len(chunk))))
+        start += len(chunk)
+    if same_batches:
+        return spans
+    keep_order = uses_positions(job) or job.mode == "solve"  # puzzles are all 81 cells: nothing to sort
+    order = [i for span in spans for i in (span if keep_order else sorted(span, key=lambda i: -len(records[i].text)))]
+    size = block_rows(len(records), workers, job.rows)
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
+def block_items(records: Sequence[Any], blocks: Sequence[Sequence[int]], mode: str) -> list[dict[str, Any]]:
+    """One dataset row per block: its records' indices in the input, their ids as JSON text, and what the worker
+    serves (texts, or puzzles and solutions as 81 characters, "" for none)."""
+    rows = []
+    for block in blocks:
+        row: dict[str, Any] = {"index": np.asarray(block, dtype=np.int64), "id": [json.dumps(records[i].id)
+                                                                               for i in block]}
+        if mode == "solve":
+            row["puzzle"] = [sudoku.format_grid(records[i].puzzle) for i in block]
+            row["solution"] = ["" if records[i].solution is None else sudoku.format_grid(records[i].solution)
+                               for i in block]
+        else:
+            row["text"] = [records[i].text for i in block]
+        rows.append(row)
+    return rows
 
 
 def runs(index: np.ndarray) -> list[tuple[int, int]]:
-    """[begin, end) spans of consecutive record indices in a batch (one span when the batch is a slice of the
+    """[begin, end) spans of consecutive record indices in a block (one span when the block is a slice of the
     input): each is served with its first record's index, which seeds sampled generation."""
     cuts = [0, *(np.flatnonzero(np.diff(index) != 1) + 1).tolist(), len(index)]
     return list(zip(cuts[:-1], cuts[1:], strict=True))
@@ -158,24 +184,29 @@ class Predictor:
             self.server, self.error = None, MoeError(f"{e} (on the Ray worker at {self.worker})")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A batch of block rows (one, as map_batches is asked) -> one row per record: its index, its output line,
+        and on a block's first record the block's figures (Totals, as JSON) and this worker's name."""
         if self.error is not None:
             raise self.error
-        index = np.asarray(batch["index"], dtype=np.int64)
-        ids = [json.loads(i) for i in batch["id"]]
-        if self.job.mode == "solve":
-            records = [PuzzleRecord(i, sudoku.parse_grid(p, "puzzle"), sudoku.parse_grid(s, "solution") if s else None)
-                       for i, p, s in zip(ids, batch["puzzle"], batch["solution"], strict=True)]
-        else:
-            records = [Record(0, i, t) for i, t in zip(ids, batch["text"], strict=True)]
-        reset_counters(self.server)
-        spans = runs(index) if uses_positions(self.job) else [(0, len(index))]
-        lines = []
-        for begin, end in spans:
-            lines += serve_chunk(self.server, self.job, records[begin:end], int(index[begin]))
-        totals = Totals()
-        totals.add(self.server)
-        meta = [json.dumps({**totals.as_json(), "worker": self.worker})] + [""] * (len(lines) - 1)
-        return {"index": index, "line": np.array(lines, dtype=object), "meta": np.array(meta, dtype=object)}
+        out: dict[str, list] = {"index": [], "line": [], "meta": []}
+        for k in range(len(batch["index"])):
+            index = np.asarray(batch["index"][k], dtype=np.int64)
+            ids = [json.loads(i) for i in batch["id"][k]]
+            if self.job.mode == "solve":
+                records = [PuzzleRecord(i, sudoku.parse_grid(p, "puzzle"),
+                                        sudoku.parse_grid(s, "solution") if s else None)
+                           for i, p, s in zip(ids, batch["puzzle"][k], batch["solution"][k], strict=True)]
+            else:
+                records = [Record(0, i, t) for i, t in zip(ids, batch["text"][k], strict=True)]
+            reset_counters(self.server)
+            for begin, end in runs(index) if uses_positions(self.job) else [(0, len(index))]:
+                out["line"] += serve_chunk(self.server, self.job, records[begin:end], int(index[begin]))
+            totals = Totals()
+            totals.add(self.server)
+            out["index"] += index.tolist()
+            out["meta"] += [json.dumps({**totals.as_json(), "worker": self.worker})] + [""] * (len(index) - 1)
+        return {"index": np.array(out["index"], dtype=np.int64), "line": np.array(out["line"], dtype=object),
+                "meta": np.array(out["meta"], dtype=object)}
 
 
 # -----------------------------------------------------------------------------
@@ -298,13 +329,14 @@ def ordered_lines(batches: Iterator[dict[str, np.ndarray]], n_records: int, tota
         raise MoeError(f"the Ray workers returned {expected} of {n_records} records; nothing was written")
 
 
-def serve_on_ray(model: Path, open_args: dict[str, Any], job: Job, records: Sequence[Any], inputs: Inputs, out: Path,
-                 overwrite: bool, make_manifest: Callable[[], dict[str, Any]], *, address: str | None,
+def serve_on_ray(server: Server, open_args: dict[str, Any], job: Job, records: Sequence[Any], inputs: Inputs,
+                 out: Path, overwrite: bool, make_manifest: Callable[[], dict[str, Any]], *, address: str | None,
                  workers: int | None, threads: int, provider: str, announce: Callable[[str], Any],
                  progress: Callable[[int], Any]) -> tuple[Totals, str]:
     """Serve `records` (read and checked, in input order) on Ray and write their lines as the in-process engine does
-    (module docstring). `announce` gets the engine's description once the cluster is there; returns the run's
-    Totals and a note on the workers for the summary line."""
+    (module docstring). `server`: the driver's, which checked the model (the workers open their own with
+    `open_args`). `announce` gets the engine's description once the cluster is there; returns the run's Totals and a
+    note on the workers for the summary line."""
     require_ray()
     import ray
     import ray.data
@@ -316,15 +348,15 @@ def serve_on_ray(model: Path, open_args: dict[str, Any], job: Job, records: Sequ
         per = f"{threads} thread{'s' if threads > 1 else ''}" + (" + 1 GPU" if gpus else "")
         started = time.perf_counter() - t0
         announce(f"engine ray: {n} worker{'s' if n > 1 else ''} x {per}, on {where}")
-        size = block_rows(len(records), n, job.rows)
+        same_batches = shares_batches(server, job, records)
+        blocks = plan_blocks(records, job, n, same_batches)
         with warnings.catch_warnings():
             # max_task_retries has no named parameter in map_batches: it goes through **ray_remote_args, which Ray
             # 2.60 marks as deprecated (as it does some DataContext fields it copies for every dataset).
             warnings.simplefilter("ignore", DeprecationWarning)
-            rows = items(records, serving_order(records, job), job.mode)
-            ds = ray.data.from_items(rows, override_num_blocks=math.ceil(len(records) / size))
-            ds = ds.map_batches(Predictor, batch_size=size, batch_format="numpy",
-                                fn_constructor_kwargs={"model": str(model.resolve()), "open_args": open_args,
+            ds = ray.data.from_items(block_items(records, blocks, job.mode), override_num_blocks=len(blocks))
+            ds = ds.map_batches(Predictor, batch_size=1, batch_format="numpy",
+                                fn_constructor_kwargs={"model": str(server.info.path.resolve()), "open_args": open_args,
                                                        "job": job},
                                 compute=ray.data.ActorPoolStrategy(size=n), num_cpus=threads, num_gpus=gpus,
                                 max_task_retries=MAX_TASK_RETRIES)
@@ -347,6 +379,8 @@ def serve_on_ray(model: Path, open_args: dict[str, Any], job: Job, records: Sequ
                 raise
             raise error from None
     restarted = len(processes) - n
-    note = (f"ray: {n} worker{'s' if n > 1 else ''}, cluster ready in {started:.1f}s"
+    note = (f"ray: {n} worker{'s' if n > 1 else ''}, {len(blocks)} block{'s' if len(blocks) > 1 else ''}"
+            + (" (the in-process chunks: cached generation reaches max_seq_len)" if same_batches else "")
+            + f", cluster ready in {started:.1f}s"
             + (f", {restarted} worker process{'es' if restarted > 1 else ''} restarted" if restarted > 0 else ""))
     return totals, note

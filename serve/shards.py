@@ -33,17 +33,19 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 from moe_core.errors import MoeError, is_io_error, os_reason
 from moe_core.files import _signals_deferred, atomic_output, atomic_write_text, check_output
 from moe_core.stepwise import StepCounts
 
-from .jsonl import JSONL_SUFFIXES, PUZZLE_FILE_SUFFIXES, count_records
+from .jsonl import JSONL_SUFFIXES, PUZZLE_FILE_SUFFIXES, chunked, count_records
 from .server import ServeStats
 
 if TYPE_CHECKING:
     from .server import Progress, Server
+
+T = TypeVar("T")
 
 CHUNK_BATCHES = 64  # records per Server call = CHUNK_BATCHES * rows per pass: bounded memory, good length sorting
 MANIFEST = "manifest.json"
@@ -68,6 +70,14 @@ class Job:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+
+
+def chunks(records: Iterable[T], job: Job) -> Iterator[list[T]]:
+    """The in-process engine's units of work, each one Server call: CHUNK_BATCHES * rows records, and at most
+    jsonl.CHUNK_TEXT_CHARS of text. The Server sorts a chunk by length into its batches, so the chunk decides which
+    records share a batch."""
+    weight = (lambda r: 0) if job.mode == "solve" else (lambda r: len(r.text))
+    return chunked(records, CHUNK_BATCHES * job.rows, weight)
 
 
 def record_line(ident: Any, result: Any) -> str:
@@ -395,5 +405,5 @@ def _commit_dir(tmp: Path, out: Path, overwrite: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-__all__ = ["MANIFEST", "Inputs", "Job", "Shard", "Sink", "check_not_inside", "check_outputs", "count_inputs",
+__all__ = ["MANIFEST", "Inputs", "Job", "Shard", "Sink", "check_not_inside", "check_outputs", "chunks", "count_inputs",
            "find_inputs", "iter_records", "manifest", "open_outputs", "record_line", "serve_chunk"]

@@ -29,7 +29,8 @@ from moe_core import sudoku
 from moe_core.errors import MoeError
 from moe_core.graph_contract import graph_metadata, step_graph_metadata, step_path_for, tokenizer_path_for
 from moe_core.jsonl import Record
-from serve.ray_engine import Predictor, block_rows, plan_workers, runs, serving_order
+from serve import shards
+from serve.ray_engine import Predictor, block_rows, plan_blocks, plan_workers, runs
 from serve.shards import Job
 
 ray = pytest.importorskip("ray")
@@ -277,15 +278,19 @@ def test_blocks_and_runs():
     assert runs(np.array([4, 5, 9, 10, 2])) == [(0, 2), (2, 4), (4, 5)]
 
 
-def test_serving_order_sorts_windows_unless_results_depend_on_positions():
+def test_blocks_sort_windows_unless_results_depend_on_positions_or_batches():
     records = [Record(i + 1, i + 1, "x" * n) for i, n in enumerate([3, 9, 1, 5, 7, 2])]
-    job = Job("score", rows=1)  # windows of CHUNK_BATCHES records
-    assert serving_order(records, job) == [1, 4, 3, 0, 5, 2]  # longest first
-    small = [Record(i + 1, i + 1, "x" * n) for i, n in enumerate([1, 2] * 40)]  # two windows of 64, then 16
-    order = serving_order(small, job)
-    assert sorted(order[:64]) == list(range(64)) and sorted(order[64:]) == list(range(64, 80))
-    assert serving_order(records, Job("generate", rows=1)) == [1, 4, 3, 0, 5, 2]  # greedy: the record alone
-    assert serving_order(records, Job("generate", rows=1, temperature=0.7)) == list(range(6))  # seeded by position
+    score = Job("score", rows=1)  # windows (chunks) of CHUNK_BATCHES records, blocks of 1 record (6 / (4 x 2) < 1)
+    assert plan_blocks(records, score, 2, False) == [[1], [4], [3], [0], [5], [2]]  # longest first
+    assert plan_blocks(records, Job("generate", rows=2), 1, False) == [[1, 4], [3, 0], [5, 2]]  # greedy
+    assert plan_blocks(records, Job("generate", rows=2, temperature=0.7), 1, False) == [[0, 1], [2, 3], [4, 5]]
+    many = [Record(i + 1, i + 1, "x" * n) for i, n in enumerate([1, 2] * 40)]  # chunks of 64, then 16
+    blocks = plan_blocks(many, score, 1, False)
+    assert [len(b) for b in blocks] == [20] * 4  # 80 / (4 blocks per worker)
+    order = [i for b in blocks for i in b]  # each chunk longest first: its odd indices (2 characters) first
+    assert order == [*range(1, 64, 2), *range(0, 64, 2), *range(65, 80, 2), *range(64, 80, 2)]
+    assert plan_blocks(many, score, 2, True) == [list(range(64)), list(range(64, 80))]  # the in-process chunks
+    assert [len(c) for c in shards.chunks(many, score)] == [64, 16]
 
 
 # -----------------------------------------------------------------------------
