@@ -241,7 +241,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     size = ap.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_const", dest="mode", const="quick", help="about a minute")
+    size.add_argument("--quick", action="store_const", dest="mode", const="quick", help="a few minutes")
     size.add_argument("--smoke", action="store_const", dest="mode", const="smoke", help="seconds; plumbing only")
     ap.add_argument("--run", type=Path, default=None, help="benchmark this trained run instead of a random-init model")
     ap.add_argument("--onnx", type=Path, default=None, help="the --run's exported model (default: export it now)")
