@@ -270,7 +270,10 @@ class OrtModel:
         """The named outputs for these inputs, as host arrays.
 
         IO binding on every provider (so CI exercises the code the CUDA path runs): inputs are bound from host
-        memory, the outputs are allocated on the session's device and copied back once.
+        memory, the outputs are allocated on the session's device; on CUDA they are copied back once, on the CPU
+        they are returned as they are, arrays over ORT's own buffers (each keeps its buffer alive). The decode
+        graph's KV cache goes from one call to the next this way: copying it out of every call cost as much as the
+        call itself at batch 32 (benchmarks/RESULTS.md).
         """
         io = self.session.io_binding()
         for name, value in feeds.items():
@@ -278,6 +281,8 @@ class OrtModel:
         for name in outputs:
             io.bind_output(name, self.provider)  # "cuda" | "cpu": ORT's device names are the provider names
         self.session.run_with_iobinding(io)
+        if self.provider == "cpu":
+            return [value.numpy() for value in io.get_outputs()]
         return io.copy_outputs_to_cpu()
 
 
