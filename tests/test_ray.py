@@ -399,6 +399,16 @@ def test_a_model_a_worker_cannot_open_fails_at_once(cluster, lm, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
 
 
+def test_a_worker_without_the_model_file_reports_it_with_its_name(tmp_path):
+    """What a node that cannot see the model path raises on its first block (the path above, through Ray): the
+    usual one-line message, naming the worker."""
+    worker = Predictor(str(tmp_path / "elsewhere" / "m.onnx"), {"provider": "cpu", "threads": 1}, Job("score", 4))
+    with pytest.raises(MoeError) as e:
+        worker({"index": [np.array([0])], "id": [["1"]], "text": [["a"]]})
+    assert str(e.value).startswith(f"{tmp_path / 'elsewhere' / 'm.onnx'}: model file not found (on the Ray worker "
+                                   "at ") and "\n" not in str(e.value)
+
+
 def test_bad_input_fails_before_any_cluster(lm, tmp_path, monkeypatch):
     def no_cluster(address):
         raise AssertionError("a cluster was started for a bad input")
