@@ -513,7 +513,8 @@ JSONL_CASES = {  # name -> (content, message); the file is in.jsonl
     "blank": ("\n  \n\t\n", "in.jsonl: no input records"),
     "huge_line": ("huge", f"in.jsonl:2: line longer than {MAX_LINE_BYTES:,} bytes; expected at most 16 MiB per line"),
     "missing": (None, "in.jsonl: input file not found"),
-    "directory": ("dir", "in.jsonl: not a file"),
+    # a directory is sharded input (serve/shards.py): one without shards is refused
+    "empty_directory": ("dir", "in.jsonl: no input shards in this directory; expected files ending in .jsonl"),
 }
 
 

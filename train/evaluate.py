@@ -43,10 +43,11 @@ from moe_core.tokenizer import read_tokenizer
 from .checkpointing import saved_run_config
 from .config import DEVICES, RunConfig
 from .distributed import autocast_for, use_cuda
+from .eval_modes import BASELINE, MODES, baseline_label
+from .ladder import OUTPUTS as LADDER_OUTPUTS
+from .ladder import parse_givens, run_ladder
 from .tasks import Task, make_task
 
-MODES = ("halting", "all K")
-BASELINE = "baseline"
 OUTPUTS = ("eval.md", "eval.csv", "eval.png")
 PUZZLES_FILE = "test_puzzles.txt"
 # The figures of each task, in table order: (key, header, format). The first is the plot's y axis.
@@ -108,12 +109,6 @@ def load_baseline(base: Path, run: Path, cfg: RunConfig, tokenizer_json: str, de
         raise ConfigError(f"--baseline {base / TOKENIZER_FILE}: another vocabulary than {run}'s; expected the same "
                           f"tokenizer (the same ids mean the same tokens)")
     return load_model(base, device)
-
-
-def baseline_label(model: RecursiveMoE, name: str) -> str:
-    """The mode column of the other run's rows: its name and how it runs."""
-    kind = "recursion off" if not model.config.recursive else f"halt_max_steps {model.config.halt_max_steps}"
-    return f"{BASELINE}: {name} ({kind})"
 
 
 def baseline_row(model: RecursiveMoE, name: str, task: Task, device: torch.device) -> dict[str, Any]:
@@ -201,8 +196,6 @@ def eval_(run_dir: str, steps_text: str, ladder: bool, ladder_givens: str, ladde
         raise ConfigError(f"--ladder: {run} is a {cfg.train.task!r} run; expected a Sudoku run (train.task = "
                           f"'sudoku')")
     if ladder:
-        from .ladder import OUTPUTS as LADDER_OUTPUTS  # noqa: PLC0415 - ladder.py builds on this module
-        from .ladder import parse_givens  # noqa: PLC0415
 
         levels = parse_givens(ladder_givens)
         names = list(LADDER_OUTPUTS)
@@ -230,7 +223,6 @@ def eval_(run_dir: str, steps_text: str, ladder: bool, ladder_givens: str, ladde
         steps = [1]  # the baseline has one pass: K does not apply
     task = make_task(cfg, tok_text, click.echo)
     if ladder:
-        from .ladder import run_ladder  # noqa: PLC0415
 
         run_ladder(run, cfg, model, task, tok_text, steps, levels, ladder_size, ladder_seed, baseline_dir, base_model,
                    dev, out_dir, overwrite)

@@ -39,7 +39,7 @@ from moe_core.model import RecursiveMoE
 from .checkpointing import read_best, saved_run_config
 from .config import RunConfig
 from .distributed import autocast_for
-from .evaluate import BASELINE, MODES, baseline_label
+from .eval_modes import BASELINE, MODES, baseline_label
 from .sudoku_task import SudokuTask, counts, data_spec, figures, halted_at, solve_batches, solve_steps
 from .tasks import make_task
 
