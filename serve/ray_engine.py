@@ -19,9 +19,8 @@ imports torch, and this module imports ray only when a run starts, so `moe serve
 Results. A block is served as the in-process engine serves a chunk, but blocks are smaller (about 4 per worker, so
 that the workers share the work), so a batch holds other records than in one process. Rows never mix, so discrete
 results (halt steps, generated tokens, solutions, n_tokens) are the same and float results differ only by the fp32
-rounding that depends on a batch's padded width (README, "Serving on a Ray cluster", for the bound). The one
-exception is cached generation that reaches max_seq_len, where a sample continues from a context its batch-mates
-decide (shares_batches): then the blocks are the in-process chunks themselves, and the batches are one process's.
+rounding that depends on a batch's padded width (README, "Serving on a Ray cluster", for the bound); cached
+generation past max_seq_len too, as each sample refills its own cache (moe_core/decoding.py).
 
 Faults. Ray Data restarts an actor whose process dies (max_restarts = -1) and resubmits the block it was serving
 (up to MAX_TASK_RETRIES times, so a record that crashes every worker fails the run instead of looping); the driver
@@ -106,22 +105,10 @@ def uses_positions(job: Job) -> bool:
     return job.mode == "generate" and job.temperature > 0
 
 
-def shares_batches(server: Server, job: Job, records: Sequence[Any]) -> bool:
-    """Whether a record's result may depend on the records it is batched with, beyond fp32 rounding: generation on
-    the KV cache refills a whole batch when one of its samples reaches max_seq_len (moe_core/decoding.py), so when a
-    prompt can get there (its tokens + max_new_tokens >= max_seq_len) every sample of its batch continues from
-    another context than it would in another batch."""
-    if job.mode != "generate" or server.decoder is None:
-        return False
-    longest = max(len(ids) for ids in server.encode([r.text for r in records]))
-    return longest + job.max_new_tokens >= server.info.max_seq_len
-
-
-def plan_blocks(records: Sequence[Any], job: Job, workers: int, same_batches: bool) -> list[list[int]]:
+def plan_blocks(records: Sequence[Any], job: Job, workers: int) -> list[list[int]]:
     """The blocks of record indices the workers serve, one Server call each, in the order they are handed out.
 
-    same_batches (shares_batches): exactly the in-process engine's chunks (shards.chunks), so every batch is the
-    one a single process forms. Otherwise smaller blocks (block_rows), so the workers share the work: a result that
+    Smaller blocks than the in-process chunks (block_rows), so the workers share the work: a result that
     depends on the record alone lets each window of the in-process chunk size go longest first, so that a block cut
     from it holds texts of similar length and pads as little as a chunk does (the driver puts the lines back in
     input order, holding one window at most); sampled generation keeps input order, each block a run of consecutive
@@ -130,8 +117,6 @@ def plan_blocks(records: Sequence[Any], job: Job, workers: int, same_batches: bo
     for chunk in chunks(records, job):
         spans.append(list(range(start, start + len(chunk))))
         start += len(chunk)
-    if same_batches:
-        return spans
     keep_order = uses_positions(job) or job.mode == "solve"  # puzzles are all 81 cells: nothing to sort
     order = [i for span in spans for i in (span if keep_order else sorted(span, key=lambda i: -len(records[i].text)))]
     size = block_rows(len(records), workers, job.rows)
@@ -348,8 +333,7 @@ def serve_on_ray(server: Server, open_args: dict[str, Any], job: Job, records: S
         per = f"{threads} thread{'s' if threads > 1 else ''}" + (" + 1 GPU" if gpus else "")
         started = time.perf_counter() - t0
         announce(f"engine ray: {n} worker{'s' if n > 1 else ''} x {per}, on {where}")
-        same_batches = shares_batches(server, job, records)
-        blocks = plan_blocks(records, job, n, same_batches)
+        blocks = plan_blocks(records, job, n)
         with warnings.catch_warnings():
             # max_task_retries has no named parameter in map_batches: it goes through **ray_remote_args, which Ray
             # 2.60 marks as deprecated (as it does some DataContext fields it copies for every dataset).
@@ -380,7 +364,6 @@ def serve_on_ray(server: Server, open_args: dict[str, Any], job: Job, records: S
             raise error from None
     restarted = len(processes) - n
     note = (f"ray: {n} worker{'s' if n > 1 else ''}, {len(blocks)} block{'s' if len(blocks) > 1 else ''}"
-            + (" (the in-process chunks: cached generation reaches max_seq_len)" if same_batches else "")
             + f", cluster ready in {started:.1f}s"
             + (f", {restarted} worker process{'es' if restarted > 1 else ''} restarted" if restarted > 0 else ""))
     return totals, note

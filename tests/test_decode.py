@@ -14,7 +14,7 @@ import torch
 from conftest import vary_routing
 from test_serve import WORDS, make_texts
 
-from export.decode import cache_entries
+from export.decode import cache_entries, eager_runner
 from export.onnx_export import export_run
 from moe_core import ModelConfig, MoeError, RecursiveMoE, load_model
 from moe_core.checkpoint import save_run
@@ -109,6 +109,27 @@ def test_generation_past_max_seq_len_refills_the_cache(exported):
     assert server.decoder.refills >= 1 or all(r.finish_reason == "eot" for r in results)
     for r in results:
         assert (r.finish_reason == "length") == (len(r.tokens) == 40) and eot not in r.tokens
+
+
+def test_a_sample_refills_alone_and_never_depends_on_its_batch(exported):
+    """Past max_seq_len each sample is prefilled again on its own when it gets there: prompts of different lengths
+    reach it at different calls, and the tokens are the same whatever the batch (one by one, 5 at a time, all in
+    one), on ONNX Runtime and on the eager model through the same loop."""
+    run, out, _ = exported
+    server = Server.open(out, provider="cpu", threads=1)
+    prompts = texts(9)
+    lengths = {len(ids) for ids in server.encode(prompts)}
+    assert len(lengths) >= 3, lengths
+    new = 2 * T  # every sample passes max_seq_len at least once (unless it ends on EOT first)
+    runs = [server.generate(prompts, max_new_tokens=new, batch_size=b) for b in (1, 5, len(prompts))]
+    assert server.decoder.refills >= len(prompts)
+    for other in runs[1:]:
+        assert [r.tokens for r in other] == [r.tokens for r in runs[0]]
+    assert sum(len(r.tokens) > T for r in runs[0]) >= 3, "too few samples went past max_seq_len"
+    eager = Server.open(out, provider="cpu", threads=1)
+    eager.decoder.run = eager_runner(load_model(run))
+    assert [r.tokens for r in eager.generate(prompts, max_new_tokens=new, batch_size=5)] == \
+        [r.tokens for r in runs[0]]
 
 
 def test_a_decode_graph_of_another_model_is_refused(exported, tmp_path):

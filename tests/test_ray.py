@@ -278,18 +278,17 @@ def test_blocks_and_runs():
     assert runs(np.array([4, 5, 9, 10, 2])) == [(0, 2), (2, 4), (4, 5)]
 
 
-def test_blocks_sort_windows_unless_results_depend_on_positions_or_batches():
+def test_blocks_sort_windows_unless_results_depend_on_positions():
     records = [Record(i + 1, i + 1, "x" * n) for i, n in enumerate([3, 9, 1, 5, 7, 2])]
     score = Job("score", rows=1)  # windows (chunks) of CHUNK_BATCHES records, blocks of 1 record (6 / (4 x 2) < 1)
-    assert plan_blocks(records, score, 2, False) == [[1], [4], [3], [0], [5], [2]]  # longest first
-    assert plan_blocks(records, Job("generate", rows=2), 1, False) == [[1, 4], [3, 0], [5, 2]]  # greedy
-    assert plan_blocks(records, Job("generate", rows=2, temperature=0.7), 1, False) == [[0, 1], [2, 3], [4, 5]]
+    assert plan_blocks(records, score, 2) == [[1], [4], [3], [0], [5], [2]]  # longest first
+    assert plan_blocks(records, Job("generate", rows=2), 1) == [[1, 4], [3, 0], [5, 2]]  # greedy
+    assert plan_blocks(records, Job("generate", rows=2, temperature=0.7), 1) == [[0, 1], [2, 3], [4, 5]]
     many = [Record(i + 1, i + 1, "x" * n) for i, n in enumerate([1, 2] * 40)]  # chunks of 64, then 16
-    blocks = plan_blocks(many, score, 1, False)
+    blocks = plan_blocks(many, score, 1)
     assert [len(b) for b in blocks] == [20] * 4  # 80 / (4 blocks per worker)
     order = [i for b in blocks for i in b]  # each chunk longest first: its odd indices (2 characters) first
     assert order == [*range(1, 64, 2), *range(0, 64, 2), *range(65, 80, 2), *range(64, 80, 2)]
-    assert plan_blocks(many, score, 2, True) == [list(range(64)), list(range(64, 80))]  # the in-process chunks
     assert [len(c) for c in shards.chunks(many, score)] == [64, 16]
 
 
