@@ -45,7 +45,6 @@ from .decode import cache_entries, can_decode, check_decode_parity, decode_to_on
 from .parity import ParityReport, check_parity, text_nll, text_windows
 from .passes import (
     dedupe_initializers,
-    fold_sliced_weights,
     has_decisions,
     remove_dead_nodes,
     runtime_folded,
@@ -58,8 +57,8 @@ from .trace import DecisionGraph, ExportGraph, StepGraph, example_inputs, step_t
 
 __all__ = [
     "DEFAULT_OPSET", "PRECISIONS", "DecisionGraph", "ExportGraph", "ExportResult", "StepGraph", "check_parity",
-    "convert_precision", "dedupe_initializers", "example_inputs", "export_run", "fold_sliced_weights",
-    "remove_dead_nodes", "step_to_onnx", "strip_decisions", "to_onnx", "trace", "weights_sha256",
+    "convert_precision", "dedupe_initializers", "example_inputs", "export_run",
+    "remove_dead_nodes", "runtime_folded", "step_to_onnx", "strip_decisions", "to_onnx", "trace", "weights_sha256",
 ]
 
 

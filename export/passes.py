@@ -8,7 +8,6 @@ import hashlib
 import os
 import tempfile
 
-import numpy as np
 import onnx
 from onnx import numpy_helper
 
@@ -147,69 +146,6 @@ def strip_decisions(proto: onnx.ModelProto) -> onnx.ModelProto:
     del proto.graph.output[:]
     proto.graph.output.extend(outputs)
     return remove_dead_nodes(proto)
-
-
-def sliced_weights(proto: onnx.ModelProto) -> int:
-    """How many distinct MatMul weights fold_sliced_weights would fold."""
-    return len(_sliced_weights(proto.graph))
-
-
-def fold_sliced_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Make every MatMul weight that is a slice of a stored weight an initializer of its own.
-
-    Sparse MoE dispatch multiplies each expert's rows by its block of the stored [D, E*F] / [E*F, D] weights:
-    in the graph, Reshape / Transpose / Gather of the initializer feed the MatMul, and dynamic quantisation only
-    quantises a MatMul whose weight is an initializer (ONNX Runtime folds these constants at load, after
-    quantisation has passed them by). Folded here, each expert's weight is quantised as the dense graph's are.
-    A weight that is not sliced (e.g. a Linear's transposed weight) is left as it is: int8 covers the same
-    weights under both dispatches. Folding is exact (it only moves values) and dead nodes are dropped; the
-    copies the unrolled recursion makes are left for dedupe_initializers to merge.
-    """
-    from onnx.reference import ReferenceEvaluator
-
-    proto = copy_model(proto)
-    graph = proto.graph
-    weights = _sliced_weights(graph)
-    if not weights:
-        return proto
-    inits = {i.name: i for i in graph.initializer}
-    folded: dict[tuple, str] = {}
-    for node, key, nodes in weights:
-        if key not in folded:
-            w = node.input[1]
-            used = sorted({i for n in nodes for i in n.input if i in inits})
-            model = onnx.helper.make_model(
-                onnx.helper.make_graph(nodes, "fold", [], [onnx.helper.make_tensor_value_info(w, 0, None)],
-                                       [inits[i] for i in used]), opset_imports=proto.opset_import)
-            value = np.ascontiguousarray(ReferenceEvaluator(model).run(None, {})[0])
-            folded[key] = f"{'+'.join(used)}.slice{len(folded)}"  # e.g. model.net.blocks.0.ffn.w_gate.slice3
-            graph.initializer.append(numpy_helper.from_array(value, folded[key]))
-        node.input[1] = folded[key]
-    return remove_dead_nodes(proto)
-
-
-def _sliced_weights(graph: onnx.GraphProto) -> list[tuple[onnx.NodeProto, tuple, list[onnx.NodeProto]]]:
-    """(MatMul node, signature of its weight, the nodes computing that weight in graph order) for every MatMul
-    whose weight is a constant computed from initializers through a Gather or Slice, in graph order. Two weights
-    with one signature are the same computation of the same initializers."""
-    inits = {i.name for i in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
-    signature: dict[str, tuple] = {name: ("initializer", name) for name in inits}  # constant values only
-    for node in graph.node:
-        if node.op_type == "Constant" or (node.input and all(i in signature for i in node.input if i)):
-            attrs = tuple(a.SerializeToString() for a in node.attribute)
-            for k, out in enumerate(node.output):
-                signature[out] = (node.op_type, attrs, tuple(signature.get(i) for i in node.input), k)
-    order = {id(n): i for i, n in enumerate(graph.node)}
-    found = []
-    for node in graph.node:
-        w = node.input[1] if node.op_type == "MatMul" else None
-        if w is None or w in inits or w not in signature:
-            continue
-        nodes = _computing(w, producer, order)
-        if any(n.op_type in ("Gather", "Slice") for n in nodes):
-            found.append((node, signature[w], nodes))
-    return found
 
 
 def _computing(name: str, producer: dict[str, onnx.NodeProto], order: dict[int, int]) -> list[onnx.NodeProto]:

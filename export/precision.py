@@ -8,7 +8,7 @@ import warnings
 import onnx
 
 from .choices import PRECISIONS
-from .passes import dedupe_initializers, fold_sliced_weights, sliced_weights, with_metadata
+from .passes import with_metadata
 
 __all__ = ["PRECISIONS", "convert_precision"]
 
@@ -20,9 +20,9 @@ def convert_precision(path: str, precision: str, metadata: dict[str, str]) -> No
     fp16: weights and activations in half precision (for GPU serving); inputs and outputs stay int64 /
     float32, and TopK / CumSum / Range stay fp32 (the converter's default block list), so routing still
     ranks in fp32. int8: dynamic quantisation of the MatMul and Gemm weights that are initializers (a CPU
-    speed-up). The export folds every weight's transpose or slice into an initializer (passes.runtime_folded;
-    passes.fold_sliced_weights for a graph that was not folded), so that is every projection: attention, routers,
-    experts under either MoE dispatch, the halt and output heads. The standard Attention op (opset 23) is left as it is:
+    speed-up). The export folds every weight's transpose or slice into an initializer (passes.runtime_folded), so
+    that is every projection: attention, routers, experts under either MoE dispatch (sparse dispatch's per-expert
+    slices included), the halt and output heads. The standard Attention op (opset 23) is left as it is:
     the quantiser would rewrite it as the contrib QAttention, a different operator with other attributes.
     """
     if precision == "fp16":
@@ -33,9 +33,6 @@ def convert_precision(path: str, precision: str, metadata: dict[str, str]) -> No
         from onnxruntime.quantization import QuantType, quantize_dynamic
         from onnxruntime.quantization.registry import IntegerOpsRegistry
 
-        proto = onnx.load(path)
-        if sliced_weights(proto):
-            onnx.save(dedupe_initializers(fold_sliced_weights(proto)), path)
         previous = logging.root.manager.disable
         logging.disable(logging.WARNING)  # "Please consider to run pre-processing" on the root logger, every call
         try:
