@@ -5,22 +5,18 @@ seeded sampling, prompts of different lengths in one batch, samples halting at d
 from __future__ import annotations
 
 import json
-import random
 import shutil
 
 import onnx
 import pytest
 import torch
-from conftest import vary_routing
-from test_serve import WORDS, make_texts
+from test_serve import make_texts, varied_run
 
 from export.decode import cache_entries, eager_runner
 from export.onnx_export import export_run
-from moe_core import ModelConfig, MoeError, RecursiveMoE, load_model
-from moe_core.checkpoint import save_run
+from moe_core import MoeError, load_model
 from moe_core.graph_contract import CACHE_ENTRIES, decode_path_for
 from serve import Server
-from train.data import train_tokenizer
 
 T = 24  # max_seq_len
 
@@ -30,13 +26,7 @@ def exported(tmp_path_factory):
     """(run_dir, model.onnx, export result) of a random causal model whose routing and halting vary, exported with
     its decode graph and both parity checks."""
     tmp = tmp_path_factory.mktemp("decode")
-    torch.manual_seed(1)
-    cfg = ModelConfig(vocab_size=300, max_seq_len=T, d_model=32, n_heads=4, n_layers=1, n_experts=4, d_expert=32,
-                      H_cycles=2, L_cycles=1, halt_max_steps=2)
-    model = vary_routing(RecursiveMoE(cfg), lm_scale=10.0)
-    rng = random.Random(1)
-    run = tmp / "run"
-    save_run(run, model, train_tokenizer([" ".join(rng.choice(WORDS) for _ in range(2000))], 300).to_str())
+    run = varied_run(tmp / "run", seed=1, max_seq_len=T)
     out = tmp / "m.onnx"
     result = export_run(run, out, decode=True, log=lambda _: None)
     return run, out, result

@@ -42,18 +42,24 @@ def make_texts(n: int, seed: int) -> list[str]:
     return texts
 
 
+def varied_run(run_dir: Path, seed: int, max_seq_len: int) -> Path:
+    """A run dir of a tiny random causal language model whose routing and halting vary between inputs
+    (conftest.vary_routing), with a tokenizer trained on WORDS."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=300, max_seq_len=max_seq_len, d_model=32, n_heads=4, n_layers=1, n_experts=4,
+                      d_expert=32, H_cycles=2, L_cycles=1, halt_max_steps=2)
+    model = vary_routing(RecursiveMoE(cfg), lm_scale=10.0)
+    rng = random.Random(1)
+    corpus = [" ".join(rng.choice(WORDS) for _ in range(2000))]
+    save_run(run_dir, model, train_tokenizer(corpus, cfg.vocab_size).to_str())
+    return run_dir
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> tuple[Path, Path]:
     """(run_dir, model.onnx) of a random model whose routing and halting really vary between inputs."""
     tmp = tmp_path_factory.mktemp("serve")
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=300, max_seq_len=T, d_model=32, n_heads=4, n_layers=1, n_experts=4, d_expert=32,
-                      H_cycles=2, L_cycles=1, halt_max_steps=2)
-    model = vary_routing(RecursiveMoE(cfg), lm_scale=10.0)
-    rng = random.Random(1)
-    corpus = [" ".join(rng.choice(WORDS) for _ in range(2000))]
-    run_dir = tmp / "run"
-    save_run(run_dir, model, train_tokenizer(corpus, cfg.vocab_size).to_str())
+    run_dir = varied_run(tmp / "run", seed=0, max_seq_len=T)
     onnx_path = tmp / "m.onnx"
     export_run(run_dir, onnx_path, check=False, stepwise=True, log=lambda _: None)  # + m.step.onnx
     return run_dir, onnx_path
