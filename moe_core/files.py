@@ -19,8 +19,10 @@ from .errors import MoeError, is_io_error, os_reason
 
 T = TypeVar("T")
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+# The process's umask (read once: os.umask can only be read by setting it): what a file or directory made by
+# mkstemp / mkdtemp (0600 / 0700) is opened up to before it is moved into place.
+UMASK = os.umask(0)
+os.umask(UMASK)
 
 
 def check_output(path: str | os.PathLike, overwrite: bool, option: str = "this output") -> Path:
@@ -163,12 +165,12 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = True) -> Iterator[s
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         yield tmp
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 (and some writers recreate the file)
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600 (and some writers recreate the file)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         check_not_inputs([path])
         # The move is not interrupted half-way by SIGINT / SIGTERM: their handlers run after it.
-        with _signals_deferred():
+        with signals_deferred():
             _commit(tmp, path, overwrite)
             tmp = None
     except BaseException as e:
@@ -180,8 +182,24 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = True) -> Iterator[s
         raise
 
 
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a directory's entries (a rename into it) to disk, where the filesystem allows it: some refuse fsync on
+    a directory, and the rename is atomic without it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
+def signals_deferred() -> Iterator[None]:
+    """SIGINT / SIGTERM that arrive within the block are handled after it: a move into place is never cut short."""
     blocked = {signal.SIGINT, signal.SIGTERM}
     old = signal.pthread_sigmask(signal.SIG_BLOCK, blocked) if hasattr(signal, "pthread_sigmask") else None
     try:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 from moe_core.errors import MoeError, is_io_error, os_reason
-from moe_core.files import _signals_deferred, atomic_output, atomic_write_text, check_output
+from moe_core.files import UMASK, atomic_output, atomic_write_text, check_output, fsync_dir, signals_deferred
 from moe_core.stepwise import StepCounts
 
 from .jsonl import JSONL_SUFFIXES, PUZZLE_FILE_SUFFIXES, chunked, count_records
@@ -352,8 +352,8 @@ def open_outputs(inputs: Inputs, out: Path, overwrite: bool,
             sink.abandon()
         if make_manifest is not None:
             atomic_write_text(tmp / MANIFEST, json.dumps(make_manifest(), indent=1, ensure_ascii=False) + "\n")
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
-        _fsync_dir(tmp)
+        os.chmod(tmp, 0o777 & ~UMASK)  # mkdtemp makes 0700
+        fsync_dir(tmp)
         _commit_dir(tmp, out, overwrite)
         tmp = None
     except BaseException as e:
@@ -364,26 +364,12 @@ def open_outputs(inputs: Inputs, out: Path, overwrite: bool,
         raise
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _commit_dir(tmp: Path, out: Path, overwrite: bool) -> None:
     """Move the finished set `tmp` to `out`. A new or empty `out` is replaced by one rename. An existing set (with
     --overwrite) is first renamed aside, so a reader finds the old set, no set for a moment, or the new one, never a
     mix; without --overwrite, a set another process created meanwhile is never replaced."""
     old = None
-    with _signals_deferred():  # SIGINT / SIGTERM wait until the set is in place (or left as it was)
+    with signals_deferred():  # SIGINT / SIGTERM wait until the set is in place (or left as it was)
         if out.is_dir() and any(out.iterdir()):
             if not overwrite:
                 raise MoeError(f"{out}: already exists (another process created it while this one ran; pass "
@@ -400,7 +386,7 @@ def _commit_dir(tmp: Path, out: Path, overwrite: bool) -> None:
                 raise MoeError(f"{out}: already exists (another process created it while this one ran); nothing was "
                                "written") from None
             raise
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -67,7 +67,7 @@ from moe_core.checkpoint import (
     shard_file_name,
 )
 from moe_core.errors import CheckpointError
-from moe_core.files import atomic_write
+from moe_core.files import atomic_write, fsync_dir
 from moe_core.formats import FORMAT_VERSION
 
 from .config import RunConfig
@@ -96,19 +96,6 @@ class LoopState:
     data_fingerprint: str = ""  # of the tokenized training split: resume refuses different data
     best_step: int = -1  # train.keep_best: the step of the best evaluation so far (-1: none yet)
     best_key: list[float] = field(default_factory=list)  # its Task.best_by figures, signed so that higher is better
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on directories; the rename is still atomic
-    finally:
-        os.close(fd)
 
 
 def checkpoint_sets(run_dir: Path) -> list[tuple[int, Path]]:
@@ -247,7 +234,7 @@ def _finish_set(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 def save_best(run_dir: Path, model: torch.nn.Module, step: int, by: tuple[str, ...], figures: dict[str, float],
