@@ -76,20 +76,19 @@ class EagerModel:
 
 
 class CacheProbe:
-    """Wraps a Decoder's `run` and keeps the largest cache a call returned: (bytes of every present key and value,
-    batch, length)."""
+    """Wraps a Decoder's `run` and keeps the largest cache a call was given: (bytes of every key and value buffer,
+    batch, buffer length)."""
 
     def __init__(self, decoder: Decoder) -> None:
         self.reset()
         inner = decoder.run
 
-        def run(feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
-            out = inner(feeds, outputs)
-            present = out[2:]  # Decoder asks for logits, halt_step, then every present key and value
-            nbytes = sum(a.nbytes for a in present)
+        def run(feeds: dict[str, Any], outputs: list[str], into: dict[str, Any]) -> list[np.ndarray]:
+            buffers = list(into.values())  # the present buffers, which are the past ones
+            nbytes = sum(b.nbytes for b in buffers)
             if nbytes > self.peak[0]:
-                self.peak = (nbytes, present[0].shape[0], present[0].shape[2])
-            return out
+                self.peak = (nbytes, buffers[0].shape[0], buffers[0].shape[2])
+            return inner(feeds, outputs, into)
 
         decoder.run = run
 

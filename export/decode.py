@@ -17,8 +17,9 @@ from torch import Tensor, nn
 
 from moe_core.config import ModelConfig
 from moe_core.decoding import Decoder
-from moe_core.graph_contract import DECODE_INPUTS, DECODE_OUTPUTS, past_names, present_names
-from moe_core.model import KVCache, RecursiveMoE
+from moe_core.graph_contract import DECODE_INPUTS, DECODE_OUTPUTS, HALT_STEP, LOGITS, past_names, present_names
+from moe_core.model import CacheCursor, KVCache, RecursiveMoE
+from moe_core.ort_session import run_bound
 
 from .parity import TOLERANCE, CaseResult, ParityReport
 from .trace import trace
@@ -34,8 +35,45 @@ def cache_entries(cfg: ModelConfig) -> int:
 
 
 def can_decode(cfg: ModelConfig, task: str) -> bool:
-    """A model the decode graph serves: a causal language model without the learned attention bias."""
-    return task == "lm" and cfg.causal and not cfg.attn_bias
+    """A model the decode graph serves: a causal language model without the learned attention bias, whose head_dim
+    ONNX Runtime's GroupQueryAttention takes (a multiple of 8)."""
+    return task == "lm" and cfg.causal and not cfg.attn_bias and cfg.head_dim % GQA_HEAD_MULTIPLE == 0
+
+
+GQA_HEAD_MULTIPLE = 8  # GroupQueryAttention's CPU kernel refuses other head sizes
+
+
+class SharedBufferCursor(CacheCursor):
+    """The decode graph's cache (moe_core/graph_contract.py): every block application's keys and values in a buffer
+    max_seq_len long that the call writes its new entries into, at each row's own length, and returns as its present.
+    Attention is ONNX Runtime's GroupQueryAttention (com.microsoft), which does exactly that: when the present output
+    is bound to the past input's buffer it appends in place, so a decoding call copies nothing of the cache; unbound,
+    it returns a new buffer with the same contents. Each row's cache holds its tokens at indices 0..n-1 (n: the row's
+    tokens after this call), so index = position and there are no holes: right padding in a prefill only writes
+    entries past the row's length, which its later tokens overwrite."""
+
+    def __init__(self, past: KVCache, positions: Tensor, attention_mask: Tensor) -> None:
+        super().__init__(past, positions)
+        # GroupQueryAttention's lengths: each row's index of its last token, and the longest row's tokens.
+        self.seqlens_k = (attention_mask.sum(1) - 1).to(torch.int32)
+        self.total = attention_mask.new_ones(attention_mask.shape[1]).sum().to(torch.int32)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor) -> Tensor:
+        i = len(self.present.keys)
+        B, H, T, hd = q.shape
+        past_k, past_v = self.past.keys[i], self.past.values[i]
+
+        def flat(t: Tensor) -> Tensor:  # [B, H, T, hd] -> [B, T, H * hd], the operator's layout
+            return t.transpose(1, 2).reshape(B, T, H * hd)
+
+        o, present_k, present_v = torch.onnx.ops.symbolic_multi_out(
+            "com.microsoft::GroupQueryAttention",
+            [flat(q), flat(k), flat(v), past_k, past_v, self.seqlens_k, self.total],
+            {"num_heads": H, "kv_num_heads": H}, dtypes=[q.dtype, q.dtype, q.dtype],
+            shapes=[(B, T, H * hd), past_k.shape, past_v.shape], version=1)
+        self.present.keys.append(present_k)
+        self.present.values.append(present_v)
+        return o.view(B, T, H, hd).transpose(1, 2)
 
 
 class DecodeGraph(nn.Module):
@@ -47,8 +85,8 @@ class DecodeGraph(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, past_halt_step: Tensor,
                 *past: Tensor) -> tuple[Tensor, ...]:
-        cache = KVCache(list(past[0::2]), list(past[1::2]))
-        out = self.model.cached_forward(input_ids, attention_mask, position_ids, cache, past_halt_step)
+        cursor = SharedBufferCursor(KVCache(list(past[0::2]), list(past[1::2])), position_ids, attention_mask)
+        out = self.model.cached_forward(input_ids, attention_mask, position_ids, cursor, past_halt_step)
         return (out.logits, out.halt_step, *flat(out.present))
 
 
@@ -62,16 +100,16 @@ def decode_to_onnx(model: RecursiveMoE, path: str | os.PathLike, opset: int) -> 
     cfg = model.config
     n = cache_entries(cfg)
     B, T, P = 2, 2, 3  # sizes >= 2: torch.export specialises dimensions of size 0 and 1
+    L = cfg.max_seq_len
     batch = torch.export.Dim("batch", min=1, max=65536)
-    new = torch.export.Dim("new", min=1, max=max(cfg.max_seq_len, 2))
-    past_len = torch.export.Dim("past", min=0, max=max(cfg.max_seq_len, 2))
-    total = torch.export.Dim("total", min=1, max=2 * max(cfg.max_seq_len, 2))
+    new = torch.export.Dim("new", min=1, max=max(L, 2))
+    total = torch.export.Dim("total", min=1, max=max(L, 2))
     args = (torch.randint(0, cfg.vocab_size, (B, T)), torch.ones(B, P + T, dtype=torch.long),
             (torch.arange(T) + P).expand(B, T).contiguous(), torch.full((B,), cfg.halt_max_steps),
-            *(torch.randn(B, cfg.n_heads, P, cfg.head_dim) for _ in range(2 * n)))
+            *(torch.randn(B, cfg.n_heads, L, cfg.head_dim) for _ in range(2 * n)))
     dynamic = {"input_ids": {0: batch, 1: new}, "attention_mask": {0: batch, 1: total},
                "position_ids": {0: batch, 1: new}, "past_halt_step": {0: batch},
-               "past": tuple({0: batch, 2: past_len} for _ in range(2 * n))}
+               "past": tuple({0: batch} for _ in range(2 * n))}
     trace(DecodeGraph(model), args, (*DECODE_INPUTS, *past_names(n)), (*DECODE_OUTPUTS, *present_names(n)), dynamic,
           path, opset)
 
@@ -119,13 +157,11 @@ def check_decode_parity(model: RecursiveMoE, session, seed: int = 0, label: str 
 def run_decode(session, prompts: list[list[int]], continuations: list[list[int]], entries: int, heads: int,
                head_dim: int, max_seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     """Prefill the right-padded prompts, then feed the continuations' tokens one call at a time, through the loop
-    serve generates with (moe_core/decoding.py): the logits predicting each next token [B, 1 + calls, V] (after the
-    prompt, then after each fed token) and halt_step."""
-    names = [o.name for o in session.get_outputs()]
+    serve generates with (moe_core/decoding.py, buffers bound as past and present): the logits predicting each next
+    token [B, 1 + calls, V] (after the prompt, then after each fed token) and halt_step."""
 
-    def run(feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
-        out = dict(zip(names, session.run(names, feeds), strict=True))
-        return [out[n] for n in outputs]
+    def run(feeds: dict[str, np.ndarray], outputs: list[str], into: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return run_bound(session, feeds, outputs, into)
 
     decoder = Decoder(run, entries, heads, head_dim, max_seq_len)
     last, state = decoder.prefill(prompts)
@@ -142,21 +178,39 @@ def run_decode(session, prompts: list[list[int]], continuations: list[list[int]]
 
 
 def eager_runner(model: RecursiveMoE):
-    """The eager model behind the decode graph's interface (moe_core/decoding.py Decoder's `run`): the same feeds and
-    outputs as host arrays, cached_forward underneath — so eager and ONNX Runtime generate through one loop."""
+    """The eager model behind the decode graph's interface (moe_core/decoding.py Run): the same feeds, the present
+    written into the same buffers, cached_forward underneath — so eager and ONNX Runtime generate through one loop.
+    cached_forward extends its past with the new keys and values (masking the rows' unused indices); their entries
+    are then written into each row's buffer at its own length, as the decode graph writes them."""
     model.eval()
 
-    def run(feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
-        pairs = sum(1 for k in feeds if k.startswith("past_key_values.")) // 2
-        keys = [torch.from_numpy(feeds[f"past_key_values.{i}.key"]) for i in range(pairs)]
-        values = [torch.from_numpy(feeds[f"past_key_values.{i}.value"]) for i in range(pairs)]
-        fresh = keys and keys[0].shape[2] == 0  # a prefill: the eager model takes no past
+    def run(feeds: dict[str, np.ndarray], outputs: list[str], into: dict[str, np.ndarray]) -> list[np.ndarray]:
+        ids, mask = feeds["input_ids"], feeds["attention_mask"]
+        B, T = ids.shape
+        prefill = feeds["position_ids"][:, 0] == 0  # Decoder never mixes prefill and decoding rows in one call
+        before = np.where(prefill, 0, mask.sum(1) - T)  # each row's cached tokens
+        width = int(before.max())
+        pairs = len(into) // 2
+        buffers = [(into[f"present.{i}.key"], into[f"present.{i}.value"]) for i in range(pairs)]
+        past = None
+        key_mask = np.ones((B, width + T), dtype=bool)
+        if width:  # a decoding call (a prefill has no past: every row's tokens start at position 0)
+            past = KVCache([torch.from_numpy(k[:, :, :width]) for k, _ in buffers],
+                           [torch.from_numpy(v[:, :, :width]) for _, v in buffers])
+            key_mask[:, :width] = np.arange(width)[None, :] < before[:, None]
+        else:
+            key_mask = mask.astype(bool)
         with torch.no_grad():
-            out = model.cached_forward(torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"]),
-                                       torch.from_numpy(feeds["position_ids"]),
-                                       None if fresh else KVCache(keys, values),
-                                       None if fresh else torch.from_numpy(feeds["past_halt_step"]))
-        return [out.logits.float().numpy(), out.halt_step.numpy(),
-                *(t.numpy() for t in flat(out.present))]
+            out = model.cached_forward(torch.from_numpy(ids), torch.from_numpy(key_mask.astype(np.int64)),
+                                       torch.from_numpy(feeds["position_ids"]), past,
+                                       None if past is None else torch.from_numpy(feeds["past_halt_step"]))
+        rows = np.arange(B)[:, None]
+        at = before[:, None] + np.arange(T)[None, :]  # [B, T]: each new token's index in its row's buffer
+        # A prefill that stops once every sample halted returns fewer entries: their rows never read the others.
+        for (k, v), new_k, new_v in zip(buffers, out.present.keys, out.present.values, strict=False):
+            k[rows, :, at] = new_k[:, :, width:].numpy().transpose(0, 2, 1, 3)
+            v[rows, :, at] = new_v[:, :, width:].numpy().transpose(0, 2, 1, 3)
+        values = {LOGITS: out.logits.float().numpy(), HALT_STEP: out.halt_step.numpy()}
+        return [values[n] for n in outputs]
 
     return run

@@ -41,7 +41,7 @@ from moe_core.ort_session import ort_session
 from moe_core.tokenizer import read_tokenizer
 
 from .choices import DEFAULT_OPSET, PRECISIONS
-from .decode import cache_entries, can_decode, check_decode_parity, decode_to_onnx
+from .decode import GQA_HEAD_MULTIPLE, cache_entries, can_decode, check_decode_parity, decode_to_onnx
 from .parity import ParityReport, check_parity, text_nll, text_windows
 from .passes import (
     dedupe_initializers,
@@ -181,8 +181,9 @@ def prepare(run_dir: Path, outputs: Outputs, opset: int, check: bool, precision:
                               outputs.tokenizer.name, hashlib.sha256(tokenizer_text.encode("utf-8")).hexdigest(),
                               weights_sha256(model))
     if outputs.decode is not None and not can_decode(cfg, task):
-        raise MoeError(f"--decode: the KV-cached decode graph is for causal language models without attn_bias; "
-                       f"{run_dir} is a {task} run (causal={cfg.causal}, attn_bias={cfg.attn_bias})")
+        raise MoeError(f"--decode: the KV-cached decode graph is for causal language models without attn_bias "
+                       f"whose head_dim is a multiple of {GQA_HEAD_MULTIPLE}; {run_dir} is a {task} run "
+                       f"(causal={cfg.causal}, attn_bias={cfg.attn_bias}, head_dim={cfg.head_dim})")
     step_metadata = decode_metadata = None
     if outputs.step is not None:
         step_metadata = step_graph_metadata(metadata, model.z_H_init.numpy(), model.z_L_init.numpy())

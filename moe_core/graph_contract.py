@@ -52,19 +52,26 @@ STEP_SUFFIX = ".step.onnx"
 TOKENIZER_SUFFIX = ".tokenizer.json"
 
 # The decode graph (MODEL.decode.onnx, causal language models): one graph for the prefill and every decoding call,
-# after the onnxruntime-genai / optimum conventions. A prefill passes past tensors of length 0.
+# with the onnxruntime-genai / optimum names, and past and present sharing one buffer per entry (genai's
+# past_present_share_buffer): each past is a buffer max_seq_len long, and the present the same buffer with the call's
+# entries written in, each row's at its own length. Bound to the past input's buffer, the present is written in place.
 #
-#   inputs  input_ids, position_ids    int64 [batch, new]              new tokens at their logical positions
-#           attention_mask             int64 [batch, past + new]       0: a hole right padding left in the cache
+#   inputs  input_ids, position_ids    int64 [batch, new]              new tokens at their positions
+#           attention_mask             int64 [batch, total]            row b: 1 for its first n_b indices (its tokens
+#                                                                     after this call, n_b = position of its last
+#                                                                     new token + 1), then 0
 #           past_halt_step             int64 [batch]                   the prefill's halt_step (ignored at a prefill:
 #                                                                     a sample whose new tokens start at position 0)
-#           past_key_values.{i}.key / .value  float32 [batch, heads, past, head_dim], i = 0..cache_entries-1
+#           past_key_values.{i}.key / .value  float32 [batch, heads, max_seq_len, head_dim], i = 0..cache_entries-1:
+#                                                                     row b's entries at indices 0..n_b-new-1
 #   outputs logits                     float32 [batch, new, vocab]     the kept step's logits
 #           halt_step                  int64 [batch]                   decided at the prefill, carried after
-#           present.{i}.key / .value   float32 [batch, heads, past + new, head_dim]
+#           present.{i}.key / .value   float32 [batch, heads, max_seq_len, head_dim]: the past with row b's new
+#                                                                     entries at indices n_b-new..n_b-1
 #
 # Entry i belongs to the i-th block application of the recursion (supervision step, H-cycle, net call, layer, in
-# call order). Metadata: the unrolled graph's, plus graph = "decode" and cache_entries.
+# call order). Attention is ONNX Runtime's com.microsoft GroupQueryAttention (head_dim a multiple of 8). Metadata:
+# the unrolled graph's, plus graph = "decode" and cache_entries.
 DECODE_SUFFIX = ".decode.onnx"
 DECODE_INPUTS = ("input_ids", "attention_mask", "position_ids", "past_halt_step")
 DECODE_OUTPUTS = (LOGITS, HALT_STEP)

@@ -218,6 +218,15 @@ class CacheCursor:
         self.present.values.append(v)
         return k, v
 
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor) -> Tensor:
+        """Attention of the new positions' queries [B, H, T, hd] over the cached and the new keys and values (which
+        this extends the cache with); key_mask [B, past + T]."""
+        T = q.shape[2]
+        k, v = self.extend(k, v)
+        tril = torch.ones(T, k.shape[2], dtype=torch.bool, device=q.device).tril(diagonal=k.shape[2] - T)
+        # the causal rule in cache order, which is position order for every token (holes are masked)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :] & tril)
+
 
 @dataclass
 class HeadRouting:
@@ -313,8 +322,7 @@ class MoHAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if cache is not None:
             q, k = self.rotary(q, cache.positions), self.rotary(k, cache.positions)
-            k, v = cache.extend(k, v)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=self._cached_mask(key_mask, T, k.shape[2]))
+            o = cache.attend(q, k, v, key_mask)
         elif key_mask is None and self.attn_bias is None:
             q, k = self.rotary(q), self.rotary(k)
             o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, dropout_p=dropout)
@@ -339,13 +347,6 @@ class MoHAttention(nn.Module):
             return allowed
         bias = self.attn_bias[:, :T, :T].to(q.dtype)  # [H, T, T]
         return bias if allowed is None else bias.masked_fill(~allowed, float("-inf"))
-
-    @staticmethod
-    def _cached_mask(key_mask: Tensor, T: int, Tk: int) -> Tensor:
-        """The new queries (the last T of Tk cached indices) see the keys at their index or before that hold a token:
-        the causal rule in cache order, which is position order for every token (holes are masked)."""
-        tril = torch.ones(T, Tk, dtype=torch.bool, device=key_mask.device).tril(diagonal=Tk - T)
-        return key_mask[:, None, None, :] & tril
 
     def _aux(self, r: HeadRouting) -> Aux:
         active = r.mask.sum(dim=-1)  # [B, T] heads per token (carries the relaxed gradient)
@@ -723,13 +724,14 @@ class RecursiveMoE(nn.Module):
         return self._output(self.lm_head(kept), halt_step, [], None, acc)
 
     def cached_forward(self, input_ids: Tensor, attention_mask: Tensor, positions: Tensor,
-                       past: KVCache | None = None, halt_step: Tensor | None = None) -> CachedOutput:
+                       past: KVCache | CacheCursor | None = None, halt_step: Tensor | None = None) -> CachedOutput:
         """Incremental decoding of a causal model (eval): what forward gives at the new positions, from the keys and
         values of every block application at the earlier ones.
 
         input_ids [B, T]: the new tokens, at logical `positions` [B, T]; attention_mask [B, past + T] over the
         cached and the new indices (0: a hole that right padding left in the cache); past: the previous call's
-        present (None or length 0 at the prefill). A sample whose new tokens start at position 0 is at its prefill:
+        present (None or length 0 at the prefill), or a cursor over it that does its own attention (the decode graph's,
+export/decode.py). A sample whose new tokens start at position 0 is at its prefill:
         its halting is decided here, from position 0 as forward decides it; afterwards pass that halt_step back
         (it is ignored at a prefill). In eager code a decoding call runs only the steps up to the batch's last kept
         one, and a prefill stops once every sample has halted (their cache then holds just those steps); a traced
@@ -740,7 +742,7 @@ class RecursiveMoE(nn.Module):
                              "otherwise)")
         B, T = input_ids.shape
         key_mask = attention_mask.bool()
-        cursor = CacheCursor(past, positions)
+        cursor = past if isinstance(past, CacheCursor) else CacheCursor(past, positions)
         x = self.embed_inputs(input_ids, positions)
         if not cfg.recursive:
             logits = self.lm_head(self.norm(self.net(x, key_mask, None, cursor)))

@@ -73,3 +73,30 @@ def session_options(threads: int | None):
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3  # warnings about unused initializers etc. are not the user's business
     return opts
+
+
+def run_bound(session, feeds: dict[str, Any], outputs: list[str], into: dict[str, Any] | None = None,
+              device: str = "cpu") -> list[Any]:
+    """Run `session` through IO binding: the named outputs as host arrays, plus each output in `into` written into
+    the buffer given for it (moe_core/decoding.py's cache buffers, bound as past input and present output at once).
+
+    Feeds and `into` buffers are numpy arrays (host memory, bound without a copy) or OrtValues (already on
+    `device`, the session's: "cpu" | "cuda"). The other outputs are allocated on `device` and returned as host
+    arrays: on the CPU arrays over ONNX Runtime's own buffers (each keeps its buffer alive), not copies."""
+    import onnxruntime as ort
+
+    io = session.io_binding()
+    for name, value in feeds.items():
+        if isinstance(value, ort.OrtValue):
+            io.bind_ortvalue_input(name, value)
+        else:
+            io.bind_cpu_input(name, value)
+    for name, buffer in (into or {}).items():
+        io.bind_ortvalue_output(name, buffer if isinstance(buffer, ort.OrtValue)
+                                else ort.OrtValue.ortvalue_from_numpy(buffer))
+    for name in outputs:
+        io.bind_output(name, device)  # "cuda" | "cpu": ORT's device names are the provider names
+    session.run_with_iobinding(io)
+    # In binding order: the `into` outputs came first. numpy() of a CPU OrtValue is a view of its buffer, of a CUDA
+    # one a copy to the host: only these outputs make the trip, never the cache.
+    return [value.numpy() for value in io.get_outputs()[len(into or {}):]]

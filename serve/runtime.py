@@ -13,6 +13,9 @@ copied back once per batch. What comes back is small, because the session's grap
 the reductions serving needs (serve/graph.py): per-token log-probs [B, T-1] for scoring and the last valid
 position's logits [B, V] for generation. The full [B, T, V] logits stay on the device as an intermediate.
 The CPU session runs through the same IO-binding code, so the tests exercise it; only the device name differs.
+The decode graph's KV cache lives in buffers bound as each call's past input and present output at once, so
+GroupQueryAttention appends to them in place: host arrays on the CPU, OrtValues on the device on CUDA
+(DeviceBuffers; the tests run them on the CPU device).
 
 Runtimes
 --------
@@ -59,7 +62,7 @@ from moe_core.graph_contract import (
     task_of,
 )
 from moe_core.jsonl import json_error, json_type, parse_json
-from moe_core.ort_session import CPU_EP, intra_op_threads, ort_session
+from moe_core.ort_session import CPU_EP, intra_op_threads, ort_session, run_bound
 from moe_core.stepwise import StepCounts, run_stepwise
 from moe_core.tokenizer import read_tokenizer
 
@@ -161,6 +164,8 @@ def read_model(path: str | os.PathLike, graph: str = "unrolled"):
         raise MoeError(f"{path}: not a `moe export` {what}: expected inputs "
                        f"{', '.join(want_in)} and outputs {', '.join(want_out)}, found inputs [{', '.join(inputs)}] "
                        f"outputs [{', '.join(outputs)}]")
+    if graph == "decode":
+        check_cache_buffers(proto, path, meta.get("max_seq_len", ""))
     missing = [k for k in METADATA_KEYS if k not in meta]
     if missing:
         raise MoeError(f"{path}: missing metadata {', '.join(missing)} (expected a model written by `moe export`)")
@@ -204,6 +209,19 @@ def read_model(path: str | os.PathLike, graph: str = "unrolled"):
         raise MoeError(f"{path}: a sudoku model with vocab_size {info.vocab_size} and max_seq_len {info.max_seq_len}; "
                        f"expected vocab_size {sudoku.VOCAB} (blank + 9 digits) and max_seq_len >= {sudoku.CELLS}")
     return proto, info
+
+
+def check_cache_buffers(proto, path: Path, max_seq_len: str) -> None:
+    """A decode graph's past inputs are max_seq_len-long buffers (moe_core/graph_contract.py); a graph whose past
+    grows with every call is another layout, which this runtime does not drive."""
+    for i in proto.graph.input:
+        if not i.name.startswith("past_key_values."):
+            continue
+        dims = i.type.tensor_type.shape.dim
+        length = dims[2].dim_value if len(dims) == 4 and dims[2].HasField("dim_value") else None
+        if str(length) != max_seq_len.strip():
+            raise MoeError(f"{path}: input {i.name} is not a cache buffer of max_seq_len {max_seq_len[:12]} "
+                           f"positions; export the model again with this version of `moe export`")
 
 
 def file_beside(meta: dict[str, str], key: str, path: Path) -> str | None:
@@ -266,24 +284,13 @@ class OrtModel:
         self.counts.full = self.counts.rows
         return self.run_feeds({"input_ids": input_ids, "attention_mask": attention_mask}, outputs)
 
-    def run_feeds(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
-        """The named outputs for these inputs, as host arrays.
-
-        IO binding on every provider (so CI exercises the code the CUDA path runs): inputs are bound from host
-        memory, the outputs are allocated on the session's device; on CUDA they are copied back once, on the CPU
-        they are returned as they are, arrays over ORT's own buffers (each keeps its buffer alive). The decode
-        graph's KV cache goes from one call to the next this way: copying it out of every call cost as much as the
-        call itself at batch 32 (benchmarks/RESULTS.md).
-        """
-        io = self.session.io_binding()
-        for name, value in feeds.items():
-            io.bind_cpu_input(name, value)
-        for name in outputs:
-            io.bind_output(name, self.provider)  # "cuda" | "cpu": ORT's device names are the provider names
-        self.session.run_with_iobinding(io)
-        if self.provider == "cpu":
-            return [value.numpy() for value in io.get_outputs()]
-        return io.copy_outputs_to_cpu()
+    def run_feeds(self, feeds: dict[str, Any], outputs: list[str], into: dict[str, Any] | None = None
+                  ) -> list[np.ndarray]:
+        """The named outputs for these inputs, as host arrays; outputs in `into` written into the buffers given
+        (moe_core/ort_session.py run_bound). IO binding on every provider, so CI exercises the code the CUDA path
+        runs: on the CPU the outputs are ONNX Runtime's buffers, not copies (copying a decoding call's outputs cost
+        as much as the call itself at batch 32: benchmarks/RESULTS.md)."""
+        return run_bound(self.session, feeds, outputs, into, self.provider)
 
 
 class StepwiseModel:
@@ -358,6 +365,31 @@ def open_model(path: str | os.PathLike, provider: str = "auto", threads: int | N
     return StepwiseModel(info, OrtModel(step, provider, threads, graph="step"), max_steps, halting)
 
 
+class DeviceBuffers:
+    """KV-cache buffers on the session's device (moe_core/decoding.py HostBuffers' methods), as OrtValues: on CUDA the
+    cache stays in device memory from one decoding call to the next, bound as each call's past and present. Only a
+    batch whose rows change (a sample finishes or is refilled) moves buffers through the host, once."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+
+    def _on_device(self, host: np.ndarray):
+        import onnxruntime as ort
+
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(host), self.device, 0)
+
+    def zeros(self, shape: tuple[int, ...]):
+        return self._on_device(np.zeros(shape, dtype=np.float32))
+
+    def take(self, buffer, rows: np.ndarray):
+        return self._on_device(buffer.numpy()[rows])
+
+    def put(self, buffer, rows: np.ndarray, source) -> None:
+        host = np.array(buffer.numpy())  # a copy: on the CPU numpy() is a view of the buffer itself
+        host[rows] = source.numpy()
+        buffer.update_inplace(host)
+
+
 def open_decoder(info: ModelInfo, provider: str = "auto", threads: int | None = None) -> tuple[Decoder | None, str]:
     """The decode graph of the model `info` describes, ready to generate with (moe_core/decoding.py), or None with the
     reason: the model was exported without one, or it is missing beside the model."""
@@ -378,5 +410,8 @@ def open_decoder(info: ModelInfo, provider: str = "auto", threads: int | None = 
     heads, d_model = cfg.get("n_heads"), cfg.get("d_model")
     if not (isinstance(heads, int) and isinstance(d_model, int) and heads > 0 and d_model % heads == 0):
         raise MoeError(f"{info.path}: metadata config lacks model.n_heads / model.d_model (needed for the cache)")
+    # Host buffers on the CPU: the session binds numpy arrays without a copy, and row changes are plain indexing.
+    buffers = DeviceBuffers(model.provider) if model.provider != "cpu" else None
     return Decoder(model.run_feeds, d.cache_entries, heads, d_model // heads, info.max_seq_len,
-                   f"KV cache ({path.name}, {d.cache_entries} block applications)"), ""
+                   f"KV cache ({path.name}, {d.cache_entries} block applications, buffers of {info.max_seq_len} "
+                   f"on {model.provider})", buffers), ""

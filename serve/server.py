@@ -484,7 +484,7 @@ class Server:
                 if progress is not None and len(still) < len(active):
                     progress(len(active) - len(still))
                 if self.decoder is not None and still:
-                    state = state.keep(rows_still)
+                    state = self.decoder.keep(state, rows_still)
                     self._count(len(still), len(still))
                     last, state = self.decoder.step([new[i][-1] for i in still], state,
                                                     [prompts[i] + new[i] for i in still])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -150,3 +151,43 @@ def test_a_broken_decode_graph_is_one_line_at_the_cli(exported, tmp_path):
                  "--max-new-tokens", "2"])
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "m.decode.onnx: not an ONNX model" in r.stderr, r.stderr
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_decoding_writes_the_cache_in_place_and_device_buffers_agree(exported):
+    """Each cached call writes its entries into the state's buffers (bound as past and present at once) instead of
+    returning a new cache; the same generation over OrtValue buffers on the session's device (what CUDA runs,
+    DeviceBuffers, here on the CPU device) chooses the same tokens."""
+    from serve.runtime import DeviceBuffers
+
+    _, out, _ = exported
+    server = Server.open(out, provider="cpu", threads=1)
+    decoder = server.decoder
+    prompts = [ids[: T // 2] for ids in server.encode(texts()[:3])]
+    _, state = decoder.prefill(prompts)
+    buffers = [id(c) for c in state.cache]
+    before = state.cache[0].copy()
+    lengths = state.lengths.copy()
+    _, after = decoder.step([1, 2, 3], state, [p + [t] for p, t in zip(prompts, [1, 2, 3], strict=True)])
+    assert [id(c) for c in after.cache] == buffers and all(c.shape[2] == T for c in after.cache)
+    changed = np.flatnonzero((after.cache[0] != before).any(axis=(1, 3)).any(axis=0))
+    assert set(changed.tolist()) <= set(lengths.tolist()), "a call wrote entries other than its new tokens'"
+    assert (after.lengths == lengths + 1).all()
+    host = server.generate(texts(6), max_new_tokens=2 * T, batch_size=4)
+    decoder.buffers = DeviceBuffers("cpu")
+    device = server.generate(texts(6), max_new_tokens=2 * T, batch_size=4)
+    assert [r.tokens for r in device] == [r.tokens for r in host]
+
+
+def test_a_decode_graph_whose_cache_grows_is_refused(exported, tmp_path):
+    """A decode graph whose past inputs are not max_seq_len-long buffers (another cache layout) is refused in one
+    line, naming the input."""
+    _, out, _ = exported
+    for f in (out, out.with_name("m.tokenizer.json")):
+        shutil.copy(f, tmp_path / f.name)
+    proto = onnx.load(str(decode_path_for(out)))
+    for i in proto.graph.input:
+        if i.name.startswith("past_key_values."):
+            i.type.tensor_type.shape.dim[2].dim_param = "past"
+    onnx.save(proto, str(decode_path_for(tmp_path / "m.onnx")))
+    with pytest.raises(MoeError, match=r"m\.decode\.onnx: input past_key_values\.0\.key is not a cache buffer"):
+        Server.open(tmp_path / "m.onnx", provider="cpu", threads=1)
