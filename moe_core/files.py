@@ -86,6 +86,23 @@ def note_inputs(inputs: Inputs, what: str = "an input of this command") -> None:
         _command_inputs.extend(_pairs(inputs, what))
 
 
+@contextlib.contextmanager
+def updating_input(path: str | os.PathLike) -> Iterator[None]:
+    """Within the block, the running command may replace `path` although it read it: for a command whose purpose is
+    to update that one file in place (`moe eval --calibrate-halting` rewrites the run's weights). Every other input
+    stays protected."""
+    global _command_inputs
+    saved = _command_inputs
+    if saved is not None:
+        resolved, ident = _identity(Path(path))
+        _command_inputs = [(p, what) for p, what in saved
+                           if not (_identity(p)[0] == resolved or (ident is not None and _identity(p)[1] == ident))]
+    try:
+        yield
+    finally:
+        _command_inputs = saved
+
+
 def _identity(path: Path) -> tuple[Path, tuple[int, int] | None]:
     try:
         resolved = path.resolve()

@@ -126,3 +126,45 @@ def test_ladder_refuses_a_language_run(tmp_path: Path, moe_cli) -> None:
     assert result.returncode == 2 and "expected a Sudoku run (train.task = 'sudoku')" in result.stderr, \
         result.describe()
     assert not (tmp_path / "out").exists()
+
+
+def test_choose_tau_takes_the_fewest_steps_within_the_budget() -> None:
+    """Four puzzles, three steps: solved from step 2 on except the last (never); halting is free to stop at step
+    1 only where that answer is already right."""
+    from train.halt_calibration import choose_tau, kept_steps
+
+    solved = np.array([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0]], dtype=bool)
+    halt = np.array([[3.0, 2.0, 0.5, 1.0], [4.0, 3.0, 0.5, 1.5], [5.0, 4.0, 0.5, 2.0]])
+    assert kept_steps(halt, 0.0).tolist() == [1, 1, 1, 1]  # the trained rule halts everything at once: 1/4
+    tau, acc, steps = choose_tau(halt, solved, budget=0.0)
+    assert acc == 0.75 and kept_steps(halt, tau).tolist()[:2] == [1, 2] and steps == kept_steps(halt, tau).mean()
+    assert choose_tau(halt, solved, budget=0.5)[2] == 1.0  # half the puzzles may be lost: one step each
+
+
+def test_calibrated_halting_is_the_run_s_own_and_never_compounds(tmp_path: Path, moe_cli) -> None:
+    """--calibrate-halting folds the threshold into the halt head's bias: the run's weights then halt calibrated
+    for every reader (load_model here), the record keeps the trained bias, and calibrating again gives the same."""
+    from train.halt_calibration import CALIBRATION_FILE, kept_steps
+
+    cfg = build_config("sudoku-tiny", None, TINY)
+    run = tmp_path / "run"
+    saved_run(run, cfg, seed=0)
+    trained = load_model(run).halt_head.bias.item()
+    args = ["eval", run, "--ladder", "--ladder-givens", "45", "--ladder-size", "4", "--steps", "1,4",
+            "--calibrate-halting", "--halt-budget", "0.0", "--device", "cpu"]
+    result = moe_cli(*args, "--out", tmp_path / "a", in_process=True)
+    assert result.returncode == 0, result.describe()
+    record = json.loads((run / CALIBRATION_FILE).read_text(encoding="utf-8"))
+    assert record["trained_bias"] == trained and record["k"] == 4 and "halting calibrated at K = 4" in result.stdout
+    model = load_model(run)
+    assert model.halt_head.bias.item() == record["calibrated_bias"]
+    task = SudokuTask(cfg, log=lambda _: None)
+    answers, halt = solve_steps(model, task.test_puzzles, 4, 8, CPU)
+    kept = kept_steps(halt, 0.0)  # the calibrated weights' own "> 0" rule
+    solved = S.valid_solutions(task.test_puzzles, answers[kept - 1, np.arange(len(kept))]).mean()
+    assert solved >= S.valid_solutions(task.test_puzzles, answers[-1]).mean()  # budget 0: nothing lost
+    assert (kept.mean(), solved) == (record["steps_calibrated"], record["acc_calibrated"])
+    again = moe_cli(*args, "--out", tmp_path / "b", in_process=True)
+    assert again.returncode == 0 and json.loads((run / CALIBRATION_FILE).read_text(encoding="utf-8")) == record
+    ladder = json.loads((tmp_path / "b" / "ladder.json").read_text(encoding="utf-8"))
+    assert ladder["halt_calibration"] == record

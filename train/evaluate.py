@@ -173,6 +173,13 @@ def plot(rows: list[dict[str, Any]], task: str, trained: int, title: str, path: 
                    "0.5 / sqrt(size)).")
 @click.option("--ladder-seed", default=0, type=click.IntRange(0, 2**63 - 1),
               help="With --ladder: the seed of its puzzles (their own streams, never a training set's).")
+@click.option("--calibrate-halting", is_flag=True,
+              help="With --ladder: choose the halting threshold at the largest K on the run's held-out set (the "
+                   "fewest steps that solve at most --halt-budget fewer puzzles than all K steps), fold it into the "
+                   "halt head's bias and write RUN_DIR/model.safetensors and halt_calibration.json: the ladder, "
+                   "export and serve then halt calibrated.")
+@click.option("--halt-budget", default=0.01, type=click.FloatRange(0.0, 1.0),
+              help="With --calibrate-halting: the puzzle accuracy halting may lose on the held-out set.")
 @click.option("--out", default=None, type=click.Path(),
               help="Directory for the outputs (eval.md/.csv/.png, or the ladder's). Default: RUN_DIR/eval.")
 @click.option("--baseline", "baseline_dir", default=None, type=click.Path(),
@@ -182,12 +189,14 @@ def plot(rows: list[dict[str, Any]], task: str, trained: int, title: str, path: 
               help="auto: CUDA where present, else CPU.")
 @click.option("--overwrite", is_flag=True, help="Replace eval outputs already in --out.")
 def eval_(run_dir: str, steps_text: str, ladder: bool, ladder_givens: str, ladder_size: int, ladder_seed: int,
-          out: str | None, baseline_dir: str | None, device: str, overwrite: bool) -> None:
+          calibrate_halting: bool, halt_budget: float, out: str | None, baseline_dir: str | None, device: str,
+          overwrite: bool) -> None:
     """Evaluate RUN_DIR's model on its held-out set for each K = halt_max_steps, with and without halting."""
     run = Path(run_dir)
     steps = parse_steps(steps_text)
     ctx = click.get_current_context()
-    given = [f"--{n.replace('_', '-')}" for n in ("ladder_givens", "ladder_size", "ladder_seed")
+    given = [f"--{n.replace('_', '-')}" for n in ("ladder_givens", "ladder_size", "ladder_seed", "calibrate_halting",
+                                                  "halt_budget")
              if ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT]
     if given and not ladder:
         raise ConfigError(f"{given[0]}: only with --ladder")
@@ -224,8 +233,11 @@ def eval_(run_dir: str, steps_text: str, ladder: bool, ladder_givens: str, ladde
     task = make_task(cfg, tok_text, click.echo)
     if ladder:
 
+        if calibrate_halting and not model.config.recursive:
+            raise ConfigError(f"--calibrate-halting: {run} has recursion off (one step: nothing to halt)")
+        budget = halt_budget if calibrate_halting else None
         run_ladder(run, cfg, model, task, tok_text, steps, levels, ladder_size, ladder_seed, baseline_dir, base_model,
-                   dev, out_dir, overwrite)
+                   dev, out_dir, overwrite, budget)
         return
     rows = sweep(model, task, steps, dev, click.echo)
     if base_model is not None:

@@ -32,10 +32,12 @@ import numpy as np
 import torch
 
 from moe_core import sudoku
+from moe_core.checkpoint import WEIGHTS_FILE
 from moe_core.errors import ConfigError
 from moe_core.files import atomic_write_text
 from moe_core.model import RecursiveMoE
 
+from . import halt_calibration
 from .checkpointing import read_best, saved_run_config
 from .config import RunConfig
 from .distributed import autocast_for
@@ -138,8 +140,10 @@ def baseline_rows(model: RecursiveMoE, name: str, levels: list[Level], device: t
 
 def run_ladder(run: Path, cfg: RunConfig, model: RecursiveMoE, task: SudokuTask, tokenizer_json: str,
                steps: list[int], givens: list[int], size: int, seed: int, baseline_dir: str | None,
-               base_model: RecursiveMoE | None, device: torch.device, out_dir: Path, overwrite: bool) -> None:
-    """`moe eval --ladder` once its arguments are checked and the run's task is built (train/evaluate.py)."""
+               base_model: RecursiveMoE | None, device: torch.device, out_dir: Path, overwrite: bool,
+               halt_budget: float | None = None) -> None:
+    """`moe eval --ladder` once its arguments are checked and the run's task is built (train/evaluate.py); with
+    halt_budget, halting calibrated first (train/halt_calibration.py) and the ladder run with the calibrated head."""
     tasks = [task]
     if base_model is not None:
         base_cfg = saved_run_config(Path(baseline_dir))
@@ -150,8 +154,14 @@ def run_ladder(run: Path, cfg: RunConfig, model: RecursiveMoE, task: SudokuTask,
     click.echo(f"ladder: {len(levels)} levels of {size} puzzles ({', '.join(str(g) for g in givens)} givens), "
                f"seed {seed}, none equivalent to a puzzle the run trained or was tested on "
                f"({time.perf_counter() - t0:.1f}s)")
-    t0 = time.perf_counter()
     batch = cfg.train.batch_size
+    calibration = None
+    if halt_budget is not None:
+        t0 = time.perf_counter()
+        calibration = halt_calibration.calibrate(run, model, task.test_puzzles, max(steps), halt_budget, batch,
+                                                 device, autocast_for(device))
+        click.echo(f"{halt_calibration.describe(calibration)} ({time.perf_counter() - t0:.1f}s)")
+    t0 = time.perf_counter()
     rows = ladder_rows(model, run.name, levels, steps, device, batch)
     if base_model is not None:
         rows += baseline_rows(base_model, Path(baseline_dir).name, levels, device, batch)
@@ -160,16 +170,22 @@ def run_ladder(run: Path, cfg: RunConfig, model: RecursiveMoE, task: SudokuTask,
     weights = describe_weights(run, cfg)
     about = {"run": str(run), "weights": weights, "trained": describe_run(cfg),
              "ladder": {"seed": seed, "size": size, "givens": givens}, "halt_max_steps": steps,
-             "trained_halt_max_steps": trained}
+             "trained_halt_max_steps": trained,
+             "halt_calibration": None if calibration is None else halt_calibration.record(calibration)}
     title = f"{run.name}: difficulty ladder"
+    calibrated = "" if calibration is None else f" {halt_calibration.describe(calibration)}."
     md = to_markdown(title, f"{describe_run(cfg)}; weights: {weights}. {size} puzzles per level, ladder seed "
-                     f"{seed}.", levels, rows, steps, trained)
+                     f"{seed}.{calibrated}", levels, rows, steps, trained)
     # The plot first (the write most likely to fail); without --overwrite each output is created, never replaced.
     plot(rows, levels, steps, trained, title, out_dir / "ladder.png", overwrite)
     atomic_write_text(out_dir / "ladder.json", to_json(about, levels, rows), overwrite)
     atomic_write_text(out_dir / "ladder_puzzles.txt", puzzles_text(levels), overwrite)
     atomic_write_text(out_dir / "ladder.md", md, overwrite)
-    click.echo(md + f"written: {', '.join(str(out_dir / n) for n in OUTPUTS)}")
+    written = [str(out_dir / n) for n in OUTPUTS]
+    if calibration is not None:  # the run's weights last, once every figure measured with them is written
+        halt_calibration.write(run, model, calibration)
+        written += [str(run / n) for n in (WEIGHTS_FILE, halt_calibration.CALIBRATION_FILE)]
+    click.echo(md + f"written: {', '.join(written)}")
 
 
 # -----------------------------------------------------------------------------
