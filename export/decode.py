@@ -43,20 +43,20 @@ def can_decode(cfg: ModelConfig, task: str) -> bool:
 GQA_HEAD_MULTIPLE = 8  # GroupQueryAttention's CPU kernel refuses other head sizes
 
 
-class SharedBufferCursor(CacheCursor):
-    """The decode graph's cache (moe_core/graph_contract.py): every block application's keys and values in a buffer
-    max_seq_len long that the call writes its new entries into, at each row's own length, and returns as its present.
-    Attention is ONNX Runtime's GroupQueryAttention (com.microsoft), which does exactly that: when the present output
-    is bound to the past input's buffer it appends in place, so a decoding call copies nothing of the cache; unbound,
-    it returns a new buffer with the same contents. Each row's cache holds its tokens at indices 0..n-1 (n: the row's
-    tokens after this call), so index = position and there are no holes: right padding in a prefill only writes
-    entries past the row's length, which its later tokens overwrite."""
+class RowCacheCursor(CacheCursor):
+    """The decode graph's cache (moe_core/graph_contract.py): each row's entries at indices 0..n-1 (n: the row's
+    tokens after this call), so index = position and right padding leaves no holes (a prefill's padding only writes
+    entries past the row's length, which its later tokens overwrite). Attention is ONNX Runtime's
+    GroupQueryAttention (com.microsoft), which writes each row's new entries at its own length: into the past's
+    buffer itself when the present output is bound to it (a max_seq_len buffer, appended in place: a decoding call
+    copies nothing of the cache), else into a new present."""
 
     def __init__(self, past: KVCache, positions: Tensor, attention_mask: Tensor) -> None:
         super().__init__(past, positions)
         # GroupQueryAttention's lengths: each row's index of its last token, and the longest row's tokens.
         self.seqlens_k = (attention_mask.sum(1) - 1).to(torch.int32)
-        self.total = attention_mask.new_ones(attention_mask.shape[1]).sum().to(torch.int32)
+        self.width = attention_mask.shape[1]
+        self.total = attention_mask.new_ones(self.width).sum().to(torch.int32)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor) -> Tensor:
         i = len(self.present.keys)
@@ -66,11 +66,14 @@ class SharedBufferCursor(CacheCursor):
         def flat(t: Tensor) -> Tensor:  # [B, H, T, hd] -> [B, T, H * hd], the operator's layout
             return t.transpose(1, 2).reshape(B, T, H * hd)
 
+        # The present is as long as the past buffer, or as the longest row when that is longer (a past that grows
+        # by each call's entries: past length 0 at the prefill, as genai without a shared buffer).
+        length = torch.sym_max(past_k.shape[2], self.width)
         o, present_k, present_v = torch.onnx.ops.symbolic_multi_out(
             "com.microsoft::GroupQueryAttention",
             [flat(q), flat(k), flat(v), past_k, past_v, self.seqlens_k, self.total],
             {"num_heads": H, "kv_num_heads": H}, dtypes=[q.dtype, q.dtype, q.dtype],
-            shapes=[(B, T, H * hd), past_k.shape, past_v.shape], version=1)
+            shapes=[(B, T, H * hd), (B, H, length, hd), (B, H, length, hd)], version=1)
         self.present.keys.append(present_k)
         self.present.values.append(present_v)
         return o.view(B, T, H, hd).transpose(1, 2)
@@ -85,7 +88,7 @@ class DecodeGraph(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, past_halt_step: Tensor,
                 *past: Tensor) -> tuple[Tensor, ...]:
-        cursor = SharedBufferCursor(KVCache(list(past[0::2]), list(past[1::2])), position_ids, attention_mask)
+        cursor = RowCacheCursor(KVCache(list(past[0::2]), list(past[1::2])), position_ids, attention_mask)
         out = self.model.cached_forward(input_ids, attention_mask, position_ids, cursor, past_halt_step)
         return (out.logits, out.halt_step, *flat(out.present))
 
@@ -104,12 +107,13 @@ def decode_to_onnx(model: RecursiveMoE, path: str | os.PathLike, opset: int) -> 
     batch = torch.export.Dim("batch", min=1, max=65536)
     new = torch.export.Dim("new", min=1, max=max(L, 2))
     total = torch.export.Dim("total", min=1, max=max(L, 2))
+    past_len = torch.export.Dim("past", min=0, max=max(L, 2))
     args = (torch.randint(0, cfg.vocab_size, (B, T)), torch.ones(B, P + T, dtype=torch.long),
             (torch.arange(T) + P).expand(B, T).contiguous(), torch.full((B,), cfg.halt_max_steps),
             *(torch.randn(B, cfg.n_heads, L, cfg.head_dim) for _ in range(2 * n)))
     dynamic = {"input_ids": {0: batch, 1: new}, "attention_mask": {0: batch, 1: total},
                "position_ids": {0: batch, 1: new}, "past_halt_step": {0: batch},
-               "past": tuple({0: batch} for _ in range(2 * n))}
+               "past": tuple({0: batch, 2: past_len} for _ in range(2 * n))}
     trace(DecodeGraph(model), args, (*DECODE_INPUTS, *past_names(n)), (*DECODE_OUTPUTS, *present_names(n)), dynamic,
           path, opset)
 

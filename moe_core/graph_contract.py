@@ -52,30 +52,30 @@ STEP_SUFFIX = ".step.onnx"
 TOKENIZER_SUFFIX = ".tokenizer.json"
 
 # The decode graph (MODEL.decode.onnx, causal language models): one graph for the prefill and every decoding call,
-# with the onnxruntime-genai / optimum names, and past and present sharing one buffer per entry (genai's
-# past_present_share_buffer): each past is a buffer max_seq_len long, and the present the same buffer with the call's
-# entries written in, each row's at its own length. Bound to the past input's buffer, the present is written in place.
+# with the onnxruntime-genai / optimum names. Each row's cache holds its own entries at indices 0..n-1, n its tokens
+# so far (index = position: right padding leaves no holes), and a call writes its new entries at each row's length:
 #
 #   inputs  input_ids, position_ids    int64 [batch, new]              new tokens at their positions
 #           attention_mask             int64 [batch, total]            row b: 1 for its first n_b indices (its tokens
-#                                                                     after this call, n_b = position of its last
-#                                                                     new token + 1), then 0
+#                                                                     after this call), then 0; total = max n_b
 #           past_halt_step             int64 [batch]                   the prefill's halt_step (ignored at a prefill:
 #                                                                     a sample whose new tokens start at position 0)
-#           past_key_values.{i}.key / .value  float32 [batch, heads, max_seq_len, head_dim], i = 0..cache_entries-1:
-#                                                                     row b's entries at indices 0..n_b-new-1
+#           past_key_values.{i}.key / .value  float32 [batch, heads, past, head_dim], i = 0..cache_entries-1
 #   outputs logits                     float32 [batch, new, vocab]     the kept step's logits
 #           halt_step                  int64 [batch]                   decided at the prefill, carried after
-#           present.{i}.key / .value   float32 [batch, heads, max_seq_len, head_dim]: the past with row b's new
-#                                                                     entries at indices n_b-new..n_b-1
+#           present.{i}.key / .value   float32 [batch, heads, max(past, total), head_dim]: the past with row b's
+#                                                                     new entries at indices n_b-new..n_b-1
 #
+# Two ways to drive it: past length 0 at the prefill and each present fed back as the next past (it grows with the
+# longest row), or (what serve does, genai's past_present_share_buffer) a past buffer max_seq_len long bound as the
+# present output too, which attention (ONNX Runtime's com.microsoft GroupQueryAttention) then appends to in place.
 # Entry i belongs to the i-th block application of the recursion (supervision step, H-cycle, net call, layer, in
-# call order). Attention is ONNX Runtime's com.microsoft GroupQueryAttention (head_dim a multiple of 8). Metadata:
-# the unrolled graph's, plus graph = "decode" and cache_entries.
+# call order). Metadata: the unrolled graph's, plus graph = "decode", cache_entries and cache_layout = CACHE_LAYOUT.
 DECODE_SUFFIX = ".decode.onnx"
 DECODE_INPUTS = ("input_ids", "attention_mask", "position_ids", "past_halt_step")
 DECODE_OUTPUTS = (LOGITS, HALT_STEP)
 CACHE_ENTRIES = "cache_entries"
+CACHE_LAYOUT = "per-row"  # metadata cache_layout: the layout above (graphs without the key have another)
 
 
 def past_names(entries: int) -> list[str]:
@@ -93,8 +93,9 @@ def decode_path_for(onnx_path: str | os.PathLike) -> Path:
 
 
 def decode_graph_metadata(metadata: dict[str, str], cache_entries: int) -> dict[str, str]:
-    """The decode graph's metadata: its unrolled graph's, plus graph = "decode" and the number of cache entries."""
-    return {**metadata, "graph": "decode", CACHE_ENTRIES: str(cache_entries)}
+    """The decode graph's metadata: its unrolled graph's, plus graph = "decode", the number of cache entries and
+    the cache's layout."""
+    return {**metadata, "graph": "decode", CACHE_ENTRIES: str(cache_entries), "cache_layout": CACHE_LAYOUT}
 
 
 def step_path_for(onnx_path: str | os.PathLike) -> Path:

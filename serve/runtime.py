@@ -51,6 +51,7 @@ from moe_core.errors import MoeError
 from moe_core.formats import check_format
 from moe_core.graph_contract import (
     CACHE_ENTRIES,
+    CACHE_LAYOUT,
     DECODE_INPUTS,
     DECODE_OUTPUTS,
     GRAPH_IO,
@@ -164,8 +165,10 @@ def read_model(path: str | os.PathLike, graph: str = "unrolled"):
         raise MoeError(f"{path}: not a `moe export` {what}: expected inputs "
                        f"{', '.join(want_in)} and outputs {', '.join(want_out)}, found inputs [{', '.join(inputs)}] "
                        f"outputs [{', '.join(outputs)}]")
-    if graph == "decode":
-        check_cache_buffers(proto, path, meta.get("max_seq_len", ""))
+    if graph == "decode" and meta.get("cache_layout") != CACHE_LAYOUT:
+        raise MoeError(f"{path}: a decode graph of another cache layout (metadata cache_layout "
+                       f"{meta.get('cache_layout', 'missing')!r:.40}, expected {CACHE_LAYOUT!r}); export the model "
+                       f"again with this version of `moe export`")
     missing = [k for k in METADATA_KEYS if k not in meta]
     if missing:
         raise MoeError(f"{path}: missing metadata {', '.join(missing)} (expected a model written by `moe export`)")
@@ -209,19 +212,6 @@ def read_model(path: str | os.PathLike, graph: str = "unrolled"):
         raise MoeError(f"{path}: a sudoku model with vocab_size {info.vocab_size} and max_seq_len {info.max_seq_len}; "
                        f"expected vocab_size {sudoku.VOCAB} (blank + 9 digits) and max_seq_len >= {sudoku.CELLS}")
     return proto, info
-
-
-def check_cache_buffers(proto, path: Path, max_seq_len: str) -> None:
-    """A decode graph's past inputs are max_seq_len-long buffers (moe_core/graph_contract.py); a graph whose past
-    grows with every call is another layout, which this runtime does not drive."""
-    for i in proto.graph.input:
-        if not i.name.startswith("past_key_values."):
-            continue
-        dims = i.type.tensor_type.shape.dim
-        length = dims[2].dim_value if len(dims) == 4 and dims[2].HasField("dim_value") else None
-        if str(length) != max_seq_len.strip():
-            raise MoeError(f"{path}: input {i.name} is not a cache buffer of max_seq_len {max_seq_len[:12]} "
-                           f"positions; export the model again with this version of `moe export`")
 
 
 def file_beside(meta: dict[str, str], key: str, path: Path) -> str | None:
