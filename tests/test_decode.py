@@ -9,6 +9,7 @@ import shutil
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from test_serve import make_texts, varied_run
@@ -123,15 +124,21 @@ def test_a_sample_refills_alone_and_never_depends_on_its_batch(exported):
         [r.tokens for r in runs[0]]
 
 
-def test_a_decode_graph_of_another_model_is_refused(exported, tmp_path):
-    _, out, _ = exported
+def with_decode_metadata(out, tmp_path, key: str, value: str):
+    """A copy of the exported model in tmp_path whose decode graph has metadata `key` = value; its path."""
     for f in (out, out.with_name("m.tokenizer.json")):
         shutil.copy(f, tmp_path / f.name)
     proto = onnx.load(str(decode_path_for(out)))
     for p in proto.metadata_props:
-        if p.key == "weights_sha256":
-            p.value = "0" * 64
+        if p.key == key:
+            p.value = value
     onnx.save(proto, str(decode_path_for(tmp_path / "m.onnx")))
+    return tmp_path / "m.onnx"
+
+
+def test_a_decode_graph_of_another_model_is_refused(exported, tmp_path):
+    _, out, _ = exported
+    with_decode_metadata(out, tmp_path, "weights_sha256", "0" * 64)
     with pytest.raises(MoeError, match="the decode graph does not belong to m.onnx"):
         Server.open(tmp_path / "m.onnx", provider="cpu", threads=1)
     # Without the cache the model still serves.
@@ -220,12 +227,20 @@ def test_a_past_that_grows_from_length_0_gives_the_same_logits(exported):
 
 def test_a_decode_graph_of_another_cache_layout_is_refused(exported, tmp_path):
     _, out, _ = exported
-    for f in (out, out.with_name("m.tokenizer.json")):
-        shutil.copy(f, tmp_path / f.name)
-    proto = onnx.load(str(decode_path_for(out)))
-    for p in proto.metadata_props:
-        if p.key == "cache_layout":
-            p.value = "concat"
-    onnx.save(proto, str(decode_path_for(tmp_path / "m.onnx")))
+    with_decode_metadata(out, tmp_path, "cache_layout", "concat")
     with pytest.raises(MoeError, match=r"m\.decode\.onnx: a decode graph of another cache layout"):
         Server.open(tmp_path / "m.onnx", provider="cpu", threads=1)
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
+                    reason="needs onnxruntime-gpu and a GPU")
+def test_cached_generation_on_cuda_keeps_the_cache_on_the_device(exported):
+    """On CUDA the decoder's buffers are device OrtValues (DeviceBuffers), and the tokens are the CPU's."""
+    from serve.runtime import DeviceBuffers
+
+    _, out, _ = exported
+    gpu = Server.open(out, provider="cuda")
+    assert gpu.provider == "cuda" and isinstance(gpu.decoder.buffers, DeviceBuffers)
+    cpu = Server.open(out, provider="cpu", threads=1)
+    prompts = short_texts(cpu, 8)
+    assert [r.tokens for r in gpu.generate(prompts, 8)] == [r.tokens for r in cpu.generate(prompts, 8)]
