@@ -72,10 +72,6 @@ class Decoder:
         self.calls = 0
         self.refills = 0
 
-    def cache_bytes(self, batch: int) -> int:
-        """The buffers of a batch of this many rows."""
-        return 2 * self.entries * batch * self.heads * self.max_seq_len * self.head_dim * 4
-
     def prefill(self, rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, DecodeState]:
         """Right-pad the rows (each at most max_seq_len tokens) and run them into new buffers: (the logits after each
         row's last token [B, V], the state)."""

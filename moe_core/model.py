@@ -730,9 +730,9 @@ class RecursiveMoE(nn.Module):
 
         input_ids [B, T]: the new tokens, at logical `positions` [B, T]; attention_mask [B, past + T] over the
         cached and the new indices (0: a hole that right padding left in the cache); past: the previous call's
-        present (None or length 0 at the prefill), or a cursor over it that does its own attention (the decode graph's,
-export/decode.py). A sample whose new tokens start at position 0 is at its prefill:
-        its halting is decided here, from position 0 as forward decides it; afterwards pass that halt_step back
+        present (None or length 0 at the prefill), or a cursor over it that does its own attention (the decode
+        graph's, export/decode.py). A sample whose new tokens start at position 0 is at its prefill: its halting
+        is decided here, from position 0 as forward decides it; afterwards pass that halt_step back
         (it is ignored at a prefill). In eager code a decoding call runs only the steps up to the batch's last kept
         one, and a prefill stops once every sample has halted (their cache then holds just those steps); a traced
         graph runs them all."""

@@ -168,3 +168,10 @@ def test_calibrated_halting_is_the_run_s_own_and_never_compounds(tmp_path: Path,
     assert again.returncode == 0 and json.loads((run / CALIBRATION_FILE).read_text(encoding="utf-8")) == record
     ladder = json.loads((tmp_path / "b" / "ladder.json").read_text(encoding="utf-8"))
     assert ladder["halt_calibration"] == record
+
+
+def test_calibrating_a_run_without_recursion_is_refused(runs: tuple[Path, Path], tmp_path: Path, moe_cli) -> None:
+    out = tmp_path / "out"
+    result = moe_cli("eval", runs[1], "--ladder", "--calibrate-halting", "--out", out, in_process=True)
+    assert result.returncode == 2 and "--calibrate-halting:" in result.stderr and "recursion off" in result.stderr
+    assert result.stderr.count("\n") == 1 and not out.exists()

@@ -220,6 +220,8 @@ def eval_(run_dir: str, steps_text: str, ladder: bool, ladder_givens: str, ladde
     if existing and not overwrite:
         raise ConfigError(f"--out {out_dir / existing[0]}: exists; pass --overwrite to replace the eval outputs")
     model = load_model(run, dev)  # notes the run's files as inputs of this command
+    if calibrate_halting and not model.config.recursive:
+        raise ConfigError(f"--calibrate-halting: {run} has recursion off (one step: nothing to halt)")
     tok_text, _ = read_tokenizer(run / TOKENIZER_FILE, cfg.model.vocab_size)
     base_model = None if baseline_dir is None else load_baseline(Path(baseline_dir), run, cfg, tok_text, dev)
     data = [(p, "the run's train.data") for p in (cfg.train.data,) if p]
@@ -233,8 +235,6 @@ def eval_(run_dir: str, steps_text: str, ladder: bool, ladder_givens: str, ladde
     task = make_task(cfg, tok_text, click.echo)
     if ladder:
 
-        if calibrate_halting and not model.config.recursive:
-            raise ConfigError(f"--calibrate-halting: {run} has recursion off (one step: nothing to halt)")
         budget = halt_budget if calibrate_halting else None
         run_ladder(run, cfg, model, task, tok_text, steps, levels, ladder_size, ladder_seed, baseline_dir, base_model,
                    dev, out_dir, overwrite, budget)
