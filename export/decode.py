@@ -196,16 +196,14 @@ def eager_runner(model: RecursiveMoE):
         width = int(before.max())
         pairs = len(into) // 2
         buffers = [(into[f"present.{i}.key"], into[f"present.{i}.value"]) for i in range(pairs)]
-        past = None
-        key_mask = np.ones((B, width + T), dtype=bool)
+        past, key_mask = None, mask
         if width:  # a decoding call (a prefill has no past: every row's tokens start at position 0)
             past = KVCache([torch.from_numpy(k[:, :, :width]) for k, _ in buffers],
                            [torch.from_numpy(v[:, :, :width]) for _, v in buffers])
-            key_mask[:, :width] = np.arange(width)[None, :] < before[:, None]
-        else:
-            key_mask = mask.astype(bool)
+            cached = (np.arange(width)[None, :] < before[:, None]).astype(np.int64)  # each row's own entries
+            key_mask = np.concatenate([cached, np.ones((B, T), dtype=np.int64)], axis=1)
         with torch.no_grad():
-            out = model.cached_forward(torch.from_numpy(ids), torch.from_numpy(key_mask.astype(np.int64)),
+            out = model.cached_forward(torch.from_numpy(ids), torch.from_numpy(key_mask),
                                        torch.from_numpy(feeds["position_ids"]), past,
                                        None if past is None else torch.from_numpy(feeds["past_halt_step"]))
         rows = np.arange(B)[:, None]
