@@ -98,7 +98,8 @@ def baseline_top1(tmp_path_factory):
 def recursive_sparse(tmp_path_factory):
     """Recursive, MoE 8 experts top-2 with sparse dispatch: tokens sorted by expert, each expert's rows sliced by
     the runtime counts."""
-    return exported(tmp_path_factory, seed=4, n_experts=8, top_k=2, moe_dispatch="sparse", halt_max_steps=2)
+    return exported(tmp_path_factory, seed=4, n_experts=8, top_k=2, moe_dispatch="sparse", halt_max_steps=2,
+                    H_cycles=1)
 
 
 def assert_parity(run, out, result, expect_varied_halting: bool) -> None:
@@ -270,7 +271,7 @@ def test_parity_trained_tiny_model(tmp_path):
     corpus.write_text("\n".join(" ".join(rng.choice(WORDS, 12)) for _ in range(1500)), encoding="utf-8")
     cfg = build_config("tiny", None, [f"train.data={json.dumps(str(corpus))}", "train.compile=false",
                                       "train.max_steps=20", "model.vocab_size=300", "model.max_seq_len=128",
-                                      "model.L_cycles=1"])
+                                      "model.H_cycles=1", "model.L_cycles=1"])
     train(cfg, tmp_path / "run")
     result = export_run(tmp_path / "run", tmp_path / "m.onnx", log=lambda _: None)
     assert result.parity.ok, result.parity.summary()

@@ -40,7 +40,7 @@ from train.data import train_tokenizer
 
 VOCAB = 300
 TINY = dict(vocab_size=VOCAB, max_seq_len=16, d_model=32, n_heads=4, n_layers=1, n_experts=4, top_k=2, d_expert=32,
-            H_cycles=2, L_cycles=1, halt_max_steps=2)
+            H_cycles=1, L_cycles=1, halt_max_steps=2)
 GOOD_JSONL = '{"text": "the king"}\n'
 
 

@@ -42,12 +42,13 @@ def make_texts(n: int, seed: int) -> list[str]:
     return texts
 
 
-def varied_run(run_dir: Path, seed: int, max_seq_len: int) -> Path:
+def varied_run(run_dir: Path, seed: int, max_seq_len: int, H_cycles: int = 2) -> Path:
     """A run dir of a tiny random causal language model whose routing and halting vary between inputs
-    (conftest.vary_routing), with a tokenizer trained on WORDS."""
+    (conftest.vary_routing), with a tokenizer trained on WORDS. Each H cycle adds a block call per step to every
+    export of it (a few seconds of tracing each)."""
     torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=300, max_seq_len=max_seq_len, d_model=32, n_heads=4, n_layers=1, n_experts=4,
-                      d_expert=32, H_cycles=2, L_cycles=1, halt_max_steps=2)
+                      d_expert=32, H_cycles=H_cycles, L_cycles=1, halt_max_steps=2)
     model = vary_routing(RecursiveMoE(cfg), lm_scale=10.0)
     rng = random.Random(1)
     corpus = [" ".join(rng.choice(WORDS) for _ in range(2000))]
@@ -59,7 +60,7 @@ def varied_run(run_dir: Path, seed: int, max_seq_len: int) -> Path:
 def exported(tmp_path_factory) -> tuple[Path, Path]:
     """(run_dir, model.onnx) of a random model whose routing and halting really vary between inputs."""
     tmp = tmp_path_factory.mktemp("serve")
-    run_dir = varied_run(tmp / "run", seed=0, max_seq_len=T)
+    run_dir = varied_run(tmp / "run", seed=0, max_seq_len=T, H_cycles=1)
     onnx_path = tmp / "m.onnx"
     export_run(run_dir, onnx_path, check=False, stepwise=True, log=lambda _: None)  # + m.step.onnx
     return run_dir, onnx_path

@@ -28,12 +28,12 @@ STEPS = 8
 @pytest.fixture(scope="module")
 def sudoku(tmp_path_factory) -> tuple[Path, Path, SudokuTask]:
     """(run_dir, model.onnx, the run's task with its test puzzles) of a briefly trained sudoku-tiny run. The recursion
-    is cut to H2 x L1 x 2 steps: the export (which unrolls every step) takes a third of the preset's time."""
+    is cut to H1 x L1 x 2 steps: the export (which unrolls every step) takes a third of the preset's time."""
     tmp = tmp_path_factory.mktemp("solve")
     run = tmp / "run"
     result = run_moe(["--preset", "sudoku-tiny", "--no-compile", "--device", "cpu", "--out", run,
                       "--set", f"train.max_steps={STEPS}", "--set", f"train.eval_every={STEPS}",
-                      "--set", "model.L_cycles=1", "--set", "model.halt_max_steps=2",
+                      "--set", "model.H_cycles=1", "--set", "model.L_cycles=1", "--set", "model.halt_max_steps=2",
                       "--set", "train.sudoku_train=32", "--set", "train.sudoku_test=24"],
                      module="train", in_process=True)
     assert result.returncode == 0, result.describe()

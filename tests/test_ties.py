@@ -23,7 +23,7 @@ from moe_core.model import Decision, recording_decisions
 
 VOCAB = 300
 CFG = dict(vocab_size=VOCAB, max_seq_len=16, d_model=32, n_heads=4, n_layers=1, min_heads=1, max_heads=4,
-           n_experts=4, top_k=2, d_expert=32, H_cycles=2, L_cycles=1, halt_max_steps=2)
+           n_experts=4, top_k=2, d_expert=32, H_cycles=1, L_cycles=1, halt_max_steps=2)
 
 
 def tied_model(**overrides) -> RecursiveMoE:
@@ -66,17 +66,33 @@ def test_exact_ties_take_the_lower_index_in_eager():
 
 @pytest.fixture(scope="module")
 def tied_export(tmp_path_factory):
+    """(run, model.onnx, export result, the parity-only decision graph the export checked the unrolled graph with:
+    kept by wrapping the pass that strips it, so it is not traced a second time)."""
+    import onnx
+
+    import export.onnx_export as ox
+
     tmp = tmp_path_factory.mktemp("ties")
     run = tmp / "run"
     save_run(run, tied_model(), make_tokenizer_json(VOCAB))
-    out = tmp / "model.onnx"
-    return run, out, export_run(run, out, stepwise=True, log=lambda _: None)
+    out, decisions = tmp / "model.onnx", tmp / "decisions.onnx"
+    strip = ox.strip_decisions
+
+    def keeping(proto: onnx.ModelProto) -> onnx.ModelProto:
+        if not decisions.exists():  # the unrolled graph's, traced first (the step graph has no decisions)
+            onnx.save(proto, str(decisions))
+        return strip(proto)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ox, "strip_decisions", keeping)
+        result = export_run(run, out, stepwise=True, log=lambda _: None)
+    return run, out, result, str(decisions)
 
 
 def test_exported_and_step_graphs_break_ties_like_eager(tied_export):
     """Every routing decision is an exact tie; the graph agrees with eager on every one (a different tie rule
     would pick other experts and heads: logits far apart), step-wise too."""
-    _, _, result = tied_export
+    result = tied_export[2]
     report = result.parity
     assert report.ok, report.summary()
     for case in report.cases:
@@ -92,8 +108,7 @@ def test_parity_fails_a_graph_with_another_tie_rule(tied_export, monkeypatch):
     import moe_core.model as M
     from export.parity import check_parity
 
-    run, out, _ = tied_export
-    decisions = _decision_graph(tied_export)
+    run, out, _, decisions = tied_export
     model = load_model(run)
 
     def higher_index_first(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,31 +125,15 @@ def test_parity_fails_a_graph_with_another_tie_rule(tied_export, monkeypatch):
     assert "near-ties (at most" in report.failure
 
 
-def _decision_graph(exported) -> str:
-    """The parity-only decision graph of an exported run (traced again: export keeps it only while it checks)."""
-    from export.onnx_export import dedupe_initializers, to_onnx
-
-    run, out, _ = exported
-    path = out.with_name("decisions.onnx")
-    if not path.exists():
-        import onnx
-
-        to_onnx(load_model(run), path, decisions=True)
-        proto = onnx.load(str(path))
-        proto = dedupe_initializers(proto)
-        onnx.save(proto, str(path))
-    return str(path)
-
-
 def test_parity_fails_a_decision_that_differs_beyond_noise(tied_export):
     """Eager selects other heads by a wide margin (threshold moved): wrong decisions, the check fails."""
     from export.parity import check_parity
 
-    run, out, _ = tied_export
+    run, out, _, decisions = tied_export
     model = load_model(run)
     with torch.no_grad():
         model.net.blocks[0].attn.threshold_head.bias.fill_(-4.0)  # threshold ~0.31: 2 heads instead of 3
-    report = check_parity(model, str(out), decisions_path=_decision_graph(tied_export))
+    report = check_parity(model, str(out), decisions_path=decisions)
     assert not report.ok and all(c.decisions.wrong > 0 for c in report.cases), report.summary()
     assert "decision(s) differ beyond fp32 noise" in report.failure
 
