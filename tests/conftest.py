@@ -195,7 +195,8 @@ def tiny_train_args(corpus: Path, out: Path, steps: int = TINY_RUN_STEPS, compil
             "--set", f"train.eval_every={max(1, steps // 2)}",
             "--set", "train.log_every=3",
             "--set", "train.batch_size=8",
-            "--set", "train.eval_batches=2"]
+            "--set", "train.eval_batches=2",
+            "--set", "train.plots=false"]  # the plots' own tests draw them (test_plots.py)
 
 
 @pytest.fixture(scope="session")

@@ -36,6 +36,7 @@ STEPS = 8
 NO_AUX = [f"train.{name}_weight=0" for name in ("moe_balance", "moe_z", "moh_balance", "moh_complexity",
                                                  "moh_sparsity")]
 FSDP = "train.parallel=fsdp"
+PLOTS = "train.plots=true"
 FP32_U = 2.0 ** -24  # float32 unit roundoff
 LOGGED = 1e-6  # metrics.jsonl rounds losses and statistics to 6 decimals: two roundings add at most 1e-6
 
@@ -44,7 +45,8 @@ def args(corpus: Path, out: Path, *sets: str) -> list[str]:
     base = ["--preset", "tiny", "--no-compile", "--data", str(corpus), "--device", "cpu", "--out", str(out),
             "--set", "model.vocab_size=300", "--set", f"train.max_steps={STEPS}", "--set", "train.batch_size=8",
             "--set", "train.eval_every=4", "--set", "train.log_every=1", "--set", "train.checkpoint_every=2",
-            "--set", "train.eval_batches=3"]  # 3 batches (8, 8, 7 rows) on 2 ranks: uneven shares
+            "--set", "train.eval_batches=3",  # 3 batches (8, 8, 7 rows) on 2 ranks: uneven shares
+            "--set", "train.plots=false"]  # drawn by the runs that check rank 0 alone draws them (PLOTS)
     return base + [a for s in sets for a in ("--set", s)]
 
 
@@ -153,7 +155,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> dict[st
         return {name: (run_moe(args(corpus_file, root / name, *sets), module="train", in_process=True), root / name)
                 for name, sets in (("single", NO_AUX), ("single_aux", []))}
 
-    jobs = [full_run("ddp", *NO_AUX), full_run("fsdp", FSDP, *NO_AUX), full_run("ddp_aux"), single_runs,
+    jobs = [full_run("ddp", PLOTS, *NO_AUX), full_run("fsdp", FSDP, PLOTS, *NO_AUX), full_run("ddp_aux"), single_runs,
             stop_and_resume("ddp", *NO_AUX), stop_and_resume("fsdp", FSDP, *NO_AUX)]
     try:
         with ThreadPoolExecutor(len(jobs)) as pool:

@@ -598,7 +598,7 @@ def test_serve_overwrite_on_a_full_disk_keeps_the_old_output(exported, tmp_path,
 
 def train_args(out: Path, data: Path | None = None, *extra) -> list:
     args = ["train", "--preset", "tiny", "--no-compile", "--device", "cpu", "--set", f"model.vocab_size={VOCAB}",
-            "--set", "train.max_steps=2", "--out", out, *extra]
+            "--set", "train.max_steps=2", "--set", "train.plots=false", "--out", out, *extra]
     return args + (["--data", data] if data is not None else [])
 
 

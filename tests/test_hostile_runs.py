@@ -32,12 +32,6 @@ def snapshot(run: Path) -> dict[str, tuple[int, int, bytes]]:
             for p in sorted(run.rglob("*"))}
 
 
-@pytest.fixture
-def no_plots(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Runs in this test skip the plots at their end (seconds each on a loaded 2-core machine; tested apart)."""
-    monkeypatch.setattr("train.trainer.write_plots", lambda run_dir: [])
-
-
 def error_line(result: CliResult) -> str:
     """The refusal's single stderr line (asserting exit code 2, exactly one line, no traceback)."""
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -54,7 +48,7 @@ def in_use(run: Path, pid: int) -> str:
 # one writer per run directory
 
 
-def test_a_second_writer_is_refused_and_changes_nothing(corpus_file: Path, tmp_path: Path, no_plots: None) -> None:
+def test_a_second_writer_is_refused_and_changes_nothing(corpus_file: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     first = spawn_moe(tiny_train_args(corpus_file, run, steps=100_000) + ["--set", "train.checkpoint_every=1"],
                       module="train")
@@ -88,11 +82,12 @@ def test_a_second_writer_is_refused_and_changes_nothing(corpus_file: Path, tmp_p
     assert not (run / LOCK_FILE).exists()  # a writer that finishes removes its lock file
 
 
-def test_ablate_locks_its_output_and_each_variant(corpus_file: Path, tmp_path: Path, no_plots: None) -> None:
+def test_ablate_locks_its_output_and_each_variant(corpus_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "ablation"
     out.mkdir()
     args = ["ablate", "--preset", "tiny", "--no-compile", "--only", "recursive", "--steps", "1", "--data",
-            corpus_file, "--set", "model.vocab_size=300", "--set", "train.device=cpu", "--out", out]
+            corpus_file, "--set", "model.vocab_size=300", "--set", "train.device=cpu", "--set", "train.plots=false",
+            "--out", out]
     with RunDirLock(out) as lock:  # this test process is the other writer
         lock.acquire()
         before = snapshot(out)
@@ -132,7 +127,7 @@ def test_under_torchrun_rank_0_takes_the_lock_and_every_rank_stops(tiny_run_dir:
 
 
 def test_resume_reads_the_data_where_the_run_was_started(tiny_run_dir: Path, corpus_file: Path, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch, no_plots: None) -> None:
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
     start.mkdir()
     elsewhere.mkdir()
@@ -183,8 +178,7 @@ def test_a_corpus_too_small_is_named(tmp_path: Path) -> None:
     assert not out.exists()
 
 
-def test_vocab_size_above_the_corpus_bpe_is_lowered_to_the_tokenizer(corpus_file: Path, tmp_path: Path,
-                                                                      no_plots: None) -> None:
+def test_vocab_size_above_the_corpus_bpe_is_lowered_to_the_tokenizer(corpus_file: Path, tmp_path: Path) -> None:
     """Also: the largest seed trains (the derived batch and rank seeds wrap into 64 bits), and a stale lock file
     (its holder gone) in an otherwise empty directory is no obstacle."""
     out = tmp_path / "run"

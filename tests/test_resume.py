@@ -24,7 +24,7 @@ def train_args(corpus: Path, out: Path, *extra: str) -> list[str]:
     return ["--preset", "tiny", "--no-compile", "--data", str(corpus), "--device", "cpu", "--out", str(out),
             "--set", "model.vocab_size=300", "--set", "model.dropout=0.1", "--set", f"train.max_steps={STEPS}",
             "--set", "train.eval_every=8", "--set", "train.checkpoint_every=3", "--set", "train.keep_checkpoints=2",
-            "--set", "train.log_every=1", "--set", "train.eval_batches=2", *extra]
+            "--set", "train.log_every=1", "--set", "train.eval_batches=2", "--set", "train.plots=false", *extra]
 
 
 def records(run_dir: Path) -> list[dict]:

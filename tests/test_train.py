@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_RUN_STEPS, TINY_RUN_VOCAB, CliResult, finish, run_moe, spawn_moe, tiny_train_args
+from conftest import TINY_RUN_STEPS, TINY_RUN_VOCAB, CliResult, run_moe, tiny_train_args
 from tokenizers import Tokenizer
 
 from moe_core import ConfigError, ModelConfig, load_model
@@ -190,7 +190,8 @@ def test_build_config_file_errors_name_file_and_key(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def bad_cli_runs(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> dict[str, tuple[CliResult, Path]]:
-    """Every bad-input case of `python -m train`, run as concurrent subprocesses (each pays the torch import)."""
+    """Every bad-input case of `python -m train`, run in-process (the real entry point's exit code and stderr:
+    test_hostile.py)."""
     root = tmp_path_factory.mktemp("bad_cli")
     empty = root / "empty.txt"
     empty.write_text("\n  \n\n", encoding="utf-8")
@@ -209,17 +210,9 @@ def bad_cli_runs(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) ->
         "unwritable_out": ([], corpus_file, a_file / "run"),
         "existing_out": ([], corpus_file, existing),
     }
-    procs = {}
-    for name, (extra, data, out) in cases.items():
-        args = ["--preset", "tiny", "--no-compile", "--device", "cpu", "--set", "model.vocab_size=300",
-                "--data", str(data), "--out", str(out), *extra]
-        procs[name] = (spawn_moe(args, module="train"), out)
-    try:
-        return {name: (finish(proc, timeout=300), out) for name, (proc, out) in procs.items()}
-    finally:
-        for proc, _ in procs.values():
-            if proc.poll() is None:
-                proc.kill()
+    return {name: (run_moe(["--preset", "tiny", "--no-compile", "--device", "cpu", "--set", "model.vocab_size=300",
+                            "--data", data, "--out", out, *extra], module="train", in_process=True), out)
+            for name, (extra, data, out) in cases.items()}
 
 
 @pytest.mark.parametrize("case,needle", [
@@ -274,6 +267,7 @@ def check_run_files(run_dir: Path) -> None:
 
 def test_tiny_run_writes_the_run_directory(tiny_run_dir: Path, corpus_file: Path) -> None:
     check_run_files(tiny_run_dir)
+    assert not (tiny_run_dir / "plots").exists()  # train.plots = false (a run draws them by default: test_ablate)
     config = json.loads((tiny_run_dir / "config.json").read_text(encoding="utf-8"))
     assert set(config) >= {"model", "train"}
     assert config["model"]["vocab_size"] == TINY_RUN_VOCAB and config["model"]["d_model"] == 32

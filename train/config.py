@@ -53,6 +53,7 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 50  # steps between checkpoints in trainer_state/ (also at the end and on SIGINT/SIGTERM)
     keep_checkpoints: int = 3  # the last K checkpoints are kept, older ones are deleted
+    plots: bool = True  # RUN_DIR/plots/*.png when the run ends (`moe plot RUN_DIR` draws them at any time)
     # An exponential moving average of the weights (0 = off), updated after every optimizer update with the decay
     # min(ema_decay, (1 + n) / (10 + n)) at the n-th update: a run shorter than ~10 / (1 - ema_decay) steps then
     # averages its recent weights instead of its random start. When on, the EMA weights are what the run is

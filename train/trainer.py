@@ -258,7 +258,8 @@ class Trainer:
             result["best_step"] = state.best_step
         self.metrics.write({"kind": "summary", **result})
         self.metrics.close()
-        write_plots(self.run_dir)
+        if tc.plots:
+            write_plots(self.run_dir)
         timed = bool(self.step_times or self.first_step_s)
         print(final_lines(self.task.describe(ev), result, tc.compile, self.run_dir, timed))
         if tc.keep_best and state.best_step >= 0:
