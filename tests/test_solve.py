@@ -28,7 +28,7 @@ STEPS = 8
 @pytest.fixture(scope="module")
 def sudoku(tmp_path_factory) -> tuple[Path, Path, SudokuTask]:
     """(run_dir, model.onnx, the run's task with its test puzzles) of a briefly trained sudoku-tiny run. The recursion
-    is cut to H1 x L1 x 2 steps: the export (which unrolls every step) takes a third of the preset's time."""
+    is cut to H1 x L1 x 2 steps: the export unrolls every block call, and its tracing time grows with their number."""
     tmp = tmp_path_factory.mktemp("solve")
     run = tmp / "run"
     result = run_moe(["--preset", "sudoku-tiny", "--no-compile", "--device", "cpu", "--out", run,
