@@ -9,4 +9,9 @@ from __future__ import annotations
 FUSED_OPSET = 23
 DEFAULT_OPSET = FUSED_OPSET
 MIN_OPSET, MAX_OPSET = 18, 23  # the ONNX opsets the torch.onnx (dynamo) exporter writes this model's graph in
-PRECISIONS = ("fp32", "fp16", "int8")  # the fp32 graph, or a variant converted from it (export/precision.py)
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")  # the fp32 graph, or a variant converted from it (export/precision.py)
+# The device a graph is made for (metadata "device"): "cpu" graphs use what is fastest on CPUs (sparse MoE dispatch,
+# GroupQueryAttention's fp32 kernel, int8); "cuda" graphs have a CUDA kernel for every compute node at its types
+# and no copy between host and device inside a forward, so ONNX Runtime can capture them as CUDA graphs.
+DEVICES = ("cpu", "cuda")
+CUDA_PRECISIONS = ("fp32", "fp16", "bf16")  # int8 dynamic quantisation's ops have no CUDA kernels

@@ -6,7 +6,7 @@ import click
 
 from moe_core.cli import run
 
-from .choices import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, PRECISIONS
+from .choices import DEFAULT_OPSET, DEVICES, MAX_OPSET, MIN_OPSET, PRECISIONS
 
 
 @click.command(context_settings={"show_default": True})
@@ -18,8 +18,14 @@ from .choices import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, PRECISIONS
 @click.option("--check/--no-check", default=True,
               help="Run the parity check (ONNX Runtime vs eager PyTorch) and refuse to write on failure.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32",
-              help="fp16: half-precision weights for GPU serving; int8: dynamic int8 quantisation for CPU serving. "
-                   "The fp32 graph must pass parity first; the variant's own figures are printed.")
+              help="fp16 / bf16: half-precision weights and activations for GPU serving; int8: dynamic int8 "
+                   "quantisation for CPU serving. The fp32 graph must pass parity first; the variant's own figures "
+                   "are printed (bf16: not on a CPU, which has no bf16 kernels).")
+@click.option("--device", type=click.Choice(DEVICES), default="cpu",
+              help="The device the graphs will run on. cuda: every compute node has a CUDA kernel and ONNX Runtime "
+                   "copies nothing between host and device inside a forward (dense MoE dispatch, a decode graph "
+                   "whose KV cache is in the graph's precision), so sessions can capture CUDA graphs; cpu: what is "
+                   "fastest on CPUs (sparse dispatch where the config chose it, int8).")
 @click.option("--eval-text", type=click.Path(), default=None,
               help="A text file: report eager vs exported mean loss on it (the accuracy cost of --precision). "
                    "Language models only.")
@@ -30,7 +36,7 @@ from .choices import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, PRECISIONS
               help="Also write OUT's stem + .decode.onnx, the KV-cached decode graph `moe serve --mode generate` "
                    "uses (causal language models). [default: on for a causal language model]")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file (and its tokenizer).")
-def export(run_dir, out, opset, check, precision, eval_text, stepwise, decode, overwrite) -> None:
+def export(run_dir, out, opset, check, precision, device, eval_text, stepwise, decode, overwrite) -> None:
     """Export the model of RUN_DIR to one static ONNX graph.
 
     Inputs input_ids and attention_mask (int64 [batch, seq], both axes dynamic; pass ones when not padded),
@@ -56,8 +62,8 @@ def export(run_dir, out, opset, check, precision, eval_text, stepwise, decode, o
     if decode is None:
         decode = decode_by_default(run_dir)
     r = export_run(run_dir, out, opset=opset, check=check, overwrite=overwrite, precision=precision,
-                   eval_text=eval_text, stepwise=stepwise, decode=decode, log=click.echo)
-    click.echo(f"exported {r.path} | {r.precision} | opset {r.opset} | {r.nodes} nodes | "
+                   eval_text=eval_text, stepwise=stepwise, decode=decode, device=device, log=click.echo)
+    click.echo(f"exported {r.path} | {device} | {r.precision} | opset {r.opset} | {r.nodes} nodes | "
                f"{r.params / 1e6:.2f}M parameters | "
                f"{r.size_bytes / 1e6:.1f} MB | tokenizer {r.tokenizer_path.name} | {r.seconds:.1f}s"
                + (f" | parity max rel {r.parity.max_rel:.1e}" if r.parity else " | parity not checked")

@@ -14,6 +14,7 @@ import os
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from moe_core.config import ModelConfig
 from moe_core.decoding import Decoder
@@ -79,16 +80,49 @@ class RowCacheCursor(CacheCursor):
         return o.view(B, T, H, hd).transpose(1, 2)
 
 
+class ScatterCacheCursor(CacheCursor):
+    """The same cache layout (index = position) for graphs made for CUDA: each new key and value is written at its
+    position with ScatterElements, and attention is the standard Attention operator (opset 23) over the whole buffer,
+    a key visible to a query when its index is at most the query's position. Both have CUDA kernels in fp32, fp16
+    and bf16 (GroupQueryAttention's are fp16/bf16 only, and it reads total_sequence_length from host memory), every
+    shape is fixed by the buffer (what CUDA graph capture needs), and a present bound to its past's buffer is written
+    in place (ScatterElements copies its input only when the output is another buffer). The cost: a decoding call
+    attends over max_seq_len keys, masked, instead of the row's own length."""
+
+    def __init__(self, past: KVCache, positions: Tensor, attention_mask: Tensor) -> None:
+        super().__init__(past, positions)
+        self.width = attention_mask.shape[1]
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor) -> Tensor:
+        i = len(self.present.keys)
+        B, H, T, hd = q.shape
+        past_k, past_v = self.past.keys[i], self.past.values[i]
+        # As long as the past buffer, or as the longest row when that is longer (a past growing from length 0).
+        grow = torch.sym_max(past_k.shape[2], self.width) - past_k.shape[2]
+        at = self.positions[:, None, :, None].expand(B, H, T, hd)
+        present_k = torch.cat([past_k, past_k.new_zeros(B, H, grow, hd)], dim=2).scatter(2, at, k.to(past_k.dtype))
+        present_v = torch.cat([past_v, past_v.new_zeros(B, H, grow, hd)], dim=2).scatter(2, at, v.to(past_v.dtype))
+        keys = torch.arange(present_k.shape[2], device=q.device)
+        visible = keys[None, None, None, :] <= self.positions[:, None, :, None]  # [B, 1, T, L]: causal, by index
+        self.present.keys.append(present_k)
+        self.present.values.append(present_v)
+        return F.scaled_dot_product_attention(q, present_k.to(q.dtype), present_v.to(q.dtype), attn_mask=visible)
+
+
+CURSORS = {"cpu": RowCacheCursor, "cuda": ScatterCacheCursor}  # the decode graph's attention, by target device
+
+
 class DecodeGraph(nn.Module):
     """(input_ids, attention_mask, position_ids, past_halt_step, *past) -> (logits, halt_step, *present)."""
 
-    def __init__(self, model: RecursiveMoE) -> None:
+    def __init__(self, model: RecursiveMoE, device: str = "cpu") -> None:
         super().__init__()
         self.model = model
+        self.cursor = CURSORS[device]
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, past_halt_step: Tensor,
                 *past: Tensor) -> tuple[Tensor, ...]:
-        cursor = RowCacheCursor(KVCache(list(past[0::2]), list(past[1::2])), position_ids, attention_mask)
+        cursor = self.cursor(KVCache(list(past[0::2]), list(past[1::2])), position_ids, attention_mask)
         out = self.model.cached_forward(input_ids, attention_mask, position_ids, cursor, past_halt_step)
         return (out.logits, out.halt_step, *flat(out.present))
 
@@ -98,8 +132,9 @@ def flat(cache: KVCache) -> list[Tensor]:
     return [t for kv in zip(cache.keys, cache.values, strict=True) for t in kv]
 
 
-def decode_to_onnx(model: RecursiveMoE, path: str | os.PathLike, opset: int) -> None:
-    """Trace the eval-mode `model`'s cached_forward (DecodeGraph) and write it to `path`."""
+def decode_to_onnx(model: RecursiveMoE, path: str | os.PathLike, opset: int, device: str = "cpu") -> None:
+    """Trace the eval-mode `model`'s cached_forward (DecodeGraph, its attention for `device`) and write it to
+    `path`."""
     cfg = model.config
     n = cache_entries(cfg)
     B, T, P = 2, 2, 3  # sizes >= 2: torch.export specialises dimensions of size 0 and 1
@@ -114,8 +149,8 @@ def decode_to_onnx(model: RecursiveMoE, path: str | os.PathLike, opset: int) -> 
     dynamic = {"input_ids": {0: batch, 1: new}, "attention_mask": {0: batch, 1: total},
                "position_ids": {0: batch, 1: new}, "past_halt_step": {0: batch},
                "past": tuple({0: batch, 2: past_len} for _ in range(2 * n))}
-    trace(DecodeGraph(model), args, (*DECODE_INPUTS, *past_names(n)), (*DECODE_OUTPUTS, *present_names(n)), dynamic,
-          path, opset)
+    trace(DecodeGraph(model, device), args, (*DECODE_INPUTS, *past_names(n)), (*DECODE_OUTPUTS, *present_names(n)),
+          dynamic, path, opset)
 
 
 def decode_cases(cfg: ModelConfig, seed: int = 0) -> list[tuple[str, list[list[int]], list[list[int]]]]:
@@ -141,6 +176,7 @@ def check_decode_parity(model: RecursiveMoE, session, seed: int = 0, label: str 
         cfg = model.config
         got, halt = run_decode(session, prompts, continuations, cache_entries(cfg), cfg.n_heads, cfg.head_dim,
                                cfg.max_seq_len)
+        got = got.astype(np.float32)
         seqs = [p + c for p, c in zip(prompts, continuations, strict=True)]
         T = max(map(len, seqs))
         ids = np.array([s + [0] * (T - len(s)) for s in seqs], dtype=np.int64)
@@ -167,7 +203,8 @@ def run_decode(session, prompts: list[list[int]], continuations: list[list[int]]
     def run(feeds: dict[str, np.ndarray], outputs: list[str], into: dict[str, np.ndarray]) -> list[np.ndarray]:
         return run_bound(session, feeds, outputs, into)
 
-    decoder = Decoder(run, entries, heads, head_dim, max_seq_len)
+    cache_type = next(i.type for i in session.get_inputs() if i.name == past_names(1)[0])
+    decoder = Decoder(run, entries, heads, head_dim, max_seq_len, cache_type=cache_type)
     last, state = decoder.prefill(prompts)
     logits, halt = [last], state.halt_step
     history = [list(p) for p in prompts]

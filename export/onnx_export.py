@@ -28,6 +28,7 @@ from moe_core.checkpoint import TOKENIZER_FILE, load_model, load_run_config, run
 from moe_core.errors import MoeError
 from moe_core.files import atomic_output, atomic_write, atomic_write_text, check_not_inputs, check_output
 from moe_core.graph_contract import (
+    LOGITS,
     decode_graph_metadata,
     decode_path_for,
     graph_metadata,
@@ -40,7 +41,7 @@ from moe_core.model import RecursiveMoE
 from moe_core.ort_session import ort_session
 from moe_core.tokenizer import read_tokenizer
 
-from .choices import DEFAULT_OPSET, PRECISIONS
+from .choices import CUDA_PRECISIONS, DEFAULT_OPSET, DEVICES, PRECISIONS
 from .decode import GQA_HEAD_MULTIPLE, cache_entries, can_decode, check_decode_parity, decode_to_onnx
 from .parity import ParityReport, check_parity, text_nll, text_windows
 from .passes import (
@@ -99,6 +100,7 @@ class Job:
 
     model: RecursiveMoE
     task: str
+    device: str  # the device the graphs are made for (choices.DEVICES)
     opset: int
     check: bool
     precision: str
@@ -113,7 +115,7 @@ class Job:
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, opset: int = DEFAULT_OPSET,
                check: bool = True, overwrite: bool = False, precision: str = "fp32",
                eval_text: str | os.PathLike | None = None, stepwise: bool = False, decode: bool = False,
-               log=print) -> ExportResult:
+               device: str = "cpu", log=print) -> ExportResult:
     """Export RUN_DIR to OUT (+ OUT's tokenizer, + OUT's step graph with `stepwise`, + OUT's decode graph with
     `decode`: causal language models). Nothing is left at OUT (or beside it) unless every graph exports and passes
     parity.
@@ -125,10 +127,16 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, opset: int = 
     """
     if precision not in PRECISIONS:
         raise MoeError(f"--precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if device not in DEVICES:
+        raise MoeError(f"--device: expected one of {', '.join(DEVICES)}, got {device!r}")
+    if device == "cuda" and precision not in CUDA_PRECISIONS:
+        raise MoeError(f"--precision {precision}: not with --device cuda (dynamic int8 quantisation's "
+                       "DynamicQuantizeLinear and MatMulInteger have no CUDA kernels); use "
+                       f"{' or '.join(CUDA_PRECISIONS[1:])} for a smaller graph on a GPU")
     run_dir = Path(run_dir)
     outputs = check_outputs(run_dir, out, overwrite, eval_text, stepwise, decode)
     t0 = time.perf_counter()
-    job = prepare(run_dir, outputs, opset, check, precision, eval_text, stepwise)
+    job = prepare(run_dir, outputs, opset, check, precision, eval_text, stepwise, device)
     reports, step_reports, decode_reports = write_outputs(job, outputs, overwrite, log)
     final = onnx.load(str(outputs.out))
     n_params = sum(int(np.prod(t.dims)) for t in final.graph.initializer)
@@ -163,7 +171,7 @@ def check_outputs(run_dir: Path, out: str | os.PathLike, overwrite: bool, eval_t
 
 
 def prepare(run_dir: Path, outputs: Outputs, opset: int, check: bool, precision: str,
-            eval_text: str | os.PathLike | None, stepwise: bool) -> Job:
+            eval_text: str | os.PathLike | None, stepwise: bool, device: str = "cpu") -> Job:
     """Load the run's model and tokenizer and build the graphs' metadata; refuse options the run does not fit."""
     _, full_config = load_run_config(run_dir)
     task = task_of(full_config)
@@ -171,6 +179,8 @@ def prepare(run_dir: Path, outputs: Outputs, opset: int, check: bool, precision:
         raise MoeError(f"--eval-text: a language-model option (mean next-token loss on a text); {run_dir} is a {task} "
                        "run")
     model = load_model(run_dir)
+    if device == "cuda":
+        model.use_dispatch("dense")  # sparse dispatch's group sizes are data (SplitToSequence: no CUDA kernel)
     cfg = model.config
     if stepwise and not cfg.recursive:
         raise MoeError(f"--stepwise: the model of {run_dir} has no recursion (model.recursive = false): it runs one "
@@ -179,7 +189,7 @@ def prepare(run_dir: Path, outputs: Outputs, opset: int, check: bool, precision:
     eval_ids = text_windows(eval_text, tokenizer_text, cfg.max_seq_len) if eval_text is not None else None
     metadata = graph_metadata(full_config, cfg.vocab_size, cfg.max_seq_len, cfg.n_steps, cfg.causal, task,
                               outputs.tokenizer.name, hashlib.sha256(tokenizer_text.encode("utf-8")).hexdigest(),
-                              weights_sha256(model))
+                              weights_sha256(model), device)
     if outputs.decode is not None and not can_decode(cfg, task):
         raise MoeError(f"--decode: the KV-cached decode graph is for causal language models without attn_bias "
                        f"whose head_dim is a multiple of {GQA_HEAD_MULTIPLE}; {run_dir} is a {task} run "
@@ -193,7 +203,7 @@ def prepare(run_dir: Path, outputs: Outputs, opset: int, check: bool, precision:
         metadata["step_graph"] = outputs.step.name
     if outputs.decode is not None:
         metadata["decode_graph"] = outputs.decode.name
-    return Job(model, task, opset, check, precision, metadata, step_metadata, decode_metadata, tokenizer_text,
+    return Job(model, task, device, opset, check, precision, metadata, step_metadata, decode_metadata, tokenizer_text,
                eval_text, eval_ids)
 
 
@@ -252,6 +262,10 @@ def write_graph(job: Job, tmp: str, name: Path, log, step: bool = False,
     convert_precision(tmp, job.precision, meta)
     if fp32 is None:
         return []
+    if not runs_on_cpu(job.precision):
+        log(f"parity ({job.precision}): not measured here, ONNX Runtime has no CPU kernels for it (its fp32 graph "
+            "passed above; `make gpu-check` measures it on CUDA)")
+        return [fp32]
     variant = check_parity(job.model, tmp, label=job.precision, tolerance=None, task=job.task, stepwise=step)
     log(variant.summary())
     return [fp32, variant]
@@ -260,7 +274,7 @@ def write_graph(job: Job, tmp: str, name: Path, log, step: bool = False,
 def write_decode_graph(job: Job, tmp: str, name: Path, log) -> list[ParityReport]:
     """Trace the decode graph to `tmp`, check it as serve runs it (prefill, then cached calls) and convert it to the
     job's precision; returns its parity reports as write_graph does."""
-    decode_to_onnx(job.model, tmp, job.opset)
+    decode_to_onnx(job.model, tmp, job.opset, job.device)
     proto = cleaned(tmp)
     save_checked(with_metadata(proto, {**job.decode_metadata, "precision": "fp32"}), tmp, name)
     reports = []
@@ -270,11 +284,20 @@ def write_decode_graph(job: Job, tmp: str, name: Path, log) -> list[ParityReport
         if not reports[-1].ok:
             raise MoeError(f"{name}: parity check failed ({reports[-1].failure}); nothing was written")
     if job.precision != "fp32":
-        convert_precision(tmp, job.precision, job.decode_metadata)
-        if job.check:
+        # A CUDA graph's KV cache is in the graph's dtype at its inputs and outputs: bound as past and present at
+        # once, with no Cast between the buffer and attention.
+        convert_precision(tmp, job.precision, job.decode_metadata, [LOGITS] if job.device == "cuda" else True)
+        if job.check and not runs_on_cpu(job.precision):
+            log(f"parity ({job.precision}, decode graph): not measured here, ONNX Runtime has no CPU kernels for it")
+        elif job.check:
             reports.append(check_decode_parity(job.model, ort_session(tmp), label=job.precision, tolerance=None))
             log(reports[-1].summary())
     return reports
+
+
+def runs_on_cpu(precision: str) -> bool:
+    """Whether ONNX Runtime's CPU provider runs a graph of `precision` (it has next to no bfloat16 kernels)."""
+    return precision != "bf16"
 
 
 def traced(job: Job, tmp: str, step: bool) -> onnx.ModelProto:

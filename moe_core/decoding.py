@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from moe_core.errors import MoeError
 from moe_core.graph_contract import HALT_STEP, LOGITS, past_names, present_names
 
 # run(feeds, outputs, into) -> the named outputs as host arrays, with each present output written into the buffer
@@ -38,12 +39,21 @@ def refill_window(max_seq_len: int) -> int:
     return max(1, max_seq_len - max_seq_len // 4)
 
 
+# The cache's element type, as ONNX Runtime names a graph input's type (session.get_inputs()[i].type): float32, or
+# a graph made for CUDA in reduced precision keeps its cache in that precision (moe_core/graph_contract.py).
+FLOAT32, FLOAT16, BFLOAT16 = "tensor(float)", "tensor(float16)", "tensor(bfloat16)"
+HOST_DTYPES = {FLOAT32: np.float32, FLOAT16: np.float16}  # numpy has no bfloat16
+
+
 class HostBuffers:
     """Cache buffers in host memory (numpy): what a CPU session binds without a copy, and the eager model writes
     into. A device's buffers (serve/runtime.py DeviceBuffers) have the same three methods."""
 
-    def zeros(self, shape: tuple[int, ...]) -> np.ndarray:
-        return np.zeros(shape, dtype=np.float32)
+    def zeros(self, shape: tuple[int, ...], cache_type: str = FLOAT32) -> np.ndarray:
+        if cache_type not in HOST_DTYPES:
+            raise MoeError(f"a KV cache of {cache_type} cannot live in host memory (numpy has no such type): run "
+                           "the graph on the device it was made for")
+        return np.zeros(shape, dtype=HOST_DTYPES[cache_type])
 
     def take(self, buffer: np.ndarray, rows: np.ndarray) -> np.ndarray:
         return buffer[rows]
@@ -63,8 +73,9 @@ class Decoder:
     """Runs a decode graph (`run`: see Run) over cache buffers from `buffers` (HostBuffers unless given)."""
 
     def __init__(self, run: Run, entries: int, heads: int, head_dim: int, max_seq_len: int, describe: str = "",
-                 buffers: Any = None) -> None:
+                 buffers: Any = None, cache_type: str = FLOAT32) -> None:
         self.run, self.entries, self.heads, self.head_dim = run, entries, heads, head_dim
+        self.cache_type = cache_type
         self.max_seq_len = max_seq_len
         self.describe = describe  # for the console: which graph, how many cache entries
         self.buffers = buffers if buffers is not None else HostBuffers()
@@ -80,7 +91,8 @@ class Decoder:
         ids = np.zeros((B, P), dtype=np.int64)
         for b, r in enumerate(rows):
             ids[b, : len(r)] = r
-        cache = [self.buffers.zeros((B, self.heads, self.max_seq_len, self.head_dim)) for _ in self.past]
+        cache = [self.buffers.zeros((B, self.heads, self.max_seq_len, self.head_dim), self.cache_type)
+                 for _ in self.past]
         logits, halt = self._call(ids, lengths, np.broadcast_to(np.arange(P), (B, P)).copy(),
                                   np.zeros(B, dtype=np.int64), cache)
         return logits[np.arange(B), lengths - 1], DecodeState(cache, lengths, halt)

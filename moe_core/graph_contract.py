@@ -17,9 +17,9 @@ The step graph (MODEL.step.onnx, `moe export --stepwise`) is one supervision ste
 
 Metadata (string values) of both graphs: METADATA_KEYS (all required), then format_version (moe_core.formats),
 task (TASKS; files without it: the run config's train.task), precision ("fp32" or the reduced-precision variant),
-weights_sha256 (ties a step graph to its unrolled graph), step_graph (the unrolled graph's step graph, a file name
-beside it). A step graph also has graph = "step" and its initial carry, INIT_KEYS: the model's fixed z_H_init /
-z_L_init vectors broadcast over [batch, seq], as JSON lists of float32 values (exact).
+weights_sha256 (ties a step graph to its unrolled graph), device (DEVICE), step_graph (the unrolled graph's step
+graph, a file name beside it). A step graph also has graph = "step" and its initial carry, INIT_KEYS: the model's
+fixed z_H_init / z_L_init vectors broadcast over [batch, seq], as JSON lists of float32 values (exact).
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ GRAPH_IO = {"unrolled": (INPUTS, OUTPUTS), "step": (STEP_INPUTS, STEP_OUTPUTS)} 
 # its name, which graphs already exported carry.
 METADATA_KEYS = ("moe_version", "config", "vocab_size", "max_seq_len", "halt_max_steps", "causal",
                  "tokenizer_file", "tokenizer_sha256")
+# The device a graph was made for, "cpu" or "cuda" (`moe export --device`; files without the key: "cpu").
+DEVICE = "device"
 TASKS = ("lm", "sudoku")  # every task a run can have (its train.task): train checks and builds these, serve serves them
 INIT_KEYS = ("z_H_init", "z_L_init")
 STEP_SUFFIX = ".step.onnx"
@@ -68,7 +70,10 @@ TOKENIZER_SUFFIX = ".tokenizer.json"
 #
 # Two ways to drive it: past length 0 at the prefill and each present fed back as the next past (it grows with the
 # longest row), or (what serve does, genai's past_present_share_buffer) a past buffer max_seq_len long bound as the
-# present output too, which attention (ONNX Runtime's com.microsoft GroupQueryAttention) then appends to in place.
+# present output too, which attention then writes in place: ONNX Runtime's com.microsoft GroupQueryAttention in a
+# graph made for the CPU, ScatterElements then the standard Attention op in one made for CUDA (export/decode.py). The
+# cache is float32, or in a CUDA graph the graph's precision (float16 / bfloat16: no Cast between buffer and
+# attention); a reader takes the type from the graph's past input.
 # Entry i belongs to the i-th block application of the recursion (supervision step, H-cycle, net call, layer, in
 # call order). Metadata: the unrolled graph's, plus graph = "decode", cache_entries and cache_layout = CACHE_LAYOUT.
 DECODE_SUFFIX = ".decode.onnx"
@@ -118,7 +123,7 @@ def task_of(full_config: dict) -> str:
 
 def graph_metadata(full_config: dict[str, Any], vocab_size: int, max_seq_len: int, halt_max_steps: int,
                    causal: bool, task: str, tokenizer_file: str, tokenizer_sha256: str,
-                   weights_sha256: str) -> dict[str, str]:
+                   weights_sha256: str, device: str = "cpu") -> dict[str, str]:
     """The metadata of an exported unrolled graph (the step graph's: step_graph_metadata of it)."""
     return {
         "moe_version": __version__,
@@ -132,6 +137,7 @@ def graph_metadata(full_config: dict[str, Any], vocab_size: int, max_seq_len: in
         "tokenizer_file": tokenizer_file,
         "tokenizer_sha256": tokenizer_sha256,
         "weights_sha256": weights_sha256,
+        DEVICE: device,
     }
 
 

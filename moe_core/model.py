@@ -797,6 +797,16 @@ class RecursiveMoE(nn.Module):
         stats = {k: v.detach() for k, v in aux.items() if "." in k}
         return ModelOutput(logits, halt_step, step_logits, halt_logits, losses, stats)
 
+    def use_dispatch(self, dispatch: str) -> None:
+        """Every MoE layer runs `dispatch` ("dense" | "sparse") on every device from now on, whatever its config
+        resolved to: a graph exported for another device than the one the config chose for needs this (sparse
+        dispatch's group sizes are data, which a CUDA graph cannot hold; both dispatches compute the same function)."""
+        if dispatch not in ("dense", "sparse"):
+            raise ValueError(f"dispatch: expected 'dense' or 'sparse', got {dispatch!r}")
+        for m in self.modules():
+            if isinstance(m, MoEFeedForward):
+                m.dispatch = m.dispatch_off_cpu = dispatch
+
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by optimiser treatment: routers and predictors (own LR), no-decay, decay."""
         groups: dict[str, list[nn.Parameter]] = {"router": [], "no_decay": [], "decay": []}

@@ -46,7 +46,7 @@ import numpy as np
 
 from moe_core import sudoku
 from moe_core.config import MAX_CYCLES
-from moe_core.decoding import Decoder
+from moe_core.decoding import FLOAT32, HOST_DTYPES, Decoder
 from moe_core.errors import MoeError
 from moe_core.formats import check_format
 from moe_core.graph_contract import (
@@ -355,6 +355,9 @@ def open_model(path: str | os.PathLike, provider: str = "auto", threads: int | N
     return StepwiseModel(info, OrtModel(step, provider, threads, graph="step"), max_steps, halting)
 
 
+ONNX_TYPES = {"tensor(bfloat16)": 16}  # onnx.TensorProto.BFLOAT16, for types numpy cannot name
+
+
 class DeviceBuffers:
     """KV-cache buffers on the session's device (moe_core/decoding.py HostBuffers' methods), as OrtValues: on CUDA the
     cache stays in device memory from one decoding call to the next, bound as each call's past and present. Only a
@@ -368,8 +371,15 @@ class DeviceBuffers:
 
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(host), self.device, 0)
 
-    def zeros(self, shape: tuple[int, ...]):
-        return self._on_device(np.zeros(shape, dtype=np.float32))
+    def zeros(self, shape: tuple[int, ...], cache_type: str = FLOAT32):
+        import onnxruntime as ort
+
+        if cache_type in HOST_DTYPES:
+            return self._on_device(np.zeros(shape, dtype=HOST_DTYPES[cache_type]))
+        # bfloat16, which numpy lacks: zero bits allocated on the device (bfloat16 zero is all-zero bits)
+        value = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), ONNX_TYPES[cache_type], self.device, 0)
+        value.update_inplace(np.zeros(shape, dtype=np.uint16))
+        return value
 
     def take(self, buffer, rows: np.ndarray):
         return self._on_device(buffer.numpy()[rows])
@@ -402,6 +412,7 @@ def open_decoder(info: ModelInfo, provider: str = "auto", threads: int | None = 
         raise MoeError(f"{info.path}: metadata config lacks model.n_heads / model.d_model (needed for the cache)")
     # Host buffers on the CPU: the session binds numpy arrays without a copy, and row changes are plain indexing.
     buffers = DeviceBuffers(model.provider) if model.provider != "cpu" else None
+    cache_type = next(i.type for i in model.session.get_inputs() if i.name == past_names(1)[0])
     return Decoder(model.run_feeds, d.cache_entries, heads, d_model // heads, info.max_seq_len,
                    f"KV cache ({path.name}, {d.cache_entries} block applications, buffers of {info.max_seq_len} "
-                   f"on {model.provider})", buffers), ""
+                   f"on {model.provider})", buffers, cache_type), ""
