@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 RUN    ?= runs/default
 
-.PHONY: setup serving-setup test demo lint clean
+.PHONY: setup serving-setup cuda-placement test demo lint clean
 
 setup: $(VENV)/.installed
 
@@ -30,11 +30,21 @@ $(SERVE_VENV)/.installed: $(VENV)/.installed
 	$(SERVE_VENV)/bin/pip install --quiet --no-deps -e .
 	touch $@
 
+# ONNX Runtime's real CUDA partitioner without a GPU (benchmarks/cuda_placement.py): the onnxruntime-gpu wheel,
+# unpacked, and stub CUDA libraries, made once inside the venv. tests/test_cuda_placement.py reads it.
+PLACEMENT := $(VENV)/cuda-placement
+
+cuda-placement: $(PLACEMENT)/.ready
+
+$(PLACEMENT)/.ready: $(VENV)/.installed benchmarks/cuda_placement.py
+	$(BIN)/python -m benchmarks.cuda_placement --home $(PLACEMENT) > /dev/null
+	touch $@
+
 # Every core runs tests (pytest-xdist, at most 4 workers: each holds torch and its own fixtures). A file's tests
 # stay on one worker (--dist loadfile): its module fixtures, the exports and training runs, are built once.
 TEST_WORKERS ?= auto
-test: setup serving-setup
-	MOE_SERVING_PYTHON=$(SERVE_VENV)/bin/python $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 \
+test: setup serving-setup cuda-placement
+	MOE_SERVING_PYTHON=$(SERVE_VENV)/bin/python MOE_CUDA_PLACEMENT_HOME=$(PLACEMENT) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 \
 		--dist loadfile
 
 demo: setup

@@ -13,10 +13,18 @@ process may use (intra_op_threads).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import re
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 CPU_EP = "CPUExecutionProvider"
+
+
+CUDA_EP = "CUDAExecutionProvider"
 
 
 def ort_session(model: str | os.PathLike | bytes, threads: int | None = None, providers: Sequence[Any] = (CPU_EP,)):
@@ -26,6 +34,83 @@ def ort_session(model: str | os.PathLike | bytes, threads: int | None = None, pr
 
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, sess_options=session_options(threads), providers=list(providers))
+
+
+# -- where ONNX Runtime placed the graph --------------------------------------------------------------------------
+#
+# A node the CUDA provider has no kernel for (at its op, opset and types) runs on the CPU, with a copy of its inputs
+# to the host and of its outputs back, each with a stream sync, inside every forward; and a session with such a node
+# cannot capture CUDA graphs. ONNX Runtime says so only in its log ("kernel not found", "N Memcpy nodes are added"),
+# at levels a serving session does not print. So a session that should run on CUDA is created with its log read
+# (session_with_placement): nodes per provider from ORT's own record, and the missing kernels and copies from its log.
+# Shape arithmetic (Shape / Gather / Reshape / Concat over sizes) that the CUDA provider itself keeps on the host costs
+# no copy of an activation: it is counted per provider, never as a fallback.
+MISSING_KERNEL = re.compile(r"CUDA kernel not found in registries for Op type: (\S+)")
+MEMCPY_ADDED = re.compile(r"(\d+) Memcpy nodes are added")
+
+
+@dataclass
+class Placement:
+    nodes: dict[str, int]  # provider -> nodes assigned to it
+    no_cuda_kernel: dict[str, int]  # op type -> nodes the CUDA provider has no kernel for
+    memcpy: int  # copy nodes between host and device that ONNX Runtime inserted
+
+    @property
+    def clean(self) -> bool:
+        """Everything that computes runs on the device: no missing kernel, no copy."""
+        return not self.no_cuda_kernel and not self.memcpy
+
+    def summary(self) -> str:
+        nodes = ", ".join(f"{ep.removesuffix('ExecutionProvider')} {n}" for ep, n in self.nodes.items())
+        missing = ", ".join(f"{op} x{n}" for op, n in self.no_cuda_kernel.items())
+        return (f"nodes: {nodes} | Memcpy nodes: {self.memcpy}"
+                + (f" | no CUDA kernel: {missing}" if missing else ""))
+
+
+def session_with_placement(model: str | os.PathLike | bytes, threads: int | None, providers: Sequence[Any]):
+    """(ort_session's session, its Placement): created with ONNX Runtime's placement record on and its log, at the
+    level that names missing kernels, captured from the process's stderr (where the C++ logger writes) and read."""
+    import onnxruntime as ort
+
+    opts = session_options(threads)
+    opts.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+    opts.log_severity_level = 1  # info: "kernel not found" (info) and "Memcpy nodes are added" (warning)
+    source = model if isinstance(model, bytes) else str(model)
+    with captured_stderr() as log:
+        session = ort.InferenceSession(source, sess_options=opts, providers=list(providers))
+    nodes: dict[str, int] = {}
+    for sub in session.get_provider_graph_assignment_info():
+        nodes[sub.ep_name] = nodes.get(sub.ep_name, 0) + len(sub.get_nodes())
+    text = log.read()
+    missing: dict[str, int] = {}
+    for op in MISSING_KERNEL.findall(text):
+        missing[op] = missing.get(op, 0) + 1
+    return session, Placement(nodes, missing, sum(int(n) for n in MEMCPY_ADDED.findall(text)))
+
+
+class _Log:
+    text = ""
+
+    def read(self) -> str:
+        return self.text
+
+
+@contextmanager
+def captured_stderr() -> Iterator[_Log]:
+    """File descriptor 2 redirected into a temporary file for the block (ONNX Runtime's C++ logger writes there,
+    below Python's sys.stderr); its text in the yielded object's read() afterwards."""
+    log = _Log()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            yield log
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            f.seek(0)
+            log.text = f.read().decode("utf-8", "replace")
 
 
 def usable_cpus() -> int:
