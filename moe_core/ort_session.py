@@ -12,6 +12,7 @@ process may use (intra_op_threads).
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sys
@@ -160,6 +161,17 @@ def session_options(threads: int | None):
     return opts
 
 
+@functools.cache
+def quiet_run():
+    """RunOptions whose log prints errors only: a session made by session_with_placement logs at info level, which
+    is meant for its creation, not for every call."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.log_severity_level = 3
+    return options
+
+
 def run_bound(session, feeds: dict[str, Any], outputs: list[str], into: dict[str, Any] | None = None,
               device: str = "cpu") -> list[Any]:
     """Run `session` through IO binding: the named outputs as host arrays, plus each output in `into` written into
@@ -181,7 +193,7 @@ def run_bound(session, feeds: dict[str, Any], outputs: list[str], into: dict[str
                                 else ort.OrtValue.ortvalue_from_numpy(buffer))
     for name in outputs:
         io.bind_output(name, device)  # "cuda" | "cpu": ORT's device names are the provider names
-    session.run_with_iobinding(io)
+    session.run_with_iobinding(io, quiet_run())
     # In binding order: the `into` outputs came first. numpy() of a CPU OrtValue is a view of its buffer, of a CUDA
     # one a copy to the host: only these outputs make the trip, never the cache.
     return [value.numpy() for value in io.get_outputs()[len(into or {}):]]

@@ -54,6 +54,7 @@ from moe_core.graph_contract import (
     CACHE_LAYOUT,
     DECODE_INPUTS,
     DECODE_OUTPUTS,
+    DEVICE,
     GRAPH_IO,
     METADATA_KEYS,
     STEP_SUFFIX,
@@ -63,14 +64,21 @@ from moe_core.graph_contract import (
     task_of,
 )
 from moe_core.jsonl import json_error, json_type, parse_json
-from moe_core.ort_session import CPU_EP, intra_op_threads, ort_session, run_bound
+from moe_core.ort_session import (
+    CPU_EP,
+    CUDA_EP,
+    Placement,
+    intra_op_threads,
+    ort_session,
+    run_bound,
+    session_with_placement,
+)
 from moe_core.stepwise import StepCounts, run_stepwise
 from moe_core.tokenizer import read_tokenizer
 
 from .graph import add_serving_outputs
 
 PROVIDER_CHOICES = ("auto", "cuda", "cpu")
-CUDA_EP = "CUDAExecutionProvider"
 # fp32 parity with eager PyTorch: no TF32 matmuls (the CUDA EP's default is TF32 on).
 CUDA_OPTIONS = {"use_tf32": "0"}
 
@@ -128,6 +136,7 @@ class ModelInfo:
     decode_graph: str | None = None  # an unrolled graph's decode graph, likewise
     cache_entries: int | None = None  # a decode graph's past/present pairs
     weights_sha256: str | None = None  # of the weights both graphs of one export were traced from
+    device: str = "cpu"  # the device the graph was made for (`moe export --device`)
 
 
 def read_model(path: str | os.PathLike, graph: str = "unrolled"):
@@ -197,7 +206,7 @@ def read_model(path: str | os.PathLike, graph: str = "unrolled"):
                      sizes["halt_max_steps"], meta["moe_version"], config, meta["tokenizer_sha256"],
                      meta.get("precision", "fp32"), task, graph, step_graph=file_beside(meta, "step_graph", path),
                      weights_sha256=meta.get("weights_sha256"),
-                     decode_graph=file_beside(meta, "decode_graph", path),
+                     decode_graph=file_beside(meta, "decode_graph", path), device=meta.get(DEVICE, "cpu"),
                      cache_entries=int(meta[CACHE_ENTRIES]) if graph == "decode" else None)
     logits = next(o for o in proto.graph.output if o.name == "logits")
     dims = logits.type.tensor_type.shape.dim
@@ -255,16 +264,23 @@ class OrtModel:
         if CUDA_EP in available and provider != "cpu" and hasattr(ort, "preload_dlls"):
             ort.preload_dlls()  # CUDA / cuDNN from the pip nvidia-* packages, when that is how they were installed
         self.threads = intra_op_threads(threads)
+        self.placement: Placement | None = None  # where ONNX Runtime put the nodes, when CUDA was tried
         try:
-            self.session = ort_session(proto.SerializeToString(), self.threads, providers)
+            if providers[0] == CPU_EP:
+                self.session = ort_session(proto.SerializeToString(), self.threads, providers)
+            else:
+                self.session, self.placement = session_with_placement(proto.SerializeToString(), self.threads,
+                                                                      providers)
         except Exception as e:  # ORT raises its own exception types for invalid graphs
             raise MoeError(f"{self.info.path}: ONNX Runtime cannot load the model ({str(e).splitlines()[0]})") from None
         self.provider, self.note = resolve_provider(provider, providers, self.session.get_providers())
+        self.note = "; ".join(filter(None, [self.note, device_note(self.info, self.provider, self.placement)]))
         self.counts = StepCounts()
 
     def describe(self) -> str:
         if self.provider == "cuda":
-            return "cuda (CUDAExecutionProvider, tf32 off, IO binding)"
+            where = f"; {self.placement.summary()}" if self.placement is not None else ""
+            return f"cuda (CUDAExecutionProvider, tf32 off, IO binding{where})"
         return f"cpu (CPUExecutionProvider, {self.threads} threads, idle workers sleep)"
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
@@ -281,6 +297,19 @@ class OrtModel:
         runs: on the CPU the outputs are ONNX Runtime's buffers, not copies (copying a decoding call's outputs cost
         as much as the call itself at batch 32: benchmarks/RESULTS.md)."""
         return run_bound(self.session, feeds, outputs, into, self.provider)
+
+
+def device_note(info: ModelInfo, provider: str, placement: Placement | None) -> str:
+    """What the user should know when a graph runs on another device than it was made for, or runs partly off CUDA
+    (ONNX Runtime's own placement: moe_core/ort_session.py); "" when nothing."""
+    again = f"export it again with `moe export RUN --out {info.path.name} --device {provider}`"
+    if provider == "cuda" and placement is not None and not placement.clean:
+        made = f" (it was made for {info.device}: {again})" if info.device != "cuda" else ""
+        return (f"{info.path.name} runs partly on the CPU: {placement.summary()}; each Memcpy node copies activations "
+                f"to the host and back in every forward, and CUDA graphs cannot be captured{made}")
+    if provider != info.device:
+        return f"{info.path.name} was made for {info.device}, this session runs on {provider}: {again}"
+    return ""
 
 
 class StepwiseModel:

@@ -544,3 +544,20 @@ def test_other_step_counts_need_the_step_graph(exported, tmp_path):
     set_metadata_value(model, "step_graph", None)
     assert_clean_failure(tmp_path, "m.onnx: --max-steps / --no-halt needs the model's step graph, and it was exported "
                          "without one", model, "--input", inp, "--no-halt", out_name="d.jsonl")
+
+
+def test_device_note_says_what_runs_off_cuda_and_how_to_re_export(exported) -> None:
+    """`moe serve` tells the user when a graph runs on another device than it was made for, and when ONNX Runtime
+    placed nodes of it off CUDA (its placement record and log: moe_core/ort_session.py)."""
+    from moe_core.ort_session import Placement
+    from serve.runtime import device_note, read_model
+
+    _, info = read_model(exported[1])
+    assert info.device == "cpu"
+    fallback = Placement({CUDA_EP: 300, CPU_EP: 40}, {"SplitToSequence": 36}, 108)
+    note = device_note(info, "cuda", fallback)
+    assert "runs partly on the CPU" in note and "Memcpy nodes: 108" in note and "SplitToSequence x36" in note
+    assert f"moe export RUN --out {info.path.name} --device cuda" in note
+    info.device = "cuda"
+    assert device_note(info, "cuda", Placement({CUDA_EP: 300, CPU_EP: 20}, {}, 0)) == ""
+    assert "made for cuda, this session runs on cpu" in device_note(info, "cpu", None)
