@@ -47,7 +47,7 @@ HOST_DTYPES = {FLOAT32: np.float32, FLOAT16: np.float16}  # numpy has no bfloat1
 
 class HostBuffers:
     """Cache buffers in host memory (numpy): what a CPU session binds without a copy, and the eager model writes
-    into. A device's buffers (serve/runtime.py DeviceBuffers) have the same three methods."""
+    into. put returns the buffer that holds the result (DeviceBuffers' is a new one)."""
 
     def zeros(self, shape: tuple[int, ...], cache_type: str = FLOAT32) -> np.ndarray:
         if cache_type not in HOST_DTYPES:
@@ -58,8 +58,65 @@ class HostBuffers:
     def take(self, buffer: np.ndarray, rows: np.ndarray) -> np.ndarray:
         return buffer[rows]
 
-    def put(self, buffer: np.ndarray, rows: np.ndarray, source: np.ndarray) -> None:
+    def put(self, buffer: np.ndarray, rows: np.ndarray, source: np.ndarray) -> np.ndarray:
         buffer[rows] = source
+        return buffer
+
+
+class DeviceBuffers:
+    """Cache buffers as OrtValues on an ONNX Runtime device ("cuda"; the tests use "cpu"), with HostBuffers' methods:
+    the cache stays in device memory from one decoding call to the next, bound as each call's past and present. Row
+    changes (samples leave the batch, one is refilled) run on the device too, as one-node graphs (Gather, ScatterND)
+    in a session on `providers`, so the cache never passes through the host, in any type (numpy has no bfloat16)."""
+
+    def __init__(self, device: str, providers: Sequence[Any]) -> None:
+        self.device, self.providers = device, list(providers)
+        self.sessions: dict[tuple[str, str], Any] = {}  # (op, cache type) -> its session
+
+    def zeros(self, shape: tuple[int, ...], cache_type: str = FLOAT32):
+        import onnxruntime as ort
+
+        value = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), ONNX_TYPES[cache_type], self.device, 0)
+        # Zero bits are 0.0 in every float type; numpy names the bfloat16 bits uint16.
+        value.update_inplace(np.zeros(shape, dtype=HOST_DTYPES.get(cache_type, np.uint16)))
+        return value
+
+    def take(self, buffer, rows: np.ndarray):
+        return self._run("take", buffer, {"rows": np.asarray(rows, dtype=np.int64)})
+
+    def put(self, buffer, rows: np.ndarray, source):
+        return self._run("put", buffer, {"rows": np.asarray(rows, dtype=np.int64)[:, None], "source": source})
+
+    def _run(self, op: str, buffer, feeds: dict[str, Any]):
+        from .ort_session import run_bound_values
+
+        key = (op, buffer.data_type())
+        if key not in self.sessions:
+            self.sessions[key] = row_op_session(op, ONNX_TYPES[key[1]], self.providers)
+        return run_bound_values(self.sessions[key], {"buffer": buffer, **feeds}, ["out"], self.device)[0]
+
+
+ONNX_TYPES = {FLOAT32: 1, FLOAT16: 10, BFLOAT16: 16}  # onnx.TensorProto's element types
+
+
+def row_op_session(op: str, elem_type: int, providers: Sequence[Any]):
+    """A session of one node over a [B, ...] buffer: "take" gathers rows [n] of it, "put" writes source [n, ...] into
+    rows [n, 1] of a copy (ScatterND)."""
+    from onnx import TensorProto, helper
+
+    from .ort_session import ort_session
+
+    buffer = helper.make_tensor_value_info("buffer", elem_type, None)
+    out = helper.make_tensor_value_info("out", elem_type, None)
+    rows = helper.make_tensor_value_info("rows", TensorProto.INT64, None)
+    if op == "take":
+        node, inputs = helper.make_node("Gather", ["buffer", "rows"], ["out"], axis=0), [buffer, rows]
+    else:
+        source = helper.make_tensor_value_info("source", elem_type, None)
+        node, inputs = helper.make_node("ScatterND", ["buffer", "rows", "source"], ["out"]), [buffer, rows, source]
+    graph = helper.make_graph([node], f"cache_{op}", inputs, [out])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    return ort_session(model.SerializeToString(), 1, providers)
 
 
 @dataclass
@@ -117,11 +174,11 @@ class Decoder:
         self.refills += len(refilled)
         window = refill_window(self.max_seq_len)
         again_logits, again = self.prefill([list(history[i])[-window:] for i in refilled])
-        for mine, theirs in zip(state.cache, again.cache, strict=True):
-            self.buffers.put(mine, refilled, theirs)
+        cache = [self.buffers.put(mine, refilled, theirs)
+                 for mine, theirs in zip(state.cache, again.cache, strict=True)]
         lengths, halt = state.lengths.copy(), state.halt_step.copy()
         lengths[refilled], halt[refilled] = again.lengths, again.halt_step
-        state = DecodeState(state.cache, lengths, halt)
+        state = DecodeState(cache, lengths, halt)
         if full.all():
             return again_logits, state
         logits, state = self._append(np.where(full, 0, tokens), state)  # 0: the refilled rows' placeholder

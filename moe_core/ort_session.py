@@ -172,14 +172,18 @@ def quiet_run():
     return options
 
 
-def run_bound(session, feeds: dict[str, Any], outputs: list[str], into: dict[str, Any] | None = None,
-              device: str = "cpu") -> list[Any]:
-    """Run `session` through IO binding: the named outputs as host arrays, plus each output in `into` written into
-    the buffer given for it (moe_core/decoding.py's cache buffers, bound as past input and present output at once).
+def run_bound_values(session, feeds: dict[str, Any], outputs: list[str], device: str = "cpu") -> list[Any]:
+    """Run `session` through IO binding with the named outputs left on `device`, as OrtValues (numpy feeds are
+    bound from host memory, OrtValue feeds where they are)."""
+    io = _bound(session, feeds, {})
+    for name in outputs:
+        io.bind_output(name, device)
+    session.run_with_iobinding(io, quiet_run())
+    return list(io.get_outputs())
 
-    Feeds and `into` buffers are numpy arrays (host memory, bound without a copy) or OrtValues (already on
-    `device`, the session's: "cpu" | "cuda"). The other outputs are allocated on `device` and returned as host
-    arrays: on the CPU arrays over ONNX Runtime's own buffers (each keeps its buffer alive), not copies."""
+
+def _bound(session, feeds: dict[str, Any], into: dict[str, Any]):
+    """An IO binding of `session` with the feeds as inputs and the `into` buffers as the outputs they are named for."""
     import onnxruntime as ort
 
     io = session.io_binding()
@@ -188,9 +192,21 @@ def run_bound(session, feeds: dict[str, Any], outputs: list[str], into: dict[str
             io.bind_ortvalue_input(name, value)
         else:
             io.bind_cpu_input(name, value)
-    for name, buffer in (into or {}).items():
+    for name, buffer in into.items():
         io.bind_ortvalue_output(name, buffer if isinstance(buffer, ort.OrtValue)
                                 else ort.OrtValue.ortvalue_from_numpy(buffer))
+    return io
+
+
+def run_bound(session, feeds: dict[str, Any], outputs: list[str], into: dict[str, Any] | None = None,
+              device: str = "cpu") -> list[Any]:
+    """Run `session` through IO binding: the named outputs as host arrays, plus each output in `into` written into
+    the buffer given for it (moe_core/decoding.py's cache buffers, bound as past input and present output at once).
+
+    Feeds and `into` buffers are numpy arrays (host memory, bound without a copy) or OrtValues (already on
+    `device`, the session's: "cpu" | "cuda"). The other outputs are allocated on `device` and returned as host
+    arrays: on the CPU arrays over ONNX Runtime's own buffers (each keeps its buffer alive), not copies."""
+    io = _bound(session, feeds, into or {})
     for name in outputs:
         io.bind_output(name, device)  # "cuda" | "cpu": ORT's device names are the provider names
     session.run_with_iobinding(io, quiet_run())

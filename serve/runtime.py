@@ -15,7 +15,7 @@ position's logits [B, V] for generation. The full [B, T, V] logits stay on the d
 The CPU session runs through the same IO-binding code, so the tests exercise it; only the device name differs.
 The decode graph's KV cache lives in buffers bound as each call's past input and present output at once, so
 GroupQueryAttention appends to them in place: host arrays on the CPU, OrtValues on the device on CUDA
-(DeviceBuffers; the tests run them on the CPU device).
+(moe_core/decoding.py DeviceBuffers; the tests run them on the CPU device).
 
 Runtimes
 --------
@@ -46,7 +46,7 @@ import numpy as np
 
 from moe_core import sudoku
 from moe_core.config import MAX_CYCLES
-from moe_core.decoding import FLOAT32, HOST_DTYPES, Decoder
+from moe_core.decoding import Decoder, DeviceBuffers
 from moe_core.errors import MoeError
 from moe_core.formats import check_format
 from moe_core.graph_contract import (
@@ -384,41 +384,6 @@ def open_model(path: str | os.PathLike, provider: str = "auto", threads: int | N
     return StepwiseModel(info, OrtModel(step, provider, threads, graph="step"), max_steps, halting)
 
 
-ONNX_TYPES = {"tensor(bfloat16)": 16}  # onnx.TensorProto.BFLOAT16, for types numpy cannot name
-
-
-class DeviceBuffers:
-    """KV-cache buffers on the session's device (moe_core/decoding.py HostBuffers' methods), as OrtValues: on CUDA the
-    cache stays in device memory from one decoding call to the next, bound as each call's past and present. Only a
-    batch whose rows change (a sample finishes or is refilled) moves buffers through the host, once."""
-
-    def __init__(self, device: str) -> None:
-        self.device = device
-
-    def _on_device(self, host: np.ndarray):
-        import onnxruntime as ort
-
-        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(host), self.device, 0)
-
-    def zeros(self, shape: tuple[int, ...], cache_type: str = FLOAT32):
-        import onnxruntime as ort
-
-        if cache_type in HOST_DTYPES:
-            return self._on_device(np.zeros(shape, dtype=HOST_DTYPES[cache_type]))
-        # bfloat16, which numpy lacks: zero bits allocated on the device (bfloat16 zero is all-zero bits)
-        value = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), ONNX_TYPES[cache_type], self.device, 0)
-        value.update_inplace(np.zeros(shape, dtype=np.uint16))
-        return value
-
-    def take(self, buffer, rows: np.ndarray):
-        return self._on_device(buffer.numpy()[rows])
-
-    def put(self, buffer, rows: np.ndarray, source) -> None:
-        host = np.array(buffer.numpy())  # a copy: on the CPU numpy() is a view of the buffer itself
-        host[rows] = source.numpy()
-        buffer.update_inplace(host)
-
-
 def open_decoder(info: ModelInfo, provider: str = "auto", threads: int | None = None) -> tuple[Decoder | None, str]:
     """The decode graph of the model `info` describes, ready to generate with (moe_core/decoding.py), or None with the
     reason: the model was exported without one, or it is missing beside the model."""
@@ -440,7 +405,7 @@ def open_decoder(info: ModelInfo, provider: str = "auto", threads: int | None = 
     if not (isinstance(heads, int) and isinstance(d_model, int) and heads > 0 and d_model % heads == 0):
         raise MoeError(f"{info.path}: metadata config lacks model.n_heads / model.d_model (needed for the cache)")
     # Host buffers on the CPU: the session binds numpy arrays without a copy, and row changes are plain indexing.
-    buffers = DeviceBuffers(model.provider) if model.provider != "cpu" else None
+    buffers = DeviceBuffers(model.provider, model.session.get_providers()) if model.provider != "cpu" else None
     cache_type = next(i.type for i in model.session.get_inputs() if i.name == past_names(1)[0])
     return Decoder(model.run_feeds, d.cache_entries, heads, d_model // heads, info.max_seq_len,
                    f"KV cache ({path.name}, {d.cache_entries} block applications, buffers of {info.max_seq_len} "

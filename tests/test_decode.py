@@ -164,7 +164,7 @@ def test_decoding_writes_the_cache_in_place_and_device_buffers_agree(exported):
     """Each cached call writes its entries into the state's buffers (bound as past and present at once) instead of
     returning a new cache; the same generation over OrtValue buffers on the session's device (what CUDA runs,
     DeviceBuffers, here on the CPU device) chooses the same tokens."""
-    from serve.runtime import DeviceBuffers
+    from moe_core.decoding import DeviceBuffers
 
     _, out, _ = exported
     server = Server.open(out, provider="cpu", threads=1)
@@ -180,7 +180,7 @@ def test_decoding_writes_the_cache_in_place_and_device_buffers_agree(exported):
     assert set(changed.tolist()) <= set(lengths.tolist()), "a call wrote entries other than its new tokens'"
     assert (after.lengths == lengths + 1).all()
     host = server.generate(texts(6), max_new_tokens=2 * T, batch_size=4)
-    decoder.buffers = DeviceBuffers("cpu")
+    decoder.buffers = DeviceBuffers("cpu", ["CPUExecutionProvider"])
     device = server.generate(texts(6), max_new_tokens=2 * T, batch_size=4)
     assert [r.tokens for r in device] == [r.tokens for r in host]
 
@@ -236,7 +236,7 @@ def test_a_decode_graph_of_another_cache_layout_is_refused(exported, tmp_path):
                     reason="needs onnxruntime-gpu and a GPU")
 def test_cached_generation_on_cuda_keeps_the_cache_on_the_device(exported):
     """On CUDA the decoder's buffers are device OrtValues (DeviceBuffers), and the tokens are the CPU's."""
-    from serve.runtime import DeviceBuffers
+    from moe_core.decoding import DeviceBuffers
 
     _, out, _ = exported
     gpu = Server.open(out, provider="cuda")
