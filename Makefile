@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 RUN    ?= runs/default
 
-.PHONY: setup serving-setup cuda-placement test demo lint clean
+.PHONY: setup serving-setup cuda-placement test demo gpu-check lint clean
 
 setup: $(VENV)/.installed
 
@@ -55,6 +55,12 @@ demo: setup
 	$(BIN)/moe serve $(RUN)/model.onnx --input $(RUN)/sample.jsonl --output $(RUN)/sample.out.jsonl --mode generate \
 		--temperature 0.8 --top-k 40 --seed 0 --overwrite
 	cat $(RUN)/sample.scores.jsonl $(RUN)/sample.out.jsonl
+
+# On a GPU machine, from the repository with what is installed (no venv, no pip; onnxruntime-gpu installed, or an
+# unpacked wheel in MOE_ORT_GPU): train, export --device cuda in fp32 / fp16 / bf16, placement, parity on CUDA,
+# speed; RUN/../gpu-check/gpu-check.json and a table (benchmarks/gpu_check.py).
+gpu-check:
+	PYTHONPATH=. $(PYTHON) -m benchmarks.gpu_check --out runs/gpu-check
 
 lint: setup
 	$(BIN)/ruff check .

@@ -10,6 +10,7 @@ forward at the same positions (export/parity.py's tolerance), and halt_step exac
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 import torch
@@ -168,26 +169,28 @@ def decode_cases(cfg: ModelConfig, seed: int = 0) -> list[tuple[str, list[list[i
 
 
 def check_decode_parity(model: RecursiveMoE, session, seed: int = 0, label: str = "fp32",
-                        tolerance: float | None = TOLERANCE) -> ParityReport:
-    """The decode graph in `session`, prefill then DECODE_STEPS calls, against the eager full forward."""
+                        tolerance: float | None = TOLERANCE, buffers: Any = None) -> ParityReport:
+    """The decode graph in `session`, prefill then DECODE_STEPS calls, against the eager full forward (run where the
+    model's parameters are). `buffers`: where the cache lives (moe_core/decoding.py; host memory by default)."""
     model.eval()
+    device = next(model.parameters()).device
     cases = []
     for name, prompts, continuations in decode_cases(model.config, seed):
         cfg = model.config
         got, halt = run_decode(session, prompts, continuations, cache_entries(cfg), cfg.n_heads, cfg.head_dim,
-                               cfg.max_seq_len)
+                               cfg.max_seq_len, buffers)
         got = got.astype(np.float32)
         seqs = [p + c for p, c in zip(prompts, continuations, strict=True)]
         T = max(map(len, seqs))
         ids = np.array([s + [0] * (T - len(s)) for s in seqs], dtype=np.int64)
         mask = np.array([[1] * len(s) + [0] * (T - len(s)) for s in seqs], dtype=np.int64)
         with torch.no_grad():
-            full = model(torch.from_numpy(ids), torch.from_numpy(mask))
-        ref = np.stack([full.logits[b, len(p) - 1: len(p) + DECODE_STEPS].float().numpy()
+            full = model(torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device))
+        ref = np.stack([full.logits[b, len(p) - 1: len(p) + DECODE_STEPS].float().cpu().numpy()
                         for b, p in enumerate(prompts)])  # [B, calls, V]: the logits predicting each next token
         diff = np.abs(got - ref)
         max_abs = float(diff.max())
-        ref_halt = full.halt_step.numpy()
+        ref_halt = full.halt_step.cpu().numpy()
         cases.append(CaseResult(name, (len(prompts), T), max_abs, max_abs / max(float(np.abs(ref).max()), 1e-12),
                                 bool(np.array_equal(halt, ref_halt)), sorted(set(ref_halt.tolist())),
                                 float((got.argmax(-1) == ref.argmax(-1)).mean())))
@@ -195,7 +198,7 @@ def check_decode_parity(model: RecursiveMoE, session, seed: int = 0, label: str 
 
 
 def run_decode(session, prompts: list[list[int]], continuations: list[list[int]], entries: int, heads: int,
-               head_dim: int, max_seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+               head_dim: int, max_seq_len: int, buffers: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """Prefill the right-padded prompts, then feed the continuations' tokens one call at a time, through the loop
     serve generates with (moe_core/decoding.py, buffers bound as past and present): the logits predicting each next
     token [B, 1 + calls, V] (after the prompt, then after each fed token) and halt_step."""
@@ -204,7 +207,7 @@ def run_decode(session, prompts: list[list[int]], continuations: list[list[int]]
         return run_bound(session, feeds, outputs, into)
 
     cache_type = next(i.type for i in session.get_inputs() if i.name == past_names(1)[0])
-    decoder = Decoder(run, entries, heads, head_dim, max_seq_len, cache_type=cache_type)
+    decoder = Decoder(run, entries, heads, head_dim, max_seq_len, buffers=buffers, cache_type=cache_type)
     last, state = decoder.prefill(prompts)
     logits, halt = [last], state.halt_step
     history = [list(p) for p in prompts]

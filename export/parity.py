@@ -25,7 +25,9 @@ Decisions at padded positions, and at positions already affected by an earlier n
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +36,7 @@ from moe_core import sudoku
 from moe_core.errors import MoeError
 from moe_core.metrics import token_logprobs
 from moe_core.model import Decision, RecursiveMoE, recording_decisions
-from moe_core.ort_session import ort_session
+from moe_core.ort_session import CPU_EP, ort_session
 from moe_core.stepwise import StepwiseSession
 
 TOLERANCE = 1e-4
@@ -194,7 +196,7 @@ def compare_decisions(eager: list[Decision], graph: list[np.ndarray], valid: np.
         raise MoeError(f"the decision graph yields {len(graph)} decisions, the eager model {len(eager)}")
     report, affected = Decisions(), np.zeros_like(valid)
     for call, (e, g) in enumerate(zip(eager, graph, strict=True)):
-        choice, margin = e.choice.float().numpy(), e.margin.float().numpy()
+        choice, margin = e.choice.float().cpu().numpy(), e.margin.float().cpu().numpy()
         if e.kind == "halt":
             # A causal model's halting reads position 0 only; a bidirectional one's, every valid position.
             open_ = ~affected[:, 0] if causal else ~(affected & valid).any(1)
@@ -229,9 +231,10 @@ def compare(model: RecursiveMoE, session, name: str, ids: np.ndarray, mask: np.n
     """One input set. `decision_session`: the parity-only graph yielding the decisions (compared, and their
     near-ties' positions left out); `exclude`: [B, T] positions to leave out (found by another graph's check)."""
     feeds = {"input_ids": ids, "attention_mask": mask}
+    device = next(model.parameters()).device
     with torch.no_grad(), recording_decisions() as eager_decisions:
-        out = model(torch.from_numpy(ids), torch.from_numpy(mask))
-    ref_logits, ref_halt = out.logits.float().numpy(), out.halt_step.numpy()
+        out = model(torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device))
+    ref_logits, ref_halt = out.logits.float().cpu().numpy(), out.halt_step.cpu().numpy()
     logits, halt = session.run(["logits", "halt_step"], feeds)
     valid = mask.astype(bool)
     decisions = None
@@ -253,14 +256,16 @@ def compare(model: RecursiveMoE, session, name: str, ids: np.ndarray, mask: np.n
 
 def check_parity(model: RecursiveMoE, onnx_path: str, seed: int = 0, label: str = "fp32",
                  tolerance: float | None = TOLERANCE, task: str = "lm", stepwise: bool = False,
-                 decisions_path: str | None = None, exclude: ParityReport | None = None) -> ParityReport:
+                 decisions_path: str | None = None, exclude: ParityReport | None = None,
+                 providers: Sequence[Any] = (CPU_EP,)) -> ParityReport:
     """Eager vs the graph at `onnx_path` on parity_inputs. `stepwise`: the graph is a step graph, run step by step
     with halted samples dropped, exactly as `moe serve --runtime stepwise` runs it (moe_core/stepwise.py).
     `decisions_path`: the parity-only copy of the graph with its decisions as outputs (onnx_export.to_onnx with
     decisions): decisions are compared too. `exclude`: an earlier report on the same inputs (the unrolled graph's,
-    for its step graph) whose near-tie positions are left out here as well."""
+    for its step graph) whose near-tie positions are left out here as well. `providers`: where ONNX Runtime runs
+    the graph (the eager model runs where its parameters are)."""
     model.eval()
-    session = ort_session(onnx_path)
+    session = ort_session(onnx_path, providers=providers)
     if stepwise:
         session = StepwiseSession(session, onnx_path)
         label = f"{label}, step graph run step-wise"

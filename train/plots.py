@@ -22,15 +22,17 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from matplotlib.figure import Figure
 
 from moe_core.checkpoint import read_run_config
 from moe_core.errors import MoeError, os_reason
 from moe_core.files import atomic_write
 from moe_core.jsonl import json_error, read_lines
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 METRICS_FILE = "metrics.jsonl"
 PLOTS_DIR = "plots"
@@ -160,6 +162,13 @@ def style_axes(ax, title: str, ylabel: str, xlabel: str = "step (optimizer updat
         ax.legend(loc="best", fontsize=8, framealpha=0.85)
 
 
+def new_figure(**kwargs: Any) -> Figure:
+    """A matplotlib Figure, matplotlib imported only here: a run with train.plots = false trains without it."""
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
+
+
 def save_figure(fig: Figure, path: Path, overwrite: bool = True) -> Path:
     """Write `fig` as a PNG, atomically; overwrite=False: only where `path` does not exist yet."""
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI), overwrite)
@@ -184,7 +193,7 @@ def plot_loss(train: list[Record], evals: list[Record]) -> Figure | None:
     vx, vy = series(evals, "val_loss")
     if not tx and not vx:
         return None
-    fig = Figure(layout="constrained", figsize=(8, 4.8))
+    fig = new_figure(layout="constrained", figsize=(8, 4.8))
     ax = fig.add_subplot()
     if tx:
         ax.plot(tx, ty, color="C0", lw=1.3, marker=_marker(tx), ms=3, label=train_label)
@@ -205,7 +214,7 @@ def plot_lr(train: list[Record]) -> Figure | None:
     x, y = series(train, "lr")
     if not x:
         return None
-    fig = Figure(layout="constrained", figsize=(8, 3.6))
+    fig = new_figure(layout="constrained", figsize=(8, 3.6))
     ax = fig.add_subplot()
     ax.plot(x, y, color="C0", lw=1.5, marker=_marker(x), ms=3, label="lr (base param group)")
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
@@ -229,7 +238,7 @@ def plot_grad_norm(train: list[Record], grad_clip: float | None = None) -> Figur
     data = [d for d in data if d[3]]
     if not data:
         return None
-    fig = Figure(layout="constrained", figsize=(8, 4.4))
+    fig = new_figure(layout="constrained", figsize=(8, 4.4))
     ax = fig.add_subplot()
     for label, c, lw, x, y in data:
         ax.plot(x, y, color=c, lw=lw, marker=_marker(x), ms=3, label=label)
@@ -249,7 +258,7 @@ def plot_heads(train: list[Record], n_heads: int | None = None, min_heads: int |
     if not head_layers and not thr_layers and not cx_layers:
         return None
     second = bool(thr_layers or cx_layers)
-    fig = Figure(layout="constrained", figsize=(8, 7.2 if second else 4.2))
+    fig = new_figure(layout="constrained", figsize=(8, 7.2 if second else 4.2))
     ax1 = fig.add_subplot(2 if second else 1, 1, 1)
     for li in head_layers:
         x, y = series(train, f"L{li}.moh_heads")
@@ -297,7 +306,7 @@ def plot_head_load(train: list[Record]) -> Figure | None:
     if not layers:
         return None
     n_heads = max(len(rows[0]) for *_, rows in layers)
-    fig = Figure(layout="constrained", figsize=(8, 1.0 + 3.0 * len(layers)))
+    fig = new_figure(layout="constrained", figsize=(8, 1.0 + 3.0 * len(layers)))
     axes = fig.subplots(len(layers), 1, sharex=True, squeeze=False)[:, 0]
     for ax, (li, x, rows) in zip(axes, layers, strict=True):
         for h in range(len(rows[0])):
@@ -324,7 +333,7 @@ def plot_expert_load(train: list[Record]) -> Figure | None:
     any_dropped = any(v > 0 for *_, y in dropped for v in y)
     n_exp = max(len(v[0]) for *_, v in layers)
     n_panels = len(layers) + bool(cv) + any_dropped
-    fig = Figure(layout="constrained", figsize=(8, 1.0 + 3.0 * n_panels))
+    fig = new_figure(layout="constrained", figsize=(8, 1.0 + 3.0 * n_panels))
     axes = fig.subplots(n_panels, 1, sharex=True, squeeze=False)[:, 0]
     for ax, (li, x, loads) in zip(axes, layers, strict=False):
         n = len(loads[0])
@@ -364,7 +373,7 @@ def plot_halting(train: list[Record], evals: list[Record], halt_max_steps: int |
     ax_, ay = series(train, "halt_acc")
     if not ax_ and all(v == 1 for v in ty + vy):  # baseline model: one step always, nothing to show
         return None
-    fig = Figure(layout="constrained", figsize=(8, 4.6))
+    fig = new_figure(layout="constrained", figsize=(8, 4.6))
     ax = fig.add_subplot()
     if halt_max_steps:
         ax.axhline(halt_max_steps, color="0.55", ls="--", lw=1, zorder=1, label=f"halt_max_steps = {halt_max_steps}")
@@ -399,7 +408,7 @@ def plot_halt_hist(train: list[Record]) -> Figure | None:
         return None
     S = len(counts[0])
     fracs = [[c / max(sum(row), 1e-12) for c in row] for row in counts]
-    fig = Figure(layout="constrained", figsize=(10, 4.6))
+    fig = new_figure(layout="constrained", figsize=(10, 4.6))
     ax, ax_bar = fig.subplots(1, 2, width_ratios=[3, 1.2])
     ax.stackplot(x, *zip(*fracs, strict=True), colors=[f"C{s % 10}" for s in range(S)], alpha=0.85,
                  labels=[f"halted at step {s + 1}" for s in range(S)])
@@ -435,7 +444,7 @@ def plot_val_loss_overlay(curves: dict[str, tuple[list[float], list[float]]], un
     ranked = sorted(curves, key=lambda n: curves[n][1][-1])
     # Ten strong colours, then the same colours with another line style and marker: 30 runs stay distinct.
     styles = {name: (f"C{i % 10}", ("-", "--", ":")[i // 10 % 3], "os^"[i // 10 % 3]) for i, name in enumerate(curves)}
-    fig = Figure(layout="constrained", figsize=(12, max(4.8, 0.26 * len(curves) + 1.6)))
+    fig = new_figure(layout="constrained", figsize=(12, max(4.8, 0.26 * len(curves) + 1.6)))
     ax, ax_rank = fig.subplots(1, 2, width_ratios=[2.2, 1])
     for name, (x, y) in curves.items():
         color, ls, marker = styles[name]
