@@ -42,7 +42,8 @@ def refill_window(max_seq_len: int) -> int:
 # The cache's element type, as ONNX Runtime names a graph input's type (session.get_inputs()[i].type): float32, or
 # a graph made for CUDA in reduced precision keeps its cache in that precision (moe_core/graph_contract.py).
 FLOAT32, FLOAT16, BFLOAT16 = "tensor(float)", "tensor(float16)", "tensor(bfloat16)"
-HOST_DTYPES = {FLOAT32: np.float32, FLOAT16: np.float16}  # numpy has no bfloat16
+INT64 = "tensor(int64)"  # the decode graph's other inputs and its halt_step and token outputs
+HOST_DTYPES = {FLOAT32: np.float32, FLOAT16: np.float16, INT64: np.int64}  # numpy has no bfloat16
 
 
 class HostBuffers:
@@ -61,6 +62,22 @@ class HostBuffers:
     def put(self, buffer: np.ndarray, rows: np.ndarray, source: np.ndarray) -> np.ndarray:
         buffer[rows] = source
         return buffer
+
+    # Static shapes (Decoder(static=True)): buffers written in place, never replaced.
+    def take_into(self, buffer: np.ndarray, rows: np.ndarray, into: np.ndarray) -> None:
+        into[...] = buffer[rows]
+
+    def put_into(self, buffer: np.ndarray, rows: np.ndarray, source: np.ndarray) -> None:
+        buffer[rows] = source
+
+    def write(self, buffer: np.ndarray, value: np.ndarray) -> None:
+        buffer[...] = value
+
+    def read(self, buffer: np.ndarray) -> np.ndarray:
+        return buffer
+
+    def rows(self, buffer: np.ndarray) -> int:
+        return buffer.shape[0]
 
 
 class DeviceBuffers:
@@ -87,16 +104,37 @@ class DeviceBuffers:
     def put(self, buffer, rows: np.ndarray, source):
         return self._run("put", buffer, {"rows": np.asarray(rows, dtype=np.int64)[:, None], "source": source})
 
-    def _run(self, op: str, buffer, feeds: dict[str, Any]):
-        from .ort_session import run_bound_values
+    def take_into(self, buffer, rows: np.ndarray, into) -> None:
+        self._run("take", buffer, {"rows": np.asarray(rows, dtype=np.int64)}, into)
+
+    def put_into(self, buffer, rows: np.ndarray, source) -> None:
+        """ScatterND with its output bound to its input's buffer: ONNX Runtime's kernel copies the input to the output
+        only when they differ, so the rows are written in place."""
+        self._run("put", buffer, {"rows": np.asarray(rows, dtype=np.int64)[:, None], "source": source}, buffer)
+
+    def write(self, buffer, value: np.ndarray) -> None:
+        buffer.update_inplace(np.ascontiguousarray(value))
+
+    def read(self, buffer) -> np.ndarray:
+        return buffer.numpy()
+
+    def rows(self, buffer) -> int:
+        return buffer.shape()[0]
+
+    def _run(self, op: str, buffer, feeds: dict[str, Any], into: Any = None):
+        from .ort_session import run_bound, run_bound_values
 
         key = (op, buffer.data_type())
         if key not in self.sessions:
             self.sessions[key] = row_op_session(op, ONNX_TYPES[key[1]], self.providers)
-        return run_bound_values(self.sessions[key], {"buffer": buffer, **feeds}, ["out"], self.device)[0]
+        feeds = {"buffer": buffer, **feeds}
+        if into is not None:
+            run_bound(self.sessions[key], feeds, [], {"out": into}, self.device)
+            return into
+        return run_bound_values(self.sessions[key], feeds, ["out"], self.device)[0]
 
 
-ONNX_TYPES = {FLOAT32: 1, FLOAT16: 10, BFLOAT16: 16}  # onnx.TensorProto's element types
+ONNX_TYPES = {FLOAT32: 1, INT64: 7, FLOAT16: 10, BFLOAT16: 16}  # onnx.TensorProto's element types
 
 
 def row_op_session(op: str, elem_type: int, providers: Sequence[Any]):
@@ -121,83 +159,196 @@ def row_op_session(op: str, elem_type: int, providers: Sequence[Any]):
 
 @dataclass
 class DecodeState:
-    cache: list[Any]  # past_key_values.{i}.key / .value buffers, in past_names order: [B, heads, max_seq_len, hd]
+    cache: list[Any]  # past_key_values.{i}.key / .value buffers, in past_names order: [rows, heads, max_seq_len, hd]
     lengths: np.ndarray  # int64 [B]: tokens of each sample in its cache (prompt + generated) = its next position
     halt_step: np.ndarray  # int64 [B]
+    slots: np.ndarray | None = None  # static shapes: each sample's row in its bucket's buffers (others are fillers)
+
+
+# Static shapes (Decoder(static=True), what CUDA graph capture needs): a batch of B samples runs in the buffers of
+# the smallest bucket of at least B rows, allocated once per Decoder and reused by every later batch, so that a
+# decoding call always binds the same inputs and outputs at the same addresses with the same shapes; its attention
+# mask is max_seq_len wide. Rows without a sample (fillers) run a placeholder token at position 0 and are never read.
+# A sample that finishes leaves its row to a filler; when the samples left fit a smaller bucket, their rows are
+# gathered into that bucket's buffers on the device. Each bucket's decoding call is one CUDA graph (gpu_graph_id).
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def bucket_for(n: int) -> int:
+    return next((b for b in BUCKETS if b >= n), n)
+
+
+@dataclass
+class Bucket:
+    size: int
+    graph_ids: tuple[int, int]  # its decoding call's CUDA graph, returning logits / token ids (ids >= 1: 0 is ORT's)
+    cache: list[Any]
+    feeds: dict[str, Any]  # input_ids, position_ids [size, 1], attention_mask [size, max_seq_len], past_halt_step
+    outputs: dict[str, Any]  # the last logits [size, V] or the token ids [size], and halt_step [size]
 
 
 class Decoder:
-    """Runs a decode graph (`run`: see Run) over cache buffers from `buffers` (HostBuffers unless given)."""
+    """Runs a decode graph (`run`: see Run) over cache buffers from `buffers` (HostBuffers unless given).
+
+    The logits after each row's last token come from the graph's `last_output` when it has one (serve adds it: only
+    [B, V] leaves the device), else from its full logits, indexed here; with `token_output` (serve's greedy choice
+    on the device) a greedy caller gets token ids, and nothing larger leaves the device per token. `static`: fixed
+    shapes (see BUCKETS) for CUDA graph capture; `vocab_size` sizes its logits buffers."""
 
     def __init__(self, run: Run, entries: int, heads: int, head_dim: int, max_seq_len: int, describe: str = "",
-                 buffers: Any = None, cache_type: str = FLOAT32) -> None:
+                 buffers: Any = None, cache_type: str = FLOAT32, last_output: str | None = None,
+                 token_output: str | None = None, static: bool = False, vocab_size: int | None = None) -> None:
         self.run, self.entries, self.heads, self.head_dim = run, entries, heads, head_dim
         self.cache_type = cache_type
         self.max_seq_len = max_seq_len
         self.describe = describe  # for the console: which graph, how many cache entries
         self.buffers = buffers if buffers is not None else HostBuffers()
         self.past, self.present = past_names(entries), present_names(entries)
+        self.last_output, self.token_output = last_output, token_output
+        if static and (last_output is None or vocab_size is None):
+            raise ValueError("static shapes need the graph's last_output and the vocab_size")
+        self.static, self.vocab_size = static, vocab_size
+        self.buckets: dict[int, Bucket] = {}
         self.calls = 0
         self.refills = 0
 
-    def prefill(self, rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, DecodeState]:
-        """Right-pad the rows (each at most max_seq_len tokens) and run them into new buffers: (the logits after each
-        row's last token [B, V], the state)."""
-        B, P = len(rows), max(map(len, rows))
-        lengths = np.array([len(r) for r in rows], dtype=np.int64)
-        ids = np.zeros((B, P), dtype=np.int64)
-        for b, r in enumerate(rows):
+    @property
+    def gives_tokens(self) -> bool:
+        return self.token_output is not None
+
+    def prefill(self, rows: Sequence[Sequence[int]], tokens: bool = False) -> tuple[np.ndarray, DecodeState]:
+        """Right-pad the rows (each at most max_seq_len tokens) and run them into new buffers (static: into their
+        bucket's): (the logits after each row's last token [B, V], or with `tokens` the greedy token ids [B]; the
+        state)."""
+        B = len(rows)
+        n = bucket_for(B) if self.static else B
+        padded = [*rows, *([[0]] * (n - B))]  # fillers: one placeholder token
+        P = max(map(len, padded))
+        lengths = np.array([len(r) for r in padded], dtype=np.int64)
+        ids = np.zeros((n, P), dtype=np.int64)
+        for b, r in enumerate(padded):
             ids[b, : len(r)] = r
-        cache = [self.buffers.zeros((B, self.heads, self.max_seq_len, self.head_dim), self.cache_type)
-                 for _ in self.past]
-        logits, halt = self._call(ids, lengths, np.broadcast_to(np.arange(P), (B, P)).copy(),
-                                  np.zeros(B, dtype=np.int64), cache)
-        return logits[np.arange(B), lengths - 1], DecodeState(cache, lengths, halt)
+        if self.static:
+            cache = self._bucket(n).cache
+        else:
+            cache = [self.buffers.zeros((B, self.heads, self.max_seq_len, self.head_dim), self.cache_type)
+                     for _ in self.past]
+        last, halt = self._call(ids, lengths, np.broadcast_to(np.arange(P), (n, P)).copy(),
+                                np.zeros(n, dtype=np.int64), cache, tokens)
+        slots = np.arange(B) if self.static else None
+        return last[:B], DecodeState(cache, lengths[:B], halt[:B], slots)
 
     def keep(self, state: DecodeState, rows: Sequence[int]) -> DecodeState:
-        """The state of these rows only (samples that finished leave the batch), in new buffers. When every row
-        stays, in order, the state itself (serving calls this after every token)."""
+        """The state of these rows only (samples that finished leave the batch), in new buffers (static: the same
+        buffers while the rows fit their bucket, else a smaller bucket's). When every row stays, in order, the state
+        itself (serving calls this after every token)."""
         idx = np.asarray(rows, dtype=np.int64)
         if np.array_equal(idx, np.arange(len(state.lengths))):
             return state
-        return DecodeState([self.buffers.take(c, idx) for c in state.cache], state.lengths[idx], state.halt_step[idx])
+        if not self.static:
+            return DecodeState([self.buffers.take(c, idx) for c in state.cache], state.lengths[idx],
+                               state.halt_step[idx])
+        slots, n = state.slots[idx], bucket_for(len(idx))
+        if n == self.buffers.rows(state.cache[0]):
+            return DecodeState(state.cache, state.lengths[idx], state.halt_step[idx], slots)
+        target = self._bucket(n).cache
+        gather = np.concatenate([slots, np.full(n - len(slots), slots[0])])  # fillers copy a sample's row
+        for source, into in zip(state.cache, target, strict=True):
+            self.buffers.take_into(source, gather, into)
+        return DecodeState(target, state.lengths[idx], state.halt_step[idx], np.arange(len(idx)))
 
-    def step(self, tokens: Sequence[int], state: DecodeState, history: Sequence[Sequence[int]]
-             ) -> tuple[np.ndarray, DecodeState]:
-        """Append one token per row: (the logits after it [B, V], the new state). `history`: each row's tokens so
-        far, this one included, for a refill when a row reaches max_seq_len (module docstring)."""
+    def step(self, tokens: Sequence[int], state: DecodeState, history: Sequence[Sequence[int]],
+             greedy: bool = False) -> tuple[np.ndarray, DecodeState]:
+        """Append one token per row: (the logits after it [B, V], or with `greedy` the token ids [B]; the new
+        state). `history`: each row's tokens so far, this one included, for a refill when a row reaches max_seq_len
+        (module docstring)."""
         tokens = np.asarray(tokens, dtype=np.int64)
         full = state.lengths >= self.max_seq_len
         if not full.any():
-            return self._append(tokens, state)
+            return self._append(tokens, state, greedy)
         refilled = np.flatnonzero(full)
         self.refills += len(refilled)
         window = refill_window(self.max_seq_len)
-        again_logits, again = self.prefill([list(history[i])[-window:] for i in refilled])
-        cache = [self.buffers.put(mine, refilled, theirs)
-                 for mine, theirs in zip(state.cache, again.cache, strict=True)]
+        again_last, again = self._refill([list(history[i])[-window:] for i in refilled], greedy)
+        if self.static:  # into the bucket's own buffers, at the samples' rows: their addresses must not change
+            for mine, theirs in zip(state.cache, again.cache, strict=True):
+                self.buffers.put_into(mine, state.slots[refilled], theirs)
+            cache = state.cache
+        else:
+            cache = [self.buffers.put(mine, refilled, theirs)
+                     for mine, theirs in zip(state.cache, again.cache, strict=True)]
         lengths, halt = state.lengths.copy(), state.halt_step.copy()
         lengths[refilled], halt[refilled] = again.lengths, again.halt_step
-        state = DecodeState(cache, lengths, halt)
+        state = DecodeState(cache, lengths, halt, state.slots)
         if full.all():
-            return again_logits, state
-        logits, state = self._append(np.where(full, 0, tokens), state)  # 0: the refilled rows' placeholder
-        logits[refilled] = again_logits
+            return again_last, state
+        last, state = self._append(np.where(full, 0, tokens), state, greedy)  # 0: the refilled rows' placeholder
+        last[refilled] = again_last
         state.lengths[refilled] -= 1  # the placeholder's entry is not a token
-        return logits, state
+        return last, state
 
-    def _append(self, tokens: np.ndarray, state: DecodeState) -> tuple[np.ndarray, DecodeState]:
+    def _refill(self, rows: list[list[int]], greedy: bool) -> tuple[np.ndarray, DecodeState]:
+        """A prefill of these rows alone into buffers of their own (shapes as they come: never captured)."""
+        static, self.static = self.static, False
+        try:
+            return self.prefill(rows, greedy)
+        finally:
+            self.static = static
+
+    def _append(self, tokens: np.ndarray, state: DecodeState, greedy: bool) -> tuple[np.ndarray, DecodeState]:
         """One cached call: each row's token at its next position."""
         lengths = state.lengths + 1
-        logits, halt = self._call(tokens[:, None], lengths, state.lengths[:, None], state.halt_step, state.cache)
-        return logits[:, 0], DecodeState(state.cache, lengths, halt)
+        if self.static:
+            last, halt = self._static_call(tokens, state, greedy)
+        else:
+            last, halt = self._call(tokens[:, None], lengths, state.lengths[:, None], state.halt_step, state.cache,
+                                    greedy)
+        return last, DecodeState(state.cache, lengths, halt, state.slots)
 
-    def _call(self, ids, lengths, positions, halt, cache) -> tuple[np.ndarray, np.ndarray]:
+    def _call(self, ids, lengths, positions, halt, cache, tokens: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Run the graph: `lengths`, each row's tokens after the call, make the attention mask (each row's first
-        `length` indices)."""
+        `length` indices). Returns the logits after each row's last new token [B, V] (or its greedy token ids) and
+        halt_step."""
         self.calls += 1
         mask = (np.arange(int(lengths.max()))[None, :] < lengths[:, None]).astype(np.int64)
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "past_halt_step": halt,
                  **dict(zip(self.past, cache, strict=True))}
-        logits, halt = self.run(feeds, [LOGITS, HALT_STEP], dict(zip(self.present, cache, strict=True)))
-        return logits, halt
+        wanted = self.token_output if tokens and self.gives_tokens else self.last_output or LOGITS
+        last, halt = self.run(feeds, [wanted, HALT_STEP], dict(zip(self.present, cache, strict=True)))
+        if wanted == LOGITS:  # the full logits [B, T, V]: each row's last new token is at lengths - 1 - its position
+            last = last[np.arange(len(ids)), lengths - 1 - positions[:, 0]]
+        return last, halt
+
+    def _static_call(self, tokens: np.ndarray, state: DecodeState, greedy: bool) -> tuple[np.ndarray, np.ndarray]:
+        """A decoding call in the state's bucket: its feeds written in place, its outputs into its own buffers, and
+        the bucket's CUDA graph id, so that the call replays once captured."""
+        self.calls += 1
+        b = self._bucket(self.buffers.rows(state.cache[0]))
+        n, at = b.size, state.slots
+        ids, positions = np.zeros((n, 1), dtype=np.int64), np.zeros((n, 1), dtype=np.int64)
+        halt = np.full(n, 1, dtype=np.int64)
+        ids[at, 0], positions[at, 0], halt[at] = tokens, state.lengths, state.halt_step
+        mask = (np.arange(self.max_seq_len)[None, :] < (positions + 1)).astype(np.int64)
+        for name, value in (("input_ids", ids), ("position_ids", positions), ("attention_mask", mask),
+                            ("past_halt_step", halt)):
+            self.buffers.write(b.feeds[name], value)
+        wanted = self.token_output if greedy and self.gives_tokens else self.last_output
+        outputs = {wanted: b.outputs[wanted], HALT_STEP: b.outputs[HALT_STEP]}
+        self.run({**b.feeds, **dict(zip(self.past, b.cache, strict=True))}, [],
+                 {**dict(zip(self.present, b.cache, strict=True)), **outputs}, b.graph_ids[wanted == self.token_output])
+        return self.buffers.read(outputs[wanted])[at], self.buffers.read(outputs[HALT_STEP])[at]
+
+    def _bucket(self, n: int) -> Bucket:
+        """The buffers of the bucket of n rows, allocated on first use."""
+        if n not in self.buckets:
+            zeros = self.buffers.zeros
+            shape = (n, self.heads, self.max_seq_len, self.head_dim)
+            feeds = {"input_ids": zeros((n, 1), INT64), "position_ids": zeros((n, 1), INT64),
+                     "attention_mask": zeros((n, self.max_seq_len), INT64), "past_halt_step": zeros((n,), INT64)}
+            outputs = {self.last_output: zeros((n, self.vocab_size), FLOAT32), HALT_STEP: zeros((n,), INT64)}
+            if self.gives_tokens:
+                outputs[self.token_output] = zeros((n,), INT64)
+            first = 1 + 2 * len(self.buckets)
+            self.buckets[n] = Bucket(n, (first, first + 1), [zeros(shape, self.cache_type) for _ in self.past],
+                                     feeds, outputs)
+        return self.buckets[n]

@@ -162,13 +162,16 @@ def session_options(threads: int | None):
 
 
 @functools.cache
-def quiet_run():
-    """RunOptions whose log prints errors only: a session made by session_with_placement logs at info level, which
-    is meant for its creation, not for every call."""
+def run_options(graph: int = -1):
+    """RunOptions whose log prints errors only (a session made by session_with_placement logs at info level, which
+    is meant for its creation, not for every call), and `graph` as the CUDA graph this call captures or replays
+    (gpu_graph_id: -1 neither, which a session with CUDA graphs enabled needs for every other call: without the
+    entry it would capture graph 0; other providers ignore it)."""
     import onnxruntime as ort
 
     options = ort.RunOptions()
     options.log_severity_level = 3
+    options.add_run_config_entry("gpu_graph_id", str(graph))
     return options
 
 
@@ -178,7 +181,7 @@ def run_bound_values(session, feeds: dict[str, Any], outputs: list[str], device:
     io = _bound(session, feeds, {})
     for name in outputs:
         io.bind_output(name, device)
-    session.run_with_iobinding(io, quiet_run())
+    session.run_with_iobinding(io, run_options())
     return list(io.get_outputs())
 
 
@@ -199,17 +202,18 @@ def _bound(session, feeds: dict[str, Any], into: dict[str, Any]):
 
 
 def run_bound(session, feeds: dict[str, Any], outputs: list[str], into: dict[str, Any] | None = None,
-              device: str = "cpu") -> list[Any]:
+              device: str = "cpu", graph: int = -1) -> list[Any]:
     """Run `session` through IO binding: the named outputs as host arrays, plus each output in `into` written into
     the buffer given for it (moe_core/decoding.py's cache buffers, bound as past input and present output at once).
 
     Feeds and `into` buffers are numpy arrays (host memory, bound without a copy) or OrtValues (already on
     `device`, the session's: "cpu" | "cuda"). The other outputs are allocated on `device` and returned as host
-    arrays: on the CPU arrays over ONNX Runtime's own buffers (each keeps its buffer alive), not copies."""
+    arrays: on the CPU arrays over ONNX Runtime's own buffers (each keeps its buffer alive), not copies. `graph`: the
+    CUDA graph this call captures or replays (run_options)."""
     io = _bound(session, feeds, into or {})
     for name in outputs:
         io.bind_output(name, device)  # "cuda" | "cpu": ORT's device names are the provider names
-    session.run_with_iobinding(io, quiet_run())
+    session.run_with_iobinding(io, run_options(graph))
     # In binding order: the `into` outputs came first. numpy() of a CPU OrtValue is a view of its buffer, of a CUDA
     # one a copy to the host: only these outputs make the trip, never the cache.
     return [value.numpy() for value in io.get_outputs()[len(into or {}):]]

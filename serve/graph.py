@@ -12,7 +12,7 @@ import numpy as np
 if TYPE_CHECKING:
     from onnx import ModelProto
 
-TOKEN_LOGPROBS, LAST_LOGITS = "token_logprobs", "last_logits"
+TOKEN_LOGPROBS, LAST_LOGITS, NEXT_TOKEN = "token_logprobs", "last_logits", "next_token"
 
 
 def add_serving_outputs(proto: ModelProto) -> None:
@@ -50,3 +50,42 @@ def add_serving_outputs(proto: ModelProto) -> None:
     ])
     g.output.extend([helper.make_tensor_value_info(TOKEN_LOGPROBS, TensorProto.FLOAT, ["batch", "seq_minus_1"]),
                      helper.make_tensor_value_info(LAST_LOGITS, TensorProto.FLOAT, ["batch", "vocab"])])
+
+
+def add_decode_outputs(proto: ModelProto, n_valid: int) -> None:
+    """Append two outputs to a decode graph (moe_core/graph_contract.py), so that a decoding call returns [B, V] or
+    [B] instead of [B, new, V]:
+
+    last_logits [B, V]: the logits after each row's last new token, at index sum(attention_mask[b]) - 1 -
+                        position_ids[b, 0] of the new tokens (the row's tokens after the call, less those before it);
+    next_token  [B]:    the greedy choice among the tokenizer's first n_valid ids (ArgMax: the first of equal
+                        maxima, as numpy's argmax), so that greedy decoding brings back only token ids.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = proto.graph
+    if {LAST_LOGITS, NEXT_TOKEN} & {o.name for o in g.output}:
+        return
+    for name, value in (("one", [1]), ("zero", [0]), ("minus_one", [-1]), ("n_valid", [n_valid]), ("two", [2]),
+                        ("three", [3])):
+        g.initializer.append(numpy_helper.from_array(np.array(value, dtype=np.int64), f"serve/decode_{name}"))
+    n = helper.make_node
+    g.node.extend([
+        n("ReduceSum", ["attention_mask", "serve/decode_one"], ["serve/total"], keepdims=1),  # [B, 1]
+        n("Slice", ["position_ids", "serve/decode_zero", "serve/decode_one", "serve/decode_one"], ["serve/before"]),
+        n("Sub", ["serve/total", "serve/before"], ["serve/new"]),
+        n("Sub", ["serve/new", "serve/decode_one"], ["serve/last"]),  # [B, 1]
+        n("Unsqueeze", ["serve/last", "serve/decode_two"], ["serve/last3"]),  # [B, 1, 1]
+        n("Shape", ["logits"], ["serve/decode_shape"]),
+        n("Slice", ["serve/decode_shape", "serve/decode_two", "serve/decode_three"], ["serve/decode_vocab"]),
+        n("Concat", ["serve/decode_one", "serve/decode_one", "serve/decode_vocab"], ["serve/decode_index_shape"],
+          axis=0),
+        n("Expand", ["serve/last3", "serve/decode_index_shape"], ["serve/decode_index"]),
+        n("GatherElements", ["logits", "serve/decode_index"], ["serve/last_logits3"], axis=1),
+        n("Squeeze", ["serve/last_logits3", "serve/decode_one"], [LAST_LOGITS]),
+        n("Slice", [LAST_LOGITS, "serve/decode_zero", "serve/decode_n_valid", "serve/decode_one"],
+          ["serve/valid_logits"]),
+        n("ArgMax", ["serve/valid_logits"], [NEXT_TOKEN], axis=1, keepdims=0),
+    ])
+    g.output.extend([helper.make_tensor_value_info(LAST_LOGITS, TensorProto.FLOAT, ["batch", "vocab"]),
+                     helper.make_tensor_value_info(NEXT_TOKEN, TensorProto.INT64, ["batch"])])

@@ -76,7 +76,7 @@ from moe_core.ort_session import (
 from moe_core.stepwise import StepCounts, run_stepwise
 from moe_core.tokenizer import read_tokenizer
 
-from .graph import add_serving_outputs
+from .graph import LAST_LOGITS, NEXT_TOKEN, add_decode_outputs, add_serving_outputs
 
 PROVIDER_CHOICES = ("auto", "cuda", "cpu")
 # fp32 parity with eager PyTorch: no TF32 matmuls (the CUDA EP's default is TF32 on).
@@ -257,7 +257,9 @@ class OrtModel:
 
         proto, self.info = loaded or read_model(path, graph)
         self.tokenizer = load_tokenizer(self.info)
-        if graph != "decode":  # the decode graph's callers read its logits as they are (moe_core/decoding.py)
+        if graph == "decode":
+            add_decode_outputs(proto, self.tokenizer.get_vocab_size())
+        else:
             add_serving_outputs(proto)
         available = ort.get_available_providers()
         providers = choose_providers(provider, available)
@@ -265,6 +267,11 @@ class OrtModel:
             ort.preload_dlls()  # CUDA / cuDNN from the pip nvidia-* packages, when that is how they were installed
         self.threads = intra_op_threads(threads)
         self.placement: Placement | None = None  # where ONNX Runtime put the nodes, when CUDA was tried
+        # A decode graph made for CUDA runs its decoding calls as captured CUDA graphs (moe_core/decoding.py static
+        # shapes); ONNX Runtime refuses a session with them when any node is off CUDA, which such a graph has not.
+        self.cuda_graphs = graph == "decode" and self.info.device == "cuda" and providers[0] != CPU_EP
+        if self.cuda_graphs:
+            providers = [(providers[0][0], {**providers[0][1], "enable_cuda_graph": "1"}), *providers[1:]]
         try:
             if providers[0] == CPU_EP:
                 self.session = ort_session(proto.SerializeToString(), self.threads, providers)
@@ -274,13 +281,15 @@ class OrtModel:
         except Exception as e:  # ORT raises its own exception types for invalid graphs
             raise MoeError(f"{self.info.path}: ONNX Runtime cannot load the model ({str(e).splitlines()[0]})") from None
         self.provider, self.note = resolve_provider(provider, providers, self.session.get_providers())
+        self.cuda_graphs = self.cuda_graphs and self.provider == "cuda"
         self.note = "; ".join(filter(None, [self.note, device_note(self.info, self.provider, self.placement)]))
         self.counts = StepCounts()
 
     def describe(self) -> str:
         if self.provider == "cuda":
             where = f"; {self.placement.summary()}" if self.placement is not None else ""
-            return f"cuda (CUDAExecutionProvider, tf32 off, IO binding{where})"
+            graphs = ", decoding as CUDA graphs" if self.cuda_graphs else ""
+            return f"cuda (CUDAExecutionProvider, tf32 off, IO binding{graphs}{where})"
         return f"cpu (CPUExecutionProvider, {self.threads} threads, idle workers sleep)"
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
@@ -290,13 +299,13 @@ class OrtModel:
         self.counts.full = self.counts.rows
         return self.run_feeds({"input_ids": input_ids, "attention_mask": attention_mask}, outputs)
 
-    def run_feeds(self, feeds: dict[str, Any], outputs: list[str], into: dict[str, Any] | None = None
-                  ) -> list[np.ndarray]:
+    def run_feeds(self, feeds: dict[str, Any], outputs: list[str], into: dict[str, Any] | None = None,
+                  graph: int = -1) -> list[np.ndarray]:
         """The named outputs for these inputs, as host arrays; outputs in `into` written into the buffers given
         (moe_core/ort_session.py run_bound). IO binding on every provider, so CI exercises the code the CUDA path
         runs: on the CPU the outputs are ONNX Runtime's buffers, not copies (copying a decoding call's outputs cost
-        as much as the call itself at batch 32: benchmarks/RESULTS.md)."""
-        return run_bound(self.session, feeds, outputs, into, self.provider)
+        as much as the call itself at batch 32: benchmarks/RESULTS.md). `graph`: a CUDA graph id (run_bound)."""
+        return run_bound(self.session, feeds, outputs, into, self.provider, graph)
 
 
 def device_note(info: ModelInfo, provider: str, placement: Placement | None) -> str:
@@ -407,6 +416,8 @@ def open_decoder(info: ModelInfo, provider: str = "auto", threads: int | None = 
     # Host buffers on the CPU: the session binds numpy arrays without a copy, and row changes are plain indexing.
     buffers = DeviceBuffers(model.provider, model.session.get_providers()) if model.provider != "cpu" else None
     cache_type = next(i.type for i in model.session.get_inputs() if i.name == past_names(1)[0])
+    graphs = ", decoding calls as CUDA graphs per batch bucket" if model.cuda_graphs else ""
     return Decoder(model.run_feeds, d.cache_entries, heads, d_model // heads, info.max_seq_len,
                    f"KV cache ({path.name}, {d.cache_entries} block applications, buffers of {info.max_seq_len} "
-                   f"on {model.provider})", buffers, cache_type), ""
+                   f"on {model.provider}{graphs})", buffers, cache_type, last_output=LAST_LOGITS,
+                   token_output=NEXT_TOKEN, static=model.cuda_graphs, vocab_size=info.vocab_size), ""

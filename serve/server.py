@@ -456,6 +456,9 @@ class Server:
                                    "to start from")
                 p.append(self.eot_id)
         sampling = temperature > 0
+        # Greedy decoding with the cache: the decode graph picks the token on the device (serve/graph.py), and only
+        # token ids come back per token.
+        greedy_ids = not sampling and self.decoder is not None and self.decoder.gives_tokens
         results: list[GenerateResult | None] = [None] * len(prompts)
         for batch in length_batches([len(p) for p in prompts], batch_size):
             rngs = {i: np.random.default_rng([seed, first_index + i]) for i in batch} if sampling else {}
@@ -468,11 +471,12 @@ class Server:
                 elif state is None:
                     rows = [prompts[i][-T:] for i in active]
                     self._count(sum(map(len, rows)), len(rows) * max(map(len, rows)))
-                    last, state = self.decoder.prefill(rows)
+                    last, state = self.decoder.prefill(rows, tokens=greedy_ids)
                     hs = state.halt_step
                 still, rows_still = [], []
                 for r, i in enumerate(active):
-                    t = pick_token(last[r, :n_valid], temperature, top_k, top_p, rngs.get(i))
+                    t = int(last[r]) if greedy_ids else pick_token(last[r, :n_valid], temperature, top_k, top_p,
+                                                                   rngs.get(i))
                     if t != self.eot_id:
                         new[i].append(t)
                     if t == self.eot_id or len(new[i]) == max_new_tokens:
@@ -487,7 +491,7 @@ class Server:
                     state = self.decoder.keep(state, rows_still)
                     self._count(len(still), len(still))
                     last, state = self.decoder.step([new[i][-1] for i in still], state,
-                                                    [prompts[i] + new[i] for i in still])
+                                                    [prompts[i] + new[i] for i in still], greedy=greedy_ids)
                     hs = state.halt_step
                 active = still
         self._account([r.halt_step for r in results], tokens=sum(len(r.tokens) for r in results),

@@ -120,6 +120,7 @@ def test_a_sample_refills_alone_and_never_depends_on_its_batch(exported):
     assert sum(len(r.tokens) > T for r in runs[0]) >= 3, "too few samples went past max_seq_len"
     eager = Server.open(out, provider="cpu", threads=1)
     eager.decoder.run = eager_runner(load_model(run))
+    eager.decoder.last_output = eager.decoder.token_output = None  # the graph's own outputs: what the eager one has
     assert [r.tokens for r in eager.generate(prompts, max_new_tokens=new, batch_size=5)] == \
         [r.tokens for r in runs[0]]
 
@@ -244,3 +245,40 @@ def test_cached_generation_on_cuda_keeps_the_cache_on_the_device(exported):
     cpu = Server.open(out, provider="cpu", threads=1)
     prompts = short_texts(cpu, 8)
     assert [r.tokens for r in gpu.generate(prompts, 8)] == [r.tokens for r in cpu.generate(prompts, 8)]
+
+
+@pytest.fixture(scope="module")
+def exported_for_cuda(exported, tmp_path_factory):
+    """The same run exported with --device cuda (its decode graph: ScatterElements + Attention), checked."""
+    run, _, _ = exported
+    out = tmp_path_factory.mktemp("decode_cuda") / "m.onnx"
+    export_run(run, out, decode=True, device="cuda", log=lambda _: None)
+    return out
+
+
+@pytest.mark.parametrize("graph", ["cpu", "cuda"])
+def test_static_shapes_generate_what_the_dynamic_loop_generates(exported, exported_for_cuda, graph):
+    """The loop CUDA graph capture needs (moe_core/decoding.py static shapes: bucket buffers reused across batches,
+    a max_seq_len-wide mask, feeds and outputs written in place, rows gathered into a smaller bucket on the device,
+    refills written into the bucket's rows), run on the CPU device: the tokens of the dynamic loop, greedy (token ids
+    from the graph) and sampled (logits), batch after batch, through refills past max_seq_len."""
+    from moe_core.decoding import DeviceBuffers
+
+    out = exported[1] if graph == "cpu" else exported_for_cuda
+    server = Server.open(out, provider="cpu", threads=1)
+    prompts, new = texts(9), 2 * T
+    want = [server.generate(prompts, max_new_tokens=new, batch_size=5, **s) for s in ({}, {"temperature": 0.8})]
+    d = server.decoder
+    assert d.gives_tokens and not d.static
+    d.buffers, d.static = DeviceBuffers("cpu", ["CPUExecutionProvider"]), True
+    refills = d.refills
+    got = [server.generate(prompts, max_new_tokens=new, batch_size=5, **s) for s in ({}, {"temperature": 0.8})]
+    assert [[r.tokens for r in g] for g in got] == [[r.tokens for r in w] for w in want]
+    assert [[r.halt_step for r in g] for g in got] == [[r.halt_step for r in w] for w in want]
+    assert d.refills > refills, "no sample went past max_seq_len"
+    assert set(d.buckets) >= {8, 4}, sorted(d.buckets)  # 5 samples in 8 rows, then fewer: gathered into 4, ...
+    sizes = {n: [d.buffers.rows(c) for c in b.cache] for n, b in d.buckets.items()}
+    assert all(set(rows) == {n} for n, rows in sizes.items())
+    if graph == "cuda":
+        cpu = Server.open(exported[1], provider="cpu", threads=1).generate(prompts, max_new_tokens=new, batch_size=5)
+        assert [r.tokens for r in got[0]] == [r.tokens for r in cpu]  # one model, either device's graph
