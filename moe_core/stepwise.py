@@ -21,10 +21,13 @@ from typing import Any
 
 import numpy as np
 
+from .decoding import HostBuffers
 from .graph_contract import HALT_STEP, read_step_metadata
 
-# Runs one step: (feeds by input name, output names) -> the outputs, as host arrays.
-StepFn = Callable[[dict[str, np.ndarray], list[str]], list[np.ndarray]]
+# Runs one step: (feeds by input name, output names) -> the outputs: host arrays, except that the carry (CARRY_OUT)
+# may stay where the runtime keeps it (OrtValues on a device), which `carry`'s take gathers rows of.
+StepFn = Callable[[dict[str, Any], list[str]], list[Any]]
+CARRY_OUT = ("next_z_H", "next_z_L")
 
 
 @dataclass
@@ -39,11 +42,14 @@ class StepCounts:
 
 def run_stepwise(step: StepFn, z_init: tuple[np.ndarray, np.ndarray], n_steps: int, input_ids: np.ndarray,
                  attention_mask: np.ndarray, outputs: list[str], counts: StepCounts | None = None,
-                 halting: bool = True) -> list[np.ndarray]:
+                 halting: bool = True, carry: Any = None) -> list[np.ndarray]:
     """The named outputs of a batch as the unrolled graph gives them (HALT_STEP included), computed step by step
     with halted samples dropped from the batch (see the module docstring). Every other output name must be a
     per-sample output of the step graph ([batch, ...]: logits, or an output serve added from them).
-    halting=False ignores the halt head: every sample runs all n_steps (what `moe eval` calls "all K")."""
+    halting=False ignores the halt head: every sample runs all n_steps (what `moe eval` calls "all K"). `carry`: how
+    the running rows of the carry are gathered between steps (moe_core/decoding.py HostBuffers, the default, or
+    DeviceBuffers, which keeps a device's carry on the device)."""
+    carry = carry if carry is not None else HostBuffers()
     B, T = input_ids.shape
     if counts is not None:
         counts.full += B * n_steps
@@ -56,7 +62,7 @@ def run_stepwise(step: StepFn, z_init: tuple[np.ndarray, np.ndarray], n_steps: i
              "z_L": np.ascontiguousarray(np.broadcast_to(z_init[1], (B, T, z_init[1].size)))}
     for s in range(1, n_steps + 1):
         last = s == n_steps
-        names = wanted + ["halt_logit"] + ([] if last else ["next_z_H", "next_z_L"])
+        names = wanted + ["halt_logit"] + ([] if last else list(CARRY_OUT))
         got = dict(zip(names, step(feeds, names), strict=True))
         if counts is not None:
             counts.calls += 1
@@ -71,8 +77,9 @@ def run_stepwise(step: StepFn, z_init: tuple[np.ndarray, np.ndarray], n_steps: i
             break
         running = ~done
         rows = rows[running]
+        index = np.flatnonzero(running)
         feeds = {"input_ids": feeds["input_ids"][running], "attention_mask": feeds["attention_mask"][running],
-                 "z_H": got["next_z_H"][running], "z_L": got["next_z_L"][running]}
+                 "z_H": carry.take(got["next_z_H"], index), "z_L": carry.take(got["next_z_L"], index)}
     return [halt_step if name == HALT_STEP else kept[name] for name in outputs]
 
 

@@ -71,9 +71,10 @@ from moe_core.ort_session import (
     intra_op_threads,
     ort_session,
     run_bound,
+    run_bound_values,
     session_with_placement,
 )
-from moe_core.stepwise import StepCounts, run_stepwise
+from moe_core.stepwise import CARRY_OUT, StepCounts, run_stepwise
 from moe_core.tokenizer import read_tokenizer
 
 from .graph import LAST_LOGITS, NEXT_TOKEN, add_decode_outputs, add_serving_outputs
@@ -324,7 +325,8 @@ def device_note(info: ModelInfo, provider: str, placement: Placement | None) -> 
 class StepwiseModel:
     """The step graph of an exported model, run step by step with halted samples dropped from the batch
     (moe_core/stepwise.py): the same `run` and results as the unrolled graph's OrtModel, less compute when samples
-    halt early. The carry goes through host memory between steps (on CUDA too)."""
+    halt early. On CUDA the carry stays on the device between steps, the running rows gathered there
+    (moe_core/decoding.py DeviceBuffers); only the per-sample outputs and the halt logits come to the host."""
 
     runtime = "stepwise"
 
@@ -346,14 +348,22 @@ class StepwiseModel:
         self.halting = halting
         self.z_init = (z_H, z_L)
         self.counts = StepCounts()
+        self.carry = DeviceBuffers(step.provider, step.session.get_providers()) if step.provider != "cpu" else None
 
     def describe(self) -> str:
         return f"{self.step.describe()}, step-wise ({self.step.info.path.name})"
 
+    def _step(self, feeds: dict[str, Any], names: list[str]) -> list[Any]:
+        """One step: the carry left where the session computed it when it is kept on a device (self.carry)."""
+        if self.carry is None:
+            return self.step.run_feeds(feeds, names)
+        values = run_bound_values(self.step.session, feeds, names, self.step.provider)
+        return [v if n in CARRY_OUT else v.numpy() for n, v in zip(names, values, strict=True)]
+
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
         """Run one right-padded batch (int64 [B, T] each) and return the named outputs as host arrays."""
-        return run_stepwise(self.step.run_feeds, self.z_init, self.n_steps, input_ids, attention_mask, outputs,
-                            self.counts, self.halting)
+        return run_stepwise(self._step, self.z_init, self.n_steps, input_ids, attention_mask, outputs,
+                            self.counts, self.halting, self.carry)
 
 
 def open_model(path: str | os.PathLike, provider: str = "auto", threads: int | None = None,

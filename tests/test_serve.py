@@ -561,3 +561,17 @@ def test_device_note_says_what_runs_off_cuda_and_how_to_re_export(exported) -> N
     info.device = "cuda"
     assert device_note(info, "cuda", Placement({CUDA_EP: 300, CPU_EP: 20}, {}, 0)) == ""
     assert "made for cuda, this session runs on cpu" in device_note(info, "cpu", None)
+
+
+def test_a_step_graph_carry_kept_on_the_device_gives_the_same_results(exported) -> None:
+    """Step-wise serving on CUDA keeps the carry on the device and gathers the running rows there
+    (moe_core/decoding.py DeviceBuffers); here on the CPU device: results identical to the host carry's."""
+    from moe_core.decoding import DeviceBuffers
+
+    host = Server.open(exported[1], provider="cpu", threads=1, runtime="stepwise")
+    device = Server.open(exported[1], provider="cpu", threads=1, runtime="stepwise")
+    device.model.carry = DeviceBuffers("cpu", [CPU_EP])
+    texts = make_texts(40, seed=3)
+    want, got = host.score(texts, batch_size=8), device.score(texts, batch_size=8)
+    assert [(r.nll, r.halt_step) for r in got] == [(r.nll, r.halt_step) for r in want]
+    assert len({r.halt_step for r in want if r.halt_step is not None}) > 1, "no sample left the batch early"
