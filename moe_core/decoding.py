@@ -5,8 +5,8 @@ One `DecodeState` holds a batch of continuing samples: for every block applicati
 0..length-1 (index = position: no holes, whatever the prompts' lengths); each sample's length (the position of its
 next token) and its halt_step, decided at the prefill and carried. A call runs only the new tokens, the prefill the
 prompts and then one token per sample, and writes their entries into the buffers in place: the session binds each
-buffer as both the past input and the present output (GroupQueryAttention appends in place), so a decoding call
-copies nothing of the cache. A step therefore consumes the state it is given: its buffers now belong to the state
+buffer as both the past input and the present output (the graph writes it in place: GroupQueryAttention in a graph
+made for the CPU, ScatterElements in one made for CUDA), so a decoding call copies nothing of the cache. A step therefore consumes the state it is given: its buffers now belong to the state
 it returns.
 
 Sliding past max_seq_len: the rotary tables, and what the model was trained on, end at max_seq_len positions. When a

@@ -14,8 +14,15 @@ the reductions serving needs (serve/graph.py): per-token log-probs [B, T-1] for 
 position's logits [B, V] for generation. The full [B, T, V] logits stay on the device as an intermediate.
 The CPU session runs through the same IO-binding code, so the tests exercise it; only the device name differs.
 The decode graph's KV cache lives in buffers bound as each call's past input and present output at once, so
-GroupQueryAttention appends to them in place: host arrays on the CPU, OrtValues on the device on CUDA
-(moe_core/decoding.py DeviceBuffers; the tests run them on the CPU device).
+attention writes them in place: host arrays on the CPU, OrtValues on the device on CUDA (moe_core/decoding.py
+DeviceBuffers; the tests run them on the CPU device). Its serving outputs (serve/graph.py) are the last logits [B, V]
+and the greedy token [B]: greedy decoding brings back token ids only.
+
+On CUDA a session reads ONNX Runtime's own placement (moe_core/ort_session.py session_with_placement): nodes per
+provider and Memcpy nodes go into the header, and a graph that runs partly on the CPU, or was made for another
+device, gets a note naming what to re-export. A decode graph made for CUDA (`moe export --device cuda`) has every
+node on CUDA, so its session enables CUDA graphs and its decoding calls run with static shapes, one captured graph
+per batch bucket (moe_core/decoding.py); a step graph's carry stays on the device between steps (StepwiseModel).
 
 Runtimes
 --------
@@ -27,11 +34,8 @@ fp32 results are equal (halt steps exactly, outputs within fp32 noise). Reduced 
 only: fp16 graphs pass the carry between steps in fp32 (kept float32 I/O), and int8 graphs quantise activations per
 batch, which changes as samples leave it (figures: benchmarks/RESULTS.md).
 
-Verifying the CUDA path on a GPU machine (it cannot run on the CPU-only CI):
-    pip install "moe[gpu]"        # onnxruntime-gpu replaces onnxruntime; needs CUDA 13 + cuDNN 9
-    python -c "import onnxruntime as o; print(o.get_available_providers())"   # lists CUDAExecutionProvider
-    pytest tests/test_serve.py -k cuda   # CUDA vs CPU scores within the parity tolerance, same greedy tokens
-    moe serve M.onnx --input in.jsonl --output out.jsonl --provider cuda   # prints "provider cuda"
+Verifying the CUDA path on a GPU machine (it cannot run on the CPU-only CI, which proves placement instead:
+tests/test_cuda_placement.py): `make gpu-check` (benchmarks/gpu_check.py).
 """
 
 from __future__ import annotations

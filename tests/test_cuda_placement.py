@@ -47,12 +47,12 @@ def sparse_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def graphs(sparse_run: Path) -> dict[str, Path]:
-    """precision/kind -> the graph `moe export --device cuda --stepwise` wrote; fp32 with its parity checks (the CUDA
-    graphs pass them on the CPU), the others converted without them."""
+    """precision/kind -> the graph `moe export --device cuda --stepwise` wrote (their parity on the CPU is
+    test_decode's and test_gpu_check's)."""
     out = {}
     for precision in CUDA_PRECISIONS:
         path = sparse_run.parent / f"{precision}.onnx"
-        export_run(sparse_run, path, check=precision == "fp32", precision=precision, stepwise=True, decode=True,
+        export_run(sparse_run, path, check=False, precision=precision, stepwise=True, decode=True,
                    device="cuda", log=lambda _: None)
         served = path.with_name(f"{precision}.served.onnx")
         proto = onnx.load(path)

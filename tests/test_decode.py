@@ -256,15 +256,15 @@ def exported_for_cuda(exported, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("graph", ["cpu", "cuda"])
-def test_static_shapes_generate_what_the_dynamic_loop_generates(exported, exported_for_cuda, graph):
+def test_static_shapes_generate_what_the_dynamic_loop_generates(exported, exported_for_cuda):
     """The loop CUDA graph capture needs (moe_core/decoding.py static shapes: bucket buffers reused across batches,
     a max_seq_len-wide mask, feeds and outputs written in place, rows gathered into a smaller bucket on the device,
-    refills written into the bucket's rows), run on the CPU device: the tokens of the dynamic loop, greedy (token ids
-    from the graph) and sampled (logits), batch after batch, through refills past max_seq_len."""
+    refills written into the bucket's rows), run on the CPU device over the decode graph made for CUDA: the tokens
+    of the dynamic loop, greedy (token ids from the graph) and sampled (logits), batch after batch, through refills
+    past max_seq_len, and the CPU graph's tokens."""
     from moe_core.decoding import DeviceBuffers
 
-    out = exported[1] if graph == "cpu" else exported_for_cuda
+    out = exported_for_cuda
     server = Server.open(out, provider="cpu", threads=1)
     prompts, new = texts(9), 2 * T
     want = [server.generate(prompts, max_new_tokens=new, batch_size=5, **s) for s in ({}, {"temperature": 0.8})]
@@ -279,6 +279,5 @@ def test_static_shapes_generate_what_the_dynamic_loop_generates(exported, export
     assert set(d.buckets) >= {8, 4}, sorted(d.buckets)  # 5 samples in 8 rows, then fewer: gathered into 4, ...
     sizes = {n: [d.buffers.rows(c) for c in b.cache] for n, b in d.buckets.items()}
     assert all(set(rows) == {n} for n, rows in sizes.items())
-    if graph == "cuda":
-        cpu = Server.open(exported[1], provider="cpu", threads=1).generate(prompts, max_new_tokens=new, batch_size=5)
-        assert [r.tokens for r in got[0]] == [r.tokens for r in cpu]  # one model, either device's graph
+    cpu = Server.open(exported[1], provider="cpu", threads=1).generate(prompts, max_new_tokens=new, batch_size=5)
+    assert [r.tokens for r in got[0]] == [r.tokens for r in cpu]  # one model, either device's graph
