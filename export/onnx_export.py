@@ -26,12 +26,14 @@ from torch import nn
 
 from moe_core.checkpoint import TOKENIZER_FILE, load_model, load_run_config, run_files
 from moe_core.errors import MoeError
-from moe_core.files import atomic_output, atomic_write, atomic_write_text, check_not_inputs, check_output
+from moe_core.files import atomic_outputs, check_not_inputs, check_output
 from moe_core.graph_contract import (
+    INITIALIZERS_SHA256,
     LOGITS,
     decode_graph_metadata,
     decode_path_for,
     graph_metadata,
+    initializers_sha256,
     step_graph_metadata,
     step_path_for,
     task_of,
@@ -209,37 +211,40 @@ def prepare(run_dir: Path, outputs: Outputs, opset: int, check: bool, precision:
 
 def write_outputs(job: Job, outputs: Outputs, overwrite: bool,
                   log) -> tuple[list[ParityReport], list[ParityReport] | None, list[ParityReport] | None]:
-    """Write OUT, its step graph and its tokenizer; returns the parity reports of OUT and of the step graph.
+    """Write OUT, its step and decode graphs and its tokenizer; returns the parity reports of OUT, the step graph and
+    the decode graph.
 
-    OUT is moved into place last, so OUT existing means every file of the export does. The step graph and then the
-    tokenizer (only a model that passed gets its tokenizer) are written while OUT's temp file is open; if anything
-    fails after that, what was written beside OUT is removed: it must not stay behind alone.
+    Every file is written to a temp file first and all are published together (files.atomic_outputs), OUT last, so
+    OUT existing means every file of the export does; a failure anywhere leaves the files of an earlier export
+    exactly as they were (an --overwrite that fails replaces nothing).
     """
-    written: list[Path] = []
-    try:
-        with atomic_output(outputs.out, overwrite) as tmp:
-            reports = write_graph(job, tmp, outputs.out, log)
-            if job.eval_ids is not None:
-                log(accuracy(job, tmp))
-            step_reports = None
-            if outputs.step is not None:
-                # The step graph leaves out the positions the unrolled graph's near-ties can affect.
-                exclude = reports[0] if reports else None
-                step_reports = atomic_write(outputs.step, lambda t: write_graph(job, t, outputs.step, log, step=True,
-                                                                               exclude=exclude), overwrite)
-                written.append(outputs.step)
-            decode_reports = None
-            if outputs.decode is not None:
-                decode_reports = atomic_write(outputs.decode, lambda t: write_decode_graph(job, t, outputs.decode, log),
-                                              overwrite)
-                written.append(outputs.decode)
-            atomic_write_text(outputs.tokenizer, job.tokenizer_text, overwrite)
-            written.append(outputs.tokenizer)
-    except BaseException:
-        for path in written:  # OUT was not moved into place: what belongs to it must not stay behind alone
-            path.unlink(missing_ok=True)
-        raise
+    paths = [p for p in (outputs.step, outputs.decode, outputs.tokenizer, outputs.out) if p is not None]
+    with atomic_outputs(paths, overwrite) as tmps:
+        tmp = dict(zip(paths, tmps, strict=True))
+        reports = write_graph(job, tmp[outputs.out], outputs.out, log)
+        if job.eval_ids is not None:
+            log(accuracy(job, tmp[outputs.out]))
+        step_reports = None
+        if outputs.step is not None:
+            # The step graph leaves out the positions the unrolled graph's near-ties can affect.
+            exclude = reports[0] if reports else None
+            step_reports = write_graph(job, tmp[outputs.step], outputs.step, log, step=True, exclude=exclude)
+        decode_reports = None
+        if outputs.decode is not None:
+            decode_reports = write_decode_graph(job, tmp[outputs.decode], outputs.decode, log)
+        Path(tmp[outputs.tokenizer]).write_text(job.tokenizer_text, encoding="utf-8")
+        for path in (outputs.step, outputs.decode, outputs.out):
+            if path is not None:
+                seal(tmp[path])
     return reports, step_reports, decode_reports
+
+
+def seal(path: str) -> None:
+    """Record the sha256 of the finished graph's initializers in its metadata (graph_contract.INITIALIZERS_SHA256),
+    which serve verifies before it runs the graph."""
+    proto = onnx.load(path)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    onnx.save(with_metadata(proto, {**meta, INITIALIZERS_SHA256: initializers_sha256(proto)}), path)
 
 
 def write_graph(job: Job, tmp: str, name: Path, log, step: bool = False,

@@ -57,8 +57,13 @@ def run_files(run_dir: str | os.PathLike) -> list[Path]:
 
 
 def save_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    atomic_write(path, lambda tmp: write_weights(model, tmp))
+
+
+def write_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """The model's weights as safetensors at `path`, written in place (save_weights moves them into place)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt", "moe_version": __version__}))
+    save_file(state, str(path), metadata={"format": "pt", "moe_version": __version__})
 
 
 def save_run(run_dir: str | os.PathLike, model: RecursiveMoE, tokenizer_json: str,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import re
 import signal
 import sys
@@ -26,6 +27,19 @@ import click
 from . import __version__
 from .errors import Interrupted, MoeError
 from .files import command_inputs
+
+
+def finite(expected: str, ok):
+    """A click callback for every float option: the value must be finite and satisfy ok (click's FloatRange lets
+    nan and inf through)."""
+
+    def check(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+        if value is not None and not (math.isfinite(value) and ok(value)):
+            raise click.BadParameter(f"expected {expected}, got {value}", ctx, param)
+        return value
+
+    return check
+
 
 SUBCOMMANDS = {  # name -> (module, attribute, one-line help)
     "train": ("train.cli", "train", "Train a model into a run directory."),

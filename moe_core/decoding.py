@@ -6,8 +6,8 @@ One `DecodeState` holds a batch of continuing samples: for every block applicati
 next token) and its halt_step, decided at the prefill and carried. A call runs only the new tokens, the prefill the
 prompts and then one token per sample, and writes their entries into the buffers in place: the session binds each
 buffer as both the past input and the present output (the graph writes it in place: GroupQueryAttention in a graph
-made for the CPU, ScatterElements in one made for CUDA), so a decoding call copies nothing of the cache. A step therefore consumes the state it is given: its buffers now belong to the state
-it returns.
+made for the CPU, ScatterElements in one made for CUDA), so a decoding call copies nothing of the cache. A step
+therefore consumes the state it is given: its buffers now belong to the state it returns.
 
 Sliding past max_seq_len: the rotary tables, and what the model was trained on, end at max_seq_len positions. When a
 sample's next token would be at position max_seq_len, that sample alone is prefilled again from its last

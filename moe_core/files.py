@@ -9,9 +9,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import signal
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -197,6 +198,95 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = True) -> Iterator[s
         if isinstance(e, Exception) and not isinstance(e, MoeError) and is_io_error(e):
             raise MoeError(f"{path}: cannot write ({os_reason(e)}); nothing was written") from None
         raise
+
+
+@contextlib.contextmanager
+def atomic_outputs(paths: Sequence[str | os.PathLike], overwrite: bool | Sequence[bool] = True
+                   ) -> Iterator[list[str]]:
+    """atomic_output for files that belong together (an export's graphs and tokenizer; calibrated weights and their
+    record): the block writes one temp file per path (yielded in order); when it ends normally, all of them are
+    published, in the order given, or none is (publish). When it raises, or publishing fails, every file that
+    existed is as it was and no new one is left. `overwrite`: for all paths, or one flag per path. The same checks and
+    errors as atomic_write, naming the first path."""
+    paths = [Path(p) for p in paths]
+    flags = [overwrite] * len(paths) if isinstance(overwrite, bool) else list(overwrite)
+    for path in paths:
+        if not path.parent.is_dir():
+            raise MoeError(f"{path.parent}: output directory does not exist")
+    check_not_inputs(paths)
+    tmps: list[str] = []
+    try:
+        for path in paths:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            tmps.append(tmp)
+        yield list(tmps)
+        for tmp in tmps:
+            os.chmod(tmp, 0o666 & ~UMASK)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        check_not_inputs(paths)
+        with signals_deferred():
+            publish(list(zip(tmps, paths, flags, strict=True)))
+            tmps = []
+    except BaseException as e:
+        for tmp in tmps:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(e, Exception) and not isinstance(e, MoeError) and is_io_error(e):
+            raise MoeError(f"{paths[0]}: cannot write ({os_reason(e)}); nothing was written") from None
+        raise
+
+
+def publish(moves: list[tuple[str, Path, bool]]) -> None:
+    """Move each finished temp file to its path (with its overwrite flag: see _commit), in order, all or none. A
+    file that exists is first hard-linked to
+    a backup beside it (.NAME.*.old), so that replacing it keeps a path that always names a complete file and a
+    failure can put it back; when anything fails, the files replaced so far get their backups back and the new
+    ones are removed, then the error is raised. The backups go once every file is in place. A process killed
+    half-way (SIGKILL, power loss) may leave part of a set published, never an old file lost: its backup stays."""
+    done: list[tuple[Path, str | None]] = []  # (path, its backup; None: the path was new)
+    try:
+        for tmp, path, overwrite in moves:
+            backup = None
+            if overwrite and (path.exists() or path.is_symlink()):
+                backup = _backup(path)
+            try:
+                _commit(tmp, path, overwrite)
+            except BaseException:
+                if backup is not None:  # `path` itself is unchanged
+                    with contextlib.suppress(OSError):
+                        os.unlink(backup)
+                raise
+            done.append((path, backup))
+    except BaseException:
+        for path, backup in reversed(done):
+            with contextlib.suppress(OSError):
+                if backup is not None:
+                    os.replace(backup, path)
+                else:
+                    path.unlink()
+        raise  # the temp files not yet moved are the caller's to remove
+    for _, backup in done:
+        if backup is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(backup)
+    for parent in {path.parent for _, path, _ in moves}:
+        fsync_dir(parent)
+
+
+def _backup(path: Path) -> str:
+    """A hard link to `path` under a new name beside it (a copy where the filesystem has no hard links)."""
+    fd, backup = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent)
+    os.close(fd)
+    os.unlink(backup)
+    try:
+        os.link(path, backup, follow_symlinks=False)
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.EXDEV):
+            raise
+        shutil.copy2(path, backup, follow_symlinks=False)
+    return backup
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

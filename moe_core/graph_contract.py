@@ -24,6 +24,7 @@ fixed z_H_init / z_L_init vectors broadcast over [batch, seq], as JSON lists of 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -46,6 +47,23 @@ GRAPH_IO = {"unrolled": (INPUTS, OUTPUTS), "step": (STEP_INPUTS, STEP_OUTPUTS)} 
 # its name, which graphs already exported carry.
 METADATA_KEYS = ("moe_version", "config", "vocab_size", "max_seq_len", "halt_max_steps", "causal",
                  "tokenizer_file", "tokenizer_sha256")
+# sha256 of the graph's initializers as written (initializers_sha256): serve verifies it when it opens a graph, so
+# that a corrupted or edited weight is refused instead of served (flipped bits in a weight give NaN logits, or
+# plausible wrong ones). Graphs written before the key existed are served unverified.
+INITIALIZERS_SHA256 = "initializers_sha256"
+
+
+def initializers_sha256(proto: Any) -> str:
+    """sha256 over an ONNX graph's initializers (name, type, dims, raw bytes), in name order."""
+    from onnx import numpy_helper
+
+    h = hashlib.sha256()
+    for t in sorted(proto.graph.initializer, key=lambda t: t.name):
+        h.update(f"{t.name}:{t.data_type}:{list(t.dims)}:".encode())
+        h.update(t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes())
+    return h.hexdigest()
+
+
 # The device a graph was made for, "cpu" or "cuda" (`moe export --device`; files without the key: "cpu").
 DEVICE = "device"
 TASKS = ("lm", "sudoku")  # every task a run can have (its train.task): train checks and builds these, serve serves them

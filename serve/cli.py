@@ -3,29 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from pathlib import Path
 
 import click
 
-from moe_core.cli import run
+from moe_core.cli import finite, run
 
 from .runtime import PROVIDER_CHOICES, RUNTIMES
 from .server import MODE_TASK
 
 ENGINES = ("local", "ray")
-
-
-def finite(expected: str, ok):
-    """A click callback: the float option must be finite and satisfy ok (click's FloatRange lets inf and nan by)."""
-
-    def check(ctx: click.Context, param: click.Parameter, value: float) -> float:
-        if not (math.isfinite(value) and ok(value)):
-            raise click.BadParameter(f"expected {expected}, got {value}", ctx, param)
-        return value
-
-    return check
 
 
 @click.command(context_settings={"show_default": True})

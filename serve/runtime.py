@@ -60,9 +60,11 @@ from moe_core.graph_contract import (
     DECODE_OUTPUTS,
     DEVICE,
     GRAPH_IO,
+    INITIALIZERS_SHA256,
     METADATA_KEYS,
     STEP_SUFFIX,
     TASKS,
+    initializers_sha256,
     past_names,
     read_step_metadata,
     task_of,
@@ -163,6 +165,9 @@ def read_model(path: str | os.PathLike, graph: str = "unrolled"):
     inputs = [i.name for i in proto.graph.input]
     outputs = [o.name for o in proto.graph.output]
     meta = {p.key: p.value for p in proto.metadata_props}
+    if INITIALIZERS_SHA256 in meta and initializers_sha256(proto) != meta[INITIALIZERS_SHA256]:
+        raise MoeError(f"{path}: its weights differ from those `moe export` wrote (sha256 of the initializers does "
+                       "not match metadata initializers_sha256): the file is corrupt or was edited; export it again")
     if graph == "unrolled" and meta.get("graph") == "step":
         raise MoeError(f"{path}: a step graph (`moe export --stepwise`); serve the model it belongs to "
                        f"({path.name.removesuffix(STEP_SUFFIX)}.onnx), which runs it with --runtime stepwise")

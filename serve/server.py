@@ -184,6 +184,18 @@ def pad_batch(rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
     return ids, mask
 
 
+def check_finite(values: list[np.ndarray], names: list[str], model: Any) -> list[np.ndarray]:
+    """The outputs of one forward, refused when a float output holds NaN or Inf: a result computed from them would
+    be wrong (or not JSON), and nothing of the command's output is written."""
+    for name, v in zip(names, values, strict=True):
+        if v.dtype.kind == "f" and not np.isfinite(v).all():
+            rows = np.flatnonzero(~np.isfinite(v.reshape(len(v), -1)).all(axis=1))
+            raise MoeError(f"{model}: non-finite {name} (NaN or Inf) for {len(rows)} of the batch's {len(v)} rows "
+                           f"(rows {', '.join(map(str, rows[:5]))}{', ...' if len(rows) > 5 else ''}): the model "
+                           "overflowed on these inputs or its file is corrupt; nothing was written")
+    return values
+
+
 def pick_token(logits: np.ndarray, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                rng: np.random.Generator | None = None) -> int:
     """Next token from one position's logits [V]: argmax at temperature 0, else a sample from
@@ -191,7 +203,9 @@ def pick_token(logits: np.ndarray, temperature: float = 0.0, top_k: int = 0, top
     probability reaches top_p."""
     if temperature == 0:
         return int(np.argmax(logits))  # the first of tied maxima, as torch.argmax
-    z = logits.astype(np.float64) / temperature
+    # Shifted by the maximum before dividing: the largest becomes 0, the others -inf at worst (never inf - inf = NaN),
+    # however small the temperature.
+    z = (logits.astype(np.float64) - float(np.max(logits))) / temperature
     if 0 < top_k < len(z):
         z = np.where(z >= np.partition(z, -top_k)[-top_k], z, -np.inf)
     p = np.exp(z - z.max())
@@ -373,7 +387,7 @@ class Server:
     def _forward(self, rows: Sequence[Sequence[int]], outputs: list[str]) -> list[np.ndarray]:
         ids, mask = pad_batch(rows)
         self._count(int(mask.sum()), mask.size)
-        return self.model.run(ids, mask, outputs)
+        return check_finite(self.model.run(ids, mask, outputs), outputs, self.info.path)
 
     def _count(self, valid: int, size: int) -> None:
         self.stats.positions += valid
@@ -473,6 +487,8 @@ class Server:
                     self._count(sum(map(len, rows)), len(rows) * max(map(len, rows)))
                     last, state = self.decoder.prefill(rows, tokens=greedy_ids)
                     hs = state.halt_step
+                if not greedy_ids:  # token ids from the graph: a corrupt decode graph is refused at load instead
+                    check_finite([last], [LAST_LOGITS], self.info.path)
                 still, rows_still = [], []
                 for r, i in enumerate(active):
                     t = int(last[r]) if greedy_ids else pick_token(last[r, :n_valid], temperature, top_k, top_p,

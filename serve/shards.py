@@ -235,18 +235,47 @@ def check_outputs(inputs: Inputs, output_path: str, overwrite: bool) -> Path:
     if out.exists() and not out.is_dir():
         raise MoeError(f"{out}: not a directory; a set of input shards ({inputs.given}) writes a directory of output "
                        "shards: expected the path of a directory to create")
+    if out.name in ("", ".", ".."):
+        raise MoeError(f"{out}: expected the path of a directory to create (not . or ..) for the output shards")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise MoeError(f"{out}: already exists (pass --overwrite to replace it)")
-        if not (out / MANIFEST).is_file():
-            raise MoeError(f"{out}: a directory without {MANIFEST}, not an output set of moe serve; expected a new "
-                           "directory (--overwrite replaces only an earlier output set)")
+        why = not_an_output_set(out)
+        if why:
+            raise MoeError(f"{out}: {why}; --overwrite replaces only an output set moe serve wrote (its manifest and "
+                           "the shards it lists, nothing else): expected such a set or a new directory")
     if not out.parent.is_dir():
         raise MoeError(f"{out.parent}: output directory does not exist")
     if not os.access(out.parent, os.W_OK):
         raise MoeError(f"{out.parent}: output directory is not writable")
     check_not_inside(out, [(p, "an input shard") for p in inputs.paths()])
     return out
+
+
+def not_an_output_set(out: Path) -> str:
+    """Why the directory `out` is not an output set this project wrote ("" when it is): its manifest must be one
+    (this format, its shard list) and the directory must hold that manifest and the shards it lists, nothing else.
+    Only such a set is ever replaced (and with it deleted) by --overwrite."""
+    from moe_core.jsonl import parse_json  # noqa: PLC0415 - only when a directory is to be replaced
+
+    try:
+        record = parse_json((out / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"a directory without {MANIFEST}"
+    except (OSError, ValueError, UnicodeDecodeError):
+        return f"its {MANIFEST} is not one moe serve wrote (unreadable, or not JSON)"
+    if not isinstance(record, dict) or record.get("format_version") != MANIFEST_FORMAT:
+        return f"its {MANIFEST} is not one moe serve wrote (format_version {MANIFEST_FORMAT} expected)"
+    shards = record.get("shards")
+    if not isinstance(shards, list) or not all(isinstance(x, dict) and isinstance(x.get("output"), str)
+                                               for x in shards):
+        return f"its {MANIFEST} is not one moe serve wrote (no list of output shards)"
+    listed = {x["output"] for x in shards} | {MANIFEST}
+    others = sorted(p.name for p in out.iterdir() if p.name not in listed or not p.is_file())
+    if others:
+        more = ", ..." if len(others) > 3 else ""
+        return f"it holds files its {MANIFEST} does not list ({', '.join(others[:3])}{more})"
+    return ""
 
 
 def check_not_inside(out: Path, files: Iterable[tuple[Path, str]]) -> None:
@@ -374,8 +403,15 @@ def _commit_dir(tmp: Path, out: Path, overwrite: bool) -> None:
             if not overwrite:
                 raise MoeError(f"{out}: already exists (another process created it while this one ran; pass "
                                "--overwrite to replace it); nothing was written")
+            why = not_an_output_set(out)  # again: what is there now is what would be deleted
+            if why:
+                raise MoeError(f"{out}: {why} (it changed while this command ran); nothing was written")
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.rename(out, old / out.name)
+            try:
+                os.rename(out, old / out.name)
+            except BaseException:
+                old.rmdir()
+                raise
         try:
             os.rename(tmp, out)  # onto a missing or empty directory only (POSIX)
         except OSError as e:

@@ -379,3 +379,114 @@ def test_solve_names_a_bad_argument(call, message):
     with pytest.raises(MoeError) as e:
         call(sudoku_server())
     assert str(e.value).startswith(message), str(e.value)
+
+
+# -----------------------------------------------------------------------------
+# files that belong together are published together: a failure replaces nothing
+
+
+def test_a_failed_export_overwrite_keeps_every_file_of_the_previous_export(run_dir, tmp_path, monkeypatch):
+    """`moe export --overwrite` whose last move fails (ENOSPC at OUT) leaves the earlier export's graphs and
+    tokenizer exactly as they were: its new decode / step graph was published first and is taken back. (The graphs
+    are placeholders: what is tested is the publishing, files.atomic_outputs.)"""
+    from export import onnx_export
+    from moe_core import files
+
+    out = tmp_path / "m.onnx"
+    paths = [out, step_path_for(out), tokenizer_path_for(out), out.with_name("m.decode.onnx")]
+    for p in paths:
+        p.write_text(f"the earlier {p.name}\n", encoding="utf-8")
+    before = snapshot(*paths)
+
+    def placeholder(job, tmp, name, log, **_):
+        Path(tmp).write_text(f"new {name.name}\n", encoding="utf-8")
+        return []
+
+    monkeypatch.setattr(onnx_export, "write_graph", placeholder)
+    monkeypatch.setattr(onnx_export, "write_decode_graph", placeholder)
+    monkeypatch.setattr(onnx_export, "seal", lambda path: None)
+    real = files._commit
+
+    def out_fails(tmp, path, overwrite):
+        if path == out:
+            raise OSError(28, os.strerror(28))
+        real(tmp, path, overwrite)
+
+    monkeypatch.setattr(files, "_commit", out_fails)
+    decode = onnx_export.can_decode(load_model(run_dir).config, "lm")
+    with pytest.raises(MoeError, match="nothing was written"):
+        onnx_export.export_run(run_dir, out, check=False, overwrite=True, stepwise=True, decode=decode,
+                               log=lambda _: None)
+    assert snapshot(*paths) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)
+
+
+def test_overwrite_replaces_only_an_output_set_moe_wrote(model, tmp_path):
+    """--overwrite of a sharded output replaces a directory only when it is a set this project wrote: its manifest
+    (format and shard list) and the shards it lists, nothing else. A user's folder that happens to hold a
+    manifest.json, or a real set a user added a file to, is refused and left as it was."""
+    shards = tmp_path / "in"
+    shards.mkdir()
+    for name in ("a.jsonl", "b.jsonl"):
+        (shards / name).write_text(GOOD_JSONL * 2, encoding="utf-8")
+    out = tmp_path / "out"
+    args = ("serve", model, "--input", shards, "--output", out, "--provider", "cpu")
+    code, _, err = moe(*args)
+    assert code == 0, err
+    (out / "notes.txt").write_text("mine\n", encoding="utf-8")
+    before = snapshot(*out.iterdir())
+    assert_refused(moe(*args, "--overwrite"), f"{out}: it holds files its manifest.json does not list (notes.txt)")
+    assert snapshot(*out.iterdir()) == before
+    (out / "notes.txt").unlink()
+    assert moe(*args, "--overwrite")[0] == 0
+
+    foreign = tmp_path / "extension"
+    foreign.mkdir()
+    (foreign / "manifest.json").write_text('{"name": "my-extension"}\n', encoding="utf-8")
+    (foreign / "notes.txt").write_text("mine\n", encoding="utf-8")
+    before = snapshot(*foreign.iterdir())
+    assert_refused(moe("serve", model, "--input", shards, "--output", foreign, "--provider", "cpu", "--overwrite"),
+                   "manifest.json is not one moe serve wrote")
+    assert snapshot(*foreign.iterdir()) == before
+    assert_refused(moe("serve", model, "--input", shards, "--output", ".", "--provider", "cpu", "--overwrite"),
+                   "not . or ..")
+    assert not list(Path(".").glob("..*.old"))
+
+
+def test_a_corrupted_graph_is_refused_and_non_finite_outputs_never_reach_json(run_dir, tmp_path):
+    """A graph whose weights differ from the sha256 export recorded is refused when opened; a graph without that
+    record (an older export) whose outputs are not finite stops the command with one line, writing nothing."""
+    from moe_core.graph_contract import INITIALIZERS_SHA256, initializers_sha256
+
+    out = write_model(run_dir, tmp_path / "model")
+    proto = onnx.load(str(out))
+    proto.metadata_props.add(key=INITIALIZERS_SHA256, value=initializers_sha256(proto))
+    table = next(t for t in proto.graph.initializer if t.name == "table")
+    values = numpy_helper.to_array(table).copy()
+    values[3, 5] = np.nan
+    table.CopyFrom(numpy_helper.from_array(values, "table"))
+    onnx.save(proto, str(out))
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(GOOD_JSONL * 3, encoding="utf-8")
+    result = tmp_path / "out.jsonl"
+    assert_refused(moe("serve", out, "--input", inp, "--output", result, "--provider", "cpu"),
+                   f"{out}: its weights differ from those `moe export` wrote", outputs=(result,))
+    del proto.metadata_props[len(proto.metadata_props) - 1]
+    values[:] = np.nan
+    table.CopyFrom(numpy_helper.from_array(values, "table"))
+    onnx.save(proto, str(out))
+    for mode in ("score", "generate"):
+        assert_refused(moe("serve", out, "--input", inp, "--output", result, "--provider", "cpu", "--mode", mode),
+                       f"{out}: non-finite", "nothing was written", outputs=(result,))
+
+
+def test_a_tiny_temperature_samples_the_greedy_token(model, inp, tmp_path):
+    """--temperature 1e-310 divides the logits into overflow; shifted by their maximum first, the sampling
+    distribution is the greedy token's (ties shared), never NaN."""
+    outs = {}
+    for name, extra in (("greedy", ()), ("tiny", ("--temperature", "1e-310", "--seed", "3"))):
+        outs[name] = tmp_path / f"{name}.jsonl"
+        code, _, err = moe("serve", model, "--input", inp, "--output", outs[name], "--provider", "cpu", "--mode",
+                           "generate", "--max-new-tokens", "4", *extra)
+        assert code == 0, err
+    assert outs["tiny"].read_text(encoding="utf-8") == outs["greedy"].read_text(encoding="utf-8")

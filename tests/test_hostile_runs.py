@@ -48,6 +48,25 @@ def in_use(run: Path, pid: int) -> str:
 # one writer per run directory
 
 
+@pytest.mark.parametrize("planted", ["symlink", "fifo"])
+def test_a_lock_file_that_is_not_one_is_never_opened_through(tiny_run_dir: Path, tmp_path: Path,
+                                                            planted: str) -> None:
+    """RUN_DIR/.lock is opened, never followed: a symlink planted there (to a file the writer could write) or a FIFO
+    (whose open would block) is refused in one line, and what it points to is untouched."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run_dir, run)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n", encoding="utf-8")
+    if planted == "symlink":
+        (run / LOCK_FILE).symlink_to(victim)
+    else:
+        os.mkfifo(run / LOCK_FILE)
+    line = error_line(run_moe(["--resume", run], module="train", in_process=True))
+    what = "a symbolic link" if planted == "symlink" else "not a regular file"
+    assert line.startswith(f"error: {run / LOCK_FILE}: {what}; expected the lock file"), line
+    assert victim.read_text(encoding="utf-8") == "precious\n"
+
+
 def test_a_second_writer_is_refused_and_changes_nothing(corpus_file: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     first = spawn_moe(tiny_train_args(corpus_file, run, steps=100_000) + ["--set", "train.checkpoint_every=1"],

@@ -175,3 +175,50 @@ def test_calibrating_a_run_without_recursion_is_refused(runs: tuple[Path, Path],
     result = moe_cli("eval", runs[1], "--ladder", "--calibrate-halting", "--out", out, in_process=True)
     assert result.returncode == 2 and "--calibrate-halting:" in result.stderr and "recursion off" in result.stderr
     assert result.stderr.count("\n") == 1 and not out.exists()
+
+
+def test_calibration_is_a_writer_of_the_run_and_commits_weights_and_record_together(tmp_path: Path, moe_cli,
+                                                                                   monkeypatch) -> None:
+    """Calibration rewrites the run's weights: it holds the run's lock (a training run or another calibration holding
+    it refuses this one before anything is read or written), and its two files are published all or nothing (a
+    failure at the second leaves both as they were)."""
+    import os
+
+    from moe_core import files
+    from train.halt_calibration import CALIBRATION_FILE
+    from train.rundir_lock import RunDirLock
+
+    run = tmp_path / "run"
+    saved_run(run, build_config("sudoku-tiny", None, TINY), seed=0)
+    weights = (run / "model.safetensors").read_bytes()
+    args = ["eval", run, "--ladder", "--ladder-givens", "45", "--ladder-size", "4", "--steps", "1,4",
+            "--calibrate-halting", "--device", "cpu", "--out", tmp_path / "out"]
+    with RunDirLock(run) as lock:
+        lock.acquire()
+        held = moe_cli(*args, in_process=True)
+    assert held.returncode == 2 and "in use by another moe process" in held.stderr, held.describe()
+    assert not (tmp_path / "out").exists() and not (run / CALIBRATION_FILE).exists()
+
+    real = files._commit
+    calls = []
+
+    def weights_fail(tmp, path, overwrite):
+        calls.append(path.name)
+        if path.name == "model.safetensors":
+            raise OSError(28, os.strerror(28))  # ENOSPC, at the last file of the set
+        real(tmp, path, overwrite)
+
+    monkeypatch.setattr(files, "_commit", weights_fail)
+    failed = moe_cli(*args, in_process=True)
+    assert failed.returncode == 2 and "nothing was written" in failed.stderr, failed.describe()
+    assert calls[-2:] == [CALIBRATION_FILE, "model.safetensors"]  # the ladder's figures, then the run's two files
+    assert (run / "model.safetensors").read_bytes() == weights and not (run / CALIBRATION_FILE).exists()
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert not [p for p in (tmp_path / "out").iterdir()], "figures claiming a calibration stayed without it"
+
+
+def test_a_nan_halt_budget_is_refused(runs: tuple[Path, Path], tmp_path: Path, moe_cli) -> None:
+    result = moe_cli("eval", runs[0], "--ladder", "--calibrate-halting", "--halt-budget", "nan", "--out",
+                     tmp_path / "o", in_process=True)
+    assert result.returncode == 2 and "--halt-budget" in result.stderr and "got nan" in result.stderr
+    assert result.stderr.count("\n") == 1 and not (tmp_path / "o").exists()

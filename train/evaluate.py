@@ -34,6 +34,7 @@ import torch
 from tokenizers import Tokenizer
 
 from moe_core.checkpoint import TOKENIZER_FILE, load_model
+from moe_core.cli import finite
 from moe_core.config import MAX_CYCLES
 from moe_core.errors import ConfigError, os_reason
 from moe_core.files import atomic_write_text, check_not_inputs
@@ -46,6 +47,7 @@ from .distributed import autocast_for, use_cuda
 from .eval_modes import BASELINE, MODES, baseline_label
 from .ladder import OUTPUTS as LADDER_OUTPUTS
 from .ladder import parse_givens, run_ladder
+from .rundir_lock import RunDirLock
 from .tasks import Task, make_task
 
 OUTPUTS = ("eval.md", "eval.csv", "eval.png")
@@ -178,7 +180,7 @@ def plot(rows: list[dict[str, Any]], task: str, trained: int, title: str, path: 
                    "fewest steps that solve at most --halt-budget fewer puzzles than all K steps), fold it into the "
                    "halt head's bias and write RUN_DIR/model.safetensors and halt_calibration.json: the ladder, "
                    "export and serve then halt calibrated.")
-@click.option("--halt-budget", default=0.01, type=click.FloatRange(0.0, 1.0),
+@click.option("--halt-budget", default=0.01, type=float, callback=finite("a number in [0, 1]", lambda v: 0 <= v <= 1),
               help="With --calibrate-halting: the puzzle accuracy halting may lose on the held-out set.")
 @click.option("--out", default=None, type=click.Path(),
               help="Directory for the outputs (eval.md/.csv/.png, or the ladder's). Default: RUN_DIR/eval.")
@@ -219,6 +221,13 @@ def eval_(run_dir: str, steps_text: str, ladder: bool, ladder_givens: str, ladde
     existing = [n for n in names if (out_dir / n).exists()]
     if existing and not overwrite:
         raise ConfigError(f"--out {out_dir / existing[0]}: exists; pass --overwrite to replace the eval outputs")
+    if calibrate_halting:
+        # Calibration rewrites the run's weights: it is a writer of the run directory and holds its lock (one writer
+        # at a time: a training run or another calibration is refused, and waits for none) from before it reads the
+        # weights until it has written them; a run directory it cannot write is refused here, before the ladder.
+        lock = RunDirLock(run)
+        lock.acquire()
+        ctx.call_on_close(lock.release)
     model = load_model(run, dev)  # notes the run's files as inputs of this command
     if calibrate_halting and not model.config.recursive:
         raise ConfigError(f"--calibrate-halting: {run} has recursion off (one step: nothing to halt)")

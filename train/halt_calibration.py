@@ -13,8 +13,10 @@ The calibration set is the run's own held-out test set; the ladder (train/ladder
 to it, so the ladder's halting figures are measured on puzzles the threshold was not chosen on.
 
 RUN_DIR/halt_calibration.json records tau, the halt head's trained bias and the calibration figures; calibrating
-again starts from that trained bias, so it never compounds. RUN_DIR/model.safetensors is rewritten (atomically) with
-the calibrated bias. Training on (resume) publishes new weights, whose halting is the trained head's again.
+again starts from that trained bias, so it never compounds. RUN_DIR/model.safetensors is rewritten with the
+calibrated bias, published with the record and the ladder's figures as one set (all or nothing), under the run
+directory's lock (one writer at a time). Training on (resume) publishes new weights, whose halting is the trained
+head's again.
 """
 
 from __future__ import annotations
@@ -28,9 +30,8 @@ import numpy as np
 import torch
 
 from moe_core import sudoku
-from moe_core.checkpoint import WEIGHTS_FILE, drop_sharded_weights, read_json, save_weights
+from moe_core.checkpoint import read_json, write_weights
 from moe_core.errors import ConfigError
-from moe_core.files import atomic_write_text, updating_input
 from moe_core.model import RecursiveMoE
 
 from .sudoku_task import solve_steps
@@ -113,12 +114,13 @@ def calibrate(run: Path, model: RecursiveMoE, puzzles: np.ndarray, k: int, budge
                        steps)
 
 
-def write(run: Path, model: RecursiveMoE, calibration: Calibration) -> None:
-    """The calibrated weights as RUN_DIR/model.safetensors, then the record beside them."""
-    with updating_input(run / WEIGHTS_FILE):  # the one input this command exists to update
-        save_weights(model, run / WEIGHTS_FILE)
-    drop_sharded_weights(run)  # an FSDP run's published shards would be read in place of these weights
-    atomic_write_text(run / CALIBRATION_FILE, json.dumps(record(calibration), indent=1) + "\n")
+def write_into(record_path: str, weights_path: str, model: RecursiveMoE, calibration: Calibration) -> None:
+    """The record and the calibrated weights, written in place at these temp paths, which `moe eval --ladder`
+    publishes with its figures as one set (files.atomic_outputs: all or nothing), the record first: a
+    process killed between the two still leaves the trained bias on record (it then names a calibration the weights
+    lack, which the next calibration starts from all the same: trained_bias)."""
+    Path(record_path).write_text(json.dumps(record(calibration), indent=1) + "\n", encoding="utf-8")
+    write_weights(model, weights_path)
 
 
 def record(calibration: Calibration) -> dict[str, Any]:

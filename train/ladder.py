@@ -21,20 +21,21 @@ ladder with solutions, a comment line before each level: `moe serve --mode solve
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import numpy as np
 import torch
 
 from moe_core import sudoku
-from moe_core.checkpoint import WEIGHTS_FILE
+from moe_core.checkpoint import WEIGHTS_FILE, drop_sharded_weights
 from moe_core.errors import ConfigError
-from moe_core.files import atomic_write_text
+from moe_core.files import atomic_outputs, updating_input
 from moe_core.model import RecursiveMoE
 
 from . import halt_calibration
@@ -42,8 +43,12 @@ from .checkpointing import read_best, saved_run_config
 from .config import RunConfig
 from .distributed import autocast_for
 from .eval_modes import BASELINE, MODES, baseline_label
+from .plots import write_png
 from .sudoku_task import SudokuTask, counts, data_spec, figures, halted_at, solve_batches, solve_steps
 from .tasks import make_task
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 OUTPUTS = ("ladder.md", "ladder.json", "ladder.png", "ladder_puzzles.txt")
 
@@ -176,16 +181,27 @@ def run_ladder(run: Path, cfg: RunConfig, model: RecursiveMoE, task: SudokuTask,
     calibrated = "" if calibration is None else f" {halt_calibration.describe(calibration)}."
     md = to_markdown(title, f"{describe_run(cfg)}; weights: {weights}. {size} puzzles per level, ladder seed "
                      f"{seed}.{calibrated}", levels, rows, steps, trained)
-    # The plot first (the write most likely to fail); without --overwrite each output is created, never replaced.
-    plot(rows, levels, steps, trained, title, out_dir / "ladder.png", overwrite)
-    atomic_write_text(out_dir / "ladder.json", to_json(about, levels, rows), overwrite)
-    atomic_write_text(out_dir / "ladder_puzzles.txt", puzzles_text(levels), overwrite)
-    atomic_write_text(out_dir / "ladder.md", md, overwrite)
-    written = [str(out_dir / n) for n in OUTPUTS]
-    if calibration is not None:  # the run's weights last, once every figure measured with them is written
-        halt_calibration.write(run, model, calibration)
-        written += [str(run / n) for n in (WEIGHTS_FILE, halt_calibration.CALIBRATION_FILE)]
-    click.echo(md + f"written: {', '.join(written)}")
+    # Every output, and with calibration the run's record and weights (last), published together or not at all
+    # (files.atomic_outputs): figures that claim a calibration never stay without it, nor it without them. Without
+    # --overwrite each output is created, never replaced.
+    texts = {"ladder.json": to_json(about, levels, rows), "ladder_puzzles.txt": puzzles_text(levels), "ladder.md": md}
+    paths = [out_dir / n for n in OUTPUTS]
+    run_files = [] if calibration is None else [run / halt_calibration.CALIBRATION_FILE, run / WEIGHTS_FILE]
+    with contextlib.ExitStack() as stack:
+        if run_files:
+            stack.enter_context(updating_input(run / WEIGHTS_FILE))  # the one input this command exists to update
+        tmps = stack.enter_context(atomic_outputs([*paths, *run_files],
+                                                  [overwrite] * len(paths) + [True] * len(run_files)))
+        for path, tmp in zip(paths, tmps, strict=False):
+            if path.name == "ladder.png":
+                write_png(figure(rows, levels, steps, trained, title), tmp)
+            else:
+                Path(tmp).write_text(texts[path.name], encoding="utf-8")
+        if run_files:
+            halt_calibration.write_into(tmps[len(paths)], tmps[len(paths) + 1], model, calibration)
+    if run_files:
+        drop_sharded_weights(run)  # an FSDP run's published shards would be read in place of these weights
+    click.echo(md + f"written: {', '.join(str(p) for p in [*paths, *run_files])}")
 
 
 # -----------------------------------------------------------------------------
@@ -268,18 +284,16 @@ def puzzles_text(levels: list[Level]) -> str:
     return "".join(out)
 
 
-def plot(rows: list[dict[str, Any]], levels: list[Level], steps: list[int], trained: int, title: str, path: Path,
-         overwrite: bool = True) -> None:
+def figure(rows: list[dict[str, Any]], levels: list[Level], steps: list[int], trained: int, title: str) -> Figure:
     """Three panels against the number of givens (fewer, harder, to the right): whole-puzzle accuracy with all K
     steps, the same with halting, and the mean steps halting takes; a line per K, the baseline dashed."""
     from matplotlib import colormaps  # noqa: PLC0415 - matplotlib only when plotting
-    from matplotlib.figure import Figure  # noqa: PLC0415
 
-    from .plots import save_figure, style_axes  # noqa: PLC0415
+    from .plots import new_figure, style_axes  # noqa: PLC0415
 
     givens = [lv.givens for lv in levels]
     colors = colormaps["viridis"](np.linspace(0.0, 0.85, len(steps)))
-    fig = Figure(layout="constrained", figsize=(15, 4.6))
+    fig = new_figure(layout="constrained", figsize=(15, 4.6))
     axes = fig.subplots(1, 3)
     panels = (("all K", "puzzle_acc", "whole-puzzle acc, all K steps"),
               ("halting", "puzzle_acc", "whole-puzzle acc, with halting"),
@@ -297,4 +311,4 @@ def plot(rows: list[dict[str, Any]], levels: list[Level], steps: list[int], trai
         ax.invert_xaxis()
         style_axes(ax, label, label.split(",")[0], xlabel="givens (fewer = harder)", legend=ax is axes[0])
     fig.suptitle(title)
-    save_figure(fig, path, overwrite)
+    return fig

@@ -171,8 +171,13 @@ def new_figure(**kwargs: Any) -> Figure:
 
 def save_figure(fig: Figure, path: Path, overwrite: bool = True) -> Path:
     """Write `fig` as a PNG, atomically; overwrite=False: only where `path` does not exist yet."""
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI), overwrite)
+    atomic_write(path, lambda tmp: write_png(fig, tmp), overwrite)
     return path
+
+
+def write_png(fig: Figure, path: str | Path) -> None:
+    """`fig` as a PNG at `path`, written in place (save_figure, or a set of files committed together)."""
+    fig.savefig(path, format="png", dpi=DPI)
 
 
 def _marker(xs: list[float]) -> str | None:

@@ -17,11 +17,20 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 from pathlib import Path
 
 from moe_core.errors import MoeError, os_reason
 
 LOCK_FILE = ".lock"
+# The lock file is opened, never followed: a symlink planted at RUN_DIR/.lock would make the writer truncate and
+# write whatever file it points to (O_NOFOLLOW refuses it), and a FIFO there would block the open (O_NONBLOCK).
+OPEN_FLAGS = os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+
+
+def not_a_lock(path: Path, what: str) -> MoeError:
+    return MoeError(f"{path}: {what}; expected the lock file moe writes there (a regular file): remove it, then run "
+                    "this again")
 
 
 def in_use_error(run_dir: Path, pid: str) -> MoeError:
@@ -54,9 +63,9 @@ def check_not_in_use(run_dir: Path) -> None:
     any work; the writer takes the lock itself with RunDirLock before its first write)."""
     path = Path(run_dir) / LOCK_FILE
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # flock works on a read-only descriptor too
+        fd = os.open(path, os.O_RDONLY | OPEN_FLAGS)  # flock works on a read-only descriptor too
     except OSError:
-        return  # no lock file: no holder (an unreadable one is reported by the writer when it locks)
+        return  # no lock file: no holder (a symlink or an unreadable one is reported by the writer when it locks)
     try:
         if not _try_lock(fd):
             raise in_use_error(Path(run_dir), _holder(fd))
@@ -91,10 +100,14 @@ class RunDirLock:
         path = self.run_dir / LOCK_FILE
         for _ in range(self._RETRIES):
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | OPEN_FLAGS, 0o644)
             except OSError as e:
+                if path.is_symlink():
+                    raise not_a_lock(path, "a symbolic link") from None
                 raise MoeError(f"{self.run_dir}: cannot lock the run directory ({os_reason(e)})") from None
             try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise not_a_lock(path, "not a regular file")
                 if not _try_lock(fd):
                     raise in_use_error(self.run_dir, _holder(fd))
                 # Between open and flock the file may have been deleted (its run directory removed and made
