@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import click
 
 from . import __version__
-from .errors import Interrupted, MoeError
+from .errors import Interrupted, MoeError, os_reason
 from .files import command_inputs
 
 
@@ -124,6 +124,13 @@ def command_scope() -> Iterator[None]:
         yield
 
 
+def missing_module(e: ModuleNotFoundError, command: str) -> MoeError:
+    """A package this install lacks, named in one line: the serving-only install (no torch, no matplotlib) runs
+    `moe serve` only."""
+    return MoeError(f"moe {command}: needs the package {e.name or str(e)}, which this Python environment lacks (the "
+                    "serving-only install runs `moe serve` only; `pip install -e .` gives every command)")
+
+
 class LazyGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
@@ -131,6 +138,8 @@ class LazyGroup(click.Group):
                 return super().invoke(ctx)
         except MoeError as e:
             raise UserError(str(e)) from None
+        except ModuleNotFoundError as e:
+            raise UserError(str(missing_module(e, ctx.invoked_subcommand or "command"))) from None
         except click.UsageError as e:  # a subcommand's own parse errors
             raise UserError(usage_message(e)) from None
 
@@ -147,7 +156,10 @@ class LazyGroup(click.Group):
         if name not in SUBCOMMANDS:
             return None
         module, attr, _ = SUBCOMMANDS[name]
-        return getattr(importlib.import_module(module), attr)
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except ModuleNotFoundError as e:
+            raise UserError(str(missing_module(e, name))) from None
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         with formatter.section("Commands"):
@@ -181,6 +193,9 @@ def run(command: click.Command, args: list[str] | None = None) -> None:
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
+    except OSError as e:  # what the OS refused where no check looked first (a name over 255 bytes, ...): one line
+        click.echo(f"error: {e.filename or command.name}: {os_reason(e)}", err=True)
+        sys.exit(2)
 
 
 def main() -> None:

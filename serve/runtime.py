@@ -315,7 +315,27 @@ class OrtModel:
         (moe_core/ort_session.py run_bound). IO binding on every provider, so CI exercises the code the CUDA path
         runs: on the CPU the outputs are ONNX Runtime's buffers, not copies (copying a decoding call's outputs cost
         as much as the call itself at batch 32: benchmarks/RESULTS.md). `graph`: a CUDA graph id (run_bound)."""
-        return run_bound(self.session, feeds, outputs, into, self.provider, graph)
+        return self.guarded(run_bound, feeds, outputs, into, self.provider, graph)
+
+    def run_values(self, feeds: dict[str, Any], outputs: list[str]) -> list[Any]:
+        """The named outputs left on the session's device, as OrtValues (run_bound_values)."""
+        return self.guarded(run_bound_values, feeds, outputs, self.provider)
+
+    def guarded(self, run, feeds: dict[str, Any], *args: Any) -> Any:
+        """`run(session, feeds, *args)`, with an error of ONNX Runtime's (a graph or metadata that does not fit the
+        inputs it was given) as one line naming the model and the inputs."""
+        try:
+            return run(self.session, feeds, *args)
+        except MoeError:
+            raise
+        except Exception as e:  # ONNX Runtime's own exception types
+            shapes = ", ".join(f"{k} {list(_shape(v))}" for k, v in feeds.items() if not k.startswith("past_"))
+            reason = " ".join(str(e).split())[:300]
+            raise MoeError(f"{self.info.path}: ONNX Runtime cannot run it on {shapes} ({reason})") from None
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    return tuple(value.shape() if callable(getattr(value, "shape", None)) else np.shape(value))
 
 
 def device_note(info: ModelInfo, provider: str, placement: Placement | None) -> str:
@@ -366,7 +386,7 @@ class StepwiseModel:
         """One step: the carry left where the session computed it when it is kept on a device (self.carry)."""
         if self.carry is None:
             return self.step.run_feeds(feeds, names)
-        values = run_bound_values(self.step.session, feeds, names, self.step.provider)
+        values = self.step.run_values(feeds, names)
         return [v if n in CARRY_OUT else v.numpy() for n, v in zip(names, values, strict=True)]
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, outputs: list[str]) -> list[np.ndarray]:

@@ -14,13 +14,15 @@ reported for 1 token). Texts longer than the model's max_seq_len T are scored wi
 defaults to T // 2); halt_step is then the first window's. Log-probs are computed inside the session
 (serve/graph.py), from the exported logits.
 
-Generation. No KV cache: the recursive model recomputes its whole context at every step, so each step is one
-forward pass of the batch over the last T tokens of prompt + continuation (the oldest tokens drop out of the
-context once it is full). Greedy (temperature 0) by default; otherwise temperature / top-k / top-p sampling
-from a per-sample generator seeded with (seed, index of the sample), so results do not depend on batch size
-or order. Only ids the tokenizer knows are ever produced. Generation stops at <|endoftext|> (not included in
-the output) or after max_new_tokens. An empty prompt starts from <|endoftext|>, the document separator the
-model was trained with.
+Generation. With the model's decode graph (KV cache: moe_core/decoding.py) a prompt is prefilled once and each step
+runs only the new token against the cached keys and values; without one (or with cache=False) each step is one
+forward pass of the batch over the last T tokens of prompt + continuation (the oldest tokens drop out of the context
+once it is full). A result's halt_step is the halting decided on the prompt (its last T tokens: the prefill, or the
+first forward pass), the same on both paths whatever the continuation's length. Greedy (temperature 0) by default;
+otherwise temperature / top-k / top-p sampling from a per-sample generator seeded with (seed, index of the sample),
+so results do not depend on batch size or order. Only ids the tokenizer knows are ever produced. Generation stops at
+<|endoftext|> (not included in the output) or after max_new_tokens. An empty prompt starts from <|endoftext|>, the
+document separator the model was trained with.
 
 Solving (a Sudoku model, task "sudoku"). A puzzle is 81 cells, 0 (or '.') for a blank; its tokens are its digits.
 The answer of a cell is the likeliest digit 1..9 of the halting-selected logits (the blank token is never an
@@ -97,7 +99,7 @@ class GenerateResult:
     text: str  # the continuation (decoded new tokens), without the prompt
     tokens: list[int]  # the new token ids (without the final <|endoftext|>)
     finish_reason: str  # "eot" (the model ended the text) or "length" (max_new_tokens reached)
-    halt_step: int  # halting step of the last forward pass
+    halt_step: int  # halting step decided on the prompt (its last max_seq_len tokens)
 
     def as_record(self) -> dict[str, Any]:
         return {"completion": self.text, "n_new_tokens": len(self.tokens), "finish_reason": self.finish_reason,
@@ -477,6 +479,7 @@ class Server:
         for batch in length_batches([len(p) for p in prompts], batch_size):
             rngs = {i: np.random.default_rng([seed, first_index + i]) for i in batch} if sampling else {}
             new: dict[int, list[int]] = {i: [] for i in batch}
+            prompt_halt: dict[int, int] = {}
             active = list(batch)
             state = None
             while active:
@@ -491,13 +494,15 @@ class Server:
                     check_finite([last], [LAST_LOGITS], self.info.path)
                 still, rows_still = [], []
                 for r, i in enumerate(active):
+                    prompt_halt.setdefault(i, int(hs[r]))  # the first forward of a sample is its prompt's
                     t = int(last[r]) if greedy_ids else pick_token(last[r, :n_valid], temperature, top_k, top_p,
                                                                    rngs.get(i))
                     if t != self.eot_id:
                         new[i].append(t)
                     if t == self.eot_id or len(new[i]) == max_new_tokens:
                         reason = "eot" if t == self.eot_id else "length"
-                        results[i] = GenerateResult(self.tokenizer.decode(new[i]), new[i], reason, int(hs[r]))
+                        results[i] = GenerateResult(self.tokenizer.decode(new[i]), new[i], reason,
+                                                    prompt_halt[i])
                     else:
                         still.append(i)
                         rows_still.append(r)

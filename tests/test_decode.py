@@ -281,3 +281,33 @@ def test_static_shapes_generate_what_the_dynamic_loop_generates(exported, export
     assert all(set(rows) == {n} for n, rows in sizes.items())
     cpu = Server.open(exported[1], provider="cpu", threads=1).generate(prompts, max_new_tokens=new, batch_size=5)
     assert [r.tokens for r in got[0]] == [r.tokens for r in cpu]  # one model, either device's graph
+
+
+def test_halt_step_of_a_long_generation_is_the_prompt_s_on_both_paths(exported):
+    """A generation that passes max_seq_len is refilled (cached) or re-read from a later window (uncached); the
+    halt_step each reports is the one decided on the prompt, the same on both paths."""
+    _, out, _ = exported
+    cached = Server.open(out, provider="cpu", threads=1)
+    uncached = Server.open(out, provider="cpu", threads=1, cache=False)
+    prompts = texts(9)
+    a = cached.generate(prompts, max_new_tokens=2 * T, batch_size=4)
+    b = uncached.generate(prompts, max_new_tokens=2 * T, batch_size=4)
+    assert [r.halt_step for r in a] == [r.halt_step for r in b]
+    assert sum(len(r.tokens) > T for r in a) >= 3
+    first = [cached.generate([p], max_new_tokens=1)[0].halt_step for p in prompts]
+    assert [r.halt_step for r in a] == first
+
+
+def test_an_onnx_runtime_error_is_one_line_naming_the_model(exported, tmp_path):
+    """A graph whose metadata promises more positions than its rotary tables hold: ONNX Runtime fails on a long
+    batch, and serve says so in one line naming the model and the inputs."""
+    _, out, _ = exported
+    with_decode_metadata(out, tmp_path, "cache_layout", "per-row")
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    for p in proto.metadata_props:
+        if p.key == "max_seq_len":
+            p.value = str(4 * T)
+    onnx.save(proto, str(tmp_path / "m.onnx"))
+    server = Server.open(tmp_path / "m.onnx", provider="cpu", threads=1, cache=False)
+    with pytest.raises(MoeError, match=r"m\.onnx: ONNX Runtime cannot run it on input_ids \[\d+, \d+\]"):
+        server.score([" ".join(["the king walked"] * 3 * T)])

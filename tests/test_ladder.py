@@ -222,3 +222,18 @@ def test_a_nan_halt_budget_is_refused(runs: tuple[Path, Path], tmp_path: Path, m
                      tmp_path / "o", in_process=True)
     assert result.returncode == 2 and "--halt-budget" in result.stderr and "got nan" in result.stderr
     assert result.stderr.count("\n") == 1 and not (tmp_path / "o").exists()
+
+
+def test_a_calibration_record_the_bias_cannot_hold_is_refused(runs: tuple[Path, Path], tmp_path: Path,
+                                                               moe_cli) -> None:
+    import shutil
+
+    from train.halt_calibration import CALIBRATION_FILE
+
+    run = tmp_path / "run"
+    shutil.copytree(runs[0], run)
+    (run / CALIBRATION_FILE).write_text('{"trained_bias": 1e308, "calibrated_bias": 0.5}\n', encoding="utf-8")
+    result = moe_cli("eval", run, "--ladder", "--ladder-size", "4", "--calibrate-halting", "--device", "cpu",
+                     "--out", tmp_path / "o", in_process=True)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.describe()
+    assert f"{run / CALIBRATION_FILE}: trained_bias / calibrated_bias: expected numbers a torch.float32" in result.stderr

@@ -88,9 +88,10 @@ def trained_bias(run: Path, model: RecursiveMoE) -> float:
         return bias
     record = read_json(path)
     numbers = [record.get(key) if isinstance(record, dict) else None for key in ("trained_bias", "calibrated_bias")]
-    if not all(isinstance(v, float | int) and not isinstance(v, bool) for v in numbers):
-        raise ConfigError(f"{path}: trained_bias / calibrated_bias: expected numbers (delete the file to calibrate "
-                          f"from the weights as they are)")
+    largest = torch.finfo(model.halt_head.bias.dtype).max  # what the halt head's bias can hold
+    if not all(isinstance(v, float | int) and not isinstance(v, bool) and abs(v) <= largest for v in numbers):
+        raise ConfigError(f"{path}: trained_bias / calibrated_bias: expected numbers a {model.halt_head.bias.dtype} "
+                          "bias can hold (delete the file to calibrate from the weights as they are)")
     trained, calibrated = map(float, numbers)
     return trained if calibrated == bias else bias
 
