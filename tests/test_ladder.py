@@ -236,4 +236,5 @@ def test_a_calibration_record_the_bias_cannot_hold_is_refused(runs: tuple[Path, 
     result = moe_cli("eval", run, "--ladder", "--ladder-size", "4", "--calibrate-halting", "--device", "cpu",
                      "--out", tmp_path / "o", in_process=True)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.describe()
-    assert f"{run / CALIBRATION_FILE}: trained_bias / calibrated_bias: expected numbers a torch.float32" in result.stderr
+    needle = f"{run / CALIBRATION_FILE}: trained_bias / calibrated_bias: expected numbers a torch.float32"
+    assert needle in result.stderr
