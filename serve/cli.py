@@ -33,7 +33,9 @@ ENGINES = ("local", "ray")
 @click.option("--batch-size", default=32, type=click.IntRange(1),
               help="Rows per forward pass, at most the model's memory budget allows: rows x max_seq_len x "
                    "(halt_max_steps x vocab + heads x max_seq_len + experts x d_expert + 8 x d_model) <= 2^26 "
-                   "activation elements (a note says when --batch-size is cut). Results never depend on it.")
+                   "activation elements (a note says when --batch-size is cut). Results never depend on it beyond fp32 "
+                   "rounding, except with an int8 model: its activations are quantised with one scale per batch "
+                   "tensor, so a row's results depend on its batch-mates (use fp32 or fp16 where that matters).")
 @click.option("--provider", type=click.Choice(PROVIDER_CHOICES), default="auto",
               help="auto: CUDA when onnxruntime-gpu and a GPU are present, else CPU.")
 @click.option("--runtime", type=click.Choice(RUNTIMES), default="auto",

@@ -42,7 +42,8 @@ batch, so the remaining ones do not pay for them. A forward pass holds at most M
 elements, estimated per row as max_seq_len x (halt_max_steps x vocab_size + n_heads x max_seq_len + n_experts x
 d_expert + 8 x d_model) — the logits of every unrolled halting step, the attention scores, the experts' hidden
 units and the block's own vectors: a larger batch_size is cut to `Server.max_batch_rows` rows, so memory stays
-bounded whatever batch_size is asked (results never depend on the batch size).
+bounded whatever batch_size is asked (results never depend on the batch size, beyond fp32 rounding; an int8 graph is
+the exception: ONNX Runtime's dynamic quantisation gives each batch tensor one activation scale).
 
 Arguments are checked before any work: a wrong type or value is a MoeError naming the argument.
 """
