@@ -207,34 +207,39 @@ def atomic_outputs(paths: Sequence[str | os.PathLike], overwrite: bool | Sequenc
     record): the block writes one temp file per path (yielded in order); when it ends normally, all of them are
     published, in the order given, or none is (publish). When it raises, or publishing fails, every file that
     existed is as it was and no new one is left. `overwrite`: for all paths, or one flag per path. The same checks and
-    errors as atomic_write, naming the first path."""
+    errors as atomic_write, naming the file being handled (the last, main one of the set when none is)."""
     paths = [Path(p) for p in paths]
     flags = [overwrite] * len(paths) if isinstance(overwrite, bool) else list(overwrite)
     for path in paths:
         if not path.parent.is_dir():
             raise MoeError(f"{path.parent}: output directory does not exist")
     check_not_inputs(paths)
-    tmps: list[str] = []
+    tmps: dict[int, str] = {}
+    current = paths[-1]  # the file an I/O error is reported on: the one being handled, else the set's last (main)
     try:
-        for path in paths:
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        for i in reversed(range(len(paths))):
+            current = paths[i]
+            fd, tmps[i] = tempfile.mkstemp(prefix=f".{paths[i].name}.", suffix=".tmp", dir=paths[i].parent)
             os.close(fd)
-            tmps.append(tmp)
-        yield list(tmps)
-        for tmp in tmps:
-            os.chmod(tmp, 0o666 & ~UMASK)
-            with open(tmp, "rb") as f:
+        current = paths[-1]
+        yield [tmps[i] for i in range(len(paths))]
+        for i, path in enumerate(paths):
+            current = path
+            os.chmod(tmps[i], 0o666 & ~UMASK)
+            with open(tmps[i], "rb") as f:
                 os.fsync(f.fileno())
+        current = paths[-1]
         check_not_inputs(paths)
         with signals_deferred():
-            publish(list(zip(tmps, paths, flags, strict=True)))
-            tmps = []
+            publish([(tmps[i], path, flags[i]) for i, path in enumerate(paths)])
+            tmps = {}
     except BaseException as e:
-        for tmp in tmps:
+        for tmp in tmps.values():
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
         if isinstance(e, Exception) and not isinstance(e, MoeError) and is_io_error(e):
-            raise MoeError(f"{paths[0]}: cannot write ({os_reason(e)}); nothing was written") from None
+            where = next((p for p in paths if str(p) == getattr(e, "filename", None)), current)
+            raise MoeError(f"{where}: cannot write ({os_reason(e)}); nothing was written") from None
         raise
 
 

@@ -440,14 +440,14 @@ def open_decoder(info: ModelInfo, provider: str = "auto", threads: int | None = 
     path = info.path.with_name(info.decode_graph)
     if not path.exists():
         return None, f"decode graph {path.name} not found: generating without the cache"
-    model = OrtModel(path, provider, threads, graph="decode")
-    d = model.info
+    proto, d = read_model(path, "decode")
     for what, mine, theirs in (("weights", info.weights_sha256, d.weights_sha256),
                                ("precision", info.precision, d.precision),
                                ("tokenizer", info.tokenizer_sha256, d.tokenizer_sha256)):
-        if mine is None or mine != theirs:
+        if mine is None or mine != theirs:  # before anything the foreign graph names (its tokenizer) is looked for
             raise MoeError(f"{path}: the decode graph does not belong to {info.path.name} ({what} differ); export "
                            "both again with `moe export`")
+    model = OrtModel(path, provider, threads, graph="decode", loaded=(proto, d))
     cfg = info.config.get("model", {}) if isinstance(info.config, dict) else {}
     heads, d_model = cfg.get("n_heads"), cfg.get("d_model")
     if not (isinstance(heads, int) and isinstance(d_model, int) and heads > 0 and d_model % heads == 0):

@@ -144,6 +144,15 @@ def test_a_decode_graph_of_another_model_is_refused(exported, tmp_path):
         Server.open(tmp_path / "m.onnx", provider="cpu", threads=1)
     # Without the cache the model still serves.
     assert Server.open(tmp_path / "m.onnx", provider="cpu", threads=1, cache=False).generate(["a"], 2)
+    # Another export's decode graph names another tokenizer file: what is refused is the graph, not a missing file.
+    with_decode_metadata(out, tmp_path, "tokenizer_file", "other.tokenizer.json")
+    proto = onnx.load(str(decode_path_for(tmp_path / "m.onnx")))
+    for p in proto.metadata_props:
+        if p.key == "weights_sha256":
+            p.value = "1" * 64
+    onnx.save(proto, str(decode_path_for(tmp_path / "m.onnx")))
+    with pytest.raises(MoeError, match="the decode graph does not belong to m.onnx"):
+        Server.open(tmp_path / "m.onnx", provider="cpu", threads=1)
 
 
 def test_a_broken_decode_graph_is_one_line_at_the_cli(exported, tmp_path):

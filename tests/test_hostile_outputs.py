@@ -266,7 +266,7 @@ def test_ids_that_cannot_collide_pass(model, tmp_path):
      "error: --batch-size: expected a value in the range x>=1, got 0"),
     (["export", "RUN", "--out", "m.onnx", "--opset", "7"], "error: --opset: expected a value in the range 18<=x<=23"),
     (["export", "RUN", "--out", "m.onnx", "--precision", "bogus"],
-     "error: --precision: expected one of 'fp32', 'fp16', 'int8', got 'bogus'"),
+     "error: --precision: expected one of 'fp32', 'fp16', 'bf16', 'int8', got 'bogus'"),
     (["serve", "M", "--input", "i", "--output", "o", "--bogus"], "error: --bogus: no such option of moe serve"),
     (["serve", "--input", "i", "--output", "o"], "error: MODEL: missing; this argument is required"),
     (["serve", "M", "--output", "o"], "error: --input: missing; this option is required"),

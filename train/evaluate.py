@@ -22,12 +22,13 @@ halting row at the trained halt_max_steps).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import torch
@@ -37,7 +38,7 @@ from moe_core.checkpoint import TOKENIZER_FILE, load_model
 from moe_core.cli import finite
 from moe_core.config import MAX_CYCLES
 from moe_core.errors import ConfigError, os_reason
-from moe_core.files import atomic_write_text, check_not_inputs
+from moe_core.files import atomic_outputs, check_not_inputs
 from moe_core.model import RecursiveMoE
 from moe_core.tokenizer import read_tokenizer
 
@@ -47,8 +48,12 @@ from .distributed import autocast_for, use_cuda
 from .eval_modes import BASELINE, MODES, baseline_label
 from .ladder import OUTPUTS as LADDER_OUTPUTS
 from .ladder import parse_givens, run_ladder
+from .plots import write_png
 from .rundir_lock import RunDirLock
 from .tasks import Task, make_task
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 OUTPUTS = ("eval.md", "eval.csv", "eval.png")
 PUZZLES_FILE = "test_puzzles.txt"
@@ -138,14 +143,13 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def plot(rows: list[dict[str, Any]], task: str, trained: int, title: str, path: Path, overwrite: bool = True) -> None:
-    from matplotlib.figure import Figure  # noqa: PLC0415 - matplotlib only when plotting
+def figure(rows: list[dict[str, Any]], task: str, trained: int, title: str) -> Figure:
     from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
 
-    from .plots import save_figure, style_axes  # noqa: PLC0415
+    from .plots import new_figure, style_axes  # noqa: PLC0415
 
     key, header, _ = FIGURES[task][0]
-    fig = Figure(layout="constrained", figsize=(7, 4.5))
+    fig = new_figure(layout="constrained", figsize=(7, 4.5))
     ax = fig.subplots()
     for mode, style in zip(MODES, ("o-", "s--"), strict=True):
         pts = [(r["halt_max_steps"], r[key]) for r in rows if r["mode"] == mode]
@@ -158,7 +162,7 @@ def plot(rows: list[dict[str, Any]], task: str, trained: int, title: str, path: 
     if key.endswith("_acc"):
         ax.set_ylim(0, 1)
     style_axes(ax, title, header, xlabel="K = halt_max_steps at inference")
-    save_figure(fig, path, overwrite)
+    return fig
 
 
 @click.command(context_settings={"show_default": True})
@@ -235,18 +239,34 @@ def eval_(run_dir: str, steps_text: str, ladder: bool, ladder_givens: str, ladde
     base_model = None if baseline_dir is None else load_baseline(Path(baseline_dir), run, cfg, tok_text, dev)
     data = [(p, "the run's train.data") for p in (cfg.train.data,) if p]
     check_not_inputs([out_dir / n for n in names], data, option="--out")
+    created = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"--out {out_dir}: cannot create the output directory ({os_reason(e)})") from None
+    try:
+        evaluate(run, cfg, model, base_model, baseline_dir, tok_text, steps, dev, out_dir, names, overwrite,
+                 ladder=(levels, ladder_size, ladder_seed, halt_budget if calibrate_halting else None) if ladder
+                 else None)
+    except BaseException:
+        if created:  # an --out this command made and could not fill goes again (an interrupted run included)
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
+        raise
+
+
+def evaluate(run: Path, cfg: RunConfig, model: RecursiveMoE, base_model: RecursiveMoE | None,
+             baseline_dir: str | None, tok_text: str, steps: list[int], dev: torch.device, out_dir: Path,
+             names: list[str], overwrite: bool, ladder: tuple | None) -> None:
+    """The evaluation proper, into out_dir: the ladder's (`ladder`: levels, size, seed, calibration budget) or the
+    held-out sweep's outputs, published together (files.atomic_outputs)."""
     if not model.config.recursive:
         steps = [1]  # the baseline has one pass: K does not apply
     task = make_task(cfg, tok_text, click.echo)
-    if ladder:
-
-        budget = halt_budget if calibrate_halting else None
-        run_ladder(run, cfg, model, task, tok_text, steps, levels, ladder_size, ladder_seed, baseline_dir, base_model,
-                   dev, out_dir, overwrite, budget)
+    if ladder is not None:
+        levels, size, seed, budget = ladder
+        run_ladder(run, cfg, model, task, tok_text, steps, levels, size, seed, baseline_dir, base_model, dev, out_dir,
+                   overwrite, budget)
         return
     rows = sweep(model, task, steps, dev, click.echo)
     if base_model is not None:
@@ -254,16 +274,18 @@ def eval_(run_dir: str, steps_text: str, ladder: bool, ladder_givens: str, ladde
         click.echo(f"{rows[-1]['mode']}: {task.describe(rows[-1])}")
     trained = model.config.halt_max_steps if model.config.recursive else 1
     md = table(rows, task.name, trained)
-    # The plot first: it is the write most likely to fail, and it then leaves no new table beside an old plot.
-    # Without --overwrite every output is created, never replaced: one that appeared meanwhile is refused.
-    plot(rows, task.name, trained, f"{run.name}: {FIGURES[task.name][0][1]} against the steps allowed",
-         out_dir / "eval.png", overwrite)
-    atomic_write_text(out_dir / "eval.csv", to_csv(rows), overwrite)
-    atomic_write_text(out_dir / "eval.md", md, overwrite)
+    texts = {"eval.csv": to_csv(rows), "eval.md": md}
     if task.name == "sudoku":
         from moe_core.sudoku import format_grid  # noqa: PLC0415
 
-        atomic_write_text(out_dir / PUZZLES_FILE, "".join(
-            f"{format_grid(p)} {format_grid(s)}\n" for p, s in zip(task.test_puzzles, task.test_solutions,
-                                                                    strict=True)), overwrite)
+        texts[PUZZLES_FILE] = "".join(f"{format_grid(p)} {format_grid(s)}\n"
+                                      for p, s in zip(task.test_puzzles, task.test_solutions, strict=True))
+    # Without --overwrite every output is created, never replaced: one that appeared meanwhile is refused.
+    with atomic_outputs([out_dir / n for n in names], overwrite) as tmps:
+        for name, tmp in zip(names, tmps, strict=True):
+            if name == "eval.png":
+                write_png(figure(rows, task.name, trained,
+                                 f"{run.name}: {FIGURES[task.name][0][1]} against the steps allowed"), tmp)
+            else:
+                Path(tmp).write_text(texts[name], encoding="utf-8")
     click.echo(md + f"written: {', '.join(str(out_dir / n) for n in names)}")

@@ -148,13 +148,15 @@ def resume(run_dir: str | os.PathLike, overrides: list[str] = ()) -> dict[str, A
     run_dir = Path(run_dir)
     saved, sections = saved_config(run_dir)
     config_path = run_dir / CONFIG_FILE
+    RunConfig.from_dict(sections, str(config_path))  # the saved config itself, so that its faults name its file
+    changed = {}
     for item in overrides:
         section, key, value = parse_override(item)
         if section != "train" or key not in RESUMABLE:
             raise ConfigError(f"--set {item!r}: {section}.{key} cannot change when resuming (the run would not "
                               f"continue the same way); allowed: {', '.join(RESUMABLE)}")
-        sections["train"][key] = value
-    cfg = RunConfig.from_dict(sections, str(config_path))
+        sections["train"][key] = changed[key] = value
+    cfg = RunConfig.from_dict(sections, "--set")  # a fault now is one of the overrides
     dist, device = init_from_env(cfg.train.device)  # every rank reads the run directory (a shared filesystem)
     lock = RunDirLock(run_dir)
     try:
@@ -178,6 +180,9 @@ def resume(run_dir: str | os.PathLike, overrides: list[str] = ()) -> dict[str, A
             raise CheckpointError(f"{run_dir}: the training data differs from the data this run was trained on "
                                   f"(train.data = {cfg.train.data!r}); resume needs the same data")
         state.data_fingerprint = task.fingerprint
+        if "max_steps" in changed and cfg.train.max_steps < state.step:
+            raise ConfigError(f"--set train.max_steps={cfg.train.max_steps}: the run is at step {state.step}; "
+                              "expected at least that (a run is never cut back)")
         if dist.is_main:
             atomic_write_text(config_path, json.dumps({**saved, "train": cfg.to_dict()["train"]}, indent=2) + "\n")
         return trainer.run(state, resumed=True)
