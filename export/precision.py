@@ -9,6 +9,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from moe_core.graph_contract import INITIALIZERS_SHA256, initializers_sha256
+
 from .choices import PRECISIONS
 from .passes import with_metadata
 
@@ -59,7 +61,9 @@ def convert_precision(path: str, precision: str, metadata: dict[str, str], keep_
         finally:
             logging.disable(previous)
         proto = onnx.load(path)
-    onnx.save(with_metadata(proto, {**metadata, "precision": precision}), path)
+    # The initializers changed: the sha256 serve verifies is the variant's own.
+    onnx.save(with_metadata(proto, {**metadata, "precision": precision,
+                                    INITIALIZERS_SHA256: initializers_sha256(proto)}), path)
 
 
 def bfloat16_bits(x: np.ndarray) -> np.ndarray:

@@ -449,7 +449,8 @@ def test_engine_options_are_checked(lm, tmp_path, args, message):
 
 def test_shard_outputs_are_checked(lm, tmp_path):
     """A set of shards writes a directory: a file there, an existing directory of other files (even with
-    --overwrite), or an input inside it is refused before any work; an earlier output set is replaced whole."""
+    --overwrite), or an input inside it is refused before any work; an earlier output set is replaced whole, and
+    only when it holds nothing its manifest does not list."""
     shards = tmp_path / "in"
     shards.mkdir()
     write_jsonl(shards / "a.jsonl", [{"text": "x"}, {"text": "yz"}])
@@ -468,7 +469,10 @@ def test_shard_outputs_are_checked(lm, tmp_path):
     assert serve(lm[0], "--input", str(shards / "*.jsonl"), "--output", out, ray_engine_on=False).returncode == 0
     first = (out / "a.jsonl").read_text(encoding="utf-8")
     assert serve(lm[0], "--input", shards, "--output", out, ray_engine_on=False).returncode == 2  # exists
-    (out / "stale.jsonl").write_text("old\n", encoding="utf-8")
+    (out / "stale.jsonl").write_text("old\n", encoding="utf-8")  # a file the set's manifest does not list
+    result = serve(lm[0], "--input", shards, "--output", out, "--overwrite", ray_engine_on=False)
+    assert result.returncode == 2 and "does not list (stale.jsonl)" in result.stderr, result.describe()
+    (out / "stale.jsonl").unlink()
     result = serve(lm[0], "--input", shards, "--output", out, "--overwrite", ray_engine_on=False)
     assert result.returncode == 0, result.describe()
     assert sorted(p.name for p in out.iterdir()) == ["a.jsonl", "manifest.json"]

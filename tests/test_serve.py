@@ -114,10 +114,11 @@ def eager_scores(model: RecursiveMoE, ids: list[int], stride: int) -> tuple[list
 
 @torch.no_grad()
 def eager_greedy(model: RecursiveMoE, prompt: list[int], max_new: int, eot: int, n_valid: int):
+    """(new tokens, finish reason, halt_step): the halting decided on the prompt, as serve reports it."""
     seq, new, halt = list(prompt), [], None
     for _ in range(max_new):
         out = model(torch.tensor([seq[-T:]]))
-        halt = int(out.halt_step[0])
+        halt = int(out.halt_step[0]) if halt is None else halt
         nxt = int(out.logits[0, -1, :n_valid].argmax())
         if nxt == eot:
             return new, "eot", halt
