@@ -81,8 +81,13 @@ def chunks(records: Iterable[T], job: Job) -> Iterator[list[T]]:
 
 
 def record_line(ident: Any, result: Any) -> str:
-    """The output line of one record: its id, then the result's fields."""
-    return json.dumps({"id": ident, **result.as_record()}, ensure_ascii=False)
+    """The output line of one record: its id, then the result's fields. Strict JSON: a NaN or an infinity (a
+    perplexity past float range) is refused, naming the record, instead of written as a token no parser reads."""
+    try:
+        return json.dumps({"id": ident, **result.as_record()}, ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        raise MoeError(f"record {json.dumps(ident, ensure_ascii=False)[:80]}: a result is not a finite number "
+                       f"({result.as_record()}); nothing was written") from None
 
 
 def serve_chunk(server: Server, job: Job, records: Sequence[Any], first_index: int,

@@ -490,3 +490,20 @@ def test_a_tiny_temperature_samples_the_greedy_token(model, inp, tmp_path):
                            "generate", "--max-new-tokens", "4", *extra)
         assert code == 0, err
     assert outs["tiny"].read_text(encoding="utf-8") == outs["greedy"].read_text(encoding="utf-8")
+
+
+def test_a_name_too_long_for_the_filesystem_is_one_line(run_dir, tmp_path):
+    """A path component over 255 bytes, in the output itself or only in the tokenizer name derived from it."""
+    for stem in ("x" * 300, "x" * 245):  # 245 + ".onnx" fits; 245 + ".tokenizer.json" does not
+        out = tmp_path / f"{stem}.onnx"
+        line = assert_refused(moe("export", run_dir, "--out", out, "--no-check", "--no-decode"), "File name too long")
+        assert "Traceback" not in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_result_that_is_not_a_finite_number_is_refused_naming_the_record():
+    from serve.server import ScoreResult
+    from serve.shards import record_line
+
+    with pytest.raises(MoeError, match=r'record "r7": a result is not a finite number'):
+        record_line("r7", ScoreResult(800.0, float("inf"), 3, 1, 1))

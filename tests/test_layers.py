@@ -265,3 +265,14 @@ def test_moe_serve_in_the_serving_only_install(exported, tmp_path):
                    encoding="utf-8")
     served = moe_serve_outputs(exported[1], inp, tmp_path / "serving.jsonl", args, None, python=SERVING_PYTHON)
     assert served == moe_serve_outputs(exported[1], inp, tmp_path / "normal.jsonl", args, None)
+
+
+@pytest.mark.skipif(not SERVING_PYTHON, reason="MOE_SERVING_PYTHON (the serving-only venv) not set: make test sets it")
+@pytest.mark.parametrize("command", [["train", "--preset", "tiny", "--out", "run"], ["export", "run", "--out", "m.onnx"],
+                                     ["plot", "run"]])
+def test_the_serving_only_install_names_what_it_lacks(tmp_path, command):
+    """Commands other than serve need torch (and matplotlib): in the serving-only install they say so in one line."""
+    moe = str(Path(SERVING_PYTHON).parent / "moe")  # the serving venv's console script
+    r = subprocess.run([moe, *command], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"error: moe {command[0]}: needs the package torch"), r.stderr
