@@ -268,8 +268,8 @@ def test_moe_serve_in_the_serving_only_install(exported, tmp_path):
 
 
 @pytest.mark.skipif(not SERVING_PYTHON, reason="MOE_SERVING_PYTHON (the serving-only venv) not set: make test sets it")
-@pytest.mark.parametrize("command", [["train", "--preset", "tiny", "--out", "run"], ["export", "run", "--out", "m.onnx"],
-                                     ["plot", "run"]])
+@pytest.mark.parametrize("command", [["train", "--preset", "tiny", "--out", "run"],
+                                     ["export", "run", "--out", "m.onnx"], ["plot", "run"]])
 def test_the_serving_only_install_names_what_it_lacks(tmp_path, command):
     """Commands other than serve need torch (and matplotlib): in the serving-only install they say so in one line."""
     moe = str(Path(SERVING_PYTHON).parent / "moe")  # the serving venv's console script
