@@ -40,7 +40,9 @@ import json
 import logging
 import math
 import os
+import signal
 import socket
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -211,11 +213,18 @@ def cluster(address: str | None) -> Iterator[str]:
     if address is not None:
         check_reachable(address)
     quiet = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    # Ray's core worker installs its own SIGTERM handler (a stack dump, then exit 15); the command's own handlers
+    # (moe_core/cli.py: one line, unfinished outputs removed, exit 143) are put back once it is connected.
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         if address is None:
             ray.init(address="local", num_cpus=usable_cpus(), **quiet)
         else:
             ray.init(address=address, **quiet)
+        if threading.current_thread() is threading.main_thread():
+            for sig, handler in handlers.items():
+                if handler is not None:
+                    signal.signal(sig, handler)
     except (ConnectionError, RuntimeError, ValueError) as e:
         # A cluster with token authentication (Ray's default for `ray start`) refuses a driver without its token;
         # `auto` finds the token of a cluster on this node, an explicit address needs it given.

@@ -480,3 +480,32 @@ def test_shard_outputs_are_checked(lm, tmp_path):
     result = serve(lm[0], "--input", str(tmp_path / "nothing-*.jsonl"), "--output", tmp_path / "o2",
                    ray_engine_on=False)
     assert result.returncode == 2 and "the pattern matches no input file" in result.stderr
+
+
+def test_sigterm_under_the_ray_engine_is_one_line_and_exit_143(lm, tmp_path):
+    """Ray installs its own SIGTERM handler when it connects (a stack dump, exit 15); the command puts its own back:
+    one line, no output, exit 143, as every other command."""
+    import subprocess
+    import time
+
+    from conftest import moe_command, subprocess_env
+
+    inp = tmp_path / "in.jsonl"
+    write_jsonl(inp, [{"text": f"the king walked {i}"} for i in range(4000)])
+    out, log, err = tmp_path / "out.jsonl", tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with open(log, "w", encoding="utf-8") as o, open(err, "w", encoding="utf-8") as f:
+        proc = subprocess.Popen(moe_command(["serve", str(lm[0]), "--input", str(inp), "--output", str(out),
+                                             "--provider", "cpu", "--engine", "ray", "--workers", "1", "--mode",
+                                             "generate", "--max-new-tokens", "200"]),
+                                env=subprocess_env(), stdout=o, stderr=f, text=True)
+        deadline = time.monotonic() + 120
+        while "engine ray:" not in log.read_text(encoding="utf-8"):  # the header: connected to the cluster
+            assert proc.poll() is None and time.monotonic() < deadline, err.read_text(encoding="utf-8")
+            time.sleep(0.2)
+        time.sleep(1.0)  # the run under way
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=120)
+    text = err.read_text(encoding="utf-8")
+    assert code == 143 and "interrupted by SIGTERM; unfinished outputs removed" in text, text
+    assert "Traceback" not in text and "*** SIG" not in text
+    assert not out.exists() and not list(tmp_path.glob(".out.jsonl.*"))
