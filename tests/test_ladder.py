@@ -238,3 +238,28 @@ def test_a_calibration_record_the_bias_cannot_hold_is_refused(runs: tuple[Path, 
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.describe()
     needle = f"{run / CALIBRATION_FILE}: trained_bias / calibrated_bias: expected numbers a torch.float32"
     assert needle in result.stderr
+
+
+def test_calibrating_a_run_directory_it_cannot_write_is_refused_before_the_ladder(runs: tuple[Path, Path],
+                                                                                   tmp_path: Path, moe_cli,
+                                                                                   monkeypatch) -> None:
+    """A read-only run directory (its lock file cannot be made) refuses calibration before the ladder runs, so no
+    figures claim a calibration that is never written."""
+    import errno
+    import os
+
+    import train.rundir_lock as rundir_lock
+
+    real = os.open
+
+    def read_only(path, flags, *args):
+        if str(path).endswith(rundir_lock.LOCK_FILE) and flags & os.O_CREAT:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real(path, flags, *args)
+
+    monkeypatch.setattr(rundir_lock.os, "open", read_only)
+    result = moe_cli("eval", runs[0], "--ladder", "--ladder-size", "4", "--calibrate-halting", "--device", "cpu",
+                     "--out", tmp_path / "o", in_process=True)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.describe()
+    assert f"{runs[0]}: cannot lock the run directory (Read-only file system)" in result.stderr
+    assert "ladder:" not in result.stdout and not (tmp_path / "o").exists()

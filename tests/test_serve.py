@@ -576,3 +576,32 @@ def test_a_step_graph_carry_kept_on_the_device_gives_the_same_results(exported) 
     want, got = host.score(texts, batch_size=8), device.score(texts, batch_size=8)
     assert [(r.nll, r.halt_step) for r in got] == [(r.nll, r.halt_step) for r in want]
     assert len({r.halt_step for r in want if r.halt_step is not None}) > 1, "no sample left the batch early"
+
+
+@pytest.fixture(scope="module")
+def reduced(tmp_path_factory) -> dict[str, Path]:
+    """The varied model exported as fp16 and as int8 (no decode or step graph)."""
+    tmp = tmp_path_factory.mktemp("reduced")
+    run_dir = varied_run(tmp / "run", seed=0, max_seq_len=T, H_cycles=1)
+    out = {}
+    for precision in ("fp16", "int8"):
+        out[precision] = tmp / f"{precision}.onnx"
+        export_run(run_dir, out[precision], check=False, precision=precision, log=lambda _: None)
+    return out
+
+
+def test_batch_size_changes_no_result_but_int8_s_as_stated(reduced) -> None:
+    """fp16 keeps the promise (results never depend on --batch-size): the same discrete results and scores within
+    fp32 rounding of its fp32 accumulation. int8 is the stated exception: its activations are quantised with one
+    scale per batch tensor, which --batch-size's help and the README say."""
+    texts = make_texts(15, seed=3)
+    fp16 = Server.open(reduced["fp16"], provider="cpu", threads=1, runtime="unrolled")
+    one, seven = fp16.score(texts, batch_size=1), fp16.score(texts, batch_size=7)
+    for a, b in zip(one, seven, strict=True):
+        assert (a.n_tokens, a.halt_step) == (b.n_tokens, b.halt_step)
+        assert a.nll == b.nll or abs(a.nll - b.nll) <= 1e-6 * abs(b.nll)
+    greedy = [fp16.generate(texts, max_new_tokens=4, batch_size=bs) for bs in (1, 7)]
+    assert [r.tokens for r in greedy[0]] == [r.tokens for r in greedy[1]]
+    result = CliRunner().invoke(cli, ["serve", "--help"])
+    assert "except with an int8 model: its activations are quantised with one scale per batch" in " ".join(
+        result.output.split())
