@@ -270,3 +270,14 @@ def test_the_model_api_names_a_bad_argument(tiny_run_dir, ids, error, message):
         model(ids(cfg.max_seq_len, cfg.vocab_size))
     with pytest.raises(ValueError, match=re.escape("attention_mask: expected the shape of input_ids")):
         model(torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 4, dtype=torch.long))
+
+
+def test_resume_names_a_bad_set_as_one_and_never_cuts_a_run_back(tiny_run_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run_dir, run)
+    before = snapshot(run)
+    line = error_line(run_moe(["--resume", run, "--set", "train.max_steps=abc"], module="train", in_process=True))
+    assert line.startswith("error: --set: train.max_steps: expected an integer"), line
+    line = error_line(run_moe(["--resume", run, "--set", "train.max_steps=1"], module="train", in_process=True))
+    assert "--set train.max_steps=1: the run is at step" in line and "a run is never cut back" in line, line
+    assert snapshot(run) == before  # config.json unchanged
