@@ -272,7 +272,7 @@ def test_moe_serve_in_the_serving_only_install(exported, tmp_path):
                                      ["export", "run", "--out", "m.onnx"], ["plot", "run"]])
 def test_the_serving_only_install_names_what_it_lacks(tmp_path, command):
     """Commands other than serve need torch (and matplotlib): in the serving-only install they say so in one line."""
-    moe = str(Path(SERVING_PYTHON).parent / "moe")  # the serving venv's console script
+    moe = os.path.join(os.path.dirname(os.path.abspath(SERVING_PYTHON)), "moe")  # the serving venv's script
     r = subprocess.run([moe, *command], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith(f"error: moe {command[0]}: needs the package torch"), r.stderr
