@@ -24,12 +24,14 @@ import onnx
 import torch
 from torch import nn
 
-from moe_core.checkpoint import TOKENIZER_FILE, load_model, load_run_config, run_files
+from moe_core.checkpoint import CALIBRATION_FILE, TOKENIZER_FILE, load_model, load_run_config, read_json, run_files
+from moe_core.config import MAX_CYCLES
 from moe_core.errors import MoeError
 from moe_core.files import atomic_outputs, check_not_inputs, check_output
 from moe_core.graph_contract import (
     INITIALIZERS_SHA256,
     LOGITS,
+    SERVE_MAX_STEPS,
     decode_graph_metadata,
     decode_path_for,
     graph_metadata,
@@ -192,6 +194,9 @@ def prepare(run_dir: Path, outputs: Outputs, opset: int, check: bool, precision:
     metadata = graph_metadata(full_config, cfg.vocab_size, cfg.max_seq_len, cfg.n_steps, cfg.causal, task,
                               outputs.tokenizer.name, hashlib.sha256(tokenizer_text.encode("utf-8")).hexdigest(),
                               weights_sha256(model), device)
+    served = validated_steps(run_dir, model)
+    if served is not None:
+        metadata[SERVE_MAX_STEPS] = str(served)
     if outputs.decode is not None and not can_decode(cfg, task):
         raise MoeError(f"--decode: the KV-cached decode graph is for causal language models without attn_bias "
                        f"whose head_dim is a multiple of {GQA_HEAD_MULTIPLE}; {run_dir} is a {task} run "
@@ -207,6 +212,21 @@ def prepare(run_dir: Path, outputs: Outputs, opset: int, check: bool, precision:
         metadata["decode_graph"] = outputs.decode.name
     return Job(model, task, device, opset, check, precision, metadata, step_metadata, decode_metadata, tokenizer_text,
                eval_text, eval_ids)
+
+
+def validated_steps(run_dir: Path, model: RecursiveMoE) -> int | None:
+    """The steps the run validated for serving: the K of RUN_DIR/halt_calibration.json (`moe eval --ladder
+    --calibrate-halting`) when the weights are the ones it calibrated (their halt bias is its calibrated_bias; weights
+    published since are not), else None."""
+    path = run_dir / CALIBRATION_FILE
+    if not path.exists():
+        return None
+    record = read_json(path)
+    k, bias = (record.get("k"), record.get("calibrated_bias")) if isinstance(record, dict) else (None, None)
+    if not (isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= MAX_CYCLES and isinstance(bias, float | int)):
+        raise MoeError(f"{path}: k / calibrated_bias: expected a step count in 1..{MAX_CYCLES} and a number (delete "
+                       "the file to export without the validated steps)")
+    return k if float(model.halt_head.bias.item()) == float(bias) else None
 
 
 def write_outputs(job: Job, outputs: Outputs, overwrite: bool,

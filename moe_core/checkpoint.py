@@ -41,6 +41,9 @@ WEIGHTS_FILE = "model.safetensors"
 SHARD_INDEX = "model.shards.json"  # a sharded model (see above), read in place of WEIGHTS_FILE when present
 SHARD_FILES = "model-*-rank*-of-*.safetensors"  # glob of the rank files an index names (shard_file_name)
 TOKENIZER_FILE = "tokenizer.json"
+# `moe eval --ladder --calibrate-halting`'s record (train/halt_calibration.py): the halting threshold folded into the
+# weights and the K it was chosen at, which export passes on to serve (graph_contract.SERVE_MAX_STEPS).
+CALIBRATION_FILE = "halt_calibration.json"
 
 
 def run_files(run_dir: str | os.PathLike) -> list[Path]:

@@ -64,6 +64,12 @@ def initializers_sha256(proto: Any) -> str:
     return h.hexdigest()
 
 
+# The supervision steps the run validated for serving (serve_max_steps): the K `moe eval --ladder --calibrate-halting`
+# chose its halting threshold at, written by export when the weights are the calibrated ones. `moe serve` runs that
+# many steps by default on the step graph (halting decides each sample's own); --max-steps overrides.
+SERVE_MAX_STEPS = "serve_max_steps"
+
+
 # The device a graph was made for, "cpu" or "cuda" (`moe export --device`; files without the key: "cpu").
 DEVICE = "device"
 TASKS = ("lm", "sudoku")  # every task a run can have (its train.task): train checks and builds these, serve serves them

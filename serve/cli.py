@@ -45,7 +45,8 @@ ENGINES = ("local", "ray")
 @click.option("--max-steps", type=click.IntRange(1), default=None, metavar="K",
               help="Step graph only: run up to K supervision steps instead of the exported halt_max_steps (the "
                    "steps share their weights; `moe eval RUN --halt-max-steps` measures what more steps buy). "
-                   "[default: the exported halt_max_steps]")
+                   "[default: the steps the run validated (`moe eval --ladder --calibrate-halting`, exported as "
+                   "metadata serve_max_steps), else the exported halt_max_steps]")
 @click.option("--halt/--no-halt", "halting", default=True,
               help="--no-halt (step graph only): ignore the halt head, every sample runs every step.")
 @click.option("--threads", type=click.IntRange(1), default=None,

@@ -62,6 +62,7 @@ from moe_core.graph_contract import (
     GRAPH_IO,
     INITIALIZERS_SHA256,
     METADATA_KEYS,
+    SERVE_MAX_STEPS,
     STEP_SUFFIX,
     TASKS,
     initializers_sha256,
@@ -144,6 +145,7 @@ class ModelInfo:
     cache_entries: int | None = None  # a decode graph's past/present pairs
     weights_sha256: str | None = None  # of the weights both graphs of one export were traced from
     device: str = "cpu"  # the device the graph was made for (`moe export --device`)
+    serve_max_steps: int | None = None  # the steps the run validated for serving (graph_contract.SERVE_MAX_STEPS)
 
 
 def read_model(path: str | os.PathLike, graph: str = "unrolled"):
@@ -217,6 +219,7 @@ def read_model(path: str | os.PathLike, graph: str = "unrolled"):
                      meta.get("precision", "fp32"), task, graph, step_graph=file_beside(meta, "step_graph", path),
                      weights_sha256=meta.get("weights_sha256"),
                      decode_graph=file_beside(meta, "decode_graph", path), device=meta.get(DEVICE, "cpu"),
+                     serve_max_steps=validated_steps(meta, path),
                      cache_entries=int(meta[CACHE_ENTRIES]) if graph == "decode" else None)
     logits = next(o for o in proto.graph.output if o.name == "logits")
     dims = logits.type.tensor_type.shape.dim
@@ -334,6 +337,17 @@ class OrtModel:
             raise MoeError(f"{self.info.path}: ONNX Runtime cannot run it on {shapes} ({reason})") from None
 
 
+def validated_steps(meta: dict[str, str], path: Path) -> int | None:
+    """Metadata SERVE_MAX_STEPS as a step count (None when absent); MoeError naming the file when malformed."""
+    value = meta.get(SERVE_MAX_STEPS)
+    if value is None:
+        return None
+    if not (value.isascii() and value.isdigit() and 1 <= int(value) <= MAX_CYCLES):
+        raise MoeError(f"{path}: malformed metadata {SERVE_MAX_STEPS}: expected a step count in 1..{MAX_CYCLES}, got "
+                       f"{value[:40]!r}")
+    return int(value)
+
+
 def _shape(value: Any) -> tuple[int, ...]:
     return tuple(value.shape() if callable(getattr(value, "shape", None)) else np.shape(value))
 
@@ -400,7 +414,8 @@ def open_model(path: str | os.PathLike, provider: str = "auto", threads: int | N
     """The exported model at `path` on ONNX Runtime. runtime "unrolled": its graph; "stepwise": its step graph
     (written beside it by `moe export --stepwise`; an error when there is none); "auto": the step graph when the
     model has one, else the unrolled graph. max_steps (run up to this many steps instead of the exported
-    halt_max_steps) and halting=False (every sample runs every step) need the step graph."""
+    halt_max_steps; None: the steps the run validated, metadata SERVE_MAX_STEPS, on the step graph when it has one)
+    and halting=False (every sample runs every step) need the step graph."""
     if runtime not in RUNTIMES:
         raise MoeError(f"--runtime: expected one of {', '.join(RUNTIMES)}, got {runtime!r}")
     if max_steps is not None and not 1 <= max_steps <= MAX_CYCLES:
@@ -412,7 +427,7 @@ def open_model(path: str | os.PathLike, provider: str = "auto", threads: int | N
                            "they are; use the step graph (--runtime stepwise, from `moe export --stepwise`)")
         runtime = "stepwise"
     if runtime == "unrolled":
-        return OrtModel(path, provider, threads)
+        return OrtModel(path, provider, threads)  # the exported steps: what --runtime unrolled asks for
     proto, info = read_model(path)
     step = info.path.with_name(info.step_graph) if info.step_graph else None
     asked = "--max-steps / --no-halt" if steps_option else "--runtime stepwise"
@@ -428,7 +443,13 @@ def open_model(path: str | os.PathLike, provider: str = "auto", threads: int | N
         if step is not None:
             missing = f"step graph {step.name} not found: running the unrolled graph (every halting step)"
             model.note = f"{model.note}; {missing}" if model.note else missing
+        if info.serve_max_steps is not None:
+            validated = (f"the run validated {info.serve_max_steps} steps, which need the step graph (`moe export "
+                         "--stepwise`); running the exported ones")
+            model.note = f"{model.note}; {validated}" if model.note else validated
         return model
+    if max_steps is None and info.serve_max_steps is not None:
+        max_steps = info.serve_max_steps  # what the run validated (graph_contract.SERVE_MAX_STEPS); --max-steps wins
     return StepwiseModel(info, OrtModel(step, provider, threads, graph="step"), max_steps, halting)
 
 

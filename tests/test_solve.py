@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from conftest import run_moe
@@ -17,8 +19,10 @@ from test_serve import assert_clean_failure, moe_serve, write_jsonl
 from export.onnx_export import export_run
 from moe_core import MoeError, load_model
 from moe_core import sudoku as S
-from moe_core.checkpoint import load_run_config
+from moe_core.checkpoint import WEIGHTS_FILE, load_run_config, save_weights
+from moe_core.graph_contract import SERVE_MAX_STEPS
 from serve import Server
+from serve.runtime import StepwiseModel
 from train.config import RunConfig
 from train.sudoku_task import SudokuTask, solve_batches
 
@@ -279,3 +283,31 @@ def test_eval_of_a_language_model_run(tiny_run_dir, tmp_path):
     assert all(float(r["val_loss"]) > 0 and float(r["val_ppl"]) > 1 for r in rows)
     assert "| val loss | ppl |" in (out / "eval.md").read_text(encoding="utf-8")
     assert not (out / "test_puzzles.txt").exists() and (out / "eval.png").exists()
+
+
+def test_serve_runs_the_steps_the_run_validated_by_default(sudoku, tmp_path):
+    """`moe eval --ladder --calibrate-halting` validates a K (the halting threshold is chosen there); export passes it
+    on (metadata serve_max_steps) while the weights are the calibrated ones, and serve runs that many steps on the
+    step graph by default: the answers of --max-steps K, which still overrides."""
+    run = tmp_path / "run"
+    shutil.copytree(sudoku[0], run)
+    result = run_moe(["eval", run, "--ladder", "--ladder-givens", "45", "--ladder-size", "4", "--steps", "1,4",
+                      "--calibrate-halting", "--device", "cpu", "--out", tmp_path / "ladder"], in_process=True)
+    assert result.returncode == 0, result.describe()
+    out = tmp_path / "m.onnx"
+    export_run(run, out, check=False, stepwise=True, log=lambda _: None)
+    assert {p.key: p.value for p in onnx.load(str(out)).metadata_props}[SERVE_MAX_STEPS] == "4"
+    served = Server.open(out, provider="cpu", threads=1)
+    assert isinstance(served.model, StepwiseModel) and served.model.n_steps == 4
+    assert "serving up to 4 steps" in served.steps_note()
+    assert Server.open(out, provider="cpu", threads=1, max_steps=2).model.n_steps == 2
+    puzzles = sudoku[2].test_puzzles[:8]
+    explicit = Server.open(out, provider="cpu", threads=1, max_steps=4).solve(puzzles)
+    assert [(r.solution, r.steps) for r in served.solve(puzzles)] == [(r.solution, r.steps) for r in explicit]
+
+    model = load_model(run)  # new weights published since the calibration: its K no longer applies
+    with torch.no_grad():
+        model.halt_head.bias.add_(1.0)
+    save_weights(model, run / WEIGHTS_FILE)
+    export_run(run, out, check=False, stepwise=True, overwrite=True, log=lambda _: None)
+    assert SERVE_MAX_STEPS not in {p.key for p in onnx.load(str(out)).metadata_props}

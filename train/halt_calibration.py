@@ -30,13 +30,12 @@ import numpy as np
 import torch
 
 from moe_core import sudoku
-from moe_core.checkpoint import read_json, write_weights
+from moe_core.checkpoint import CALIBRATION_FILE, read_json, write_weights
 from moe_core.errors import ConfigError
 from moe_core.model import RecursiveMoE
 
 from .sudoku_task import solve_steps
 
-CALIBRATION_FILE = "halt_calibration.json"
 NEVER = -1e9  # the halt bias of "never halt before step K"
 CANDIDATES = 512  # thresholds tried: quantiles of the calibration set's halt logits, plus 0 (the trained rule)
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from moe_core import sudoku
-from moe_core.checkpoint import WEIGHTS_FILE, drop_sharded_weights
+from moe_core.checkpoint import CALIBRATION_FILE, WEIGHTS_FILE, drop_sharded_weights
 from moe_core.errors import ConfigError
 from moe_core.files import atomic_outputs, updating_input
 from moe_core.model import RecursiveMoE
@@ -186,7 +186,7 @@ def run_ladder(run: Path, cfg: RunConfig, model: RecursiveMoE, task: SudokuTask,
     # --overwrite each output is created, never replaced.
     texts = {"ladder.json": to_json(about, levels, rows), "ladder_puzzles.txt": puzzles_text(levels), "ladder.md": md}
     paths = [out_dir / n for n in OUTPUTS]
-    run_files = [] if calibration is None else [run / halt_calibration.CALIBRATION_FILE, run / WEIGHTS_FILE]
+    run_files = [] if calibration is None else [run / CALIBRATION_FILE, run / WEIGHTS_FILE]
     with contextlib.ExitStack() as stack:
         if run_files:
             stack.enter_context(updating_input(run / WEIGHTS_FILE))  # the one input this command exists to update
