@@ -181,10 +181,10 @@ def bucket_for(n: int) -> int:
 @dataclass
 class Bucket:
     size: int
-    graph_ids: tuple[int, int]  # its decoding call's CUDA graph, returning logits / token ids (ids >= 1: 0 is ORT's)
+    graph_id: int  # its decoding call's CUDA graph (gpu_graph_id >= 1: 0 is ONNX Runtime's own)
     cache: list[Any]
     feeds: dict[str, Any]  # input_ids, position_ids [size, 1], attention_mask [size, max_seq_len], past_halt_step
-    outputs: dict[str, Any]  # the last logits [size, V] or the token ids [size], and halt_step [size]
+    outputs: dict[str, Any]  # every output but the presents: logits [size, 1, V], the last logits, token ids, halt_step
 
 
 class Decoder:
@@ -332,11 +332,12 @@ class Decoder:
         for name, value in (("input_ids", ids), ("position_ids", positions), ("attention_mask", mask),
                             ("past_halt_step", halt)):
             self.buffers.write(b.feeds[name], value)
+        # Every output is bound to the bucket's own buffer (a captured graph allocates nothing, and one graph serves
+        # greedy and sampling callers); only the one wanted is read back.
         wanted = self.token_output if greedy and self.gives_tokens else self.last_output
-        outputs = {wanted: b.outputs[wanted], HALT_STEP: b.outputs[HALT_STEP]}
         self.run({**b.feeds, **dict(zip(self.past, b.cache, strict=True))}, [],
-                 {**dict(zip(self.present, b.cache, strict=True)), **outputs}, b.graph_ids[wanted == self.token_output])
-        return self.buffers.read(outputs[wanted])[at], self.buffers.read(outputs[HALT_STEP])[at]
+                 {**dict(zip(self.present, b.cache, strict=True)), **b.outputs}, b.graph_id)
+        return self.buffers.read(b.outputs[wanted])[at], self.buffers.read(b.outputs[HALT_STEP])[at]
 
     def _bucket(self, n: int) -> Bucket:
         """The buffers of the bucket of n rows, allocated on first use."""
@@ -345,10 +346,10 @@ class Decoder:
             shape = (n, self.heads, self.max_seq_len, self.head_dim)
             feeds = {"input_ids": zeros((n, 1), INT64), "position_ids": zeros((n, 1), INT64),
                      "attention_mask": zeros((n, self.max_seq_len), INT64), "past_halt_step": zeros((n,), INT64)}
-            outputs = {self.last_output: zeros((n, self.vocab_size), FLOAT32), HALT_STEP: zeros((n,), INT64)}
+            outputs = {LOGITS: zeros((n, 1, self.vocab_size), FLOAT32),
+                       self.last_output: zeros((n, self.vocab_size), FLOAT32), HALT_STEP: zeros((n,), INT64)}
             if self.gives_tokens:
                 outputs[self.token_output] = zeros((n,), INT64)
-            first = 1 + 2 * len(self.buckets)
-            self.buckets[n] = Bucket(n, (first, first + 1), [zeros(shape, self.cache_type) for _ in self.past],
+            self.buckets[n] = Bucket(n, 1 + len(self.buckets), [zeros(shape, self.cache_type) for _ in self.past],
                                      feeds, outputs)
         return self.buckets[n]
