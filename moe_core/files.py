@@ -245,11 +245,11 @@ def atomic_outputs(paths: Sequence[str | os.PathLike], overwrite: bool | Sequenc
 
 def publish(moves: list[tuple[str, Path, bool]]) -> None:
     """Move each finished temp file to its path (with its overwrite flag: see _commit), in order, all or none. A
-    file that exists is first hard-linked to
-    a backup beside it (.NAME.*.old), so that replacing it keeps a path that always names a complete file and a
-    failure can put it back; when anything fails, the files replaced so far get their backups back and the new
-    ones are removed, then the error is raised. The backups go once every file is in place. A process killed
-    half-way (SIGKILL, power loss) may leave part of a set published, never an old file lost: its backup stays."""
+    file that exists is first hard-linked to a backup beside it (.NAME.*.old), so that replacing it keeps a path that
+    always names a complete file and a failure can put it back; when anything fails, the files replaced so far get
+    their backups back and the new ones are removed, then the error is raised. The backups go once every file is in
+    place. A process killed half-way (SIGKILL, power loss) may leave part of a set published, never an old file
+    lost: its backup stays."""
     done: list[tuple[Path, str | None]] = []  # (path, its backup; None: the path was new)
     try:
         for tmp, path, overwrite in moves:
