@@ -64,27 +64,39 @@ STUB_BODIES = {
                                         "return 0; }",
 }
 
-# Runs in the child: the unpacked wheel's onnxruntime first on sys.path, then this repository (for moe_core).
+# Runs in the child: the unpacked wheel's onnxruntime first on sys.path, then this repository.
 CHILD = r"""
 import json, sys
 sys.path[:0] = [sys.argv[1], sys.argv[2]]
-from moe_core.ort_session import CPU_EP, CUDA_EP, captured_stderr, ort_session, session_with_placement
+from benchmarks.cuda_placement import placement_row
+from moe_core.ort_session import CPU_EP, CUDA_EP
 for model in sys.argv[3:]:
-    row = {"model": model}
+    print(json.dumps(placement_row(model, [(CUDA_EP, {"use_tf32": "0"}), CPU_EP])), flush=True)
+"""
+
+
+def placement_row(model: str | os.PathLike, providers: list, threads: int | None = 1) -> dict:
+    """Where the onnxruntime this process imported places `model` on `providers` (moe_core/ort_session.py
+    session_with_placement): providers, nodes per provider, no_cuda_kernel, memcpy (or error); and when the first
+    provider is CUDA, cuda_graph: whether a session with CUDA graph capture is accepted. What `failures` reads."""
+    from moe_core.ort_session import CPU_EP, CUDA_EP, captured_stderr, ort_session, session_with_placement
+
+    row: dict = {"model": str(model)}
     try:
-        session, placement = session_with_placement(model, 1, [(CUDA_EP, {"use_tf32": "0"}), CPU_EP])
+        session, placement = session_with_placement(model, threads, providers)
         row.update(providers=session.get_providers(), nodes=placement.nodes,
                    no_cuda_kernel=placement.no_cuda_kernel, memcpy=placement.memcpy)
-    except Exception as e:
+    except Exception as e:  # ONNX Runtime's own exception types
         row["error"] = str(e).splitlines()[0][:300]
-    try:
-        with captured_stderr():
-            ort_session(model, 1, [(CUDA_EP, {"use_tf32": "0", "enable_cuda_graph": "1"}), CPU_EP])
-        row["cuda_graph"] = "accepted"
-    except Exception as e:
-        row["cuda_graph"] = "refused: " + " ".join(str(e).split())[:300]
-    print(json.dumps(row), flush=True)
-"""
+    first = providers[0]
+    if isinstance(first, tuple) and first[0] == CUDA_EP:
+        try:
+            with captured_stderr():
+                ort_session(model, threads, [(CUDA_EP, {**first[1], "enable_cuda_graph": "1"}), CPU_EP])
+            row["cuda_graph"] = "accepted"
+        except Exception as e:
+            row["cuda_graph"] = "refused: " + " ".join(str(e).split())[:300]
+    return row
 
 
 def setup(home: str | os.PathLike, version: str = ORT_GPU_VERSION) -> Path:
@@ -155,17 +167,19 @@ def place(models: list[str | os.PathLike], home: str | os.PathLike) -> list[dict
 
 
 def failures(row: dict) -> list[str]:
-    """What keeps a model from running entirely on CUDA: [] when it does."""
+    """What keeps a model from running entirely on CUDA (placement_row's row; one placed for the CPU provider alone
+    is only checked for copies): [] when it does."""
     if "error" in row:
         return [f"no session: {row['error']}"]
     out = []
-    if row["providers"][:1] != ["CUDAExecutionProvider"]:
+    cuda = "cuda_graph" in row  # CUDA was asked for
+    if cuda and row["providers"][:1] != ["CUDAExecutionProvider"]:
         out.append(f"CUDA provider not loaded (session providers {row['providers']})")
     if row["no_cuda_kernel"]:
         out.append(f"no CUDA kernel: {row['no_cuda_kernel']}")
     if row["memcpy"]:
         out.append(f"{row['memcpy']} Memcpy nodes")
-    if row["cuda_graph"] != "accepted":
+    if cuda and row["cuda_graph"] != "accepted":
         out.append(f"CUDA graph {row['cuda_graph']}")
     return out
 

@@ -123,19 +123,12 @@ def providers_for(device: str) -> list[Any]:
 
 
 def placement(path: Path, device: str) -> dict[str, Any]:
-    from moe_core.ort_session import captured_stderr, ort_session, session_with_placement
+    """The live session's placement (benchmarks/cuda_placement.py's row, with `ok`)."""
+    from .cuda_placement import failures, placement_row
 
-    _, p = session_with_placement(path, None, providers_for(device))
-    row = {"nodes": p.nodes, "no_cuda_kernel": p.no_cuda_kernel, "memcpy": p.memcpy}
-    if device == "cuda":
-        try:
-            with captured_stderr():
-                ort_session(path, None, [("CUDAExecutionProvider", {"use_tf32": "0", "enable_cuda_graph": "1"})])
-            row["cuda_graph"] = "accepted"
-        except Exception as e:  # ORT's own exception types
-            row["cuda_graph"] = "refused: " + " ".join(str(e).split())[:300]
-    row["ok"] = not p.no_cuda_kernel and not p.memcpy and row.get("cuda_graph", "accepted") == "accepted"
-    return row
+    row = placement_row(path, providers_for(device), threads=None)
+    problems = failures(row)
+    return {**row, "ok": not problems, "problems": problems}
 
 
 def parity(model, graphs: dict[str, Path], precision: str, device: str) -> dict[str, Any]:
@@ -284,8 +277,7 @@ def run_check(out: Path, device: str, steps: int, smoke: bool, precisions: tuple
     result["generation"] = generation(model, graphs, device, (1, 32), 16 if smoke else 64, 8 if smoke else 64)
     for name, row in result["placement"].items():
         if not row["ok"]:
-            result["failures"].append(f"placement {name}: no CUDA kernel {row['no_cuda_kernel']}, "
-                                      f"{row['memcpy']} Memcpy, CUDA graph {row.get('cuda_graph')}")
+            result["failures"].append(f"placement {name}: {'; '.join(row['problems'])}")
     for key, cell in result["generation"].items():
         for name, row in list(cell.items()) if key.startswith("batch") else []:
             plain = cell.get(f"{name}_uncaptured")
@@ -311,9 +303,10 @@ def table(r: dict[str, Any]) -> str:
     for name, pl in r["placement"].items():
         p, kind = name.split("/")
         par = r["parity"][p][kind]
-        nodes = ", ".join(f"{ep.removesuffix('ExecutionProvider')} {n}" for ep, n in pl["nodes"].items())
-        lines.append(f"| {name} | {nodes} | {pl['memcpy']} | {pl.get('cuda_graph', '-')} | {par['max_rel']:.2e} | "
-                     f"{'identical' if par['halt_identical'] else 'DIFFER'} | {par['top1']:.4f} |")
+        nodes = ", ".join(f"{ep.removesuffix('ExecutionProvider')} {n}" for ep, n in pl.get("nodes", {}).items())
+        lines.append(f"| {name} | {nodes} | {pl.get('memcpy', '-')} | {pl.get('cuda_graph', '-')} | "
+                     f"{par['max_rel']:.2e} | {'identical' if par['halt_identical'] else 'DIFFER'} | "
+                     f"{par['top1']:.4f} |")
     s = r["scoring"]
     lines += ["", f"scoring {s['batch']} x {s['seq']}: " + ", ".join(
         f"{n} {v['tokens_per_s']:,.0f} tok/s" for n, v in s.items() if isinstance(v, dict))]

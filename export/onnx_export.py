@@ -29,13 +29,11 @@ from moe_core.config import MAX_CYCLES
 from moe_core.errors import MoeError
 from moe_core.files import atomic_outputs, check_not_inputs, check_output
 from moe_core.graph_contract import (
-    INITIALIZERS_SHA256,
     LOGITS,
     SERVE_MAX_STEPS,
     decode_graph_metadata,
     decode_path_for,
     graph_metadata,
-    initializers_sha256,
     step_graph_metadata,
     step_path_for,
     task_of,
@@ -55,7 +53,7 @@ from .passes import (
     runtime_folded,
     strip_decisions,
     strip_node_metadata,
-    with_metadata,
+    with_graph_metadata,
 )
 from .precision import convert_precision
 from .trace import DecisionGraph, ExportGraph, StepGraph, example_inputs, step_to_onnx, to_onnx, trace
@@ -253,18 +251,7 @@ def write_outputs(job: Job, outputs: Outputs, overwrite: bool,
         if outputs.decode is not None:
             decode_reports = write_decode_graph(job, tmp[outputs.decode], outputs.decode, log)
         Path(tmp[outputs.tokenizer]).write_text(job.tokenizer_text, encoding="utf-8")
-        for path in (outputs.step, outputs.decode, outputs.out):
-            if path is not None:
-                seal(tmp[path])
     return reports, step_reports, decode_reports
-
-
-def seal(path: str) -> None:
-    """Record the sha256 of the finished graph's initializers in its metadata (graph_contract.INITIALIZERS_SHA256),
-    which serve verifies before it runs the graph."""
-    proto = onnx.load(path)
-    meta = {p.key: p.value for p in proto.metadata_props}
-    onnx.save(with_metadata(proto, {**meta, INITIALIZERS_SHA256: initializers_sha256(proto)}), path)
 
 
 def write_graph(job: Job, tmp: str, name: Path, log, step: bool = False,
@@ -280,7 +267,7 @@ def write_graph(job: Job, tmp: str, name: Path, log, step: bool = False,
             decisions_path = os.path.join(scratch, "decisions.onnx")
             onnx.save(proto, decisions_path)
             proto = strip_decisions(proto)
-        save_checked(with_metadata(proto, {**meta, "precision": "fp32"}), tmp, name)
+        save_checked(with_graph_metadata(proto, {**meta, "precision": "fp32"}), tmp, name)
         fp32 = fp32_parity(job, tmp, name, step, decisions_path, exclude, log) if job.check else None
     if job.precision == "fp32":
         return [fp32] if fp32 is not None else []
@@ -301,7 +288,7 @@ def write_decode_graph(job: Job, tmp: str, name: Path, log) -> list[ParityReport
     job's precision; returns its parity reports as write_graph does."""
     decode_to_onnx(job.model, tmp, job.opset, job.device)
     proto = cleaned(tmp)
-    save_checked(with_metadata(proto, {**job.decode_metadata, "precision": "fp32"}), tmp, name)
+    save_checked(with_graph_metadata(proto, {**job.decode_metadata, "precision": "fp32"}), tmp, name)
     reports = []
     if job.check:
         reports.append(check_decode_parity(job.model, ort_session(tmp)))

@@ -11,6 +11,8 @@ import tempfile
 import onnx
 from onnx import numpy_helper
 
+from moe_core.graph_contract import INITIALIZERS_SHA256, initializers_sha256
+
 from .parity import DECISIONS_PREFIX
 
 
@@ -37,6 +39,12 @@ def with_metadata(proto: onnx.ModelProto, metadata: dict[str, str]) -> onnx.Mode
     for k, v in metadata.items():
         proto.metadata_props.add(key=k, value=v)
     return proto
+
+
+def with_graph_metadata(proto: onnx.ModelProto, metadata: dict[str, str]) -> onnx.ModelProto:
+    """with_metadata for a graph as the export writes it: `metadata` plus the sha256 of the graph's initializers
+    (graph_contract.INITIALIZERS_SHA256), which serve verifies before it runs the graph."""
+    return with_metadata(proto, {**metadata, INITIALIZERS_SHA256: initializers_sha256(proto)})
 
 
 def dedupe_initializers(proto: onnx.ModelProto) -> onnx.ModelProto:

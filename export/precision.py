@@ -9,10 +9,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from moe_core.graph_contract import INITIALIZERS_SHA256, initializers_sha256
-
 from .choices import PRECISIONS
-from .passes import with_metadata
+from .passes import with_graph_metadata
 
 __all__ = ["PRECISIONS", "convert_precision", "to_bfloat16"]
 
@@ -61,9 +59,7 @@ def convert_precision(path: str, precision: str, metadata: dict[str, str], keep_
         finally:
             logging.disable(previous)
         proto = onnx.load(path)
-    # The initializers changed: the sha256 serve verifies is the variant's own.
-    onnx.save(with_metadata(proto, {**metadata, "precision": precision,
-                                    INITIALIZERS_SHA256: initializers_sha256(proto)}), path)
+    onnx.save(with_graph_metadata(proto, {**metadata, "precision": precision}), path)
 
 
 def bfloat16_bits(x: np.ndarray) -> np.ndarray:

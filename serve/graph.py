@@ -21,13 +21,12 @@ def add_serving_outputs(proto: ModelProto) -> None:
     token_logprobs [B, T-1]: log_softmax(logits)[b, t, input_ids[b, t+1]] — the log-prob of each next token;
     last_logits    [B, V]:   logits[b, sum(attention_mask[b]) - 1] — the last valid position (right padding).
     """
-    from onnx import TensorProto, helper, numpy_helper  # when a model is opened: `import serve` stays light
+    from onnx import TensorProto, helper  # when a model is opened: `import serve` stays light
 
     g = proto.graph
     if {TOKEN_LOGPROBS, LAST_LOGITS} & {o.name for o in g.output}:
         return
-    for name, value in (("one", 1), ("zero", 0), ("minus_one", -1), ("two", 2), ("end", 2**62)):
-        g.initializer.append(numpy_helper.from_array(np.array([value], dtype=np.int64), f"serve/{name}"))
+    _add_constants(g, {"one": 1, "zero": 0, "minus_one": -1, "two": 2, "end": 2**62})
     n = helper.make_node
     g.node.extend([
         # token_logprobs: logits of positions 0..T-2 score the tokens at 1..T-1.
@@ -37,16 +36,10 @@ def add_serving_outputs(proto: ModelProto) -> None:
         n("Unsqueeze", ["serve/next_ids", "serve/two"], ["serve/next_ids3"]),
         n("GatherElements", ["serve/logp_prev", "serve/next_ids3"], ["serve/token_logprobs3"], axis=2),
         n("Squeeze", ["serve/token_logprobs3", "serve/two"], [TOKEN_LOGPROBS]),
-        # last_logits: gather position len-1 of every row; Expand broadcasts the [B,1,1] index to [B,1,V].
+        # last_logits: position len-1 of every row.
         n("ReduceSum", ["attention_mask", "serve/one"], ["serve/len"], keepdims=1),
         n("Sub", ["serve/len", "serve/one"], ["serve/last"]),
-        n("Unsqueeze", ["serve/last", "serve/two"], ["serve/last3"]),
-        n("Shape", ["logits"], ["serve/logits_shape"]),
-        n("Slice", ["serve/logits_shape", "serve/two", "serve/end"], ["serve/vocab"]),
-        n("Concat", ["serve/one", "serve/one", "serve/vocab"], ["serve/index_shape"], axis=0),
-        n("Expand", ["serve/last3", "serve/index_shape"], ["serve/last_index"]),
-        n("GatherElements", ["logits", "serve/last_index"], ["serve/last_logits3"], axis=1),
-        n("Squeeze", ["serve/last_logits3", "serve/one"], [LAST_LOGITS]),
+        *_gather_last_logits("serve/last"),
     ])
     g.output.extend([helper.make_tensor_value_info(TOKEN_LOGPROBS, TensorProto.FLOAT, ["batch", "seq_minus_1"]),
                      helper.make_tensor_value_info(LAST_LOGITS, TensorProto.FLOAT, ["batch", "vocab"])])
@@ -61,31 +54,46 @@ def add_decode_outputs(proto: ModelProto, n_valid: int) -> None:
     next_token  [B]:    the greedy choice among the tokenizer's first n_valid ids (ArgMax: the first of equal
                         maxima, as numpy's argmax), so that greedy decoding brings back only token ids.
     """
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     g = proto.graph
     if {LAST_LOGITS, NEXT_TOKEN} & {o.name for o in g.output}:
         return
-    for name, value in (("one", [1]), ("zero", [0]), ("minus_one", [-1]), ("n_valid", [n_valid]), ("two", [2]),
-                        ("three", [3])):
-        g.initializer.append(numpy_helper.from_array(np.array(value, dtype=np.int64), f"serve/decode_{name}"))
+    _add_constants(g, {"one": 1, "zero": 0, "two": 2, "end": 2**62, "n_valid": n_valid})
     n = helper.make_node
     g.node.extend([
-        n("ReduceSum", ["attention_mask", "serve/decode_one"], ["serve/total"], keepdims=1),  # [B, 1]
-        n("Slice", ["position_ids", "serve/decode_zero", "serve/decode_one", "serve/decode_one"], ["serve/before"]),
+        n("ReduceSum", ["attention_mask", "serve/one"], ["serve/total"], keepdims=1),  # [B, 1]
+        n("Slice", ["position_ids", "serve/zero", "serve/one", "serve/one"], ["serve/before"]),
         n("Sub", ["serve/total", "serve/before"], ["serve/new"]),
-        n("Sub", ["serve/new", "serve/decode_one"], ["serve/last"]),  # [B, 1]
-        n("Unsqueeze", ["serve/last", "serve/decode_two"], ["serve/last3"]),  # [B, 1, 1]
-        n("Shape", ["logits"], ["serve/decode_shape"]),
-        n("Slice", ["serve/decode_shape", "serve/decode_two", "serve/decode_three"], ["serve/decode_vocab"]),
-        n("Concat", ["serve/decode_one", "serve/decode_one", "serve/decode_vocab"], ["serve/decode_index_shape"],
-          axis=0),
-        n("Expand", ["serve/last3", "serve/decode_index_shape"], ["serve/decode_index"]),
-        n("GatherElements", ["logits", "serve/decode_index"], ["serve/last_logits3"], axis=1),
-        n("Squeeze", ["serve/last_logits3", "serve/decode_one"], [LAST_LOGITS]),
-        n("Slice", [LAST_LOGITS, "serve/decode_zero", "serve/decode_n_valid", "serve/decode_one"],
-          ["serve/valid_logits"]),
+        n("Sub", ["serve/new", "serve/one"], ["serve/last"]),  # [B, 1]
+        *_gather_last_logits("serve/last"),
+        n("Slice", [LAST_LOGITS, "serve/zero", "serve/n_valid", "serve/one"], ["serve/valid_logits"]),
         n("ArgMax", ["serve/valid_logits"], [NEXT_TOKEN], axis=1, keepdims=0),
     ])
     g.output.extend([helper.make_tensor_value_info(LAST_LOGITS, TensorProto.FLOAT, ["batch", "vocab"]),
                      helper.make_tensor_value_info(NEXT_TOKEN, TensorProto.INT64, ["batch"])])
+
+
+def _add_constants(g, values: dict[str, int]) -> None:
+    """int64 [1] initializers serve/NAME, for the nodes the functions above add."""
+    from onnx import numpy_helper
+
+    for name, value in values.items():
+        g.initializer.append(numpy_helper.from_array(np.array([value], dtype=np.int64), f"serve/{name}"))
+
+
+def _gather_last_logits(index: str) -> list:
+    """Nodes from `index` [B, 1] (a position of each row) to LAST_LOGITS [B, V] = logits[b, index[b]]: Expand
+    broadcasts the [B, 1, 1] index to [B, 1, V] for GatherElements."""
+    from onnx import helper
+
+    n = helper.make_node
+    return [
+        n("Unsqueeze", [index, "serve/two"], ["serve/last3"]),
+        n("Shape", ["logits"], ["serve/logits_shape"]),
+        n("Slice", ["serve/logits_shape", "serve/two", "serve/end"], ["serve/vocab"]),
+        n("Concat", ["serve/one", "serve/one", "serve/vocab"], ["serve/index_shape"], axis=0),
+        n("Expand", ["serve/last3", "serve/index_shape"], ["serve/last_index"]),
+        n("GatherElements", ["logits", "serve/last_index"], ["serve/last_logits3"], axis=1),
+        n("Squeeze", ["serve/last_logits3", "serve/one"], [LAST_LOGITS]),
+    ]

@@ -219,7 +219,7 @@ def read_model(path: str | os.PathLike, graph: str = "unrolled"):
                      meta.get("precision", "fp32"), task, graph, step_graph=file_beside(meta, "step_graph", path),
                      weights_sha256=meta.get("weights_sha256"),
                      decode_graph=file_beside(meta, "decode_graph", path), device=meta.get(DEVICE, "cpu"),
-                     serve_max_steps=validated_steps(meta, path),
+                     serve_max_steps=serve_max_steps_of(meta, path),
                      cache_entries=int(meta[CACHE_ENTRIES]) if graph == "decode" else None)
     logits = next(o for o in proto.graph.output if o.name == "logits")
     dims = logits.type.tensor_type.shape.dim
@@ -337,7 +337,7 @@ class OrtModel:
             raise MoeError(f"{self.info.path}: ONNX Runtime cannot run it on {shapes} ({reason})") from None
 
 
-def validated_steps(meta: dict[str, str], path: Path) -> int | None:
+def serve_max_steps_of(meta: dict[str, str], path: Path) -> int | None:
     """Metadata SERVE_MAX_STEPS as a step count (None when absent); MoeError naming the file when malformed."""
     value = meta.get(SERVE_MAX_STEPS)
     if value is None:

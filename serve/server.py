@@ -491,7 +491,9 @@ class Server:
                     self._count(sum(map(len, rows)), len(rows) * max(map(len, rows)))
                     last, state = self.decoder.prefill(rows, tokens=greedy_ids)
                     hs = state.halt_step
-                if not greedy_ids:  # token ids from the graph: a corrupt decode graph is refused at load instead
+                # The decoder's logits (_forward checked the uncached ones; for token ids from the graph, a corrupt
+                # decode graph is refused when it is opened).
+                if self.decoder is not None and not greedy_ids:
                     check_finite([last], [LAST_LOGITS], self.info.path)
                 still, rows_still = [], []
                 for r, i in enumerate(active):

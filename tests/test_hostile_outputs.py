@@ -404,7 +404,6 @@ def test_a_failed_export_overwrite_keeps_every_file_of_the_previous_export(run_d
 
     monkeypatch.setattr(onnx_export, "write_graph", placeholder)
     monkeypatch.setattr(onnx_export, "write_decode_graph", placeholder)
-    monkeypatch.setattr(onnx_export, "seal", lambda path: None)
     real = files._commit
 
     def out_fails(tmp, path, overwrite):
