@@ -233,6 +233,22 @@ def export_layer(ffn: torch.nn.Module, path: Path, max_seq: int) -> None:
     program.save(str(path))
 
 
+def moe_layer_train_step(ffn: torch.nn.Module, xs: list[torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """A training forward + backward of the MoE layer `ffn` (output and aux losses), cycling over the inputs `xs`
+    (tensors that require grad) so that routing changes from call to call; returns the input's gradient."""
+    inputs = itertools.cycle(xs)
+
+    def step() -> torch.Tensor:
+        xi = next(inputs)
+        xi.grad = None
+        ffn.zero_grad(set_to_none=True)
+        y, aux = ffn(xi, True)
+        (y.square().mean() + sum(aux.losses.values())).backward()
+        return xi.grad
+
+    return step
+
+
 def dispatch_setting(cfg: ModelConfig, batch: int, seq: int, warmup: int, repeats: int, backend: str,
                      threads: int | None, tmp: Path) -> dict[str, Any]:
     """Every dispatch mode of the MoE layer of `cfg`, with the same weights and inputs, on five paths:
@@ -257,17 +273,7 @@ def dispatch_setting(cfg: ModelConfig, batch: int, seq: int, warmup: int, repeat
     xs = [torch.randn(batch, seq, cfg.d_model, generator=g, requires_grad=True) for _ in range(3)]
 
     def layer_step(ffn: torch.nn.Module) -> Callable[[], torch.Tensor]:
-        inputs = itertools.cycle(xs)
-
-        def step() -> torch.Tensor:
-            xi = next(inputs)
-            xi.grad = None
-            ffn.zero_grad(set_to_none=True)
-            y, aux = ffn(xi, True)
-            (y.square().mean() + sum(aux.losses.values())).backward()
-            return xi.grad
-
-        return step
+        return moe_layer_train_step(ffn, xs)
 
     timings: dict[str, dict[str, Any]] = {}
     with torch.inference_mode():

@@ -126,6 +126,7 @@ class ModelOutput:
     halt_logits: Tensor | None = None  # training: [S, B] halting logit of every step
     aux_losses: dict[str, Tensor] = field(default_factory=dict)  # training: unweighted, by name
     stats: dict[str, Tensor] = field(default_factory=dict)  # training: detached statistics, by name
+    carry: Carry | None = None  # forward(carry=...): the state after this step, detached (the next update's start)
 
 
 class RMSNorm(nn.Module):
@@ -376,23 +377,28 @@ class MoHAttention(nn.Module):
 # (`grouped_mm`), and puts the rows back in (token, slot) order to sum the k slots with the combine weights.
 # Nothing is dropped (no capacity): the outputs are dense's up to float rounding.
 #
-# "auto" (resolve_moe_dispatch) takes sparse on CPU when a token skips at least SPARSE_MIN_SKIPPED_MACS
-# multiply-adds, (n_experts - top_k) * d_model * d_expert. Sparse pays fixed costs (the sort, the gather and
-# scatter of the N*k routed rows, one matmul call per expert) to skip that work, so it is faster only when enough
-# is skipped; 2^15 is where the MoE layer alone, dense against sparse on CPU (inference forward, training forward
-# + backward), crosses over. The timings and the command that makes them: benchmarks/RESULTS.md.
-# Off CPU "auto" stays dense: sparse has no timings there, and nothing says it would win (CUDA autocasts dense's
-# matmuls to bf16 but not the custom op, and each grouped matmul reads its group sizes back to the host). Both are
-# exact: the choice is only about speed.
-SPARSE_MIN_SKIPPED_MACS = 1 << 15
+# "auto" (resolve_moe_dispatch) takes sparse on CPU when a call's tokens together skip at least
+# SPARSE_MIN_SKIPPED_MACS multiply-adds, tokens * (n_experts - top_k) * d_model * d_expert. Sparse pays costs
+# (the sort, the gather and scatter of the N*k routed rows, one matmul call per expert) to skip that work, and
+# the per-call ones shrink per token as calls grow: at 64 x 128, 4/2 it loses at 256 tokens and wins 1.3x at
+# 1,024, 2x at 2,592. 2^23 is where the MoE layer alone, dense against sparse on CPU (inference forward,
+# training forward + backward), crosses over at every size measured (32 x 64 to 128 x 256, 256 to 8,192 tokens).
+# The timings and the command that makes them: benchmarks/RESULTS.md. The decision is taken per call from the
+# call's shape (a compiled block guards on it); an exported graph, whose sizes are symbols, takes the decision at
+# EXPORT_TOKENS tokens. Off CPU "auto" stays dense: sparse has no timings there, and nothing says it would win
+# (CUDA autocasts dense's matmuls to bf16 but not the custom op, and each grouped matmul reads its group sizes
+# back to the host). Both are exact: the choice is only about speed.
+SPARSE_MIN_SKIPPED_MACS = 1 << 23
+EXPORT_TOKENS = 256
 
 
-def resolve_moe_dispatch(cfg: ModelConfig, device_type: str = "cpu") -> str:
-    """The dispatch a config runs on a device: its moe_dispatch, with "auto" decided by SPARSE_MIN_SKIPPED_MACS."""
+def resolve_moe_dispatch(cfg: ModelConfig, device_type: str = "cpu", tokens: int = EXPORT_TOKENS) -> str:
+    """The dispatch a config runs on a device for a call of `tokens` tokens: its moe_dispatch, with "auto"
+    decided by SPARSE_MIN_SKIPPED_MACS."""
     if cfg.moe_dispatch != "auto":
         return cfg.moe_dispatch
     skipped = (cfg.n_experts - cfg.top_k) * cfg.d_model * cfg.d_expert  # multiply-adds sparse skips per token
-    return "sparse" if device_type == "cpu" and skipped >= SPARSE_MIN_SKIPPED_MACS else "dense"
+    return "sparse" if device_type == "cpu" and skipped * tokens >= SPARSE_MIN_SKIPPED_MACS else "dense"
 
 
 # The group sizes are data. torch.compile cannot trace data-dependent sizes without a graph break (and recompiles
@@ -454,8 +460,9 @@ class MoEFeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_experts, self.top_k, self.d_expert = cfg.n_experts, cfg.top_k, cfg.d_expert
-        # The dispatch on CPU, and on other devices (they differ only for "auto", see resolve_moe_dispatch).
-        self.dispatch = resolve_moe_dispatch(cfg, "cpu")
+        # The dispatch on CPU ("auto": decided per call, see resolve_moe_dispatch), and on other devices.
+        self.config = cfg
+        self.dispatch = cfg.moe_dispatch
         self.dispatch_off_cpu = resolve_moe_dispatch(cfg, "cuda")
         E, D, Fd = cfg.n_experts, cfg.d_model, cfg.d_expert
         self.router = nn.Linear(D, E, bias=False)
@@ -507,6 +514,9 @@ class MoEFeedForward(nn.Module):
             _record("experts", top_i, gap)
         top_w = (top_p / top_p.sum(dim=-1, keepdim=True)).to(x.dtype)  # combine weights, sum to 1 over the k
         dispatch = self.dispatch if x.device.type == "cpu" else self.dispatch_off_cpu
+        if dispatch == "auto":
+            tokens = EXPORT_TOKENS if torch.compiler.is_exporting() else x.shape[0] * x.shape[1]
+            dispatch = resolve_moe_dispatch(self.config, "cpu", tokens)
         y = self.sparse(x, top_w, top_i) if dispatch == "sparse" else self.dense(x, top_w, top_i)
         if not collect:
             return y, Aux()
@@ -558,7 +568,9 @@ class ReasoningNet(nn.Module):
             # function (one graph for all layers and calls); the accumulation happens out here.
             u, aux = block(u, key_mask, acc is not None, cache)
             if acc is not None:
-                for k, v in aux.losses.items():
+                # Aux losses are means over the calls that backpropagate: a no-grad call's value has no gradient,
+                # and counting it would only scale the weights the config gives them down.
+                for k, v in aux.losses.items() if torch.is_grad_enabled() else ():
                     acc.add(k, v)
                 for k, v in aux.stats.items():
                     acc.add(f"L{i + 1}.{k}", v)
@@ -684,10 +696,20 @@ class RecursiveMoE(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------------
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> ModelOutput:
-        """input_ids: [B, T] int64; attention_mask: [B, T] (1 = token, 0 = right padding) or None."""
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, carry: Carry | None = None,
+                stop_when_halted: bool = False) -> ModelOutput:
+        """input_ids: [B, T] int64; attention_mask: [B, T] (1 = token, 0 = right padding) or None.
+
+        stop_when_halted (evaluation, eager): skip the steps after every sample has halted. The output is the same
+        (every kept step is fixed by then); off where every forward must run alike on every rank (FSDP).
+
+        carry (training a recursive model one supervision step per update, train.supervision = "carry"): run one
+        step from it instead of halt_max_steps from the initial state; the output holds that step's logits and
+        halt logit ([1, B]) and the carry after it, detached. The caller keeps rows' carries across updates and
+        resets halted rows to initial_carry."""
         cfg = self.config
-        if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+        eager = not (torch.compiler.is_compiling() or torch.compiler.is_exporting())
+        if eager:
             self._check_inputs(input_ids, attention_mask)
         B, T = input_ids.shape
         key_mask = None if attention_mask is None else attention_mask.bool()
@@ -698,6 +720,16 @@ class RecursiveMoE(nn.Module):
             logits = self.lm_head(self.norm(self.net(x, key_mask, acc)))
             halt_step = torch.ones(B, dtype=torch.long, device=input_ids.device)
             return self._output(logits, halt_step, [logits], None, acc)
+
+        if carry is not None:
+            if not self.training:
+                raise ValueError("carry: a carried step is a training step (model.train()); evaluation runs forward "
+                                 "without it")
+            c, h, q = self.step(carry, x, key_mask, acc)
+            logits = self.lm_head(h)
+            out = self._output(logits, torch.ones(B, dtype=torch.long, device=input_ids.device), [logits], q[None], acc)
+            out.carry = c.detach()
+            return out
 
         c = self.initial_carry(B, T)
         halted = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
@@ -718,6 +750,8 @@ class RecursiveMoE(nn.Module):
             else:
                 kept = torch.where(halted[:, None, None], kept, h)
             halted = halted | (q > 0)
+            if stop_when_halted and eager and not self.training and bool(halted.all()):
+                break  # every sample's kept step is fixed: the later steps cannot change the output
 
         if self.training:
             return self._output(step_logits[-1], halt_step, step_logits, torch.stack(halt_logits), acc)

@@ -51,3 +51,17 @@ def test_flop_counts(tiny_config):
     routing = Routing(heads_per_token=1.5, halt_step_mean=1.0)
     assert model_flops_per_token(sparse, T, routing, steps=1) < model_flops_per_token(sparse, T, routing) \
         < executed_flops_per_token(sparse, T)
+
+
+def test_dispatch_crossover_rows_time_both_dispatches() -> None:
+    """The crossover benchmark times one layer at one call size and says what "auto" picks there."""
+    from benchmarks.dispatch_crossover import crossover_row, table
+    from moe_core.config import ModelConfig
+
+    cfg = ModelConfig(vocab_size=10, max_seq_len=81, d_model=32, d_expert=64, n_heads=4, min_heads=1, max_heads=4,
+                      n_experts=4, top_k=2)
+    small, large = crossover_row(cfg, 64, 1, 2), crossover_row(cfg, 2592, 1, 2)
+    assert (small["tokens"], small["skipped_macs"], small["auto"]) == (64, 64 * 2 * 32 * 64, "dense")
+    assert (large["tokens"], large["auto"]) == (2592, "sparse")
+    assert all(r["inference"] > 0 and r["training"] > 0 for r in (small, large))
+    assert table([small, large]).count("\n") == 3

@@ -422,26 +422,46 @@ def test_moe_sparse_block_compiles_to_one_graph_without_recompiles(make_config) 
 
 
 def test_moe_auto_dispatch_rule(make_config) -> None:
-    """"auto" is sparse on CPU when a token skips at least 2^15 expert multiply-adds (the measured break-even),
-    dense on other devices (not measured); an explicit choice is kept everywhere."""
+    """"auto" is sparse on CPU when a call's tokens together skip at least 2^23 expert multiply-adds (the measured
+    break-even), decided per call from its shape, and at 256 tokens in an exported graph; dense on other devices
+    (not measured); an explicit choice is kept everywhere."""
+    from moe_core.model import EXPORT_TOKENS
     from train.config import build_config
 
-    assert SPARSE_MIN_SKIPPED_MACS == 1 << 15
-    cases = {  # (d_model, d_expert, n_experts, top_k) -> "auto" on CPU
-        (128, 256, 4, 2): "sparse", (128, 256, 8, 2): "sparse", (128, 256, 8, 1): "sparse", (128, 256, 4, 3): "sparse",
-        (64, 128, 8, 2): "sparse", (128, 256, 4, 4): "dense", (64, 128, 4, 2): "dense", (32, 64, 8, 2): "dense",
-        (32, 32, 8, 2): "dense"}
-    for (d_model, d_expert, n_experts, top_k), expected in cases.items():
+    assert SPARSE_MIN_SKIPPED_MACS == 1 << 23 and EXPORT_TOKENS == 256
+    cases = {  # (d_model, d_expert, n_experts, top_k, tokens) -> "auto" on CPU
+        (128, 256, 4, 2, 256): "sparse", (128, 256, 8, 1, 256): "sparse", (128, 256, 4, 3, 256): "sparse",
+        (64, 128, 8, 2, 256): "sparse", (128, 256, 4, 4, 8192): "dense", (64, 128, 4, 2, 256): "dense",
+        (64, 128, 4, 2, 512): "sparse", (64, 128, 4, 2, 2592): "sparse", (32, 64, 4, 2, 1024): "dense",
+        (32, 64, 4, 2, 2592): "sparse", (32, 32, 8, 2, 256): "dense"}
+    for (d_model, d_expert, n_experts, top_k, tokens), expected in cases.items():
         cfg = make_config(d_model=d_model, d_expert=d_expert, n_experts=n_experts, top_k=top_k)
         assert cfg.moe_dispatch == "auto"
-        assert resolve_moe_dispatch(cfg) == expected, (d_model, d_expert, n_experts, top_k)
-        assert resolve_moe_dispatch(cfg, "cuda") == "dense"
+        assert resolve_moe_dispatch(cfg, "cpu", tokens) == expected, (d_model, d_expert, n_experts, top_k, tokens)
+        assert resolve_moe_dispatch(cfg, "cuda", tokens) == "dense"
         ffn = RecursiveMoE(cfg).net.blocks[0].ffn
-        assert (ffn.dispatch, ffn.dispatch_off_cpu) == (expected, "dense")
+        assert (ffn.dispatch, ffn.dispatch_off_cpu) == ("auto", "dense")
         for explicit in DISPATCHES:
             assert resolve_moe_dispatch(dataclasses.replace(cfg, moe_dispatch=explicit), "cuda") == explicit
     for preset, expected in (("default", "sparse"), ("tiny", "dense")):
         assert resolve_moe_dispatch(build_config(preset, None, []).model) == expected, preset
+    # a Sudoku training batch (32 x 81 tokens) of the sudoku-hard preset runs sparse, its one-puzzle call dense
+    hard = build_config("sudoku-hard", None, []).model
+    assert (resolve_moe_dispatch(hard, "cpu", 32 * 81), resolve_moe_dispatch(hard, "cpu", 81)) == ("sparse", "dense")
+
+
+def test_auto_dispatch_is_taken_per_call(make_config, monkeypatch) -> None:
+    """The layer asks for the dispatch of each call's size: a small call dense, a large one sparse."""
+    cfg = make_config(d_model=32, d_expert=64, n_experts=4, top_k=2)
+    ffn = RecursiveMoE(cfg).net.blocks[0].ffn
+    taken = []
+    for name in DISPATCHES:
+        real = getattr(ffn, name)
+        monkeypatch.setattr(ffn, name, lambda *a, real=real, name=name: taken.append(name) or real(*a))
+    with torch.no_grad():
+        ffn(torch.randn(1, 64, 32), False)
+        ffn(torch.randn(40, 81, 32), False)
+    assert taken == ["dense", "sparse"]
 
 
 @pytest.mark.parametrize("recursive", [True, False])

@@ -50,6 +50,22 @@ def sudoku(tmp_path_factory) -> tuple[Path, Path, SudokuTask]:
     return run, out, task
 
 
+def test_a_sudoku_model_is_checked_on_what_serving_can_feed_it() -> None:
+    """Parity inputs of a Sudoku model: 81-cell grids whose givens do not conflict (what `--mode solve` accepts),
+    from a handful of givens up to solved grids; nothing else, where a deep recursion is ill-conditioned."""
+    from export.parity import parity_inputs
+
+    cases = parity_inputs(S.VOCAB, S.CELLS, seed=3, task="sudoku")
+    assert [name for name, _, _ in cases] == ["sudoku_one", "sudoku_grids", "sudoku_hard", "sudoku_solved"]
+    givens = []
+    for _, ids, mask in cases:
+        assert ids.shape[1] == S.CELLS and mask.all()
+        assert all(S.conflict(g.astype(np.uint8)) is None for g in ids)
+        givens += (ids > 0).sum(1).tolist()
+    assert min(givens) <= 28 and max(givens) == S.CELLS
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(cases, parity_inputs(S.VOCAB, S.CELLS, 3, "sudoku")))
+
+
 def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 

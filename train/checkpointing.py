@@ -3,7 +3,8 @@
     trainer_state/step-00000150/
       model.safetensors       # the weights at that step (the raw ones: what training continues from)
       ema.safetensors         # with train.ema_decay: the moving average of the weights at that step
-      optimizer.safetensors   # AdamW moments, the RNG states and the grad-norm history, as tensors
+      optimizer.safetensors   # AdamW moments, the RNG states, the grad-norm history and (supervision =
+                              # "carry") the carried rows, as tensors
       state.json              # step, optimizer param groups, counters, the best evaluation so far, data
                               # fingerprint, format version
     trainer_state/best/       # with train.keep_best: the weights of the best evaluation so far
@@ -96,6 +97,8 @@ class LoopState:
     data_fingerprint: str = ""  # of the tokenized training split: resume refuses different data
     best_step: int = -1  # train.keep_best: the step of the best evaluation so far (-1: none yet)
     best_key: list[float] = field(default_factory=list)  # its Task.best_by figures, signed so that higher is better
+    # train.supervision = "carry": every rank's carried rows (train/carry.py), "rows.{rank}.{name}" -> tensor
+    rows: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def checkpoint_sets(run_dir: Path) -> list[tuple[int, Path]]:
@@ -120,7 +123,7 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
     sd = optimizer.state_dict()
     opt = {f"opt.{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items() if isinstance(v, torch.Tensor)}
     norms = {"grad_norms": torch.tensor(state.grad_norms, dtype=torch.float64)}
-    meta = {"format": FORMAT, **{k: v for k, v in asdict(state).items() if k != "grad_norms"},
+    meta = {"format": FORMAT, **{k: v for k, v in asdict(state).items() if k not in ("grad_norms", "rows")},
             "world_size": dist.world, "param_groups": sd["param_groups"]}
     final = Path(run_dir) / STATE_DIR / f"step-{state.step:08d}"
     tmp = final.parent / f".{final.name}.tmp"
@@ -128,6 +131,7 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
         if ema is not None or not publish:
             raise CheckpointError("a sharded model is saved without ema or keep_best (train.parallel = 'fsdp')")
         mine = {k: v for k, v in rng.items() if k.rsplit(".", 1)[1] == str(dist.rank)}
+        mine.update({k: v for k, v in state.rows.items() if k.split(".")[1] == str(dist.rank)})
         _save_sharded(Path(run_dir), final, tmp, model.state_dict(), {**opt, **norms}, mine, meta, keep, dist,
                       device)
     elif dist.is_main:
@@ -136,7 +140,7 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
             save_weights(model, tmp / WEIGHTS_FILE)
             if ema is not None:
                 save_weights(ema, tmp / EMA_FILE)
-            tensors = {**{k: v.detach().cpu().contiguous() for k, v in opt.items()}, **rng, **norms}
+            tensors = {**{k: v.detach().cpu().contiguous() for k, v in opt.items()}, **rng, **norms, **state.rows}
             atomic_write(tmp / _OPTIMIZER_FILE, lambda p: save_file(tensors, p))
             _write_json(tmp / _STATE_FILE, meta)
             _finish_set(tmp, final)
@@ -343,13 +347,14 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
                 opt_state.setdefault(int(i), {})[k] = _like(t, like, own, opt_path, name)
         optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
         if meta.get("world_size", 1) == world:
+            state.rows = {k: v for k, v in tensors.items() if k.startswith(f"rows.{rank}.")}
             torch.set_rng_state(tensors[f"rng.cpu.{rank}"])
             if f"rng.cuda.{rank}" in tensors and torch.cuda.is_available():
                 torch.cuda.set_rng_state(tensors[f"rng.cuda.{rank}"])
         elif rank == 0:
             print(f"note: {path} was saved by {meta.get('world_size')} rank(s), resuming on {world}: the random "
-                  f"streams (dropout) restart from the seed, so this run will not be bit-identical to an "
-                  f"uninterrupted one")
+                  f"streams (dropout) restart from the seed and carried rows (train.supervision = 'carry') start "
+                  f"afresh, so this run will not be bit-identical to an uninterrupted one")
         state.grad_norms = tensors["grad_norms"].tolist()
     except (KeyError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{opt_path}: does not match this model's optimizer ({str(e).splitlines()[0]})") from None

@@ -18,6 +18,7 @@ from moe_core.sudoku import GENERATED_GIVENS
 
 MAX_SEED = 2**63 - 1
 DEVICES = ("auto", "cpu", "cuda")  # train.device: auto = CUDA when torch sees a GPU, else CPU
+SUPERVISIONS = ("batch", "carry")  # train.supervision
 
 
 def seed_for(*parts: int) -> int:
@@ -86,6 +87,23 @@ class TrainConfig:
     # sets are generated over sudoku_givens_min..max as without it.
     sudoku_curriculum_start: int = 0
     sudoku_curriculum_frac: float = 0.5
+    # sudoku: a validation set of sudoku_val puzzles with exactly sudoku_val_givens givens each (0 = none), held out
+    # from train and test under the symmetry group. Every evaluation reports its whole-puzzle accuracy at the
+    # model's halt_max_steps with halting (what `moe serve` runs by default) as hard_puzzle_acc, and keep_best
+    # ranks evaluations by it first.
+    sudoku_val: int = 0
+    sudoku_val_givens: int = 30
+    # Deep supervision of a recursive model. "batch": every supervision step (model.halt_max_steps of them) runs
+    # on the step's batch inside one forward, and one update follows; no row halts. "carry" (TRM's scheme): one
+    # update per supervision step; each row keeps its carry (z_H, z_L) and its puzzle across updates until it
+    # halts (its halt logit > 0, or carry_steps steps taken), and halted rows are refilled from the step's batch.
+    # With probability halt_explore a new row gets a random minimum of 2..carry_steps steps before it may halt.
+    # carry_steps is model.halt_max_steps, or grows linearly from carry_steps_start (0 = no schedule) to it over
+    # the first carry_ramp_frac of max_steps. A step is an update in both modes: max_steps counts updates.
+    supervision: str = "batch"
+    halt_explore: float = 0.1
+    carry_steps_start: int = 0
+    carry_ramp_frac: float = 0.5
 
     def validate(self, where: str = "train") -> None:
         for name in ("batch_size", "max_steps", "eval_every", "eval_batches", "log_every", "checkpoint_every",
@@ -118,6 +136,16 @@ class TrainConfig:
                f"({self.sudoku_givens_min}..{self.sudoku_givens_max}), got {start}")
         _check(0.0 < self.sudoku_curriculum_frac <= 1.0, where,
                f"sudoku_curriculum_frac: expected in (0, 1], got {self.sudoku_curriculum_frac}")
+        _check(self.sudoku_val >= 0, where, f"sudoku_val: expected >= 0 (0 = none), got {self.sudoku_val}")
+        _check(lo <= self.sudoku_val_givens <= hi, where,
+               f"sudoku_val_givens: expected {lo}..{hi}, got {self.sudoku_val_givens}")
+        _check(self.supervision in SUPERVISIONS, where,
+               f"supervision: expected {' or '.join(SUPERVISIONS)}, got {show(self.supervision)}")
+        _check(0.0 <= self.halt_explore <= 1.0, where, f"halt_explore: expected in [0, 1], got {self.halt_explore}")
+        _check(self.carry_steps_start >= 0, where,
+               f"carry_steps_start: expected >= 0 (0 = no schedule), got {self.carry_steps_start}")
+        _check(0.0 < self.carry_ramp_frac <= 1.0, where,
+               f"carry_ramp_frac: expected in (0, 1], got {self.carry_ramp_frac}")
         _check(0.0 <= self.ema_decay < 1.0, where, f"ema_decay: expected in [0, 1) (0 = off), got {self.ema_decay}")
         for name, on in (("ema_decay", self.ema_decay > 0), ("keep_best", self.keep_best)):
             # FSDP shards the weights over the ranks: neither the average nor the best weights have a whole copy
@@ -147,8 +175,20 @@ class RunConfig:
         unknown = sorted(set(data) - {"model", "train"})
         if unknown:
             raise ConfigError(f"{where}: unknown section {show(unknown[0])} (expected [model] and [train])")
-        return cls(ModelConfig.from_dict(data.get("model", {}), f"{where}: model", validate),
-                   from_dict(TrainConfig, data.get("train", {}), f"{where}: train", validate))
+        cfg = cls(ModelConfig.from_dict(data.get("model", {}), f"{where}: model", validate),
+                  from_dict(TrainConfig, data.get("train", {}), f"{where}: train", validate))
+        if validate and cfg.train.supervision == "carry":
+            mc, tc = cfg.model, cfg.train
+            _check(mc.recursive, f"{where}: train", "supervision: expected 'batch' with model.recursive = false "
+                   "(the baseline has no carry)")
+            # a row halts when its answer is right: a target known at each step. Language's halt target (does the
+            # next step lower the loss) is known only an update later.
+            _check(tc.task == "sudoku", f"{where}: train", f"supervision: expected 'batch' for task = {show(tc.task)} "
+                   "('carry' needs a task whose halt target is known at each step: sudoku)")
+            _check(tc.carry_steps_start <= mc.halt_max_steps, f"{where}: train",
+                   f"carry_steps_start: expected at most model.halt_max_steps = {mc.halt_max_steps}, got "
+                   f"{tc.carry_steps_start}")
+        return cfg
 
 
 def with_absolute_paths(cfg: RunConfig) -> RunConfig:

@@ -60,7 +60,7 @@ def solve_batches(model: RecursiveMoE, puzzles: np.ndarray, batch_size: int, dev
     for i in range(0, len(puzzles), batch_size):
         x = torch.from_numpy(puzzles[i:i + batch_size].astype(np.int64)).to(device)
         with autocast:
-            out = model(x)
+            out = model(x, stop_when_halted=not is_sharded(model))
         answers.append(cell_answers(out.logits).cpu().numpy())
         steps.append(out.halt_step.cpu().numpy())
         logits_all.append(out.logits.float().cpu())
@@ -142,6 +142,13 @@ class SudokuTask(Task):
             self.train_puzzles, self.train_solutions = train.puzzles, train.solutions
             self.test_puzzles, self.test_solutions = test.puzzles, test.solutions
             source = f"generated, {givens[0]}-{givens[1]} givens"
+        self.val_puzzles = self.val_solutions = None
+        if tc.sudoku_val:  # held out from train and test under the symmetry group, as the ladder is
+            taken = set(sudoku.equivalence_keys(np.concatenate([self.train_puzzles, self.test_puzzles])))
+            (val, _), = sudoku.make_ladder([tc.sudoku_val_givens], tc.sudoku_val, f"val/{tc.seed}", taken)
+            self.val_puzzles, self.val_solutions = val.puzzles, val.solutions
+            source += f"; {tc.sudoku_val} validation puzzles with {tc.sudoku_val_givens} givens"
+            self.best_by = ("hard_puzzle_acc", *self.best_by)
         self.train_givens = (self.train_puzzles > 0).sum(axis=1)
         self._pools: dict[int, np.ndarray] = {}
         floor = self.givens_floor(0)
@@ -197,18 +204,31 @@ class SudokuTask(Task):
     def evaluate(self, model: RecursiveMoE, device: torch.device, autocast: contextlib.AbstractContextManager,
                  dist: Dist = SINGLE) -> dict[str, float]:
         """Cell accuracy (blank cells), whole-puzzle accuracy (rule-checked) and loss on the test puzzles."""
-        indices, n = dist.eval_indices(len(self.test_puzzles), is_sharded(model))  # FSDP: equal forwards per rank
-        puzzles, solutions = self.test_puzzles[indices][:n], self.test_solutions[indices][:n]
-        answers, steps, logits = (a[:n] for a in solve_batches(model, self.test_puzzles[indices],
-                                                               self.cfg.train.batch_size, device, autocast))
-        nll = per_sample_nll(logits, torch.from_numpy(solutions.astype(np.int64))).sum().item() * sudoku.CELLS
-        nll, *sums = dist.sum_([nll, *counts(puzzles, solutions, answers, steps)], device)
+        nll, sums = self._solve(model, self.test_puzzles, self.test_solutions, device, autocast, dist)
         val_loss = nll / (sums[-1] * sudoku.CELLS)
-        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), **figures(*sums)}
+        ev = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), **figures(*sums)}
+        if self.val_puzzles is not None:  # the hard level, as served: halt_max_steps steps with halting
+            _, sums = self._solve(model, self.val_puzzles, self.val_solutions, device, autocast, dist)
+            hard = figures(*sums)
+            ev.update(hard_puzzle_acc=hard["puzzle_acc"], hard_halt_step=hard["val_halt_step"])
+        return ev
+
+    def _solve(self, model: RecursiveMoE, puzzles: np.ndarray, solutions: np.ndarray, device: torch.device,
+               autocast: contextlib.AbstractContextManager, dist: Dist) -> tuple[float, list[float]]:
+        """The eval-mode model on `puzzles`, over all ranks: (summed loss over every cell, counts() summed)."""
+        indices, n = dist.eval_indices(len(puzzles), is_sharded(model))  # FSDP: equal forwards per rank
+        mine, targets = puzzles[indices][:n], solutions[indices][:n]
+        answers, steps, logits = (a[:n] for a in solve_batches(model, puzzles[indices], self.cfg.train.batch_size,
+                                                               device, autocast))
+        nll = per_sample_nll(logits, torch.from_numpy(targets.astype(np.int64))).sum().item() * sudoku.CELLS
+        nll, *sums = dist.sum_([nll, *counts(mine, targets, answers, steps)], device)
+        return nll, sums
 
     def describe(self, ev: dict[str, float]) -> str:
+        hard = f" | {self.cfg.train.sudoku_val_givens} givens {ev['hard_puzzle_acc']:.4f}" \
+            if "hard_puzzle_acc" in ev else ""
         return (f"val loss {ev['val_loss']:.4f} | cell acc {ev['cell_acc']:.4f} (blanks) | "
-                f"puzzle acc {ev['puzzle_acc']:.4f} (rule-checked)")
+                f"puzzle acc {ev['puzzle_acc']:.4f} (rule-checked){hard}")
 
 
 def _solve_unique(puzzle: np.ndarray, where: str) -> np.ndarray:

@@ -3,13 +3,15 @@ update, then logging, evaluation and checkpoints; and its two entry points, `tra
 
 The loop's parts live in their own modules: the run directory's preparation (run_dir.py), the optimizer and
 gradient norms (optimizer.py), metrics.jsonl and TensorBoard (metrics_log.py), console lines (console.py),
-SIGINT / SIGTERM (signals.py), checkpoints (checkpointing.py) and the tasks (tasks.py, sudoku_task.py). The run
+SIGINT / SIGTERM (signals.py), checkpoints (checkpointing.py), the rows carried across updates under
+train.supervision = "carry" (carry.py) and the tasks (tasks.py, sudoku_task.py). The run
 directory's layout: README.md, "Training".
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -31,6 +33,7 @@ from moe_core.files import atomic_write_text
 from moe_core.model import ModelOutput, RecursiveMoE
 from moe_core.tokenizer import read_tokenizer
 
+from .carry import CarriedRows, carry_steps
 from .checkpointing import (
     LoopState,
     checkpoint_sets,
@@ -221,6 +224,8 @@ class Trainer:
         self.groups = norm_groups(model)
         self.autocast = autocast_for(device)
         self.warmup = warmup_steps(tc.max_steps, tc.warmup_frac)
+        self.carried = CarriedRows(cfg, model, task, dist.shard(tc.batch_size), device) \
+            if tc.supervision == "carry" else None
 
     @property
     def evaluated(self) -> RecursiveMoE:
@@ -280,6 +285,8 @@ class Trainer:
         bar = tqdm(range(state.step, tc.max_steps), desc="train", dynamic_ncols=True, mininterval=1.0,
                    initial=state.step, total=tc.max_steps, disable=True if not dist.is_main else None)
         model.train()
+        if self.carried and state.rows:
+            self.carried.load(state.rows, dist.rank)
         group_norms: dict[str, torch.Tensor] = {}
         log_step = stop = False
 
@@ -298,13 +305,22 @@ class Trainer:
                 mult = lr_multiplier(step, tc.max_steps, self.warmup, tc.min_lr_ratio)
                 for g in optimizer.param_groups:
                     g["lr"] = tc.lr * g["lr_mult"] * mult
-                x, y = (t.to(self.device) for t in self.task.batch(step, rows))  # this rank's rows of the batch
+                if self.carried:  # one supervision step of the carried rows, the halted ones refilled
+                    x, y, carry = self.carried.inputs(step)
+                    forward = functools.partial(self.forward, carry=carry)
+                else:  # this rank's rows of the batch, every supervision step
+                    x, y = (t.to(self.device) for t in self.task.batch(step, rows))
+                    forward = self.forward
                 last = step == tc.max_steps - 1
                 log_step = step % tc.log_every == 0 or last
                 state.step = step + 1
-                r = train_step(self.forward, optimizer, self.task.loss, x, y, self.params, tc.grad_clip,
+                r = train_step(forward, optimizer, self.task.loss, x, y, self.params, tc.grad_clip,
                                self.autocast, decide)
                 out, parts, grad_norm = r.out, r.parts, r.grad_norm
+                if self.carried and r.updated:
+                    self.carried.update(r.out, step)
+                elif self.carried:
+                    self.carried.drop()
                 if r.updated:
                     if self.ema:
                         self.ema.update(model, state.step - state.skipped_steps)  # updates so far, this one too
@@ -322,12 +338,20 @@ class Trainer:
                 if log_step:
                     recent = self.step_times[-tc.log_every:]
                     tok_s = tokens_per_step / statistics.median(recent) if recent else 0.0
-                    stats = dist.reduce_stats({  # over all ranks' samples
-                        **parts, **out.stats, "halt_step_mean": out.halt_step.float().mean(),
-                        "halt_hist": torch.bincount(out.halt_step - 1, minlength=mc.n_steps)})
+                    if self.carried:  # the rows that halted since the last log
+                        halting = {"halt_hist": self.carried.halt_hist(mc.n_steps)}
+                    else:  # this batch's samples
+                        halting = {"halt_step_mean": out.halt_step.float().mean(),
+                                   "halt_hist": torch.bincount(out.halt_step - 1, minlength=mc.n_steps)}
+                    stats = dist.reduce_stats({**parts, **out.stats, **halting})  # over all ranks' samples
+                    hist = stats["halt_hist"].float()
+                    if self.carried and hist.sum() > 0:
+                        stats["halt_step_mean"] = (hist * torch.arange(1, len(hist) + 1)).sum() / hist.sum()
                     rec = {"kind": "train", "step": step + 1, "lr": tc.lr * mult, "grad_norm": grad_norm,
                            "tokens_per_s": tok_s, "skipped_steps": state.skipped_steps,
                            **self.task.schedule(step), **to_record(stats), **to_record(group_norms)}
+                    if self.carried:
+                        rec["carry_steps"] = carry_steps(self.cfg, step)
                     rec["halt_hist"] = [int(c) for c in rec["halt_hist"]]
                     self.metrics.write(rec)
                     bar.set_postfix(loss=f"{rec[self.task.loss_key]:.3f}", lr=f"{rec['lr']:.2e}",
@@ -352,6 +376,8 @@ class Trainer:
             states = self.dist.gather(torch.cuda.get_rng_state(self.device), self.device)
             rng.update({f"rng.cuda.{r}": s for r, s in enumerate(states)})
         tc = self.cfg.train
+        if self.carried:
+            state.rows = self.carried.gathered(self.dist)
         # every rank: each writes its shards of an FSDP model. keep_best publishes the run's weights itself.
         save_checkpoint(self.run_dir, self.model, self.optimizer, state, tc.keep_checkpoints, rng, self.dist,
                         self.device, self.ema.model if self.ema else None, publish=not tc.keep_best)
