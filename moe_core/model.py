@@ -568,9 +568,7 @@ class ReasoningNet(nn.Module):
             # function (one graph for all layers and calls); the accumulation happens out here.
             u, aux = block(u, key_mask, acc is not None, cache)
             if acc is not None:
-                # Aux losses are means over the calls that backpropagate: a no-grad call's value has no gradient,
-                # and counting it would only scale the weights the config gives them down.
-                for k, v in aux.losses.items() if torch.is_grad_enabled() else ():
+                for k, v in aux.losses.items():
                     acc.add(k, v)
                 for k, v in aux.stats.items():
                     acc.add(f"L{i + 1}.{k}", v)
