@@ -169,7 +169,6 @@ def parity_inputs(vocab_size: int, max_seq_len: int, seed: int = 0,
     that domain a deep recursion is ill-conditioned, so no fp32 implementation can agree with another there: a
     trained 16-step model's eager fp32 logits differ from its own fp64 ones by up to 0.3 of the logit scale on
     random digit strings and single cells, against 1e-5 on puzzles (benchmarks/RESULTS.md)."""
-    rng = np.random.default_rng(seed)
     if task == "sudoku":
         def puzzles(n: int, givens: tuple[int, int], stream: str) -> np.ndarray:
             return sudoku.generate(n, f"parity/{seed}/{stream}", givens=givens).puzzles.astype(np.int64)
@@ -178,6 +177,7 @@ def parity_inputs(vocab_size: int, max_seq_len: int, seed: int = 0,
         cases = [("sudoku_one", puzzles(1, (25, 50), "one")), ("sudoku_grids", puzzles(8, (25, 50), "grids")),
                  ("sudoku_hard", puzzles(4, (23, 28), "hard")), ("sudoku_solved", solved)]
         return [(name, ids, np.ones_like(ids)) for name, ids in cases]
+    rng = np.random.default_rng(seed)
     T, mid = max_seq_len, max(1, max_seq_len // 2)
 
     def rand(b: int, t: int) -> np.ndarray:

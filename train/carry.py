@@ -21,17 +21,15 @@ from moe_core.model import Carry, ModelOutput, RecursiveMoE
 
 from .config import RunConfig
 from .distributed import Dist
+from .schedule import ramp
 from .task import Task
 
 
 def carry_steps(cfg: RunConfig, step: int) -> int:
     """The most supervision steps a row takes at update `step`: model.halt_max_steps, or from carry_steps_start
     linearly up to it over the first carry_ramp_frac of the run."""
-    n, start = cfg.model.halt_max_steps, cfg.train.carry_steps_start
-    if not start:
-        return n
-    done = min(1.0, step / (cfg.train.carry_ramp_frac * cfg.train.max_steps))
-    return start + int((n - start) * done)
+    tc, n = cfg.train, cfg.model.halt_max_steps
+    return ramp(step, tc.max_steps, tc.carry_ramp_frac, tc.carry_steps_start, n) if tc.carry_steps_start else n
 
 
 @dataclass
@@ -120,10 +118,8 @@ class CarriedRows:
                 out[f"rows.{r}.{name}"] = part.to(t.dtype)
         return out
 
-    def load(self, tensors: dict[str, Tensor], rank: int) -> bool:
-        """The rows saved by `tensors` for this rank; False (the rows start afresh) when the set has none."""
+    def load(self, tensors: dict[str, Tensor], rank: int) -> None:
+        """The rows a checkpoint saved for this rank (`gathered`); none there: the rows start afresh."""
         prefix = f"rows.{rank}."
-        if not any(k.startswith(prefix) for k in tensors):
-            return False
-        self.state = Rows.from_tensors(tensors, prefix, self.device)
-        return True
+        if any(k.startswith(prefix) for k in tensors):
+            self.state = Rows.from_tensors(tensors, prefix, self.device)

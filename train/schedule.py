@@ -1,5 +1,6 @@
-"""Learning-rate schedule: linear warmup, cosine decay to a floor. A pure function of the step, so a resumed
-run gets exactly the LR it would have had."""
+"""Schedules over the steps of a run: the learning rate (linear warmup, cosine decay to a floor) and linear ramps of
+integer settings (a curriculum's floor, the carried rows' step limit). Pure functions of the step, so a resumed
+run gets exactly what it would have had."""
 
 import math
 
@@ -22,3 +23,10 @@ def lr_multiplier(step: int, max_steps: int, warmup: int, floor: float) -> float
         return 1.0
     progress = min(1.0, (step - warmup) / decay_steps)
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def ramp(step: int, max_steps: int, frac: float, start: int, end: int) -> int:
+    """An integer setting going linearly from `start` at step 0 to `end` at `frac` of `max_steps`, then held;
+    truncated towards `start`."""
+    done = min(1.0, step / (frac * max_steps))
+    return start + int((end - start) * done)

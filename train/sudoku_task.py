@@ -27,6 +27,7 @@ from .checkpointing import data_fingerprint
 from .config import RunConfig
 from .distributed import SINGLE, Dist, is_sharded
 from .loss import per_sample_nll, training_loss
+from .schedule import ramp
 from .task import Task
 
 
@@ -173,8 +174,7 @@ class SudokuTask(Task):
         start = tc.sudoku_curriculum_start
         if not start:
             return None
-        done = min(1.0, step / (tc.sudoku_curriculum_frac * tc.max_steps))
-        return start - int((start - tc.sudoku_givens_min) * done)
+        return ramp(step, tc.max_steps, tc.sudoku_curriculum_frac, start, tc.sudoku_givens_min)
 
     def _pool(self, floor: int) -> np.ndarray:
         if floor not in self._pools:
