@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 RUN    ?= runs/default
 
-.PHONY: setup serving-setup cuda-placement test demo gpu-check lint clean
+.PHONY: setup serving-setup cuda-placement test test-fast demo gpu-check lint clean
 
 setup: $(VENV)/.installed
 
@@ -31,7 +31,7 @@ $(SERVE_VENV)/.installed: $(VENV)/.installed
 	touch $@
 
 # ONNX Runtime's real CUDA partitioner without a GPU (benchmarks/cuda_placement.py): the onnxruntime-gpu wheel,
-# unpacked, and stub CUDA libraries, made once inside the venv. tests/test_cuda_placement.py reads it.
+# unpacked, and stub CUDA libraries, made once inside the venv. tests/e2e/test_cuda_placement.py reads it.
 PLACEMENT := $(VENV)/cuda-placement
 
 cuda-placement: $(PLACEMENT)/.ready
@@ -46,6 +46,10 @@ TEST_WORKERS ?= auto
 test: setup serving-setup cuda-placement
 	MOE_SERVING_PYTHON=$(SERVE_VENV)/bin/python MOE_CUDA_PLACEMENT_HOME=$(PLACEMENT) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 \
 		--dist loadfile
+
+# The inner loop: the unit tests (tests/unit/, nothing marked slow), no venvs beyond the dev one.
+test-fast: setup
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 -m "not slow"
 
 demo: setup
 	$(BIN)/moe train --preset default --out $(RUN) --overwrite

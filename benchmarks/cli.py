@@ -189,7 +189,8 @@ def sections_run(r: dict[str, Any], mode: Mode, model: RecursiveMoE, rc: RunConf
                  onnx_path: Path | None, threads: int, sections: tuple[str, ...], tmp: Path, plot_path: Path) -> None:
     """Run each requested section into `r`, timing its CPU use. The exported graphs live in `tmp`."""
     cpu, cfg = r["cpu_use"], model.config
-    graphs, export_s = {}, None
+    graphs: dict[str, Path] = {}
+    export_s: float | None = None
     generation = "generation" in sections
     if generation:
         task = saved_run_config(run_dir).train.task if run_dir is not None else "lm"

@@ -19,21 +19,21 @@ import math
 import torch
 
 from moe_core.config import ModelConfig
-from moe_core.model import RecursiveMoE, resolve_moe_dispatch
+from moe_core.model import MoEFeedForward, resolve_moe_dispatch
 
-from .suites import moe_layer_train_step
+from .suites import layer_inference, moe_layer, moe_layer_train_step
 from .timing import cpu_name, measure, set_threads
 
 LAYERS = ((32, 64, 4, 2), (64, 128, 4, 2), (128, 256, 4, 2), (128, 256, 8, 2))  # d_model, d_expert, experts, top-k
 TOKENS = (256, 1024, 2592, 8192)
 
 
-def layer_pair(cfg: ModelConfig) -> dict[str, torch.nn.Module]:
+def layer_pair(cfg: ModelConfig) -> dict[str, MoEFeedForward]:
     """The config's MoE layer under dense and sparse dispatch, with the same (model-initialised) weights."""
-    layers: dict[str, torch.nn.Module] = {}
+    layers: dict[str, MoEFeedForward] = {}
     for mode in ("dense", "sparse"):
         torch.manual_seed(0)
-        layers[mode] = RecursiveMoE(dataclasses.replace(cfg, moe_dispatch=mode)).net.blocks[0].ffn
+        layers[mode] = moe_layer(dataclasses.replace(cfg, moe_dispatch=mode))
     return layers
 
 
@@ -44,7 +44,7 @@ def crossover_row(cfg: ModelConfig, tokens: int, warmup: int, repeats: int) -> d
     x = torch.randn(*shape, generator=g)
     xs = [torch.randn(*shape, generator=g, requires_grad=True) for _ in range(3)]
     with torch.inference_mode():
-        inference = measure({m: (lambda f=f: f(x, False)[0]) for m, f in layers.items()}, warmup, repeats)
+        inference = measure({m: layer_inference(f, x) for m, f in layers.items()}, warmup, repeats)
     training = measure({m: moe_layer_train_step(f, xs) for m, f in layers.items()}, warmup, repeats)
     n = shape[0] * shape[1]
     return {"layer": f"{cfg.d_model} x {cfg.d_expert}, {cfg.n_experts}/{cfg.top_k}", "tokens": n,

@@ -27,9 +27,9 @@ Rules of the measurement:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnx
@@ -40,7 +40,7 @@ from moe_core.decoding import Decoder
 from moe_core.graph_contract import HALT_STEP, LOGITS, decode_path_for
 from moe_core.model import RecursiveMoE
 from serve.graph import LAST_LOGITS
-from serve.runtime import ModelInfo
+from serve.runtime import ModelInfo, OrtModel
 from serve.server import GenerateResult, Server
 
 from .timing import measure
@@ -53,7 +53,7 @@ class IdServer(Server):
     """serve's Server fed token ids: a prompt text is its ids separated by spaces. Everything after encoding is
     Server.generate's own code."""
 
-    def encode(self, texts: list[str]) -> list[list[int]]:
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
         return [[int(t) for t in s.split()] for s in texts]
 
 
@@ -78,6 +78,8 @@ class EagerModel:
 class CacheProbe:
     """Wraps a Decoder's `run` and keeps the largest cache a call was given: (bytes of every key and value buffer,
     batch, buffer length)."""
+
+    peak: tuple[int, int, int]
 
     def __init__(self, decoder: Decoder) -> None:
         self.reset()
@@ -113,9 +115,11 @@ def open_servers(model: RecursiveMoE, path: Path, threads: int) -> tuple[dict[st
     eager = EagerModel(model, ort_uncached.info, ort_uncached.tokenizer)
     decoder = Decoder(eager_runner(model), cache_entries(cfg), cfg.n_heads, cfg.head_dim, cfg.max_seq_len,
                       "eager cached_forward")
+    # EagerModel stands in for the unrolled graph's OrtModel: Server.generate uses only its info, tokenizer and run.
+    stand_in = cast(OrtModel, eager)
     servers = {"ort_cached": ort_cached, "ort_uncached": ort_uncached,
-               "eager_cached": IdServer(eager, decoder), "eager_uncached": IdServer(eager)}
-    probes = {name: CacheProbe(servers[name].decoder) for name in CACHED}
+               "eager_cached": IdServer(stand_in, decoder), "eager_uncached": IdServer(stand_in)}
+    probes = {"ort_cached": CacheProbe(ort_cached.decoder), "eager_cached": CacheProbe(decoder)}  # the CACHED paths
     return servers, probes
 
 
@@ -212,9 +216,11 @@ def generation_section(model: RecursiveMoE, path: Path, batches: tuple[int, ...]
             log(f"generation: batch {B}, prompt {P}, {new} new tokens ({n_u} uncached)")
             cells.append(cell(servers, probes, cfg, B, P, new, n_u, repeats))
     halts = sorted({h for c in cells for h in c["halt_steps"]})
+    ort_cached = servers["ort_cached"]
+    assert ort_cached.decoder is not None  # open_servers refuses a model without its decode graph
     return {"graph": str(path), "decode_graph": str(decode_path_for(path)),
             "opset": {"unrolled": opset_of(path), "decode": opset_of(decode_path_for(path))},
-            "decoder": servers["ort_cached"].decoder.describe, "session": servers["ort_cached"].model.describe(),
+            "decoder": ort_cached.decoder.describe, "session": ort_cached.model.describe(),
             "cache_entries": cache_entries(cfg), "max_seq_len": cfg.max_seq_len, "new_tokens": new,
             "halting": halting_statement(model, source, halts), "halt_steps": halts, "cells": cells}
 

@@ -27,6 +27,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,11 +101,13 @@ def train_run(out: Path, device: str, steps: int, smoke: bool) -> tuple[Path, di
                          "model": cfg.model.to_dict() if hasattr(cfg.model, "to_dict") else model}
 
 
-def export_all(run: Path, out: Path, smoke_precisions: tuple[str, ...]) -> dict[str, dict[str, Path]]:
+def export_all(run: Path, out: Path, smoke_precisions: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """Per precision: its graphs' paths by kind (KINDS), and the seconds the export took ("export_s", which
+    run_check takes out)."""
     from export.onnx_export import export_run
     from moe_core.graph_contract import decode_path_for, step_path_for
 
-    graphs = {}
+    graphs: dict[str, dict[str, Any]] = {}
     for precision in smoke_precisions:
         path = out / f"model-{precision}.onnx"
         t0 = time.perf_counter()
@@ -176,7 +179,7 @@ def scoring(model, graphs: dict[str, dict[str, Path]], device: str, batch: int, 
     cfg = model.config
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(batch, seq), dtype=np.int64)
     mask = np.ones_like(ids)
-    fns = {}
+    fns: dict[str, Callable[[], None]] = {}
     for precision, g in graphs.items():
         session = ort_session(g["unrolled"], None, providers_for(device))
 
@@ -234,9 +237,10 @@ def generation(model, graphs: dict[str, dict[str, Path]], device: str, batches: 
         t0 = time.perf_counter()
         eager = eager_generate(model, ids, new, device)
         synchronize(device)
-        cell = {"eager": {"tokens_per_s": batch * new / (time.perf_counter() - t0)}}
+        cell: dict[str, dict[str, Any]] = {"eager": {"tokens_per_s": batch * new / (time.perf_counter() - t0)}}
         for precision, g in graphs.items():
             server = IdServer.open(g["unrolled"], provider=device, runtime="unrolled", cache=True)
+            assert server.decoder is not None  # exported with its decode graph (export_all)
             # On CUDA, decoding calls replay one CUDA graph per batch bucket; the same session without them (shapes
             # as they come, gpu_graph_id -1) shows what capture buys and that it changes no token.
             for name, static in ((f"ort_{precision}", server.decoder.static), (f"ort_{precision}_uncaptured", False)):

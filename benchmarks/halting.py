@@ -10,6 +10,7 @@ before the last step: the step-wise runtime's overhead, not its gain).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from moe_core import sudoku
-from moe_core.checkpoint import TOKENIZER_FILE
 from moe_core.graph_contract import HALT_STEP, LOGITS
 from moe_core.model import RecursiveMoE
+from moe_core.run_layout import TOKENIZER_FILE
 from moe_core.stepwise import StepCounts
 from serve.graph import TOKEN_LOGPROBS
 from serve.runtime import OrtModel, StepwiseModel, open_model
@@ -42,6 +43,7 @@ def real_inputs(model: RecursiveMoE, run_dir: Path | None, n: int, seed: int = 0
         return ids, TOKEN_LOGPROBS, f"{n} x {T} random ids (no --run: a random-init model halts at the last step)"
     from train.data import load_documents, load_tokenizer, tokenize_corpus  # noqa: PLC0415 - a --run only
 
+    assert tc is not None  # run_dir is given: tc is its run's train config
     data = tc.data
     tokens = tokenize_corpus(load_documents(data), load_tokenizer(run_dir / TOKENIZER_FILE), tc.val_fraction, T)
     val = tokens.val[: len(tokens.val) // T * T].reshape(-1, T).astype(np.int64)
@@ -77,7 +79,7 @@ def halting(path: Path, ids: np.ndarray, output: str, batches: tuple[int, ...], 
 
         for m in runtimes.values():
             m.counts = StepCounts()
-        t = measure({name: lambda m=m: serve_all(m) for name, m in runtimes.items()}, warmup, repeats)
+        t = measure({name: functools.partial(serve_all, m) for name, m in runtimes.items()}, warmup, repeats)
         (out_u, halt_u), (out_s, halt_s) = t["unrolled"].output, t["stepwise"].output
         c = runtimes["stepwise"].counts
         row: dict[str, Any] = {"batch": B, "inputs": len(ids), "seq": ids.shape[1],

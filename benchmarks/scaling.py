@@ -11,6 +11,8 @@ efficiently. Weights are random (the graph is static: time does not depend on th
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +37,11 @@ def point(cfg: ModelConfig, batch: int, seq: int, factor: str, x: int) -> tuple[
         return cfg, x, seq
     if factor == "seq_len":
         return dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, x)), batch, x
-    return dataclasses.replace(cfg, **{factor: x}), batch, seq
+    change: dict[str, Any] = {factor: x}  # a ModelConfig field, named at run time
+    return dataclasses.replace(cfg, **change), batch, seq
 
 
-def loglog_slope(xs: list[float], ys: list[float]) -> float:
+def loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
     return float(np.polyfit(np.log(xs), np.log(ys), 1)[0])
 
 
@@ -56,12 +59,13 @@ def scaling(cfg: ModelConfig, batch: int, seq: int, points: dict[str, list[int]]
     out: dict[str, Any] = {"base": {"batch": batch, "seq": seq, **{f: getattr(cfg, f) for f in FACTORS[2:]}},
                            "factors": {}}
     for factor, xs in points.items():
-        calls, flops = {}, []
+        calls: dict[int, Callable[[], Any]] = {}
+        flops: list[float] = []
         for x in xs:
             c, B, T = point(cfg, batch, seq, factor, x)
             model = RecursiveMoE(c).eval()
             ids, mask = (torch.from_numpy(a) for a in random_batch(c.vocab_size, B, T))
-            calls[x] = lambda m=model, i=ids, k=mask: eager_logprobs(m, i, k)
+            calls[x] = functools.partial(eager_logprobs, model, ids, mask)
             flops.append(executed_flops_per_token(c, T) * B * T)
         # The points of a factor are timed in one interleaved loop: a load change hits them all, not the slope.
         times = [t.median for t in measure(calls, warmup, repeats).values()]

@@ -15,7 +15,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnx
@@ -27,7 +27,7 @@ from moe_core.checkpoint import save_run
 from moe_core.config import ModelConfig
 from moe_core.graph_contract import decode_path_for, step_path_for, tokenizer_path_for
 from moe_core.metrics import token_logprobs
-from moe_core.model import RecursiveMoE, resolve_moe_dispatch
+from moe_core.model import MoEFeedForward, RecursiveMoE, resolve_moe_dispatch
 from serve.graph import TOKEN_LOGPROBS
 from serve.runtime import OrtModel
 from train.config import RunConfig, TrainConfig
@@ -83,14 +83,14 @@ def export_graphs(model: RecursiveMoE, run_dir: Path | None, onnx_path: Path | N
         onnx_path, export_s = result.path, result.seconds
     if not int8:
         return {"ort_fp32": onnx_path}, export_s
-    int8 = tmp / "model-int8.onnx"
-    shutil.copyfile(onnx_path, int8)
+    int8_path = tmp / "model-int8.onnx"
+    shutil.copyfile(onnx_path, int8_path)
     tokenizer = tokenizer_path_for(onnx_path)  # the name both graphs' metadata gives for their tokenizer
     if not (tmp / tokenizer.name).exists():
         shutil.copyfile(tokenizer, tmp / tokenizer.name)
     metadata = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
-    convert_precision(str(int8), "int8", metadata)
-    return {"ort_fp32": onnx_path, "ort_int8": int8}, export_s
+    convert_precision(str(int8_path), "int8", metadata)
+    return {"ort_fp32": onnx_path, "ort_int8": int8_path}, export_s
 
 
 def serving(model: RecursiveMoE, sessions: dict[str, OrtModel], shapes: list[tuple[int, int]], warmup: int,
@@ -104,7 +104,10 @@ def serving(model: RecursiveMoE, sessions: dict[str, OrtModel], shapes: list[tup
         t_ids, t_mask = torch.from_numpy(ids), torch.from_numpy(mask)
         runtimes: dict[str, Callable[[], Any]] = {"eager": lambda: eager_logprobs(model, t_ids, t_mask)}  # noqa: B023
         for name, s in sessions.items():
-            runtimes[name] = lambda s=s: s.run(ids, mask, [TOKEN_LOGPROBS])[0]  # noqa: B023
+            def run(s: OrtModel = s) -> np.ndarray:
+                return s.run(ids, mask, [TOKEN_LOGPROBS])[0]  # noqa: B023
+
+            runtimes[name] = run
         if (B, T) == peak_at:
             runtimes[PEAK] = matmul_call(peak_n)
         timings = measure(runtimes, warmup, repeats)
@@ -192,7 +195,7 @@ DISPATCH_PATHS = ("eager", "ort", "ort_int8", "train_eager", "train_compiled")  
 class MoELayer(torch.nn.Module):
     """The MoE feed-forward layer's inference function x [B, T, D] -> y, as a module the exporter can trace."""
 
-    def __init__(self, ffn: torch.nn.Module) -> None:
+    def __init__(self, ffn: MoEFeedForward) -> None:
         super().__init__()
         self.ffn = ffn
 
@@ -200,7 +203,7 @@ class MoELayer(torch.nn.Module):
         return self.ffn(x, False)[0]
 
 
-def layer_sessions(ffn: torch.nn.Module, path: Path, max_seq: int, threads: int | None) -> dict[str, Any]:
+def layer_sessions(ffn: MoEFeedForward, path: Path, max_seq: int, threads: int | None) -> dict[str, Any]:
     """{"ort": fp32, "ort_int8": int8} ONNX Runtime CPU sessions (the serving options) of `ffn` exported alone
     to `path` by the dynamo exporter (dynamic batch and sequence axes, as `moe export` makes the model's graph),
     int8 being export's conversion of it (convert_precision) beside it."""
@@ -217,7 +220,7 @@ def layer_sessions(ffn: torch.nn.Module, path: Path, max_seq: int, threads: int 
                                                                                            ("ort_int8", int8))}
 
 
-def export_layer(ffn: torch.nn.Module, path: Path, max_seq: int) -> None:
+def export_layer(ffn: MoEFeedForward, path: Path, max_seq: int) -> None:
     x = torch.randn(2, min(max_seq, 8), ffn.router.in_features)
     dims = {0: torch.export.Dim("batch", min=1, max=65536), 1: torch.export.Dim("seq", min=1, max=max(max_seq, 2))}
     registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")  # "torchvision is not ..."
@@ -230,10 +233,21 @@ def export_layer(ffn: torch.nn.Module, path: Path, max_seq: int) -> None:
                                         output_names=["y"], dynamic_shapes={"x": dims}, optimize=False, verbose=False)
     finally:
         registration_log.setLevel(level)
+    assert program is not None  # the dynamo exporter returns its ONNXProgram
     program.save(str(path))
 
 
-def moe_layer_train_step(ffn: torch.nn.Module, xs: list[torch.Tensor]) -> Callable[[], torch.Tensor]:
+def moe_layer(cfg: ModelConfig) -> MoEFeedForward:
+    """The MoE layer of a model of `cfg` (its first block's), initialised as the model initialises it."""
+    return cast(MoEFeedForward, RecursiveMoE(cfg).net.blocks[0].ffn)  # ModuleList types its blocks as Module
+
+
+def layer_inference(ffn: MoEFeedForward, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """An inference forward of the MoE layer `ffn` on `x`: its output (what MoELayer exports)."""
+    return lambda: ffn(x, False)[0]
+
+
+def moe_layer_train_step(ffn: MoEFeedForward, xs: list[torch.Tensor]) -> Callable[[], torch.Tensor]:
     """A training forward + backward of the MoE layer `ffn` (output and aux losses), cycling over the inputs `xs`
     (tensors that require grad) so that routing changes from call to call; returns the input's gradient."""
     inputs = itertools.cycle(xs)
@@ -244,6 +258,7 @@ def moe_layer_train_step(ffn: torch.nn.Module, xs: list[torch.Tensor]) -> Callab
         ffn.zero_grad(set_to_none=True)
         y, aux = ffn(xi, True)
         (y.square().mean() + sum(aux.losses.values())).backward()
+        assert xi.grad is not None  # xi requires grad: backward gave it one
         return xi.grad
 
     return step
@@ -259,10 +274,11 @@ def dispatch_setting(cfg: ModelConfig, batch: int, seq: int, warmup: int, repeat
     one counts the graphs dynamo compiled after the first call (a recompile per routing would show here)."""
     from torch._dynamo.utils import counters
 
-    layers, state = {}, None
+    layers: dict[str, MoEFeedForward] = {}
+    state = None
     for mode in DISPATCH_MODES:
         torch.manual_seed(0)
-        ffn = RecursiveMoE(dataclasses.replace(cfg, moe_dispatch=mode)).net.blocks[0].ffn
+        ffn = moe_layer(dataclasses.replace(cfg, moe_dispatch=mode))
         if state is None:
             state = ffn.state_dict()  # initialised as the model initialises it
         else:
@@ -272,17 +288,19 @@ def dispatch_setting(cfg: ModelConfig, batch: int, seq: int, warmup: int, repeat
     x = torch.randn(batch, seq, cfg.d_model, generator=g)
     xs = [torch.randn(batch, seq, cfg.d_model, generator=g, requires_grad=True) for _ in range(3)]
 
-    def layer_step(ffn: torch.nn.Module) -> Callable[[], torch.Tensor]:
+    def layer_step(ffn: MoEFeedForward) -> Callable[[], torch.Tensor]:
         return moe_layer_train_step(ffn, xs)
+
+    def ort_call(session: Any) -> Callable[[], torch.Tensor]:
+        return lambda: torch.from_numpy(session.run(None, {"x": xn})[0])
 
     timings: dict[str, dict[str, Any]] = {}
     with torch.inference_mode():
-        timings["eager"] = measure({m: lambda f=f: f(x, False)[0] for m, f in layers.items()}, warmup, repeats)
+        timings["eager"] = measure({m: layer_inference(f, x) for m, f in layers.items()}, warmup, repeats)
     sessions = {m: layer_sessions(f, tmp / f"moe-{m}.onnx", seq, threads) for m, f in layers.items()}
     xn = x.numpy()
     for path in ("ort", "ort_int8"):
-        timings[path] = measure({m: lambda s=s[path]: torch.from_numpy(s.run(None, {"x": xn})[0])
-                                 for m, s in sessions.items()}, warmup, repeats)
+        timings[path] = measure({m: ort_call(s[path]) for m, s in sessions.items()}, warmup, repeats)
     timings["train_eager"] = measure({m: layer_step(f) for m, f in layers.items()}, warmup, repeats)
     compiled, first = {}, {}
     for m, f in layers.items():

@@ -13,12 +13,12 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -46,15 +46,16 @@ class Timing:
 
 
 PAUSE_S = 0.02
+K = TypeVar("K")  # what names a timed function: a path's name, or a factor's value (benchmarks/scaling.py)
 
 
-def measure(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> dict[str, Timing]:
+def measure(fns: Mapping[K, Callable[[], Any]], warmup: int, repeats: int) -> dict[K, Timing]:
     """Time each function: `warmup` untimed calls each, then `repeats` timed rounds calling them in turn."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    outputs: dict[str, Any] = {}
+    times: dict[K, list[float]] = {name: [] for name in fns}
+    outputs: dict[K, Any] = {}
     for _ in range(repeats):
         for name, fn in fns.items():
             time.sleep(PAUSE_S)

@@ -24,7 +24,7 @@ import onnx
 import torch
 from torch import nn
 
-from moe_core.checkpoint import CALIBRATION_FILE, TOKENIZER_FILE, load_model, load_run_config, read_json, run_files
+from moe_core.checkpoint import load_model, load_run_config, read_json, run_files
 from moe_core.config import MAX_CYCLES
 from moe_core.errors import MoeError
 from moe_core.files import atomic_outputs, check_not_inputs, check_output
@@ -41,6 +41,7 @@ from moe_core.graph_contract import (
 )
 from moe_core.model import RecursiveMoE
 from moe_core.ort_session import ort_session
+from moe_core.run_layout import CALIBRATION_FILE, TOKENIZER_FILE
 from moe_core.tokenizer import read_tokenizer
 
 from .choices import CUDA_PRECISIONS, DEFAULT_OPSET, DEVICES, PRECISIONS

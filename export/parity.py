@@ -242,7 +242,7 @@ def compare(model: RecursiveMoE, session, name: str, ids: np.ndarray, mask: np.n
     near-ties' positions left out); `exclude`: [B, T] positions to leave out (found by another graph's check)."""
     feeds = {"input_ids": ids, "attention_mask": mask}
     device = next(model.parameters()).device
-    with torch.no_grad(), recording_decisions() as eager_decisions:
+    with torch.no_grad(), recording_decisions(model) as eager_decisions:
         out = model(torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device))
     ref_logits, ref_halt = out.logits.float().cpu().numpy(), out.halt_step.cpu().numpy()
     logits, halt = session.run(["logits", "halt_step"], feeds)

@@ -46,7 +46,7 @@ class DecisionGraph(nn.Module):
         self.kinds: list[str] = []  # filled when traced: the kind of each decision output
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, ...]:
-        with recording_decisions() as log:
+        with recording_decisions(self.model) as log:
             out = self.model(input_ids, attention_mask)
         self.kinds = [d.kind for d in log]
         return (out.logits, out.halt_step, *(d.choice for d in log))
@@ -88,26 +88,33 @@ def step_to_onnx(model: RecursiveMoE, path: str | os.PathLike, opset: int = DEFA
 
 
 def example_inputs(model: RecursiveMoE) -> tuple[Tensor, Tensor, dict[int, torch.export.Dim]]:
-    """Example input_ids and attention_mask, and the dynamic batch and sequence axes."""
+    """Example input_ids and attention_mask, and the dynamic axes: batch, and the sequence unless the model's token
+    mixer is the MLP, whose weights fix it at max_seq_len."""
     cfg = model.config
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    if cfg.token_mixer == "mlp":
+        ids = torch.randint(0, cfg.vocab_size, (2, cfg.max_seq_len))
+        return ids, torch.ones_like(ids), {0: batch}
     # Example inputs of size >= 2 on both axes: torch.export specialises dimensions of size 0 and 1.
     T = min(cfg.max_seq_len, 8) if cfg.max_seq_len >= 2 else 2
     ids = torch.randint(0, cfg.vocab_size, (2, T))
     mask = torch.ones(2, T, dtype=torch.long)
-    batch = torch.export.Dim("batch", min=1, max=65536)
     seq = torch.export.Dim("seq", min=1, max=max(cfg.max_seq_len, 2))
     return ids, mask, {0: batch, 1: seq}
 
 
 def trace(graph: nn.Module, args: tuple[Tensor, ...], input_names: tuple[str, ...], output_names: tuple[str, ...],
           dynamic_shapes: dict[str, dict[int, torch.export.Dim]], path: str | os.PathLike, opset: int) -> None:
-    """torch.onnx.export (dynamo) of the eval-mode `graph` to `path`, one file."""
+    """torch.onnx.export (dynamo) of the eval-mode `graph` (a wrapper of one RecursiveMoE, its .model) to `path`,
+    one file."""
+    model = graph.model
+    assert isinstance(model, RecursiveMoE)
     graph.eval()
     # The exporter logs "torchvision is not installed. Skipping torchvision::..." on every export: noise on stderr.
     registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = registration_log.level
     registration_log.setLevel(logging.ERROR)
-    fused = onnx_rotary() if opset >= FUSED_OPSET else contextlib.nullcontext()
+    fused = onnx_rotary(model) if opset >= FUSED_OPSET else contextlib.nullcontext()
     try:
         with warnings.catch_warnings(), torch.no_grad(), fused:
             warnings.simplefilter("ignore")

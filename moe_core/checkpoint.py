@@ -35,15 +35,7 @@ from .files import atomic_write, atomic_write_text, note_inputs
 from .formats import FORMAT_VERSION, check_format
 from .jsonl import json_type, parse_json, read_text_file
 from .model import RecursiveMoE
-
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-SHARD_INDEX = "model.shards.json"  # a sharded model (see above), read in place of WEIGHTS_FILE when present
-SHARD_FILES = "model-*-rank*-of-*.safetensors"  # glob of the rank files an index names (shard_file_name)
-TOKENIZER_FILE = "tokenizer.json"
-# `moe eval --ladder --calibrate-halting`'s record (train/halt_calibration.py): the halting threshold folded into the
-# weights and the K it was chosen at, which export passes on to serve (graph_contract.SERVE_MAX_STEPS).
-CALIBRATION_FILE = "halt_calibration.json"
+from .run_layout import CONFIG_FILE, SHARD_FILES, SHARD_INDEX, TOKENIZER_FILE, WEIGHTS_FILE
 
 
 def run_files(run_dir: str | os.PathLike) -> list[Path]:

@@ -142,14 +142,20 @@ class ModelConfig:
     # cells share a row, column or box), as TRM's token-mixing MLP does, instead of discovering it through the
     # query-key products of position embeddings. n_heads * max_seq_len^2 parameters per layer.
     attn_bias: bool = False
+    # What mixes information across positions in each block: "moh" (the Mixture-of-Heads attention above) or
+    # "mlp", TRM's token-mixing MLP: a SwiGLU across positions (max_seq_len -> 4 max_seq_len -> max_seq_len),
+    # channel by channel, for inputs that always fill max_seq_len (a grid task; not causal). The MoE feed-forward
+    # stays; the MoH settings are then unused.
+    token_mixer: str = "moh"
     dropout: float = 0.0
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
 
     # Keys a run's config.json may lack (written before they existed): learned_pos's and attn_bias's defaults are
     # what those runs had; moe_dispatch changes how the model computes, not what.
-    ADDED_LATER: ClassVar[tuple[str, ...]] = ("learned_pos", "attn_bias", "moe_dispatch")
+    ADDED_LATER: ClassVar[tuple[str, ...]] = ("learned_pos", "attn_bias", "moe_dispatch", "token_mixer")
     MOE_DISPATCHES: ClassVar[tuple[str, ...]] = ("dense", "sparse", "auto")
+    TOKEN_MIXERS: ClassVar[tuple[str, ...]] = ("moh", "mlp")
 
     @property
     def head_dim(self) -> int:
@@ -182,6 +188,15 @@ class ModelConfig:
         _check(not self.attn_bias or self.max_seq_len <= MAX_BIAS_SEQ_LEN, where,
                f"max_seq_len: expected <= {MAX_BIAS_SEQ_LEN} with attn_bias (a max_seq_len^2 table per head), "
                f"got {self.max_seq_len}")
+        _check(self.token_mixer in self.TOKEN_MIXERS, where,
+               f"token_mixer: expected one of {', '.join(self.TOKEN_MIXERS)}, got {show(self.token_mixer)}")
+        if self.token_mixer == "mlp":
+            _check(not self.causal, where, "causal: expected false with token_mixer = 'mlp' (its every output reads "
+                   "every position)")
+            _check(not self.attn_bias, where, "attn_bias: expected false with token_mixer = 'mlp' (no attention)")
+            _check(self.max_seq_len <= MAX_BIAS_SEQ_LEN, where,
+                   f"max_seq_len: expected <= {MAX_BIAS_SEQ_LEN} with token_mixer = 'mlp' (12 max_seq_len^2 "
+                   f"weights per layer), got {self.max_seq_len}")
         _check(0.0 <= self.dropout < 1.0, where, f"dropout: expected in [0, 1), got {self.dropout}")
         _check(self.rope_theta > 0, where, f"rope_theta: expected > 0, got {self.rope_theta}")
         _check(self.norm_eps > 0, where, f"norm_eps: expected > 0, got {self.norm_eps}")

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -33,6 +33,8 @@ from moe_core.graph_contract import HALT_STEP, LOGITS, past_names, present_names
 # run(feeds, outputs, into) -> the named outputs as host arrays, with each present output written into the buffer
 # `into` names for it (serve/runtime.py OrtModel.run_feeds; export/decode.py eager_runner).
 Run = Callable[[dict[str, Any], list[str], dict[str, Any]], list[np.ndarray]]
+# Static shapes (Decoder(static=True)) also pass the bucket's CUDA graph id: run(feeds, outputs, into, graph_id).
+StaticRun = Callable[[dict[str, Any], list[str], dict[str, Any], int], list[np.ndarray]]
 
 
 def refill_window(max_seq_len: int) -> int:
@@ -248,6 +250,7 @@ class Decoder:
         if not self.static:
             return DecodeState([self.buffers.take(c, idx) for c in state.cache], state.lengths[idx],
                                state.halt_step[idx])
+        assert state.slots is not None  # static shapes: prefill and keep give every state its slots
         slots, n = state.slots[idx], bucket_for(len(idx))
         if n == self.buffers.rows(state.cache[0]):
             return DecodeState(state.cache, state.lengths[idx], state.halt_step[idx], slots)
@@ -262,15 +265,16 @@ class Decoder:
         """Append one token per row: (the logits after it [B, V], or with `greedy` the token ids [B]; the new
         state). `history`: each row's tokens so far, this one included, for a refill when a row reaches max_seq_len
         (module docstring)."""
-        tokens = np.asarray(tokens, dtype=np.int64)
+        ids = np.asarray(tokens, dtype=np.int64)
         full = state.lengths >= self.max_seq_len
         if not full.any():
-            return self._append(tokens, state, greedy)
+            return self._append(ids, state, greedy)
         refilled = np.flatnonzero(full)
         self.refills += len(refilled)
         window = refill_window(self.max_seq_len)
-        again_last, again = self._refill([list(history[i])[-window:] for i in refilled], greedy)
+        again_last, again = self._refill([list(history[i])[-window:] for i in refilled.tolist()], greedy)
         if self.static:  # into the bucket's own buffers, at the samples' rows: their addresses must not change
+            assert state.slots is not None  # static shapes: prefill and keep give every state its slots
             for mine, theirs in zip(state.cache, again.cache, strict=True):
                 self.buffers.put_into(mine, state.slots[refilled], theirs)
             cache = state.cache
@@ -282,7 +286,7 @@ class Decoder:
         state = DecodeState(cache, lengths, halt, state.slots)
         if full.all():
             return again_last, state
-        last, state = self._append(np.where(full, 0, tokens), state, greedy)  # 0: the refilled rows' placeholder
+        last, state = self._append(np.where(full, 0, ids), state, greedy)  # 0: the refilled rows' placeholder
         last[refilled] = again_last
         state.lengths[refilled] -= 1  # the placeholder's entry is not a token
         return last, state
@@ -313,7 +317,7 @@ class Decoder:
         mask = (np.arange(int(lengths.max()))[None, :] < lengths[:, None]).astype(np.int64)
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "past_halt_step": halt,
                  **dict(zip(self.past, cache, strict=True))}
-        wanted = self.token_output if tokens and self.gives_tokens else self.last_output or LOGITS
+        wanted = self.token_output if tokens and self.token_output is not None else self.last_output or LOGITS
         last, halt = self.run(feeds, [wanted, HALT_STEP], dict(zip(self.present, cache, strict=True)))
         if wanted == LOGITS:  # the full logits [B, T, V]: each row's last new token is at lengths - 1 - its position
             last = last[np.arange(len(ids)), lengths - 1 - positions[:, 0]]
@@ -334,21 +338,25 @@ class Decoder:
             self.buffers.write(b.feeds[name], value)
         # Every output is bound to the bucket's own buffer (a captured graph allocates nothing, and one graph serves
         # greedy and sampling callers); only the one wanted is read back.
-        wanted = self.token_output if greedy and self.gives_tokens else self.last_output
-        self.run({**b.feeds, **dict(zip(self.past, b.cache, strict=True))}, [],
-                 {**dict(zip(self.present, b.cache, strict=True)), **b.outputs}, b.graph_id)
+        wanted = self.token_output if greedy and self.token_output is not None else self.last_output
+        assert wanted is not None  # static shapes need a last_output (__init__)
+        run = cast(StaticRun, self.run)  # static shapes run on a runner that takes the graph id (OrtModel.run_feeds)
+        run({**b.feeds, **dict(zip(self.past, b.cache, strict=True))}, [],
+            {**dict(zip(self.present, b.cache, strict=True)), **b.outputs}, b.graph_id)
         return self.buffers.read(b.outputs[wanted])[at], self.buffers.read(b.outputs[HALT_STEP])[at]
 
     def _bucket(self, n: int) -> Bucket:
         """The buffers of the bucket of n rows, allocated on first use."""
         if n not in self.buckets:
+            # Buckets are static shapes only, which need a last_output and the vocab_size (__init__).
+            assert self.last_output is not None and self.vocab_size is not None
             zeros = self.buffers.zeros
             shape = (n, self.heads, self.max_seq_len, self.head_dim)
             feeds = {"input_ids": zeros((n, 1), INT64), "position_ids": zeros((n, 1), INT64),
                      "attention_mask": zeros((n, self.max_seq_len), INT64), "past_halt_step": zeros((n,), INT64)}
             outputs = {LOGITS: zeros((n, 1, self.vocab_size), FLOAT32),
                        self.last_output: zeros((n, self.vocab_size), FLOAT32), HALT_STEP: zeros((n,), INT64)}
-            if self.gives_tokens:
+            if self.token_output is not None:
                 outputs[self.token_output] = zeros((n,), INT64)
             self.buckets[n] = Bucket(n, 1 + len(self.buckets), [zeros(shape, self.cache_type) for _ in self.past],
                                      feeds, outputs)

@@ -208,37 +208,37 @@ def atomic_outputs(paths: Sequence[str | os.PathLike], overwrite: bool | Sequenc
     published, in the order given, or none is (publish). When it raises, or publishing fails, every file that
     existed is as it was and no new one is left. `overwrite`: for all paths, or one flag per path. The same checks and
     errors as atomic_write, naming the file being handled (the last, main one of the set when none is)."""
-    paths = [Path(p) for p in paths]
-    flags = [overwrite] * len(paths) if isinstance(overwrite, bool) else list(overwrite)
-    for path in paths:
+    outs = [Path(p) for p in paths]
+    flags = [overwrite] * len(outs) if isinstance(overwrite, bool) else list(overwrite)
+    for path in outs:
         if not path.parent.is_dir():
             raise MoeError(f"{path.parent}: output directory does not exist")
-    check_not_inputs(paths)
+    check_not_inputs(outs)
     tmps: dict[int, str] = {}
-    current = paths[-1]  # the file an I/O error is reported on: the one being handled, else the set's last (main)
+    current = outs[-1]  # the file an I/O error is reported on: the one being handled, else the set's last (main)
     try:
-        for i in reversed(range(len(paths))):
-            current = paths[i]
-            fd, tmps[i] = tempfile.mkstemp(prefix=f".{paths[i].name}.", suffix=".tmp", dir=paths[i].parent)
+        for i in reversed(range(len(outs))):
+            current = outs[i]
+            fd, tmps[i] = tempfile.mkstemp(prefix=f".{outs[i].name}.", suffix=".tmp", dir=outs[i].parent)
             os.close(fd)
-        current = paths[-1]
-        yield [tmps[i] for i in range(len(paths))]
-        for i, path in enumerate(paths):
+        current = outs[-1]
+        yield [tmps[i] for i in range(len(outs))]
+        for i, path in enumerate(outs):
             current = path
             os.chmod(tmps[i], 0o666 & ~UMASK)
             with open(tmps[i], "rb") as f:
                 os.fsync(f.fileno())
-        current = paths[-1]
-        check_not_inputs(paths)
+        current = outs[-1]
+        check_not_inputs(outs)
         with signals_deferred():
-            publish([(tmps[i], path, flags[i]) for i, path in enumerate(paths)])
+            publish([(tmps[i], path, flags[i]) for i, path in enumerate(outs)])
             tmps = {}
     except BaseException as e:
         for tmp in tmps.values():
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
         if isinstance(e, Exception) and not isinstance(e, MoeError) and is_io_error(e):
-            where = next((p for p in paths if str(p) == getattr(e, "filename", None)), current)
+            where = next((p for p in outs if str(p) == getattr(e, "filename", None)), current)
             raise MoeError(f"{where}: cannot write ({os_reason(e)}); nothing was written") from None
         raise
 

@@ -66,29 +66,38 @@ class Decision:
     margin: Tensor  # >= 0. heads: [B, T, 2], of the head count and of the set at that count; experts: [B, T]; halt: [B]
 
 
-_decision_log: list[Decision] | None = None
+@dataclass
+class Tracing:
+    """What an exporter asks of one model's forward, for the duration of a trace: every routing and halting
+    decision appended to `decisions` (when it is a list), rotary embeddings as ONNX's fused operator. One object per
+    model, shared by its modules (RecursiveMoE.__init__), set through the context managers below: state of that
+    model, not of the process."""
+
+    decisions: list[Decision] | None = None
+    onnx_rotary: bool = False
+
+    def record(self, kind: str, choice: Tensor, margin: Tensor) -> None:
+        if self.decisions is not None:
+            self.decisions.append(Decision(kind, choice, margin))
 
 
 @contextmanager
-def recording_decisions() -> Iterator[list[Decision]]:
-    """Within the block, every forward of the model appends its decisions, in call order, to the yielded list."""
-    global _decision_log
-    previous, _decision_log = _decision_log, []
+def recording_decisions(model: RecursiveMoE) -> Iterator[list[Decision]]:
+    """Within the block, every forward of `model` appends its decisions, in call order, to the yielded list."""
+    previous, model.tracing.decisions = model.tracing.decisions, []
     try:
-        yield _decision_log
+        yield model.tracing.decisions
     finally:
-        _decision_log = previous
-
-
-def _record(kind: str, choice: Tensor, margin: Tensor) -> None:
-    if _decision_log is not None:
-        _decision_log.append(Decision(kind, choice, margin))
+        model.tracing.decisions = previous
 
 
 class AuxAccumulator:
-    """Collects aux losses and statistics over every block call of one forward pass.
+    """Collects aux losses and statistics over the block calls of one forward pass.
 
-    Keys ending in `_min` / `_max` reduce by min / max, everything else by mean over calls.
+    Keys ending in `_min` / `_max` reduce by min / max, everything else by mean over calls. The caller adds a
+    loss only from a call that backpropagates (grad enabled): a no-grad cycle's value cannot move a weight, and
+    averaging it in would scale every loss's gradient by the share of calls that do, so that a weight would mean
+    1 / H_cycles of itself. Statistics describe every call.
     """
 
     def __init__(self) -> None:
@@ -124,7 +133,7 @@ class ModelOutput:
     halt_step: Tensor  # [B] int64, 1-based step whose logits were kept
     step_logits: list[Tensor] = field(default_factory=list)  # training: one [B, T, V] per supervision step
     halt_logits: Tensor | None = None  # training: [S, B] halting logit of every step
-    aux_losses: dict[str, Tensor] = field(default_factory=dict)  # training: unweighted, by name
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)  # training: unweighted mean over grad calls, by name
     stats: dict[str, Tensor] = field(default_factory=dict)  # training: detached statistics, by name
     carry: Carry | None = None  # forward(carry=...): the state after this step, detached (the next update's start)
 
@@ -143,18 +152,14 @@ class RMSNorm(nn.Module):
 # below from half-width tables, and torch.onnx.ops.rotary_embedding traces to that one node (eager, it runs the
 # operator's reference implementation). The exporter turns it on for graphs of opset >= 23 only; training and the
 # eager model keep the plain form.
-_onnx_rotary = False
-
-
 @contextmanager
-def onnx_rotary() -> Iterator[None]:
-    """Within the block, every Rotary is the ONNX RotaryEmbedding operator (torch.onnx.ops.rotary_embedding)."""
-    global _onnx_rotary
-    previous, _onnx_rotary = _onnx_rotary, True
+def onnx_rotary(model: RecursiveMoE) -> Iterator[None]:
+    """Within the block, every Rotary of `model` is the ONNX RotaryEmbedding operator."""
+    previous, model.tracing.onnx_rotary = model.tracing.onnx_rotary, True
     try:
         yield
     finally:
-        _onnx_rotary = previous
+        model.tracing.onnx_rotary = previous
 
 
 class Rotary(nn.Module):
@@ -170,10 +175,11 @@ class Rotary(nn.Module):
         self.register_buffer("sin", angles.sin(), persistent=False)
         self.register_buffer("cos_half", half.cos(), persistent=False)  # the ONNX operator's tables
         self.register_buffer("sin_half", half.sin(), persistent=False)
+        self.tracing = Tracing()  # the model's own, once it is part of one
 
     def forward(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
         """x: [B, H, T, hd] at positions 0..T-1, or at `positions` [B, T] (cached decoding)."""
-        if _onnx_rotary:
+        if self.tracing.onnx_rotary:
             if positions is None:
                 positions = torch.arange(x.shape[-2], device=x.device).expand(x.shape[0], -1)
             from torch.onnx import ops as onnx_ops
@@ -265,6 +271,7 @@ class MoHAttention(nn.Module):
         # [H, max_seq_len, max_seq_len] added to every score (ModelConfig.attn_bias); zero at start.
         self.attn_bias = nn.Parameter(torch.zeros(cfg.n_heads, cfg.max_seq_len, cfg.max_seq_len)) \
             if cfg.attn_bias else None
+        self.tracing = Tracing()  # the model's own, once it is part of one
 
     def route(self, x: Tensor) -> HeadRouting:
         H = self.n_heads
@@ -289,8 +296,8 @@ class MoHAttention(nn.Module):
             soft = torch.where(forced, torch.ones_like(soft), soft)
             mask_sorted = (soft - soft.detach()) + mask_sorted  # this order keeps the forward value exact
         mask = torch.zeros_like(probs).scatter(-1, order, mask_sorted)  # back to head order
-        if _decision_log is not None:
-            _record("heads", mask, self._selection_margin(sorted_p, keep, forced, by_count, by_mass,
+        if self.tracing.decisions is not None:
+            self.tracing.record("heads", mask, self._selection_margin(sorted_p, keep, forced, by_count, by_mass,
                                                           (t + 0.5 - rank) / (self.max_heads + 0.5), th - taken_before))
         return HeadRouting(probs, mask, complexity, target, threshold)
 
@@ -469,6 +476,7 @@ class MoEFeedForward(nn.Module):
         self.w_gate = nn.Parameter(torch.empty(D, E * Fd))
         self.w_up = nn.Parameter(torch.empty(D, E * Fd))
         self.w_down = nn.Parameter(torch.empty(E * Fd, D))
+        self.tracing = Tracing()  # the model's own, once it is part of one
 
     def experts(self) -> tuple[Tensor, Tensor, Tensor]:
         """Views of the weights per expert: gate and up [E, D, F], down [E, F, D]."""
@@ -508,10 +516,10 @@ class MoEFeedForward(nn.Module):
         probs = logits.softmax(dim=-1)
         sorted_p, order = ranked(probs)
         top_p, top_i = sorted_p[..., : self.top_k], order[..., : self.top_k]
-        if _decision_log is not None:  # the choice changes when the k-th and the (k+1)-th expert swap
+        if self.tracing.decisions is not None:  # the choice changes when the k-th and the (k+1)-th expert swap
             gap = sorted_p[..., self.top_k - 1] - sorted_p[..., self.top_k] if self.top_k < self.n_experts \
                 else torch.full_like(sorted_p[..., 0], math.inf)
-            _record("experts", top_i, gap)
+            self.tracing.record("experts", top_i, gap)
         top_w = (top_p / top_p.sum(dim=-1, keepdim=True)).to(x.dtype)  # combine weights, sum to 1 over the k
         dispatch = self.dispatch if x.device.type == "cpu" else self.dispatch_off_cpu
         if dispatch == "auto":
@@ -532,11 +540,30 @@ class MoEFeedForward(nn.Module):
         return y, Aux(losses, stats)
 
 
+class TokenMLP(nn.Module):
+    """TRM's token-mixing MLP (model.token_mixer = "mlp"): a SwiGLU across positions, the same for every channel,
+    so that every position's output is a learned function of every position. Inputs fill max_seq_len (the config
+    refuses a causal model; forward refuses other lengths and padding)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        T, hidden = cfg.max_seq_len, 4 * cfg.max_seq_len
+        self.w_gate = nn.Parameter(torch.empty(T, hidden))
+        self.w_up = nn.Parameter(torch.empty(T, hidden))
+        self.w_down = nn.Parameter(torch.empty(hidden, T))
+
+    def forward(self, x: Tensor, key_mask: Tensor | None, collect: bool,
+                cache: CacheCursor | None = None) -> tuple[Tensor, Aux]:
+        u = x.transpose(1, 2)  # [B, D, T]: each channel's sequence is one input of the MLP
+        y = (F.silu(u @ self.w_gate) * (u @ self.w_up)) @ self.w_down
+        return y.transpose(1, 2), Aux()
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = MoHAttention(cfg)
+        self.attn: MoHAttention | TokenMLP = TokenMLP(cfg) if cfg.token_mixer == "mlp" else MoHAttention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = MoEFeedForward(cfg)
         self.drop = nn.Dropout(cfg.dropout)
@@ -568,8 +595,9 @@ class ReasoningNet(nn.Module):
             # function (one graph for all layers and calls); the accumulation happens out here.
             u, aux = block(u, key_mask, acc is not None, cache)
             if acc is not None:
-                for k, v in aux.losses.items():
-                    acc.add(k, v)
+                if torch.is_grad_enabled():
+                    for k, v in aux.losses.items():
+                        acc.add(k, v)
                 for k, v in aux.stats.items():
                     acc.add(f"L{i + 1}.{k}", v)
         return u
@@ -608,6 +636,10 @@ class RecursiveMoE(nn.Module):
         # Fixed (not learned) initial states, as in TRM; saved with the weights.
         self.register_buffer("z_H_init", torch.empty(cfg.d_model))
         self.register_buffer("z_L_init", torch.empty(cfg.d_model))
+        self.tracing = Tracing()  # what an export asks of this model's forward, shared by every module that reads it
+        for m in self.modules():
+            if isinstance(m, (Rotary, MoHAttention, MoEFeedForward)):
+                m.tracing = self.tracing
         self.reset_parameters()
 
     @torch.no_grad()
@@ -736,8 +768,8 @@ class RecursiveMoE(nn.Module):
         step_logits, halt_logits = [], []
         for step in range(1, cfg.halt_max_steps + 1):
             c, h, q = self.step(c, x, key_mask, acc)  # q: [B] halt logits
-            if _decision_log is not None:
-                _record("halt", q, q.abs() / q.abs().max().clamp_min(1.0))
+            if self.tracing.decisions is not None:
+                self.tracing.record("halt", q, q.abs() / q.abs().max().clamp_min(1.0))
             # A sample keeps the first step whose halt probability is > 0.5; the last step if none.
             newly = ~halted & (q > 0)
             halt_step = torch.where(newly, torch.full_like(halt_step, step), halt_step)
@@ -813,7 +845,12 @@ class RecursiveMoE(nn.Module):
                                            or attention_mask.shape != input_ids.shape):
             got = list(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
             raise ValueError(f"attention_mask: expected the shape of input_ids {list(input_ids.shape)}, got {got}")
+        if cfg.token_mixer == "mlp" and input_ids.shape[1] != cfg.max_seq_len:
+            raise ValueError(f"input_ids: expected {cfg.max_seq_len} positions (token_mixer = 'mlp' mixes exactly "
+                             f"max_seq_len), got {input_ids.shape[1]}")
         if not self.training:
+            if cfg.token_mixer == "mlp" and attention_mask is not None and not bool(attention_mask.all()):
+                raise ValueError("attention_mask: expected no padding (token_mixer = 'mlp' mixes every position)")
             lo, hi = int(input_ids.min()), int(input_ids.max())
             if lo < 0 or hi >= cfg.vocab_size:
                 raise ValueError(f"input_ids: expected token ids in 0..{cfg.vocab_size - 1} (vocab_size), got "

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence, Set
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -41,6 +41,8 @@ MIN_GIVENS = 17  # no 16-clue Sudoku has a unique solution (McGuire et al., 2012
 # (generate), so a set takes minutes; 81 is a solved grid, nothing left to solve.
 GENERATED_GIVENS = (22, 80)
 VOCAB = 10  # a Sudoku model's vocabulary: blank + 9 digits; the token id of a cell is its digit, 0 = blank
+
+T = TypeVar("T")
 
 # Geometry. UNITS[u] are the 9 cells of unit u: rows 0-8, columns 9-17, boxes 18-26.
 _R = tuple(i // 9 for i in range(CELLS))
@@ -101,7 +103,9 @@ def read_puzzle_file(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | 
         raise MoeError(f"{path}: not a file; expected a text file of 81-character Sudoku lines")
     if size > MAX_FILE_BYTES:
         raise MoeError(f"{path}: {size:,} bytes; expected a puzzle file of at most {MAX_FILE_BYTES >> 20} MiB")
-    puzzles, solutions, first = [], [], True
+    puzzles: list[np.ndarray] = []
+    solutions: list[np.ndarray] = []
+    first = True
     for lineno, raw in read_lines(path):
         where = f"{path}:{lineno}"
         if len(raw) > MAX_LINE_CHARS:
@@ -365,7 +369,7 @@ class _Solver:
             empty = [i for i in empty if not grid[i]]
 
 
-def _shuffled(items: tuple | list, rand: Callable[[], float]) -> list:
+def _shuffled(items: Sequence[T], rand: Callable[[], float]) -> list[T]:
     """Fisher-Yates driven by random.Random.random() alone: the one stream Python promises never to change."""
     out = list(items)
     for k in range(len(out) - 1, 0, -1):
@@ -663,7 +667,7 @@ def make_splits(n_train: int, n_test: int, seed: int | str, givens: int | tuple[
     return train, test
 
 
-def make_ladder(levels: list[int], n: int, seed: int | str, exclude: set[bytes] = frozenset(),
+def make_ladder(levels: list[int], n: int, seed: int | str, exclude: Set[bytes] = frozenset(),
                 attempts: int = 500) -> list[tuple[SudokuSet, int]]:
     """A difficulty ladder: for each number of givens in `levels`, `n` puzzles with exactly that many givens and
     one solution, with how many of its stream's puzzles were skipped.

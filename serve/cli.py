@@ -71,7 +71,7 @@ ENGINES = ("local", "ray")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output file (or output set of shards).")
 @click.option("--engine", type=click.Choice(ENGINES), default="local",
               help="local: serve in this process; ray: on a Ray cluster (pip install 'moe[ray]'), one ONNX Runtime "
-                   "session per worker, the same results (see the README, \"Serving on a Ray cluster\").")
+                   "session per worker, the same results (see docs/serving.md, \"Serving on a Ray cluster\").")
 @click.option("--ray-address", default=None, metavar="auto|HOST:PORT",
               help="--engine ray: the cluster to join (auto: the one `ray start` runs on this node, or $RAY_ADDRESS). "
                    "[default: start a local cluster]")
@@ -189,6 +189,7 @@ def serve(model, input_path, output_path, mode, batch_size, provider, runtime, m
     if on_ray:
         from .ray_engine import serve_on_ray
 
+        assert records is not None  # on Ray, count_inputs kept the records in it
         open_args = dict(provider=provider, threads=threads_per_worker, runtime=server.model.runtime,
                          max_steps=max_steps, halting=halting, cache=cache and mode == "generate")
         with contextlib.ExitStack() as stack:

@@ -30,6 +30,7 @@ __all__ = ["EXPECTED", "PUZZLE_EXPECTED", "PuzzleRecord", "Record", "chunked", "
 CHUNK_TEXT_CHARS = 32 * 2**20  # a chunk of records holds at most this much text (plus one record)
 
 T = TypeVar("T")
+PathT = TypeVar("PathT", bound="str | os.PathLike")
 
 PUZZLE_EXPECTED = ('expected one JSON object per line with an 81-character "puzzle" (or "text") field and optional '
                    '"solution" and "id", or a puzzle file of 81-character lines (.txt / .csv)')
@@ -90,8 +91,8 @@ def read_records(path: str | os.PathLike) -> Iterator[Record]:
         yield Record(lineno, ids.check(obj, where, lineno), text)
 
 
-def count_records(path: str | os.PathLike, read: Callable[[str | os.PathLike], Iterable[Any]] = read_records,
-                  expected: str = EXPECTED) -> int:
+def count_records(path: PathT, read: Callable[[PathT], Iterable[Any]] = read_records, expected: str = EXPECTED
+                  ) -> int:
     """Validate every record (before any compute is spent) and count them; an empty input is an error."""
     n = sum(1 for _ in read(path))
     if n == 0:

@@ -19,7 +19,7 @@ imports torch, and this module imports ray only when a run starts, so `moe serve
 Results. A block is served as the in-process engine serves a chunk, but blocks are smaller (about 4 per worker, so
 that the workers share the work), so a batch holds other records than in one process. Rows never mix, so discrete
 results (halt steps, generated tokens, solutions, n_tokens) are the same and float results differ only by the fp32
-rounding that depends on a batch's padded width (README, "Serving on a Ray cluster", for the bound); cached
+rounding that depends on a batch's padded width (docs/serving.md, "Serving on a Ray cluster", for the bound); cached
 generation past max_seq_len too, as each sample refills its own cache (moe_core/decoding.py).
 
 Faults. Ray Data restarts an actor whose process dies (max_restarts = -1) and resubmits the block it was serving
@@ -45,7 +45,7 @@ import socket
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -175,10 +175,12 @@ class Predictor:
         and on a block's first record the block's figures (Totals, as JSON) and this worker's name."""
         if self.error is not None:
             raise self.error
+        assert self.server is not None  # Server.open failed only when self.error is set
         out: dict[str, list] = {"index": [], "line": [], "meta": []}
         for k in range(len(batch["index"])):
             index = np.asarray(batch["index"][k], dtype=np.int64)
             ids = [json.loads(i) for i in batch["id"][k]]
+            records: list[PuzzleRecord] | list[Record]
             if self.job.mode == "solve":
                 records = [PuzzleRecord(i, sudoku.parse_grid(p, "puzzle"),
                                         sudoku.parse_grid(s, "solution") if s else None)
@@ -212,7 +214,7 @@ def cluster(address: str | None) -> Iterator[str]:
         return
     if address is not None:
         check_reachable(address)
-    quiet = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    quiet: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     # Ray's core worker installs its own SIGTERM handler (a stack dump, then exit 15); the command's own handlers
     # (moe_core/cli.py: one line, unfinished outputs removed, exit 143) are put back once it is connected.
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -281,7 +283,9 @@ def job_error(e: BaseException) -> MoeError | None:
     its traceback is wanted)."""
     import ray.exceptions
 
-    seen, todo, ray_error = set(), [e], None
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [e]
+    ray_error = None
     while todo:
         x = todo.pop()
         if x is None or id(x) in seen:
@@ -298,7 +302,7 @@ def job_error(e: BaseException) -> MoeError | None:
     return None
 
 
-def ordered_lines(batches: Iterator[dict[str, np.ndarray]], n_records: int, totals: Totals, workers: set[str],
+def ordered_lines(batches: Iterable[dict[str, np.ndarray]], n_records: int, totals: Totals, workers: set[str],
                   progress: Callable[[int], Any]) -> Iterator[str]:
     """The output lines in input order, from result batches in any order: every index must come back exactly once
     (a repeat or a missing one is an error, and nothing is written). With preserve_order the buffer stays empty."""
@@ -347,7 +351,8 @@ def serve_on_ray(server: Server, open_args: dict[str, Any], job: Job, records: S
             # max_task_retries has no named parameter in map_batches: it goes through **ray_remote_args, which Ray
             # 2.60 marks as deprecated (as it does some DataContext fields it copies for every dataset).
             warnings.simplefilter("ignore", DeprecationWarning)
-            ds = ray.data.from_items(block_items(records, blocks, job.mode), override_num_blocks=len(blocks))
+            ds: ray.data.Dataset = ray.data.from_items(block_items(records, blocks, job.mode),
+                                                       override_num_blocks=len(blocks))
             ds = ds.map_batches(Predictor, batch_size=1, batch_format="numpy",
                                 fn_constructor_kwargs={"model": str(server.info.path.resolve()), "open_args": open_args,
                                                        "job": job},
@@ -358,7 +363,8 @@ def serve_on_ray(server: Server, open_args: dict[str, Any], job: Job, records: S
             ctx.enable_progress_bars = False
             ctx.print_on_execution_start = False
             ctx.raise_original_map_exception = True  # a worker's MoeError reaches the driver as itself (job_error)
-        totals, processes = Totals(), set()
+        totals = Totals()
+        processes: set[str] = set()
         try:
             with open_outputs(inputs, out, overwrite, make_manifest) as sink:
                 batches = ds.iter_batches(batch_size=None, batch_format="numpy")

@@ -35,7 +35,7 @@ only: fp16 graphs pass the carry between steps in fp32 (kept float32 I/O), and i
 batch, which changes as samples leave it (figures: benchmarks/RESULTS.md).
 
 Verifying the CUDA path on a GPU machine (it cannot run on the CPU-only CI, which proves placement instead:
-tests/test_cuda_placement.py): `make gpu-check` (benchmarks/gpu_check.py).
+tests/e2e/test_cuda_placement.py): `make gpu-check` (benchmarks/gpu_check.py).
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ class ModelInfo:
     serve_max_steps: int | None = None  # the steps the run validated for serving (graph_contract.SERVE_MAX_STEPS)
 
 
-def read_model(path: str | os.PathLike, graph: str = "unrolled"):
+def read_model(path: str | os.PathLike, graph: str = "unrolled") -> tuple[Any, ModelInfo]:
     """(onnx.ModelProto, ModelInfo) of an exported model, the unrolled graph or a step graph; MoeError naming the
     file for anything unexpected."""
     import onnx
@@ -173,6 +173,8 @@ def read_model(path: str | os.PathLike, graph: str = "unrolled"):
     if graph == "unrolled" and meta.get("graph") == "step":
         raise MoeError(f"{path}: a step graph (`moe export --stepwise`); serve the model it belongs to "
                        f"({path.name.removesuffix(STEP_SUFFIX)}.onnx), which runs it with --runtime stepwise")
+    want_in: tuple[str, ...]
+    want_out: tuple[str, ...]
     if graph == "decode":
         entries = meta.get(CACHE_ENTRIES, "")
         if not (entries.isascii() and entries.isdigit() and 0 < int(entries) < 10**6):
@@ -211,6 +213,7 @@ def read_model(path: str | os.PathLike, graph: str = "unrolled"):
     if not isinstance(config, dict):
         raise MoeError(f"{path}: malformed metadata config: expected a JSON object, got a JSON {json_type(config)}")
     tok_name = file_beside(meta, "tokenizer_file", path)
+    assert tok_name is not None  # tokenizer_file is one of METADATA_KEYS, present (checked above)
     task = meta.get("task", task_of(config))  # files exported before the key existed: the run config's
     if task not in TASKS:
         raise MoeError(f"{path}: malformed metadata task: expected one of {', '.join(TASKS)}, got {str(task)[:40]!r}")
@@ -431,13 +434,14 @@ def open_model(path: str | os.PathLike, provider: str = "auto", threads: int | N
     proto, info = read_model(path)
     step = info.path.with_name(info.step_graph) if info.step_graph else None
     asked = "--max-steps / --no-halt" if steps_option else "--runtime stepwise"
-    if runtime == "stepwise" and step is None:
-        raise MoeError(f"{info.path}: {asked} needs the model's step graph, and it was exported without one; "
-                       "export it with `moe export RUN --out MODEL.onnx --stepwise`")
-    if runtime == "stepwise" and not step.exists():
-        fallback = "" if steps_option else ", or serve with --runtime unrolled"
-        raise MoeError(f"{step}: step graph not found (the model {info.path.name} was exported with it; copy it "
-                       f"beside the model{fallback})")
+    if runtime == "stepwise":
+        if step is None:
+            raise MoeError(f"{info.path}: {asked} needs the model's step graph, and it was exported without one; "
+                           "export it with `moe export RUN --out MODEL.onnx --stepwise`")
+        if not step.exists():
+            fallback = "" if steps_option else ", or serve with --runtime unrolled"
+            raise MoeError(f"{step}: step graph not found (the model {info.path.name} was exported with it; copy it "
+                           f"beside the model{fallback})")
     if runtime == "auto" and (step is None or not step.exists()):
         model = OrtModel(path, provider, threads, loaded=(proto, info))
         if step is not None:
@@ -450,6 +454,7 @@ def open_model(path: str | os.PathLike, provider: str = "auto", threads: int | N
         return model
     if max_steps is None and info.serve_max_steps is not None:
         max_steps = info.serve_max_steps  # what the run validated (graph_contract.SERVE_MAX_STEPS); --max-steps wins
+    assert step is not None  # "stepwise" without a step graph raised above, "auto" without one returned
     return StepwiseModel(info, OrtModel(step, provider, threads, graph="step"), max_steps, halting)
 
 
@@ -462,6 +467,7 @@ def open_decoder(info: ModelInfo, provider: str = "auto", threads: int | None = 
     if not path.exists():
         return None, f"decode graph {path.name} not found: generating without the cache"
     proto, d = read_model(path, "decode")
+    assert d.cache_entries is not None  # read_model sets it for every decode graph
     for what, mine, theirs in (("weights", info.weights_sha256, d.weights_sha256),
                                ("precision", info.precision, d.precision),
                                ("tokenizer", info.tokenizer_sha256, d.tokenizer_sha256)):

@@ -55,7 +55,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self, cast
 
 import numpy as np
 
@@ -88,8 +88,8 @@ class ScoreResult:
     token_logprobs: list[float] | None = None  # log p(token t | tokens < t) for t = 1..n-1, when requested
 
     def as_record(self) -> dict[str, Any]:
-        r = {"nll": self.nll, "ppl": self.ppl, "n_tokens": self.n_tokens, "halt_step": self.halt_step,
-             "n_windows": self.n_windows}
+        r: dict[str, Any] = {"nll": self.nll, "ppl": self.ppl, "n_tokens": self.n_tokens,
+                             "halt_step": self.halt_step, "n_windows": self.n_windows}
         if self.token_logprobs is not None:
             r["token_logprobs"] = [round(v, 6) for v in self.token_logprobs]  # float32 holds ~7 digits
         return r
@@ -176,7 +176,7 @@ def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def pad_batch(rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+def pad_batch(rows: Sequence[Sequence[int]] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Right-padded int64 input_ids and attention_mask [B, max len]. The pad id (0) is never attended to."""
     width = max(len(r) for r in rows)
     ids = np.zeros((len(rows), width), dtype=np.int64)
@@ -219,6 +219,7 @@ def pick_token(logits: np.ndarray, temperature: float = 0.0, top_k: int = 0, top
         q = np.zeros_like(p)
         q[keep] = p[keep]
         p = q / q.sum()
+    assert rng is not None, "sampling (temperature > 0) needs a generator"
     return int(rng.choice(len(p), p=p))
 
 
@@ -304,7 +305,8 @@ def _grid_list(value: Any, name: str) -> list[Any]:
 def max_batch_rows(info: ModelInfo) -> int:
     """Rows one forward pass may hold within MAX_BATCH_ELEMENTS (module docstring, "Batching"); sizes the exported
     metadata does not carry count as 0."""
-    model = info.config.get("model") if isinstance(info.config.get("model"), dict) else {}
+    found = info.config.get("model")
+    model: dict[str, Any] = found if isinstance(found, dict) else {}
 
     def size(key: str) -> int:
         v = model.get(key)
@@ -330,7 +332,7 @@ class Server:
 
     @classmethod
     def open(cls, model_path: str | os.PathLike, provider: str = "auto", threads: int | None = None,
-             runtime: str = "auto", max_steps: int | None = None, halting: bool = True, cache: bool = True) -> Server:
+             runtime: str = "auto", max_steps: int | None = None, halting: bool = True, cache: bool = True) -> Self:
         """Load MODEL.onnx and the tokenizer beside it (both checked); provider "auto" | "cuda" | "cpu"; runtime
         "auto" (the step graph when the model has one) | "unrolled" | "stepwise" (see the module docstring).
         max_steps / halting=False: run up to max_steps steps / ignore the halt head (step graph only). threads is
@@ -387,7 +389,7 @@ class Server:
         # No post-processor tokens: a text is scored / continued exactly as written.
         return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
-    def _forward(self, rows: Sequence[Sequence[int]], outputs: list[str]) -> list[np.ndarray]:
+    def _forward(self, rows: Sequence[Sequence[int]] | np.ndarray, outputs: list[str]) -> list[np.ndarray]:
         ids, mask = pad_batch(rows)
         self._count(int(mask.sum()), mask.size)
         return check_finite(self.model.run(ids, mask, outputs), outputs, self.info.path)
@@ -512,15 +514,17 @@ class Server:
                 if progress is not None and len(still) < len(active):
                     progress(len(active) - len(still))
                 if self.decoder is not None and still:
+                    assert state is not None  # the prefill above made it
                     state = self.decoder.keep(state, rows_still)
                     self._count(len(still), len(still))
                     last, state = self.decoder.step([new[i][-1] for i in still], state,
                                                     [prompts[i] + new[i] for i in still], greedy=greedy_ids)
                     hs = state.halt_step
                 active = still
-        self._account([r.halt_step for r in results], tokens=sum(len(r.tokens) for r in results),
+        done = cast(list[GenerateResult], results)  # every sample ended (eot or length) with its result
+        self._account([r.halt_step for r in done], tokens=sum(len(r.tokens) for r in done),
                       long=sum(len(p) > T for p in prompts))
-        return results
+        return done
 
     # -- solve -----------------------------------------------------------------------------------------
 
@@ -575,6 +579,6 @@ class Server:
         s.sequences += len(halts)
         s.tokens += tokens
         s.long_inputs += long
-        halts = [h for h in halts if h is not None]
-        s.halt_sum += sum(halts)
-        s.halt_count += len(halts)
+        known = [h for h in halts if h is not None]
+        s.halt_sum += sum(known)
+        s.halt_count += len(known)

@@ -33,7 +33,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO, TypeVar
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar, cast
 
 from moe_core.errors import MoeError, is_io_error, os_reason
 from moe_core.files import UMASK, atomic_output, atomic_write_text, check_output, fsync_dir, signals_deferred
@@ -43,7 +43,7 @@ from .jsonl import JSONL_SUFFIXES, PUZZLE_FILE_SUFFIXES, chunked, count_records
 from .server import ServeStats
 
 if TYPE_CHECKING:
-    from .server import Progress, Server
+    from .server import GenerateResult, Progress, ScoreResult, Server, SolveResult
 
 T = TypeVar("T")
 
@@ -94,6 +94,7 @@ def serve_chunk(server: Server, job: Job, records: Sequence[Any], first_index: i
                 progress: Progress | None = None) -> list[str]:
     """The output lines of `records` (Record or PuzzleRecord, in input order), whose first is record `first_index` of
     the whole input (generation seeds each sample from its position in the input)."""
+    results: list[SolveResult] | list[ScoreResult] | list[GenerateResult]
     if job.mode == "solve":
         results = server.solve([r.puzzle for r in records], [r.solution for r in records], job.rows,
                                progress=progress)
@@ -192,7 +193,8 @@ def find_inputs(input_path: str, mode: str) -> Inputs:
             raise MoeError(f"{input_path}: the pattern matches no input file")
     else:
         return Inputs([Shard(path, None)], False, input_path)
-    shards, names = [], {}
+    shards: list[Shard] = []
+    names: dict[str, Path] = {}
     for p in found:
         name = p.stem + OUTPUT_SUFFIX
         if name in names:
@@ -375,24 +377,25 @@ def open_outputs(inputs: Inputs, out: Path, overwrite: bool,
             finally:
                 sink.abandon()
         return
-    tmp = None
+    tmp_dir: Path | None = None
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-        sink = Sink(inputs.shards, [str(tmp / s.name) for s in inputs.shards])
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        # Sharded inputs: every shard names its output file (find_inputs).
+        sink = Sink(inputs.shards, [str(tmp_dir / cast(str, s.name)) for s in inputs.shards])
         try:
             yield sink
             sink.finish()
         finally:
             sink.abandon()
         if make_manifest is not None:
-            atomic_write_text(tmp / MANIFEST, json.dumps(make_manifest(), indent=1, ensure_ascii=False) + "\n")
-        os.chmod(tmp, 0o777 & ~UMASK)  # mkdtemp makes 0700
-        fsync_dir(tmp)
-        _commit_dir(tmp, out, overwrite)
-        tmp = None
+            atomic_write_text(tmp_dir / MANIFEST, json.dumps(make_manifest(), indent=1, ensure_ascii=False) + "\n")
+        os.chmod(tmp_dir, 0o777 & ~UMASK)  # mkdtemp makes 0700
+        fsync_dir(tmp_dir)
+        _commit_dir(tmp_dir, out, overwrite)
+        tmp_dir = None
     except BaseException as e:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if tmp_dir is not None:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
         if isinstance(e, Exception) and not isinstance(e, MoeError) and is_io_error(e):
             raise MoeError(f"{out}: cannot write ({os_reason(e)}); nothing was written") from None
         raise

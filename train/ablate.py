@@ -29,13 +29,13 @@ import click
 
 from moe_core.errors import ConfigError, MoeError
 from moe_core.files import atomic_write_text
+from moe_core.run_layout import METRICS_FILE, TOKENIZER_FILE
 
 from .config import RunConfig, build_config, parse_override, preset_names, read_toml
-from .plots import METRICS_FILE, layer_numbers, plot_val_loss_overlay, read_metrics, save_figure, series, split_records
+from .plots import layer_numbers, plot_val_loss_overlay, read_metrics, save_figure, series, split_records
 
 GRIDS_DIR = "grids"  # inside the train.configs package (configs/grids/)
 DEFAULT_GRID = "seeds-study"
-TOKENIZER_FILE = "tokenizer.json"
 OUTPUTS = ("ablation.md", "ablation.csv", "val_loss.png", TOKENIZER_FILE)
 # What makes variants comparable: the same steps on the same tokens. These cannot vary inside a grid.
 FIXED = {("train", "max_steps"), ("train", "data"), ("train", "tokenizer"), ("train", "val_fraction"),

@@ -53,10 +53,6 @@ from safetensors.torch import save_file
 
 from moe_core import __version__
 from moe_core.checkpoint import (
-    CONFIG_FILE,
-    SHARD_FILES,
-    SHARD_INDEX,
-    WEIGHTS_FILE,
     check_weights,
     drop_sharded_weights,
     load_run_config,
@@ -70,20 +66,26 @@ from moe_core.checkpoint import (
 from moe_core.errors import CheckpointError
 from moe_core.files import atomic_write, fsync_dir
 from moe_core.formats import FORMAT_VERSION
+from moe_core.run_layout import (
+    BEST_DIR,
+    BEST_FILE,
+    CONFIG_FILE,
+    EMA_FILE,
+    OPTIMIZER_FILE,
+    SHARD_FILES,
+    SHARD_INDEX,
+    STATE_DIR,
+    STATE_FILE,
+    WEIGHTS_FILE,
+)
 
 from .config import RunConfig
 from .distributed import SINGLE, Dist, is_dtensor, is_sharded
 
-STATE_DIR = "trainer_state"
 FORMAT = 1  # bump when the layout below changes; resume refuses other formats by name
 SHARDED_FORMAT = 2  # the sharded layout below (FSDP); format 1 readers refuse it by name
 _CPU = torch.device("cpu")
 _SET = re.compile(r"^step-(\d{8})$")
-_OPTIMIZER_FILE = "optimizer.safetensors"
-_STATE_FILE = "state.json"
-EMA_FILE = "ema.safetensors"
-BEST_DIR = "best"
-BEST_FILE = "best.json"
 
 
 @dataclass
@@ -141,8 +143,8 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
             if ema is not None:
                 save_weights(ema, tmp / EMA_FILE)
             tensors = {**{k: v.detach().cpu().contiguous() for k, v in opt.items()}, **rng, **norms, **state.rows}
-            atomic_write(tmp / _OPTIMIZER_FILE, lambda p: save_file(tensors, p))
-            _write_json(tmp / _STATE_FILE, meta)
+            atomic_write(tmp / OPTIMIZER_FILE, lambda p: save_file(tensors, p))
+            _write_json(tmp / STATE_FILE, meta)
             _finish_set(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -173,7 +175,7 @@ def _save_sharded(run_dir: Path, final: Path, tmp: Path, model_state: dict[str, 
         if dist.is_main:
             _write_json(tmp / SHARD_INDEX, {"format_version": FORMAT_VERSION, "moe_version": __version__,
                                             **model_index})
-            _write_json(tmp / _STATE_FILE, {**meta, "format": SHARDED_FORMAT, "optimizer": opt_index})
+            _write_json(tmp / STATE_FILE, {**meta, "format": SHARDED_FORMAT, "optimizer": opt_index})
             _finish_set(tmp, final)
             for name in (*model_index["files"], SHARD_INDEX):  # the index last: it switches readers over
                 _publish(final / name, run_dir / name)
@@ -309,10 +311,10 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     and takes this rank's piece. A set saved with another number of ranks resumes, but the ranks' dropout
     streams cannot continue where they were, so such a run is no longer bit-identical to an uninterrupted one.
     """
-    meta = read_json(path / _STATE_FILE)
+    meta = read_json(path / STATE_FILE)
     fmt = meta.get("format") if isinstance(meta, dict) else None
     if fmt not in (FORMAT, SHARDED_FORMAT):
-        raise CheckpointError(f"{path / _STATE_FILE}: checkpoint format {fmt!r}, this version of moe reads "
+        raise CheckpointError(f"{path / STATE_FILE}: checkpoint format {fmt!r}, this version of moe reads "
                               f"format {FORMAT} and {SHARDED_FORMAT} (resume it with the moe version that wrote it)")
     try:
         state = LoopState(step=int(meta["step"]), skipped_steps=int(meta["skipped_steps"]),
@@ -321,18 +323,18 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
                           best_key=[float(v) for v in meta.get("best_key", [])])
         groups = meta["param_groups"]
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path / _STATE_FILE}: missing or invalid field {e}") from None
+        raise CheckpointError(f"{path / STATE_FILE}: missing or invalid field {e}") from None
     if ema is not None:
         load_weights(ema, path / EMA_FILE)
     own = fmt == SHARDED_FORMAT and meta.get("world_size") == world and is_sharded(model)
     if fmt == SHARDED_FORMAT:
         index = read_json(path / SHARD_INDEX)
         weights = read_shards(index, path / SHARD_INDEX, rank if own else None)
-        tensors = read_shards(meta.get("optimizer"), path / _STATE_FILE, rank if own else None)
+        tensors = read_shards(meta.get("optimizer"), path / STATE_FILE, rank if own else None)
         model_path, opt_path = (path / index["files"][rank], path / meta["optimizer"]["files"][rank]) if own else \
-            (path / SHARD_INDEX, path / _STATE_FILE)
+            (path / SHARD_INDEX, path / STATE_FILE)
     else:
-        model_path, opt_path = path / WEIGHTS_FILE, path / _OPTIMIZER_FILE
+        model_path, opt_path = path / WEIGHTS_FILE, path / OPTIMIZER_FILE
         weights, tensors = read_weights(model_path), read_weights(opt_path)
     ours = model.state_dict()
     check_weights({k: v.to_local() if own and is_dtensor(v) else v for k, v in ours.items()}, weights, model_path)

@@ -42,12 +42,13 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     router_lr_mult: float = 10.0  # LR multiplier for MoE/MoH routers and the MoH predictors
-    # Weights of the aux losses in the backpropagated loss.
-    moe_balance_weight: float = 0.01
-    moe_z_weight: float = 0.001
-    moh_balance_weight: float = 0.01
-    moh_complexity_weight: float = 0.01
-    moh_sparsity_weight: float = 0.001
+    # Weights of the aux losses in the backpropagated loss; each multiplies its loss's mean over the block calls
+    # that backpropagate (the no-grad cycles' calls are not in it: moe_core.model.AuxAccumulator).
+    moe_balance_weight: float = 0.002
+    moe_z_weight: float = 0.0002
+    moh_balance_weight: float = 0.002
+    moh_complexity_weight: float = 0.002
+    moh_sparsity_weight: float = 0.0002
     halt_weight: float = 0.1
     eval_every: int = 50
     eval_batches: int = 8

@@ -34,12 +34,13 @@ import click
 import torch
 from tokenizers import Tokenizer
 
-from moe_core.checkpoint import TOKENIZER_FILE, load_model
+from moe_core.checkpoint import load_model
 from moe_core.cli import finite
 from moe_core.config import MAX_CYCLES
 from moe_core.errors import ConfigError, os_reason
 from moe_core.files import atomic_outputs, check_not_inputs
 from moe_core.model import RecursiveMoE
+from moe_core.run_layout import EVAL_DIR, PUZZLES_FILE, TOKENIZER_FILE
 from moe_core.tokenizer import read_tokenizer
 
 from .checkpointing import saved_run_config
@@ -56,7 +57,6 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 OUTPUTS = ("eval.md", "eval.csv", "eval.png")
-PUZZLES_FILE = "test_puzzles.txt"
 # The figures of each task, in table order: (key, header, format). The first is the plot's y axis.
 FIGURES = {
     "sudoku": [("puzzle_acc", "puzzle acc", "{:.4f}"), ("cell_acc", "cell acc (blanks)", "{:.4f}"),
@@ -217,7 +217,7 @@ def eval_(run_dir: str, steps_text: str, ladder: bool, ladder_givens: str, ladde
     else:
         names = [*OUTPUTS, PUZZLES_FILE] if cfg.train.task == "sudoku" else list(OUTPUTS)
     dev = torch.device("cuda" if use_cuda(device, "--device") else "cpu")
-    out_dir = Path(out) if out is not None else run / "eval"
+    out_dir = Path(out) if out is not None else run / EVAL_DIR
     # Everything that can be refused is refused before the evaluations are spent, and every argument before
     # anything is created: a refused command leaves no empty output directory behind.
     if out_dir.exists() and not out_dir.is_dir():

@@ -30,9 +30,10 @@ import numpy as np
 import torch
 
 from moe_core import sudoku
-from moe_core.checkpoint import CALIBRATION_FILE, read_json, write_weights
+from moe_core.checkpoint import read_json, write_weights
 from moe_core.errors import ConfigError
 from moe_core.model import RecursiveMoE
+from moe_core.run_layout import CALIBRATION_FILE
 
 from .sudoku_task import solve_steps
 

@@ -33,10 +33,11 @@ import numpy as np
 import torch
 
 from moe_core import sudoku
-from moe_core.checkpoint import CALIBRATION_FILE, WEIGHTS_FILE, drop_sharded_weights
+from moe_core.checkpoint import drop_sharded_weights
 from moe_core.errors import ConfigError
 from moe_core.files import atomic_outputs, updating_input
 from moe_core.model import RecursiveMoE
+from moe_core.run_layout import CALIBRATION_FILE, WEIGHTS_FILE
 
 from . import halt_calibration
 from .checkpointing import read_best, saved_run_config

@@ -11,10 +11,9 @@ from typing import Any
 import torch
 
 from moe_core.files import atomic_write_text
+from moe_core.run_layout import TENSORBOARD_DIR
 
 from .checkpointing import read_metrics_until
-
-TENSORBOARD_DIR = "tensorboard"
 
 
 class MetricsLog:

@@ -30,12 +30,11 @@ from moe_core.checkpoint import read_run_config
 from moe_core.errors import MoeError, os_reason
 from moe_core.files import atomic_write
 from moe_core.jsonl import json_error, read_lines
+from moe_core.run_layout import METRICS_FILE, PLOTS_DIR
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-METRICS_FILE = "metrics.jsonl"
-PLOTS_DIR = "plots"
 DPI = 110
 
 Record = dict[str, Any]

@@ -8,14 +8,20 @@ from pathlib import Path
 
 import torch
 
-from moe_core.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
 from moe_core.errors import MoeError, os_reason
+from moe_core.run_layout import (
+    CONFIG_FILE,
+    LOCK_FILE,
+    METRICS_FILE,
+    PLOTS_DIR,
+    STATE_DIR,
+    TENSORBOARD_DIR,
+    TOKENIZER_FILE,
+    WEIGHTS_FILE,
+)
 
-from .checkpointing import STATE_DIR
 from .distributed import Dist
-from .metrics_log import TENSORBOARD_DIR
-from .plots import METRICS_FILE, PLOTS_DIR
-from .rundir_lock import LOCK_FILE, RunDirLock, check_not_in_use
+from .rundir_lock import RunDirLock, check_not_in_use
 
 
 def check_run_dir(out: Path, overwrite: bool) -> None:

@@ -21,8 +21,8 @@ import stat
 from pathlib import Path
 
 from moe_core.errors import MoeError, os_reason
+from moe_core.run_layout import LOCK_FILE
 
-LOCK_FILE = ".lock"
 # The lock file is opened, never followed: a symlink planted at RUN_DIR/.lock would make the writer truncate and
 # write whatever file it points to (O_NOFOLLOW refuses it), and a FIFO there would block the open (O_NONBLOCK).
 OPEN_FLAGS = os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK

@@ -5,7 +5,7 @@ The loop's parts live in their own modules: the run directory's preparation (run
 gradient norms (optimizer.py), metrics.jsonl and TensorBoard (metrics_log.py), console lines (console.py),
 SIGINT / SIGTERM (signals.py), checkpoints (checkpointing.py), the rows carried across updates under
 train.supervision = "carry" (carry.py) and the tasks (tasks.py, sudoku_task.py). The run
-directory's layout: README.md, "Training".
+directory's layout: docs/training.md.
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from moe_core.checkpoint import CONFIG_FILE, TOKENIZER_FILE, save_run
+from moe_core.checkpoint import save_run
 from moe_core.errors import CheckpointError, ConfigError, MoeError
 from moe_core.files import atomic_write_text
 from moe_core.model import ModelOutput, RecursiveMoE
+from moe_core.run_layout import CONFIG_FILE, METRICS_FILE, TOKENIZER_FILE
 from moe_core.tokenizer import read_tokenizer
 
 from .carry import CarriedRows, carry_steps
@@ -49,7 +50,7 @@ from .distributed import SINGLE, Dist, autocast_for, init_from_env, parallelize,
 from .ema import EMA
 from .metrics_log import MetricsLog, to_record
 from .optimizer import build_optimizer, global_grad_norm, norm_groups
-from .plots import METRICS_FILE, write_plots
+from .plots import write_plots
 from .run_dir import check_run_dir, lock_on_rank0, prepare_run_dir
 from .rundir_lock import RunDirLock
 from .schedule import lr_multiplier, warmup_steps

@@ -7,13 +7,11 @@ from __future__ import annotations
 import json
 import random
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import CliResult, finish, run_moe, spawn_moe
+from helpers import run_moe, spawn_moe, stop_at
 from safetensors.torch import load_file
 
 STEPS = 24
@@ -48,31 +46,6 @@ def assert_same_run(a: Path, b: Path) -> None:
     ra, rb = records(a), records(b)
     assert [r["step"] for r in ra if r["kind"] == "train"] == list(range(1, STEPS + 1))
     assert ra == rb
-
-
-def last_logged_step(run_dir: Path) -> int:
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        return -1
-    steps = []
-    for line in lines:
-        try:
-            steps.append(json.loads(line)["step"])
-        except (json.JSONDecodeError, KeyError):
-            pass  # a line being written
-    return max(steps, default=-1)
-
-
-def stop_at(proc: subprocess.Popen, run_dir: Path, step: int, sig: int) -> CliResult:
-    """Send `sig` once the run has logged `step` (0: as soon as the step-0 evaluation is logged)."""
-    deadline = time.monotonic() + 300
-    while last_logged_step(run_dir) < step:
-        assert proc.poll() is None, finish(proc).describe()
-        assert time.monotonic() < deadline, "the run did not reach the step"
-        time.sleep(0.005)
-    proc.send_signal(sig)
-    return finish(proc)
 
 
 @pytest.fixture(scope="module")

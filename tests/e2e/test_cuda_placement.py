@@ -16,7 +16,7 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
-from conftest import vary_routing
+from helpers import vary_routing
 
 from benchmarks.cuda_placement import failures, place, setup
 from export.choices import CUDA_PRECISIONS

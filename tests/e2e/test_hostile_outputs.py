@@ -3,7 +3,7 @@
 (exit 143), click's usage errors and bad sampling options are one line with exit code 2, memory and thread counts
 are bounded whatever is asked, and the Python API names a bad argument.
 
-The run directory is a random tiny model saved as is and the served model is tests/test_hostile.py's contract graph
+The run directory is a random tiny model saved as is and the served model is tests/e2e/test_hostile.py's contract graph
 (no export is traced here), with the end-of-text token made impossible so that generation runs as long as asked.
 """
 
@@ -21,16 +21,27 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import finish, spawn_moe
+from helpers import (
+    GOOD_JSONL,
+    TINY_LM,
+    VOCAB,
+    assert_refused,
+    contract_graph,
+    finish,
+    leftovers,
+    moe,
+    spawn_moe,
+    tokenizer_json,
+)
 from onnx import numpy_helper
-from test_hostile import GOOD_JSONL, TINY, VOCAB, assert_refused, contract_graph, leftovers, moe, tokenizer_json
 
 from moe_core import EOT, ModelConfig, MoeError, RecursiveMoE
-from moe_core.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, load_model, save_run
+from moe_core.checkpoint import load_model, save_run
 from moe_core.cli import cli
 from moe_core.files import atomic_write_text, command_inputs
 from moe_core.graph_contract import step_path_for, tokenizer_path_for
 from moe_core.ort_session import usable_cpus
+from moe_core.run_layout import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
 from serve import Server
 from serve.jsonl import chunked
 from serve.runtime import ModelInfo
@@ -41,7 +52,7 @@ from serve.server import MAX_BATCH_ELEMENTS
 def run_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     run = tmp_path_factory.mktemp("outputs") / "run"
-    save_run(run, RecursiveMoE(ModelConfig(**TINY)), tokenizer_json(VOCAB), {"train": {}})
+    save_run(run, RecursiveMoE(ModelConfig(**TINY_LM)), tokenizer_json(VOCAB), {"train": {}})
     state = run / "trainer_state" / "step-00000001"
     state.mkdir(parents=True)
     (state / "state.json").write_text("{}\n", encoding="utf-8")
@@ -293,7 +304,7 @@ def test_batch_rows_are_capped_by_the_memory_budget(model, monkeypatch):
     server = Server.open(model, provider="cpu", threads=1)
     cap = server.max_batch_rows
     info = server.info
-    per_row = info.max_seq_len * (info.halt_max_steps * VOCAB + 4 * 16 + 4 * 32 + 8 * 32)  # the TINY sizes
+    per_row = info.max_seq_len * (info.halt_max_steps * VOCAB + 4 * 16 + 4 * 32 + 8 * 32)  # the TINY_LM sizes
     assert cap == MAX_BATCH_ELEMENTS // per_row
     texts = ["the king walked"] * (cap + 5)
     rows, real_run = [], server.model.run

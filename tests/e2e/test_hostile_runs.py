@@ -19,11 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, CliResult, finish, run_moe, spawn_moe, subprocess_env, tiny_train_args
+from helpers import REPO, CliResult, finish, run_moe, spawn_moe, subprocess_env, tiny_train_args
 from tokenizers import Tokenizer
 
-from train.checkpointing import STATE_DIR, checkpoint_sets
-from train.rundir_lock import LOCK_FILE, RunDirLock
+from moe_core.run_layout import LOCK_FILE, STATE_DIR
+from train.checkpointing import checkpoint_sets
+from train.rundir_lock import RunDirLock
 
 
 def snapshot(run: Path) -> dict[str, tuple[int, int, bytes]]:

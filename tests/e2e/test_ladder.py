@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import vary_routing
+from helpers import vary_routing
 
 from moe_core import sudoku as S
 from moe_core.checkpoint import load_model, save_run
@@ -144,7 +144,8 @@ def test_choose_tau_takes_the_fewest_steps_within_the_budget() -> None:
 def test_calibrated_halting_is_the_run_s_own_and_never_compounds(tmp_path: Path, moe_cli) -> None:
     """--calibrate-halting folds the threshold into the halt head's bias: the run's weights then halt calibrated
     for every reader (load_model here), the record keeps the trained bias, and calibrating again gives the same."""
-    from train.halt_calibration import CALIBRATION_FILE, kept_steps
+    from moe_core.run_layout import CALIBRATION_FILE
+    from train.halt_calibration import kept_steps
 
     cfg = build_config("sudoku-tiny", None, TINY)
     run = tmp_path / "run"
@@ -185,7 +186,7 @@ def test_calibration_is_a_writer_of_the_run_and_commits_weights_and_record_toget
     import os
 
     from moe_core import files
-    from train.halt_calibration import CALIBRATION_FILE
+    from moe_core.run_layout import CALIBRATION_FILE
     from train.rundir_lock import RunDirLock
 
     run = tmp_path / "run"
@@ -228,7 +229,7 @@ def test_a_calibration_record_the_bias_cannot_hold_is_refused(runs: tuple[Path, 
                                                                moe_cli) -> None:
     import shutil
 
-    from train.halt_calibration import CALIBRATION_FILE
+    from moe_core.run_layout import CALIBRATION_FILE
 
     run = tmp_path / "run"
     shutil.copytree(runs[0], run)

@@ -13,14 +13,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import run_moe
-from test_serve import assert_clean_failure, moe_serve, write_jsonl
+from helpers import assert_clean_failure, moe_serve, run_moe, write_jsonl
 
 from export.onnx_export import export_run
 from moe_core import MoeError, load_model
 from moe_core import sudoku as S
-from moe_core.checkpoint import WEIGHTS_FILE, load_run_config, save_weights
+from moe_core.checkpoint import load_run_config, save_weights
 from moe_core.graph_contract import SERVE_MAX_STEPS
+from moe_core.run_layout import WEIGHTS_FILE
 from serve import Server
 from serve.runtime import StepwiseModel
 from train.config import RunConfig
@@ -108,6 +108,27 @@ def test_solve_reproduces_the_eager_model(sudoku, tmp_path):
     assert summary.startswith(f"solve: {n} puzzles | valid {valid.sum()}/{n}") and "rule-checked" in summary
     assert f"correct {sum(bool(r.get('correct')) for r in rows)}/{n // 2}" in summary
     assert f"mean steps {steps.mean():.2f}" in summary
+
+
+def test_a_token_mlp_model_trains_exports_and_serves_as_eager(tmp_path):
+    """model.token_mixer = "mlp" (TRM's token-mixing MLP) end to end: trained, exported with its step graph (parity,
+    fixed 81-cell axis), served step-wise with the eager model's answers and steps."""
+    run = tmp_path / "run"
+    result = run_moe(["--preset", "sudoku-tiny", "--no-compile", "--device", "cpu", "--out", run,
+                      "--set", "train.max_steps=4", "--set", "train.eval_every=4", "--set", "model.token_mixer=mlp",
+                      "--set", "model.attn_bias=false", "--set", "model.H_cycles=1", "--set", "model.L_cycles=1",
+                      "--set", "model.halt_max_steps=2", "--set", "train.sudoku_train=16", "--set",
+                      "train.sudoku_test=8"], module="train", in_process=True)
+    assert result.returncode == 0, result.describe()
+    out = tmp_path / "mlp.onnx"
+    lines: list[str] = []
+    export_run(run, out, stepwise=True, log=lines.append)
+    assert sum("sudoku_grids" in line and "ok" in line for line in lines) == 2, lines  # unrolled and step graph
+    puzzles = S.generate(6, 5, givens=(30, 45)).puzzles
+    answers, steps, _ = solve_batches(load_model(run), puzzles, 16, torch.device("cpu"))
+    solved = Server.open(out, provider="cpu", threads=1).solve(puzzles)
+    assert np.array_equal(np.array([[int(c) for c in r.solution] for r in solved], dtype=np.uint8), answers)
+    assert [r.steps for r in solved] == steps.tolist()
 
 
 def test_puzzle_file_input(sudoku, tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_moe
+from helpers import run_moe
 from safetensors.torch import load_file
 
 from moe_core import sudoku as S
@@ -192,7 +192,7 @@ def test_carried_forward_is_one_step_of_the_recursion(make_config) -> None:
 
 def test_evaluation_stops_once_every_sample_halted(make_config) -> None:
     """stop_when_halted skips the steps after the batch's last halt: the same logits and halt steps."""
-    from conftest import vary_routing
+    from helpers import vary_routing
 
     torch.manual_seed(1)
     model = vary_routing(RecursiveMoE(make_config(halt_max_steps=6, causal=False))).eval()

@@ -6,7 +6,7 @@ import csv
 from pathlib import Path
 
 import pytest
-from conftest import run_moe
+from helpers import run_moe
 
 from moe_core.errors import ConfigError
 from train.ablate import grid_names, load_grid, parse_grid

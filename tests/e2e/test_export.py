@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers import VERSE_WORDS, VOCAB, make_tokenizer_json
 
 from export.onnx_export import export_run
 from export.parity import check_parity, parity_inputs
@@ -27,20 +28,6 @@ from moe_core.cli import cli
 from moe_core.graph_contract import STEP_INPUTS, STEP_OUTPUTS, read_step_metadata, step_path_for, tokenizer_path_for
 from moe_core.ort_session import ort_session as ort_cpu_session
 from moe_core.stepwise import StepwiseSession
-
-VOCAB = 300
-WORDS = ("the king queen lord night day sword crown love death heart blood sleep dream fair foul "
-         "speak hear know never ever more sweet gentle noble honest brave").split()
-
-
-def make_tokenizer_json(vocab: int = VOCAB) -> str:
-    import random
-
-    from train.data import train_tokenizer
-
-    rng = random.Random(0)
-    docs = [" ".join(rng.choice(WORDS) for _ in range(200)) + ".\n" for _ in range(20)]
-    return train_tokenizer(docs, vocab).to_str()
 
 
 def make_run(tmp: Path, seed: int, halt_scale: float, **overrides) -> Path:
@@ -268,7 +255,7 @@ def test_parity_trained_tiny_model(tmp_path):
 
     corpus = tmp_path / "corpus.txt"
     rng = np.random.default_rng(0)
-    corpus.write_text("\n".join(" ".join(rng.choice(WORDS, 12)) for _ in range(1500)), encoding="utf-8")
+    corpus.write_text("\n".join(" ".join(rng.choice(VERSE_WORDS, 12)) for _ in range(1500)), encoding="utf-8")
     cfg = build_config("tiny", None, [f"train.data={json.dumps(str(corpus))}", "train.compile=false",
                                       "train.max_steps=20", "model.vocab_size=300", "model.max_seq_len=128",
                                       "model.H_cycles=1", "model.L_cycles=1"])
@@ -479,7 +466,7 @@ def test_precision_variants_report_their_cost(reuse_graph, tmp_path, precision):
     run = reuse_graph[0]
     text = tmp_path / "eval.txt"
     rng = np.random.default_rng(1)
-    text.write_text(" ".join(rng.choice(WORDS, 600)), encoding="utf-8")
+    text.write_text(" ".join(rng.choice(VERSE_WORDS, 600)), encoding="utf-8")
     lines: list[str] = []
     out = tmp_path / f"m-{precision}.onnx"
     result = export_run(run, out, precision=precision, eval_text=text, log=lines.append)

@@ -26,8 +26,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from moe_core import ModelConfig, MoeError, RecursiveMoE, load_model
-from moe_core.checkpoint import CONFIG_FILE, WEIGHTS_FILE, save_run
+from moe_core.checkpoint import save_run
 from moe_core.jsonl import read_records
+from moe_core.run_layout import CONFIG_FILE, WEIGHTS_FILE
 from moe_core.tokenizer import read_tokenizer
 from train.config import TrainConfig, build_config, parse_override
 
@@ -302,7 +303,7 @@ def test_load_model_mutated_config(run_dir, data):
 
 @pytest.fixture(scope="module")
 def tokenizer_text() -> str:
-    from conftest import make_corpus
+    from helpers import make_corpus
 
     from train.data import train_tokenizer
 
@@ -339,7 +340,7 @@ def test_tokenizer_reader_returns_or_raises_moe_error(scratch, tokenizer_text, d
 
 @pytest.fixture(scope="module")
 def model_bytes(tokenizer_text) -> bytes:
-    from test_hostile import contract_graph
+    from helpers import contract_graph
 
     return contract_graph(32, tokenizer_text, {"model": {}}).SerializeToString()
 

@@ -4,7 +4,6 @@ cleanly. One tiny model is exported once for the whole module (an export costs ~
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from pathlib import Path
 
@@ -14,12 +13,19 @@ import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import vary_routing
+from helpers import (
+    LM_WORDS,
+    VARIED_SEQ_LEN,
+    assert_clean_failure,
+    make_texts,
+    moe_serve,
+    varied_run,
+    write_jsonl,
+)
 
 from export.onnx_export import export_run
-from moe_core import ModelConfig, MoeError, RecursiveMoE, load_model
-from moe_core.checkpoint import save_run
-from moe_core.cli import cli, run
+from moe_core import MoeError, RecursiveMoE, load_model
+from moe_core.cli import cli
 from moe_core.graph_contract import HALT_STEP
 from moe_core.stepwise import StepCounts
 from serve import Server
@@ -28,42 +34,7 @@ from serve.runtime import CPU_EP, CUDA_EP, choose_providers, resolve_provider
 from serve.server import length_batches, pick_token, windows
 from train.data import train_tokenizer
 
-T = 16  # the model's max_seq_len
-WORDS = ("the king queen walked through a garden and found letter under stone while river sang quietly "
-         "ALICE BOB night morning bright dark, old young door window.").split()
-
-
-def make_texts(n: int, seed: int) -> list[str]:
-    """Texts of 0 to ~70 tokens (the tokenizer is nearly character-level): empty, one token, and long ones."""
-    rng = random.Random(seed)
-    texts = ["", "a"] + [" ".join(rng.choice(WORDS) for _ in range(rng.choice([1, 2, 3, 5, 8, 14])))
-                         for _ in range(n - 2)]
-    rng.shuffle(texts)
-    return texts
-
-
-def varied_run(run_dir: Path, seed: int, max_seq_len: int, H_cycles: int = 2) -> Path:
-    """A run dir of a tiny random causal language model whose routing and halting vary between inputs
-    (conftest.vary_routing), with a tokenizer trained on WORDS. Each H cycle adds a block call per step to every
-    export of it (a few seconds of tracing each)."""
-    torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=300, max_seq_len=max_seq_len, d_model=32, n_heads=4, n_layers=1, n_experts=4,
-                      d_expert=32, H_cycles=H_cycles, L_cycles=1, halt_max_steps=2)
-    model = vary_routing(RecursiveMoE(cfg), lm_scale=10.0)
-    rng = random.Random(1)
-    corpus = [" ".join(rng.choice(WORDS) for _ in range(2000))]
-    save_run(run_dir, model, train_tokenizer(corpus, cfg.vocab_size).to_str())
-    return run_dir
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> tuple[Path, Path]:
-    """(run_dir, model.onnx) of a random model whose routing and halting really vary between inputs."""
-    tmp = tmp_path_factory.mktemp("serve")
-    run_dir = varied_run(tmp / "run", seed=0, max_seq_len=T, H_cycles=1)
-    onnx_path = tmp / "m.onnx"
-    export_run(run_dir, onnx_path, check=False, stepwise=True, log=lambda _: None)  # + m.step.onnx
-    return run_dir, onnx_path
+T = VARIED_SEQ_LEN  # the exported model's max_seq_len
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +104,7 @@ def eager_greedy(model: RecursiveMoE, prompt: list[int], max_new: int, eot: int,
 
 def test_score_matches_eager(server, eager):
     # The step-wise runtime: test_stepwise_equals_unrolled_and_drops_halted_rows (the eager loop here is slow).
-    texts = make_texts(24, seed=0) + [" ".join(WORDS * 2)]  # the last one takes ~9 windows
+    texts = make_texts(24, seed=0) + [" ".join(LM_WORDS * 2)]  # the last one takes ~9 windows
     results = server.score(texts, batch_size=5, return_token_logprobs=True)
     assert len({r.halt_step for r in results if r.halt_step}) == 2, "the fixture must exercise both halt steps"
     for text, res in zip(texts, results, strict=True):
@@ -155,7 +126,7 @@ def test_score_matches_eager(server, eager):
 def test_greedy_generate_matches_eager(any_server, eager):
     server = any_server
     # Prompts up to 2T tokens and 12 new tokens: the context fills up and slides.
-    texts = ["", "a", "the king", "ALICE walked through the garden", " ".join(WORDS[:6]), " ".join(WORDS)]
+    texts = ["", "a", "the king", "ALICE walked through the garden", " ".join(LM_WORDS[:6]), " ".join(LM_WORDS)]
     results = server.generate(texts, max_new_tokens=12, batch_size=4)
     n_valid = server.tokenizer.get_vocab_size()
     for text, res in zip(texts, results, strict=True):
@@ -344,22 +315,6 @@ def test_cuda_matches_cpu(exported, server):
 # the CLI
 
 
-def moe_serve(*args) -> tuple[int, str, str]:
-    """`moe serve ARGS` in-process, through moe_core.cli.run as the console entry point runs it."""
-    with CliRunner().isolation() as (out, err, _):
-        try:
-            run(cli, ["serve", *map(str, args)])
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        return code, out.getvalue().decode(), err.getvalue().decode()
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return path
-
-
 def test_cli_keeps_order_and_ids_across_chunks(exported, server, tmp_path):
     # 70 records with shuffled lengths, batch size 1: two chunks of 64 records; some without an id.
     texts = make_texts(70, seed=11)
@@ -428,7 +383,7 @@ def damaged_model(src: Path, dst: Path, damage: str) -> Path:
     elif damage == "tokenizer_too_big":
         import hashlib
 
-        text = train_tokenizer([" ".join(WORDS * 50)], 400).to_str()  # all the merges this corpus has: 355 tokens
+        text = train_tokenizer([" ".join(LM_WORDS * 50)], 400).to_str()  # all the merges this corpus has: 355 tokens
         tok.write_text(text, encoding="utf-8")
         proto = onnx.load(str(model))
         for p in proto.metadata_props:
@@ -493,14 +448,6 @@ def test_cli_refuses_solve_for_a_language_model(exported, tmp_path):
     inp.write_text('{"puzzle": "' + "." * 81 + '"}\n', encoding="utf-8")
     assert_clean_failure(tmp_path, "m.onnx: --mode solve needs a Sudoku model (task sudoku), but this model's task "
                          "is lm; use --mode score or --mode generate", exported[1], "--input", inp, "--mode", "solve")
-
-
-def assert_clean_failure(tmp_path: Path, message: str, *args, out_name: str = "out.jsonl") -> None:
-    out = tmp_path / out_name
-    code, _, stderr = moe_serve(*args, "--output", out)
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], stderr
-    assert not out.exists() and not list(tmp_path.glob(f".{out_name}.*"))
 
 
 @pytest.mark.parametrize("max_steps, halting", [(4, True), (4, False), (1, True), (2, False)])
@@ -593,7 +540,7 @@ def reduced(tmp_path_factory) -> dict[str, Path]:
 def test_batch_size_changes_no_result_but_int8_s_as_stated(reduced) -> None:
     """fp16 keeps the promise (results never depend on --batch-size): the same discrete results and scores within
     fp32 rounding of its fp32 accumulation. int8 is the stated exception: its activations are quantised with one
-    scale per batch tensor, which --batch-size's help and the README say."""
+    scale per batch tensor, which --batch-size's help and docs/serving.md say."""
     texts = make_texts(15, seed=3)
     fp16 = Server.open(reduced["fp16"], provider="cpu", threads=1, runtime="unrolled")
     one, seven = fp16.score(texts, batch_size=1), fp16.score(texts, batch_size=7)

@@ -23,12 +23,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, CliResult, finish, run_moe, subprocess_env
+from helpers import REPO, CliResult, finish, run_moe, stop_at, subprocess_env
 from safetensors.torch import load_file
-from test_resume import stop_at
 
 from moe_core import CheckpointError, load_model
-from moe_core.checkpoint import SHARD_INDEX, WEIGHTS_FILE
+from moe_core.run_layout import SHARD_INDEX, WEIGHTS_FILE
 from train.distributed import Dist
 from train.schedule import lr_multiplier, warmup_steps
 

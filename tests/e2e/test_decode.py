@@ -12,7 +12,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from test_serve import make_texts, varied_run
+from helpers import make_texts, varied_run
 
 from export.decode import cache_entries, eager_runner
 from export.onnx_export import export_run
@@ -156,7 +156,7 @@ def test_a_decode_graph_of_another_model_is_refused(exported, tmp_path):
 
 
 def test_a_broken_decode_graph_is_one_line_at_the_cli(exported, tmp_path):
-    from conftest import run_moe
+    from helpers import run_moe
 
     _, out, _ = exported
     for f in (out, out.with_name("m.tokenizer.json")):

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import run_moe
+from helpers import run_moe
 from onnx import TensorProto, helper, numpy_helper
 
 import serve.ray_engine as ray_engine
@@ -488,7 +488,7 @@ def test_sigterm_under_the_ray_engine_is_one_line_and_exit_143(lm, tmp_path):
     import subprocess
     import time
 
-    from conftest import moe_command, subprocess_env
+    from helpers import moe_command, subprocess_env
 
     inp = tmp_path / "in.jsonl"
     write_jsonl(inp, [{"text": f"the king walked {i}"} for i in range(4000)])

@@ -25,63 +25,31 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import REPO, finish, make_corpus, spawn_moe
+from helpers import (
+    GOOD_JSONL,
+    REPO,
+    TINY_LM,
+    VOCAB,
+    assert_refused,
+    contract_graph,
+    finish,
+    leftovers,
+    moe,
+    spawn_moe,
+    tokenizer_json,
+)
 from safetensors.torch import load_file, save_file
 
 from moe_core import ModelConfig, RecursiveMoE
-from moe_core.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, save_run, save_weights
-from moe_core.cli import cli, run
+from moe_core.checkpoint import save_run, save_weights
 from moe_core.errors import MoeError
 from moe_core.files import atomic_write
 from moe_core.graph_contract import tokenizer_path_for
 from moe_core.jsonl import MAX_LINE_BYTES
-from train.data import train_tokenizer
-
-VOCAB = 300
-TINY = dict(vocab_size=VOCAB, max_seq_len=16, d_model=32, n_heads=4, n_layers=1, n_experts=4, top_k=2, d_expert=32,
-            H_cycles=1, L_cycles=1, halt_max_steps=2)
-GOOD_JSONL = '{"text": "the king"}\n'
-
+from moe_core.run_layout import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
 
 # -----------------------------------------------------------------------------
 # running a command and checking a refusal
-
-
-def moe(*args) -> tuple[int, str, str]:
-    """`moe ARGS` in-process, through moe_core.cli.run as the console entry point runs it: (code, stdout, stderr).
-    Any exception other than a MoeError or a click error escapes, and fails the test with its traceback."""
-    with CliRunner().isolation() as (out, err, _):
-        try:
-            run(cli, [str(a) for a in args])
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        return code, out.getvalue().decode(), err.getvalue().decode()
-
-
-def leftovers(*paths: Path) -> list[Path]:
-    """Outputs that exist, and temp files atomic_write would leave beside them (".NAME.*.tmp")."""
-    found = [p for p in paths if p.exists()]
-    for p in paths:
-        found += list(p.parent.glob(f".{p.name}.*"))
-    return found
-
-
-PROGRESS = re.compile(r"^\w+: +\d+%\|")  # a tqdm bar: stderr of a command that failed after its work
-
-
-def assert_refused(result: tuple[int, str, str], *needles: str, outputs: tuple[Path, ...] = ()) -> str:
-    """Exit code 2, exactly one line on stderr (besides progress bars), `error: ...` holding every needle; none of
-    `outputs` exists."""
-    code, stdout, stderr = result
-    lines = [line for line in stderr.splitlines() if line.strip() and not PROGRESS.match(line)]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), f"exit {code}\n{stdout}\n{stderr}"
-    assert "Traceback" not in stdout + stderr
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
-    assert leftovers(*outputs) == []
-    return lines[0]
 
 
 @pytest.fixture
@@ -117,46 +85,12 @@ def disk_fault(monkeypatch):
 # fixtures: one run directory, one exported model
 
 
-def tokenizer_json(vocab: int, seed: int = 0) -> str:
-    return train_tokenizer([make_corpus(6000, seed=seed)], vocab).to_str()
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     run = tmp_path_factory.mktemp("hostile") / "run"
-    save_run(run, RecursiveMoE(ModelConfig(**TINY)), tokenizer_json(VOCAB), {"train": {}})
+    save_run(run, RecursiveMoE(ModelConfig(**TINY_LM)), tokenizer_json(VOCAB), {"train": {}})
     return run
-
-
-def contract_graph(vocab: int, tokenizer_text: str, config: dict) -> onnx.ModelProto:
-    """A model with the exported graph's contract and metadata (export/onnx_export.py) that serve runs: logits are
-    rows of a random [V, V] table (a bigram model), halt_step is 1. Damage to the file, its metadata or its
-    tokenizer is checked before any of the graph runs, so a real export (tens of seconds) would add nothing here;
-    tests/test_serve.py serves real exports."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    table = torch.Generator().manual_seed(0)
-    weights = numpy_helper.from_array(torch.randn(vocab, vocab, generator=table).numpy(), "table")
-    one = numpy_helper.from_array(torch.ones(1, dtype=torch.int64).numpy(), "one_value")
-    nodes = [helper.make_node("Gather", ["table", "input_ids"], ["logits"], axis=0),
-             helper.make_node("Shape", ["attention_mask"], ["batch"], start=0, end=1),
-             helper.make_node("Expand", ["one_value", "batch"], ["halt_step"])]
-    inputs = [helper.make_tensor_value_info(name, TensorProto.INT64, ["batch", "seq"])
-              for name in ("input_ids", "attention_mask")]
-    graph = helper.make_graph(
-        nodes, "moe_contract", inputs,
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", vocab]),
-         helper.make_tensor_value_info("halt_step", TensorProto.INT64, ["batch"])],
-        initializer=[weights, one])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
-    meta = {"moe_version": "0.1.0", "format_version": "1", "config": json.dumps(config), "vocab_size": str(vocab),
-            "max_seq_len": "16", "halt_max_steps": "2", "causal": "true", "tokenizer_file": "m.tokenizer.json",
-            "tokenizer_sha256": hashlib.sha256(tokenizer_text.encode("utf-8")).hexdigest(), "precision": "fp32"}
-    for k, v in meta.items():
-        proto.metadata_props.add(key=k, value=v)
-    onnx.checker.check_model(proto, full_check=True)
-    return proto
 
 
 @pytest.fixture(scope="module")
@@ -411,7 +345,8 @@ def fast_export(exported, monkeypatch):
 def test_export_on_a_full_or_read_only_disk(run_dir, tmp_path, fast_export, disk_fault, kind, after, failing, reason):
     out = tmp_path / "m.onnx"
     disk_fault(kind, after)
-    # --no-decode: the writes counted are the model's and its tokenizer's (tests/test_decode.py covers the decode graph)
+    # --no-decode: the writes counted are the model's and its tokenizer's (tests/e2e/test_decode.py: the decode
+    # graph)
     assert_refused(moe("export", run_dir, "--out", out, "--no-check", "--no-decode"),
                    f"{tmp_path / failing}: cannot write ({reason})", outputs=(out, tokenizer_path_for(out)))
     assert list(tmp_path.iterdir()) == []
@@ -824,7 +759,7 @@ def test_save_weights_on_a_full_disk(tmp_path, monkeypatch):
     monkeypatch.setattr(ck, "save_file", full)
     target = tmp_path / WEIGHTS_FILE
     with pytest.raises(MoeError, match=re.escape(f"{target}: cannot write (No space left on device)")):
-        save_weights(RecursiveMoE(ModelConfig(**TINY)), target)
+        save_weights(RecursiveMoE(ModelConfig(**TINY_LM)), target)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_RUN_STEPS, TINY_RUN_VOCAB, CliResult, run_moe, tiny_train_args
+from helpers import TINY_RUN_STEPS, TINY_RUN_VOCAB, CliResult, run_moe, tiny_train_args
 from tokenizers import Tokenizer
 
 from moe_core import ConfigError, ModelConfig, load_model

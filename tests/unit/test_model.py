@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,15 +18,17 @@ import torch
 import torch.nn.functional as F
 
 from moe_core import CheckpointError, ConfigError, ModelConfig, RecursiveMoE, load_model
-from moe_core.checkpoint import CONFIG_FILE, WEIGHTS_FILE, save_weights
+from moe_core.checkpoint import save_weights
 from moe_core.model import (
     SPARSE_MIN_SKIPPED_MACS,
+    AuxAccumulator,
     MoEFeedForward,
     MoHAttention,
     grouped_mm,
     grouped_mm_weight_grad,
     resolve_moe_dispatch,
 )
+from moe_core.run_layout import CONFIG_FILE, WEIGHTS_FILE
 from train.config import TrainConfig
 from train.loss import training_loss
 
@@ -704,6 +707,32 @@ def test_baseline_runs_with_the_same_blocks(make_config) -> None:
     assert base.net.blocks[0].attn.router.weight.grad.abs().max() > 0
 
 
+@pytest.mark.parametrize("no_grad_cycles", [True, False])
+def test_aux_losses_average_over_the_calls_that_backpropagate(make_config, monkeypatch, no_grad_cycles) -> None:
+    """A weight means what it says: the loss is the mean over the block calls with grad enabled (the no-grad
+    H-cycles cannot move a weight); statistics still describe every call."""
+    cfg = make_config(n_layers=2, H_cycles=3, L_cycles=2, halt_max_steps=2, no_grad_cycles=no_grad_cycles)
+    model = varied_model(cfg, seed=117).train()
+    seen: dict[str, list[tuple[bool, float]]] = {"moe_balance": [], "L1.moe_load_cv": []}
+    add = AuxAccumulator.add
+
+    def spy(self, key, value):
+        if key in seen:
+            seen[key].append((torch.is_grad_enabled(), float(value.detach())))
+        add(self, key, value)
+
+    monkeypatch.setattr(AuxAccumulator, "add", spy)
+    out = model(random_ids(cfg, 3, 16, seed=118))
+    calls = cfg.halt_max_steps * cfg.H_cycles * (cfg.L_cycles + 1)  # net calls, each through every layer
+    grad_calls = calls // cfg.H_cycles if no_grad_cycles else calls
+    assert [g for g, _ in seen["moe_balance"]] == [True] * (grad_calls * cfg.n_layers)
+    assert len(seen["L1.moe_load_cv"]) == calls
+    mean = sum(v for _, v in seen["moe_balance"]) / len(seen["moe_balance"])
+    assert float(out.aux_losses["moe_balance"]) == pytest.approx(mean, rel=1e-5)
+    with torch.no_grad():  # a training forward that backpropagates nothing has no loss to weight
+        assert model(random_ids(cfg, 3, 16, seed=118)).aux_losses == {}
+
+
 def test_training_output_carries_aux_losses_and_stats(make_config) -> None:
     cfg = make_config(n_layers=2)
     model = varied_model(cfg, seed=115).train()
@@ -926,3 +955,49 @@ def test_attn_bias_is_a_zero_started_no_decay_table_per_layer_and_head(make_conf
                for t in tables)
     with pytest.raises(ConfigError, match="max_seq_len: expected <= 4096 with attn_bias"):
         dataclasses.replace(cfg, max_seq_len=5000).validate()
+
+
+# -----------------------------------------------------------------------------
+# the token-mixing MLP (model.token_mixer = "mlp")
+
+
+def test_token_mlp_mixes_every_position_channel_by_channel(make_config) -> None:
+    cfg = make_config(token_mixer="mlp", causal=False)
+    model = RecursiveMoE(cfg)
+    mixer = model.net.blocks[0].attn
+    x = torch.randn(2, cfg.max_seq_len, cfg.d_model, generator=torch.Generator().manual_seed(140))
+    y, aux = mixer(x, None, True)
+    assert y.shape == x.shape and aux.losses == {} and aux.stats == {}
+    # Channel by channel: permuting the channels permutes the output's channels the same way.
+    perm = torch.randperm(cfg.d_model, generator=torch.Generator().manual_seed(141))
+    assert torch.allclose(mixer(x[..., perm], None, False)[0], y[..., perm], atol=1e-6)
+    # Every position reads every other: a change at the last position moves the first.
+    x2 = x.clone()
+    x2[:, -1] += 1.0
+    assert not torch.allclose(mixer(x2, None, False)[0][:, 0], y[:, 0])
+    out = model.train()(random_ids(cfg, 2, cfg.max_seq_len, seed=142))
+    loss, _ = training_loss(out, random_ids(cfg, 2, cfg.max_seq_len, seed=143), TrainConfig().aux_weights, 0.1)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in mixer.parameters())
+    assert set(out.aux_losses) == {"moe_balance", "moe_z"}  # no heads to balance
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (dict(token_mixer="mlp"), "causal: expected false with token_mixer = 'mlp'"),
+    (dict(token_mixer="mlp", causal=False, attn_bias=True), "attn_bias: expected false with token_mixer = 'mlp'"),
+    (dict(token_mixer="conv"), "token_mixer: expected one of moh, mlp, got 'conv'"),
+])
+def test_token_mixer_settings_are_checked(make_config, overrides, needle) -> None:
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        make_config(**overrides)
+
+
+def test_token_mlp_refuses_other_lengths_and_padding(make_config) -> None:
+    cfg = make_config(token_mixer="mlp", causal=False)
+    model = RecursiveMoE(cfg).eval()
+    with pytest.raises(ValueError, match=rf"input_ids: expected {cfg.max_seq_len} positions"):
+        model(random_ids(cfg, 2, cfg.max_seq_len - 1, seed=144))
+    mask = torch.ones(2, cfg.max_seq_len, dtype=torch.long)
+    mask[1, -2:] = 0
+    with pytest.raises(ValueError, match="attention_mask: expected no padding"):
+        model(random_ids(cfg, 2, cfg.max_seq_len, seed=145), mask)

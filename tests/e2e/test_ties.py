@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_export import make_tokenizer_json
+from helpers import make_tokenizer_json
 
 from export.onnx_export import export_run
 from export.parity import TOLERANCE, compare_decisions, parity_inputs
@@ -43,7 +43,7 @@ def tied_model(**overrides) -> RecursiveMoE:
 
 
 def decisions_of(model: RecursiveMoE, ids: torch.Tensor) -> list[Decision]:
-    with torch.no_grad(), recording_decisions() as log:
+    with torch.no_grad(), recording_decisions(model) as log:
         model(ids)
     return log
 
@@ -197,9 +197,12 @@ def test_recording_decisions_changes_nothing():
             p.add_(torch.randn_like(p) * 0.1)  # no ties: an ordinary model
     name, ids, mask = parity_inputs(VOCAB, 16)[6]
     ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)
+    other = tied_model(causal=False)
     with torch.no_grad():
         plain = model(ids, mask)
-        with recording_decisions() as log:
+        with recording_decisions(model) as log:
             recorded = model(ids, mask)
+            other(ids, mask)  # the recording is the model's own, not the process's
     assert torch.equal(plain.logits, recorded.logits) and torch.equal(plain.halt_step, recorded.halt_step)
     assert len(log) == CFG["halt_max_steps"] * (CFG["H_cycles"] * (CFG["L_cycles"] + 1) * 2 + 1)
+    assert model.tracing.decisions is None and other.tracing.decisions is None

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import vary_routing
+from helpers import vary_routing
 
 from export.parity import TOLERANCE
 from moe_core import ModelConfig, RecursiveMoE

@@ -1,0 +1,159 @@
+"""The package layers, checked on the source: moe_core is the bottom layer; train, export and serve sit on it and
+never on each other, except export on train's nothing and serve on nobody's model code:
+
+    moe_core  imports none of train, export, serve, benchmarks
+    export    imports no serve and no train
+    serve     imports no export and no train, and nothing it imports (transitively) imports torch
+    no import cycle between the project's modules (benchmarks/ included; tests/ may import anything)
+
+Imports are read from every .py file with ast, function-local ones included (a lazy import still runs).
+tests/e2e/test_serving_install.py runs `moe serve` for real where `import torch` fails.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from helpers import REPO
+
+LAYERED = ("moe_core", "train", "export", "serve")
+PROJECT = (*LAYERED, "benchmarks")
+FORBIDDEN = {  # package -> project packages it may not import
+    "moe_core": {"train", "export", "serve", "benchmarks"},
+    "export": {"serve", "train", "benchmarks"},
+    "serve": {"export", "train", "benchmarks"},
+}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def project_files() -> dict[str, Path]:
+    return {module_name(p): p for pkg in PROJECT for p in sorted((REPO / pkg).rglob("*.py"))}
+
+
+def imports_of(name: str, path: Path, modules: set[str]) -> set[str]:
+    """Every module `name` (at `path`) imports, absolute names: `from a import b` gives a.b when that is a module
+    of the project, else a."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module
+            for alias in node.names:
+                sub = f"{source}.{alias.name}"
+                found.add(sub if sub in modules else source)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    files = project_files()
+    return {name: imports_of(name, path, set(files)) for name, path in files.items()}
+
+
+def top(module: str) -> str:
+    return module.partition(".")[0]
+
+
+def test_layer_rules():
+    bad = [f"{m} imports {i}" for m, imported in sorted(import_graph().items()) for i in sorted(imported)
+           if top(i) in FORBIDDEN.get(top(m), ())]
+    assert not bad, "layer rule broken:\n  " + "\n  ".join(bad)
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (or a module importing itself), Tarjan."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in graph:
+                continue
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1 or v in graph[v]:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycles():
+    found = cycles(import_graph())
+    assert not found, "import cycles:\n  " + "\n  ".join(" <-> ".join(c) for c in found)
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"a"}}) == [["a"]] and cycles({"a": {"b"}, "b": set()}) == []
+
+
+TORCH = {"torch", "safetensors", "matplotlib", "onnxscript"}  # the training stack, torch and what needs it
+
+
+def serve_imports() -> dict[str, str | None]:
+    """Every module importing serve runs -> the module that imports it (None: a serve module): from every serve
+    module, through every import, the parent packages of each module included (importing a.b runs a/__init__.py).
+    Modules outside the project appear as their top-level package."""
+    graph = import_graph()
+    via: dict[str, str | None] = {}
+    todo: list[tuple[str, str | None]] = [(m, None) for m in sorted(graph) if top(m) == "serve"]
+    while todo:
+        m, parent = todo.pop(0)
+        if m in via:
+            continue
+        via[m] = parent
+        if m not in graph:
+            continue
+        parts = m.split(".")
+        todo.extend((".".join(parts[:i]), m) for i in range(1, len(parts)))
+        for i in sorted(graph[m]):
+            if i in graph:
+                todo.append((i, m))
+            elif top(i) in PROJECT:  # a name of a project package that is not a module: the package itself
+                todo.append((i.rpartition(".")[0], m))
+            else:
+                todo.append((top(i), m))
+    return via
+
+
+def test_serve_never_imports_torch():
+    via = serve_imports()
+    chains = []
+    for bad in sorted(TORCH & set(via)):
+        chain = [bad]
+        while via[chain[-1]] is not None:
+            chain.append(via[chain[-1]])
+        chains.append(" <- ".join(chain))
+    assert not chains, "serve imports the training stack:\n  " + "\n  ".join(chains)
+    assert "numpy" in via and "onnxruntime" in via  # the walk does reach outside packages
