@@ -1,5 +1,5 @@
 """Where sparse MoE dispatch starts to beat dense on this CPU, by layer size and by tokens per call: the figures
-behind moe_core.model.SPARSE_MIN_SKIPPED_MACS.
+behind moe_core.model.moe.SPARSE_MIN_SKIPPED_MACS.
 
     python -m benchmarks.dispatch_crossover --threads 1
 
@@ -19,7 +19,7 @@ import math
 import torch
 
 from moe_core.config import ModelConfig
-from moe_core.model import MoEFeedForward, resolve_moe_dispatch
+from moe_core.model.moe import MoEFeedForward, resolve_moe_dispatch
 
 from .suites import layer_inference, moe_layer, moe_layer_train_step
 from .timing import cpu_name, measure, set_threads

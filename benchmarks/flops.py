@@ -15,7 +15,7 @@ lm head 2*D*V once. Two counts:
   eager eval and the exported graph, which unroll every step and select the halting step with masks (a
   step-wise runtime would pass the samples' mean halt step instead);
 - **executed FLOPs** (what the code computes): every head with the masked full T x T attention, every expert
-  under dense dispatch (top_k under sparse: moe_core.model.resolve_moe_dispatch), and every step.
+  under dense dispatch (top_k under sparse: moe_core.model.moe.resolve_moe_dispatch), and every step.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from moe_core.config import ModelConfig
-from moe_core.model import RecursiveMoE, resolve_moe_dispatch
+from moe_core.model import RecursiveMoE
+from moe_core.model.moe import resolve_moe_dispatch
 
 from .timing import Timing, measure
 

@@ -27,7 +27,8 @@ from moe_core.checkpoint import save_run
 from moe_core.config import ModelConfig
 from moe_core.graph_contract import decode_path_for, step_path_for, tokenizer_path_for
 from moe_core.metrics import token_logprobs
-from moe_core.model import MoEFeedForward, RecursiveMoE, resolve_moe_dispatch
+from moe_core.model import RecursiveMoE
+from moe_core.model.moe import MoEFeedForward, resolve_moe_dispatch
 from serve.graph import TOKEN_LOGPROBS
 from serve.runtime import OrtModel
 from train.config import RunConfig, TrainConfig

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 # From opset 23 the graph holds ONNX Runtime's fused kernels: the exporter writes scaled-dot-product attention as
 # `Attention` and RMSNorm as `RMSNormalization`, and the model's rotary embedding is written as `RotaryEmbedding`
-# (moe_core.model.onnx_rotary). Older opsets decompose all three into primitives, for older runtimes.
+# (moe_core.model.attention.onnx_rotary). Older opsets decompose all three into primitives, for older runtimes.
 FUSED_OPSET = 23
 DEFAULT_OPSET = FUSED_OPSET
 MIN_OPSET, MAX_OPSET = 18, 23  # the ONNX opsets the torch.onnx (dynamo) exporter writes this model's graph in

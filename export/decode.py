@@ -20,7 +20,8 @@ from torch.nn import functional as F
 from moe_core.config import ModelConfig
 from moe_core.decoding import Decoder
 from moe_core.graph_contract import DECODE_INPUTS, DECODE_OUTPUTS, HALT_STEP, LOGITS, past_names, present_names
-from moe_core.model import CacheCursor, KVCache, RecursiveMoE
+from moe_core.model import RecursiveMoE
+from moe_core.model.attention import CacheCursor, KVCache
 from moe_core.ort_session import run_bound
 
 from .parity import TOLERANCE, CaseResult, ParityReport

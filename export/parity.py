@@ -19,7 +19,7 @@ call order with the eager model's:
   (the sample's later positions in a causal model, the whole sample in a bidirectional one, the whole sample when
   it is a halting decision) and reported. At most NEAR_TIES_PER_1000 near-ties per 1,000 compared decisions (and
   at least one) may occur in a case: exact ties follow one rule in both runtimes (lower index first, see
-  moe_core.model.ranked), so near-ties are rare, and more than that means the graph decides differently.
+  moe_core.model.common.ranked), so near-ties are rare, and more than that means the graph decides differently.
 Decisions at padded positions, and at positions already affected by an earlier near-tie, are not compared.
 """
 

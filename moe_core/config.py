@@ -124,7 +124,7 @@ class ModelConfig:
     d_expert: int = 256
     # How the experts are computed: "dense" runs every expert on every token (zero weight outside the top k),
     # "sparse" groups the routed (token, expert) pairs by expert and runs each expert on its own tokens only;
-    # both give the same outputs. "auto" picks by the work sparse skips (moe_core.model.resolve_moe_dispatch).
+    # both give the same outputs. "auto" picks by the work sparse skips (moe_core.model.moe.resolve_moe_dispatch).
     moe_dispatch: str = "auto"
     # Recursion (TRM/HRM style). recursive = false is the plain MoE/MoH baseline with the same blocks.
     recursive: bool = True

@@ -10,7 +10,7 @@ from helpers import vary_routing
 
 from export.parity import TOLERANCE
 from moe_core import ModelConfig, RecursiveMoE
-from moe_core.model import KVCache
+from moe_core.model.attention import KVCache
 
 VOCAB = 97
 CFG = dict(vocab_size=VOCAB, max_seq_len=24, d_model=32, n_heads=4, n_layers=2, min_heads=1, max_heads=4,

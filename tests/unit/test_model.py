@@ -19,11 +19,11 @@ import torch.nn.functional as F
 
 from moe_core import CheckpointError, ConfigError, ModelConfig, RecursiveMoE, load_model
 from moe_core.checkpoint import save_weights
-from moe_core.model import (
+from moe_core.model.attention import MoHAttention
+from moe_core.model.common import AuxAccumulator
+from moe_core.model.moe import (
     SPARSE_MIN_SKIPPED_MACS,
-    AuxAccumulator,
     MoEFeedForward,
-    MoHAttention,
     grouped_mm,
     grouped_mm_weight_grad,
     resolve_moe_dispatch,
@@ -428,7 +428,7 @@ def test_moe_auto_dispatch_rule(make_config) -> None:
     """"auto" is sparse on CPU when a call's tokens together skip at least 2^23 expert multiply-adds (the measured
     break-even), decided per call from its shape, and at 256 tokens in an exported graph; dense on other devices
     (not measured); an explicit choice is kept everywhere."""
-    from moe_core.model import EXPORT_TOKENS
+    from moe_core.model.moe import EXPORT_TOKENS
     from train.config import build_config
 
     assert SPARSE_MIN_SKIPPED_MACS == 1 << 23 and EXPORT_TOKENS == 256
