@@ -66,8 +66,10 @@ demo: setup
 gpu-check:
 	PYTHONPATH=. $(PYTHON) -m benchmarks.gpu_check --out runs/gpu-check
 
+# ruff over the tree, mypy over the packages (pyproject.toml [tool.mypy]); CI runs `make lint test`.
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) $(SERVE_VENV) runs

@@ -22,6 +22,7 @@ from moe_core.graph_contract import HALT_STEP, LOGITS
 from moe_core.model import RecursiveMoE
 from moe_core.run_layout import TOKENIZER_FILE
 from moe_core.stepwise import StepCounts
+from moe_core.tasks import TASKS
 from serve.graph import TOKEN_LOGPROBS
 from serve.runtime import OrtModel, StepwiseModel, open_model
 from train.checkpointing import saved_run_config
@@ -34,7 +35,7 @@ def real_inputs(model: RecursiveMoE, run_dir: Path | None, n: int, seed: int = 0
     cfg = model.config
     T = cfg.max_seq_len
     tc = saved_run_config(run_dir).train if run_dir is not None else None
-    if tc is not None and tc.task == "sudoku":
+    if tc is not None and TASKS[tc.task].puzzles:  # new puzzles of the run's range
         givens = (tc.sudoku_givens_min, tc.sudoku_givens_max)
         puzzles = sudoku.generate(n, f"halting-benchmark-{seed}", givens=givens).puzzles.astype(np.int64)
         return puzzles, LOGITS, f"{n} new puzzles of {givens[0]}-{givens[1]} givens (the run's range)"

@@ -23,9 +23,10 @@ from moe_core.graph_contract import DECODE_INPUTS, DECODE_OUTPUTS, HALT_STEP, LO
 from moe_core.model import RecursiveMoE
 from moe_core.model.attention import CacheCursor, KVCache
 from moe_core.ort_session import run_bound
+from moe_core.tasks import task_spec
 
 from .parity import TOLERANCE, CaseResult, ParityReport
-from .trace import trace
+from .trace import DynamicAxes, trace
 
 DECODE_STEPS = 3  # decoding calls after each prefill in the parity check
 
@@ -40,7 +41,7 @@ def cache_entries(cfg: ModelConfig) -> int:
 def can_decode(cfg: ModelConfig, task: str) -> bool:
     """A model the decode graph serves: a causal language model without the learned attention bias, whose head_dim
     ONNX Runtime's GroupQueryAttention takes (a multiple of 8)."""
-    return task == "lm" and cfg.causal and not cfg.attn_bias and cfg.head_dim % GQA_HEAD_MULTIPLE == 0
+    return task_spec(task).generates and cfg.causal and not cfg.attn_bias and cfg.head_dim % GQA_HEAD_MULTIPLE == 0
 
 
 GQA_HEAD_MULTIPLE = 8  # GroupQueryAttention's CPU kernel refuses other head sizes
@@ -53,6 +54,8 @@ class RowCacheCursor(CacheCursor):
     GroupQueryAttention (com.microsoft), which writes each row's new entries at its own length: into the past's
     buffer itself when the present output is bound to it (a max_seq_len buffer, appended in place: a decoding call
     copies nothing of the cache), else into a new present."""
+
+    past: KVCache  # never None here: the decode graph's inputs
 
     def __init__(self, past: KVCache, positions: Tensor, attention_mask: Tensor) -> None:
         super().__init__(past, positions)
@@ -90,6 +93,8 @@ class ScatterCacheCursor(CacheCursor):
     shape is fixed by the buffer (what CUDA graph capture needs), and a present bound to its past's buffer is written
     in place (ScatterElements copies its input only when the output is another buffer). The cost: a decoding call
     attends over max_seq_len keys, masked, instead of the row's own length."""
+
+    past: KVCache  # never None here: the decode graph's inputs
 
     def __init__(self, past: KVCache, positions: Tensor, attention_mask: Tensor) -> None:
         super().__init__(past, positions)
@@ -148,9 +153,9 @@ def decode_to_onnx(model: RecursiveMoE, path: str | os.PathLike, opset: int, dev
     args = (torch.randint(0, cfg.vocab_size, (B, T)), torch.ones(B, P + T, dtype=torch.long),
             (torch.arange(T) + P).expand(B, T).contiguous(), torch.full((B,), cfg.halt_max_steps),
             *(torch.randn(B, cfg.n_heads, L, cfg.head_dim) for _ in range(2 * n)))
-    dynamic = {"input_ids": {0: batch, 1: new}, "attention_mask": {0: batch, 1: total},
-               "position_ids": {0: batch, 1: new}, "past_halt_step": {0: batch},
-               "past": tuple({0: batch, 2: past_len} for _ in range(2 * n))}
+    dynamic: dict[str, DynamicAxes] = {"input_ids": {0: batch, 1: new}, "attention_mask": {0: batch, 1: total},
+                                       "position_ids": {0: batch, 1: new}, "past_halt_step": {0: batch},
+                                       "past": tuple({0: batch, 2: past_len} for _ in range(2 * n))}
     trace(DecodeGraph(model, device), args, (*DECODE_INPUTS, *past_names(n)), (*DECODE_OUTPUTS, *present_names(n)),
           dynamic, path, opset)
 

@@ -42,6 +42,7 @@ from moe_core.graph_contract import (
 from moe_core.model import RecursiveMoE
 from moe_core.ort_session import ort_session
 from moe_core.run_layout import CALIBRATION_FILE, TOKENIZER_FILE
+from moe_core.tasks import task_spec
 from moe_core.tokenizer import read_tokenizer
 
 from .choices import CUDA_PRECISIONS, DEFAULT_OPSET, DEVICES, PRECISIONS
@@ -178,7 +179,7 @@ def prepare(run_dir: Path, outputs: Outputs, opset: int, check: bool, precision:
     """Load the run's model and tokenizer and build the graphs' metadata; refuse options the run does not fit."""
     _, full_config = load_run_config(run_dir)
     task = task_of(full_config)
-    if eval_text is not None and task != "lm":
+    if eval_text is not None and not task_spec(task).generates:
         raise MoeError(f"--eval-text: a language-model option (mean next-token loss on a text); {run_dir} is a {task} "
                        "run")
     model = load_model(run_dir)
@@ -261,6 +262,7 @@ def write_graph(job: Job, tmp: str, name: Path, log, step: bool = False,
     convert it to the job's precision; returns the parity reports (fp32, then the variant's figures), each logged
     as it is made. A failed fp32 parity check is a MoeError naming `name`."""
     meta = job.step_metadata if step else job.metadata
+    assert meta is not None  # a step graph is written only for a job prepared with stepwise (its metadata)
     proto = traced(job, tmp, step)
     with tempfile.TemporaryDirectory(prefix="moe-parity-") as scratch:
         decisions_path = None
@@ -287,9 +289,11 @@ def write_graph(job: Job, tmp: str, name: Path, log, step: bool = False,
 def write_decode_graph(job: Job, tmp: str, name: Path, log) -> list[ParityReport]:
     """Trace the decode graph to `tmp`, check it as serve runs it (prefill, then cached calls) and convert it to the
     job's precision; returns its parity reports as write_graph does."""
+    decode_metadata = job.decode_metadata
+    assert decode_metadata is not None  # written only for outputs with a decode graph: prepare made its metadata
     decode_to_onnx(job.model, tmp, job.opset, job.device)
     proto = cleaned(tmp)
-    save_checked(with_graph_metadata(proto, {**job.decode_metadata, "precision": "fp32"}), tmp, name)
+    save_checked(with_graph_metadata(proto, {**decode_metadata, "precision": "fp32"}), tmp, name)
     reports = []
     if job.check:
         reports.append(check_decode_parity(job.model, ort_session(tmp)))
@@ -299,7 +303,7 @@ def write_decode_graph(job: Job, tmp: str, name: Path, log) -> list[ParityReport
     if job.precision != "fp32":
         # A CUDA graph's KV cache is in the graph's dtype at its inputs and outputs: bound as past and present at
         # once, with no Cast between the buffer and attention.
-        convert_precision(tmp, job.precision, job.decode_metadata, [LOGITS] if job.device == "cuda" else True)
+        convert_precision(tmp, job.precision, decode_metadata, [LOGITS] if job.device == "cuda" else True)
         if job.check and not runs_on_cpu(job.precision):
             log(f"parity ({job.precision}, decode graph): not measured here, ONNX Runtime has no CPU kernels for it")
         elif job.check:
@@ -351,8 +355,10 @@ def fp32_parity(job: Job, path: str, name: Path, step: bool, decisions_path: str
 
 def accuracy(job: Job, path: str) -> str:
     """The mean next-token loss of eager PyTorch and of the graph at `path` on the --eval-text windows, as a line."""
-    eager_nll, onnx_nll = text_nll(job.model, job.eval_ids), text_nll(ort_session(path), job.eval_ids)
-    return (f"accuracy on {job.eval_text} ({job.eval_ids.size:,} tokens): eager loss {eager_nll:.4f}, ONNX "
+    eval_ids = job.eval_ids
+    assert eval_ids is not None  # called only for a job with --eval-text
+    eager_nll, onnx_nll = text_nll(job.model, eval_ids), text_nll(ort_session(path), eval_ids)
+    return (f"accuracy on {job.eval_text} ({eval_ids.size:,} tokens): eager loss {eager_nll:.4f}, ONNX "
             f"{job.precision} loss {onnx_nll:.4f} (cost {onnx_nll - eager_nll:+.2e} nats/token)")
 
 

@@ -32,12 +32,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from moe_core import sudoku
 from moe_core.errors import MoeError
 from moe_core.metrics import token_logprobs
 from moe_core.model import Decision, RecursiveMoE, recording_decisions
 from moe_core.ort_session import CPU_EP, ort_session
 from moe_core.stepwise import StepwiseSession
+from moe_core.tasks import task_spec
 
 TOLERANCE = 1e-4
 NEAR_TIES_PER_1000 = 1
@@ -159,45 +159,6 @@ def _decision_summary(d: Decisions | None) -> str:
     return text
 
 
-def parity_inputs(vocab_size: int, max_seq_len: int, seed: int = 0,
-                  task: str = "lm") -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """(name, input_ids, attention_mask) cases: batch 1 and larger, lengths 1 / middle / maximum, right-padded
-    batches, and every token id of the vocabulary.
-
-    A Sudoku model (task "sudoku") is checked on what serving can give it instead: `--mode solve` feeds 81-cell
-    grids whose givens do not conflict (it refuses anything else, and the other modes refuse the model). Outside
-    that domain a deep recursion is ill-conditioned, so no fp32 implementation can agree with another there: a
-    trained 16-step model's eager fp32 logits differ from its own fp64 ones by up to 0.3 of the logit scale on
-    random digit strings and single cells, against 1e-5 on puzzles (benchmarks/RESULTS.md)."""
-    if task == "sudoku":
-        def puzzles(n: int, givens: tuple[int, int], stream: str) -> np.ndarray:
-            return sudoku.generate(n, f"parity/{seed}/{stream}", givens=givens).puzzles.astype(np.int64)
-
-        solved = sudoku.generate(2, f"parity/{seed}/solved", givens=(40, 50)).solutions.astype(np.int64)
-        cases = [("sudoku_one", puzzles(1, (25, 50), "one")), ("sudoku_grids", puzzles(8, (25, 50), "grids")),
-                 ("sudoku_hard", puzzles(4, (23, 28), "hard")), ("sudoku_solved", solved)]
-        return [(name, ids, np.ones_like(ids)) for name, ids in cases]
-    rng = np.random.default_rng(seed)
-    T, mid = max_seq_len, max(1, max_seq_len // 2)
-
-    def rand(b: int, t: int) -> np.ndarray:
-        return rng.integers(0, vocab_size, size=(b, t), dtype=np.int64)
-
-    cases = [("batch1_seq1", rand(1, 1)), ("batch1_max", rand(1, T)), ("batch4_mid", rand(4, mid)),
-             ("batch8_max", rand(8, T)), ("batch5_seq1", rand(5, 1))]
-    out = [(name, ids, np.ones_like(ids)) for name, ids in cases]
-    # Every id appears at least once (first, last and everything between), with random context around it.
-    n = -(-vocab_size // T)
-    ids = rand(n, T).reshape(-1)
-    ids[:vocab_size] = rng.permutation(vocab_size)
-    out.append(("whole_vocab", ids.reshape(n, T), np.ones((n, T), dtype=np.int64)))
-    # Right padding: random lengths 1..T, pad id 0 (any id: padded positions must not matter).
-    lengths = np.concatenate([[1, T], rng.integers(1, T + 1, size=4)])
-    mask = (np.arange(T)[None, :] < lengths[:, None]).astype(np.int64)
-    out.append(("padded_batch6", np.where(mask == 1, rand(6, T), 0), mask))
-    return out
-
-
 def compare_decisions(eager: list[Decision], graph: list[np.ndarray], valid: np.ndarray,
                       causal: bool) -> tuple[Decisions, np.ndarray]:
     """Eager decisions (with margins) against the graph's, in call order: (the counts, the [B, T] positions that
@@ -268,8 +229,9 @@ def check_parity(model: RecursiveMoE, onnx_path: str, seed: int = 0, label: str 
                  tolerance: float | None = TOLERANCE, task: str = "lm", stepwise: bool = False,
                  decisions_path: str | None = None, exclude: ParityReport | None = None,
                  providers: Sequence[Any] = (CPU_EP,)) -> ParityReport:
-    """Eager vs the graph at `onnx_path` on parity_inputs. `stepwise`: the graph is a step graph, run step by step
-    with halted samples dropped, exactly as `moe serve --runtime stepwise` runs it (moe_core/stepwise.py).
+    """Eager vs the graph at `onnx_path` on the task's parity inputs (moe_core.tasks). `stepwise`: the graph is a
+    step graph, run step by step with halted samples dropped, exactly as `moe serve --runtime stepwise` runs it
+    (moe_core/stepwise.py).
     `decisions_path`: the parity-only copy of the graph with its decisions as outputs (onnx_export.to_onnx with
     decisions): decisions are compared too. `exclude`: an earlier report on the same inputs (the unrolled graph's,
     for its step graph) whose near-tie positions are left out here as well. `providers`: where ONNX Runtime runs
@@ -283,7 +245,7 @@ def check_parity(model: RecursiveMoE, onnx_path: str, seed: int = 0, label: str 
     cfg = model.config
     skip = {c.name: c.excluded for c in exclude.cases} if exclude is not None else {}
     return ParityReport([compare(model, session, name, ids, mask, decision_session, skip.get(name))
-                         for name, ids, mask in parity_inputs(cfg.vocab_size, cfg.max_seq_len, seed, task)],
+                         for name, ids, mask in task_spec(task).parity_inputs(cfg.vocab_size, cfg.max_seq_len, seed)],
                         label, tolerance)
 
 

@@ -23,6 +23,9 @@ from moe_core.model.attention import onnx_rotary
 from .choices import DEFAULT_OPSET, FUSED_OPSET
 from .parity import decision_output
 
+# An input's dynamic axes (axis -> Dim), or those of each tensor of a variadic input (DecodeGraph's *past).
+DynamicAxes = dict[int, torch.export.Dim] | tuple[dict[int, torch.export.Dim], ...]
+
 
 class ExportGraph(nn.Module):
     """The exported function: (input_ids, attention_mask) -> (logits, halt_step)."""
@@ -71,6 +74,8 @@ def to_onnx(model: RecursiveMoE, path: str | os.PathLike, opset: int = DEFAULT_O
     """Trace the eval-mode `model` and write the ONNX graph to `path` (one file, no external data); with
     `decisions`, the parity-only DecisionGraph (passes.strip_decisions turns it into the graph itself)."""
     ids, mask, dims = example_inputs(model)
+    graph: ExportGraph | DecisionGraph
+    names: tuple[str, ...]
     graph, names = ExportGraph(model), OUTPUTS
     if decisions:
         graph = DecisionGraph(model)
@@ -105,7 +110,7 @@ def example_inputs(model: RecursiveMoE) -> tuple[Tensor, Tensor, dict[int, torch
 
 
 def trace(graph: nn.Module, args: tuple[Tensor, ...], input_names: tuple[str, ...], output_names: tuple[str, ...],
-          dynamic_shapes: dict[str, dict[int, torch.export.Dim]], path: str | os.PathLike, opset: int) -> None:
+          dynamic_shapes: dict[str, DynamicAxes], path: str | os.PathLike, opset: int) -> None:
     """torch.onnx.export (dynamo) of the eval-mode `graph` (a wrapper of one RecursiveMoE, its .model) to `path`,
     one file."""
     model = graph.model
@@ -128,4 +133,5 @@ def trace(graph: nn.Module, args: tuple[Tensor, ...], input_names: tuple[str, ..
                                         optimize=False)
     finally:
         registration_log.setLevel(level)
+    assert program is not None  # dynamo=True: always a program
     program.save(str(path), external_data=False)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -105,6 +105,14 @@ def read_json(path: str | os.PathLike) -> Any:
         raise CheckpointError(f"{path}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg})") from None
     except ValueError as e:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+
+
+@overload
+def read_run_config(run_dir: str | os.PathLike, missing_ok: Literal[False] = False) -> dict[str, Any]: ...
+
+
+@overload
+def read_run_config(run_dir: str | os.PathLike, missing_ok: bool) -> dict[str, Any] | None: ...
 
 
 def read_run_config(run_dir: str | os.PathLike, missing_ok: bool = False) -> dict[str, Any] | None:

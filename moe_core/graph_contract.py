@@ -16,10 +16,11 @@ The step graph (MODEL.step.onnx, `moe export --stepwise`) is one supervision ste
             halt_logit                 float32 [batch]                 the sample halts at this step when > 0
 
 Metadata (string values) of both graphs: METADATA_KEYS (all required), then format_version (moe_core.formats),
-task (TASKS; files without it: the run config's train.task), precision ("fp32" or the reduced-precision variant),
-weights_sha256 (ties a step graph to its unrolled graph), device (DEVICE), step_graph (the unrolled graph's step
-graph, a file name beside it). A step graph also has graph = "step" and its initial carry, INIT_KEYS: the model's
-fixed z_H_init / z_L_init vectors broadcast over [batch, seq], as JSON lists of float32 values (exact).
+task (moe_core.tasks.TASKS; files without it: the run config's train.task), precision ("fp32" or the
+reduced-precision variant), weights_sha256 (ties a step graph to its unrolled graph), device (DEVICE), step_graph
+(the unrolled graph's step graph, a file name beside it). A step graph also has graph = "step" and its initial
+carry, INIT_KEYS: the model's fixed z_H_init / z_L_init vectors broadcast over [batch, seq], as JSON lists of
+float32 values (exact).
 """
 
 from __future__ import annotations
@@ -72,7 +73,6 @@ SERVE_MAX_STEPS = "serve_max_steps"
 
 # The device a graph was made for, "cpu" or "cuda" (`moe export --device`; files without the key: "cpu").
 DEVICE = "device"
-TASKS = ("lm", "sudoku")  # every task a run can have (its train.task): train checks and builds these, serve serves them
 INIT_KEYS = ("z_H_init", "z_L_init")
 STEP_SUFFIX = ".step.onnx"
 TOKENIZER_SUFFIX = ".tokenizer.json"

@@ -9,9 +9,9 @@ from pathlib import Path
 import click
 
 from moe_core.cli import finite, run
+from moe_core.tasks import MODES
 
 from .runtime import PROVIDER_CHOICES, RUNTIMES
-from .server import MODE_TASK
 
 ENGINES = ("local", "ray")
 
@@ -28,7 +28,7 @@ ENGINES = ("local", "ray")
               help="JSONL results, one object per input record, in input order. For a set of shards: a directory "
                    "of output shards named after the inputs, plus manifest.json (counts, model sha256, mode, "
                    "settings), written last.")
-@click.option("--mode", type=click.Choice(list(MODE_TASK)), default="score",
+@click.option("--mode", type=click.Choice(list(MODES)), default="score",
               help="score / generate: a language model (task lm); solve: a Sudoku model (task sudoku).")
 @click.option("--batch-size", default=32, type=click.IntRange(1),
               help="Rows per forward pass, at most the model's memory budget allows: rows x max_seq_len x "

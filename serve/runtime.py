@@ -48,7 +48,6 @@ from typing import Any
 
 import numpy as np
 
-from moe_core import sudoku
 from moe_core.config import MAX_CYCLES
 from moe_core.decoding import Decoder, DeviceBuffers
 from moe_core.errors import MoeError
@@ -64,7 +63,6 @@ from moe_core.graph_contract import (
     METADATA_KEYS,
     SERVE_MAX_STEPS,
     STEP_SUFFIX,
-    TASKS,
     initializers_sha256,
     past_names,
     read_step_metadata,
@@ -82,6 +80,7 @@ from moe_core.ort_session import (
     session_with_placement,
 )
 from moe_core.stepwise import CARRY_OUT, StepCounts, run_stepwise
+from moe_core.tasks import TASKS
 from moe_core.tokenizer import read_tokenizer
 
 from .graph import LAST_LOGITS, NEXT_TOKEN, add_decode_outputs, add_serving_outputs
@@ -217,6 +216,7 @@ def read_model(path: str | os.PathLike, graph: str = "unrolled") -> tuple[Any, M
     task = meta.get("task", task_of(config))  # files exported before the key existed: the run config's
     if task not in TASKS:
         raise MoeError(f"{path}: malformed metadata task: expected one of {', '.join(TASKS)}, got {str(task)[:40]!r}")
+    spec = TASKS[task]
     info = ModelInfo(path, path.with_name(tok_name), sizes["vocab_size"], sizes["max_seq_len"],
                      sizes["halt_max_steps"], meta["moe_version"], config, meta["tokenizer_sha256"],
                      meta.get("precision", "fp32"), task, graph, step_graph=file_beside(meta, "step_graph", path),
@@ -230,12 +230,9 @@ def read_model(path: str | os.PathLike, graph: str = "unrolled") -> tuple[Any, M
         shape = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims]
         raise MoeError(f"{path}: output logits has shape {shape}; expected [batch, seq, {info.vocab_size}] "
                        "(the metadata's vocab_size)")
-    if task == "lm" and meta["causal"] != "true":
-        raise MoeError(f"{path}: the model is not causal (metadata causal={meta['causal']}); "
-                       "scoring and generation need a causal language model")
-    if task == "sudoku" and (info.vocab_size != sudoku.VOCAB or info.max_seq_len < sudoku.CELLS):
-        raise MoeError(f"{path}: a sudoku model with vocab_size {info.vocab_size} and max_seq_len {info.max_seq_len}; "
-                       f"expected vocab_size {sudoku.VOCAB} (blank + 9 digits) and max_seq_len >= {sudoku.CELLS}")
+    problem = spec.graph_problem(info.vocab_size, info.max_seq_len, meta["causal"])
+    if problem is not None:
+        raise MoeError(f"{path}: {problem}")
     return proto, info
 
 

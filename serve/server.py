@@ -63,6 +63,7 @@ from moe_core import EOT, sudoku
 from moe_core.decoding import Decoder
 from moe_core.errors import MoeError
 from moe_core.graph_contract import HALT_STEP, LOGITS
+from moe_core.tasks import MODES, TASKS
 
 from .graph import LAST_LOGITS, TOKEN_LOGPROBS
 from .runtime import ModelInfo, OrtModel, StepwiseModel, open_decoder, open_model
@@ -74,8 +75,6 @@ from .runtime import ModelInfo, OrtModel, StepwiseModel, open_decoder, open_mode
 MAX_BATCH_ELEMENTS = 2**26
 
 Progress = Callable[[int], Any]  # called with the number of input texts a batch has finished
-MODE_TASK = {"score": "lm", "generate": "lm", "solve": "sudoku"}  # what each mode serves
-TASK_NAMES = {"lm": "a language model", "sudoku": "a Sudoku model"}
 
 
 @dataclass
@@ -344,7 +343,7 @@ class Server:
             check_int("max_steps", max_steps, 1)
         model = open_model(model_path, provider, threads, runtime, max_steps, halting)
         decoder = None
-        if cache and max_steps is None and halting and model.info.task == "lm":
+        if cache and max_steps is None and halting and TASKS[model.info.task].generates:
             decoder, why = open_decoder(model.info, provider, threads)
             if why and model.info.decode_graph:
                 model.note = f"{model.note}; {why}" if model.note else why
@@ -568,11 +567,10 @@ class Server:
 
     def require_task(self, mode: str) -> None:
         """MoeError naming the model file when `mode` (score / generate / solve) is not for its task."""
-        task = self.info.task
-        if MODE_TASK[mode] != task:
-            raise MoeError(f"{self.info.path}: --mode {mode} needs {TASK_NAMES[MODE_TASK[mode]]} (task "
-                           f"{MODE_TASK[mode]}), but this model's task is {task}; use --mode "
-                           f"{' or --mode '.join(m for m, t in MODE_TASK.items() if t == task)}")
+        task, wanted = TASKS[self.info.task], MODES[mode]
+        if wanted is not task:
+            raise MoeError(f"{self.info.path}: --mode {mode} needs {wanted.title} (task {wanted.name}), but this "
+                           f"model's task is {task.name}; use --mode {' or --mode '.join(task.serve_modes)}")
 
     def _account(self, halts: Sequence[int | None], tokens: int, long: int) -> None:
         s = self.stats

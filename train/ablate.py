@@ -273,6 +273,7 @@ def _run_grid(out: Path, grid: Grid, base: RunConfig, rows: list[Row], shared: l
     for i, row in enumerate(to_run, start=1):
         click.echo(f"\n=== variant {i}/{len(to_run)}: {row.name} ({', '.join(row.overrides) or 'base config'}) ===")
         t0 = time.perf_counter()
+        assert row.config is not None  # a pending row's config was built (a failed build marks the row failed)
         try:
             if row.config.train.compile:
                 import torch._dynamo

@@ -12,9 +12,9 @@ from typing import Any
 
 from moe_core.config import ModelConfig, _check, from_dict, show
 from moe_core.errors import ConfigError
-from moe_core.graph_contract import TASKS
 from moe_core.jsonl import read_text_file
 from moe_core.sudoku import GENERATED_GIVENS
+from moe_core.tasks import TASKS
 
 MAX_SEED = 2**63 - 1
 DEVICES = ("auto", "cpu", "cuda")  # train.device: auto = CUDA when torch sees a GPU, else CPU
@@ -71,7 +71,7 @@ class TrainConfig:
     compile: bool = True
     device: str = "auto"  # auto | cpu | cuda
     parallel: str = "ddp"  # under torchrun: ddp (weights on every rank) | fsdp (weights, grads, optimizer sharded)
-    # task: one of moe_core.graph_contract.TASKS. lm: language modelling on `data` | sudoku: one token per cell
+    # task: one of moe_core.tasks.TASKS. lm: language modelling on `data` | sudoku: one token per cell
     # (configs/sudoku*.toml)
     task: str = "lm"
     # sudoku: base puzzles generated (augmented on the fly by the symmetry group) and held-out test puzzles, no
@@ -184,8 +184,9 @@ class RunConfig:
                    "(the baseline has no carry)")
             # a row halts when its answer is right: a target known at each step. Language's halt target (does the
             # next step lower the loss) is known only an update later.
-            _check(tc.task == "sudoku", f"{where}: train", f"supervision: expected 'batch' for task = {show(tc.task)} "
-                   "('carry' needs a task whose halt target is known at each step: sudoku)")
+            _check(TASKS[tc.task].carry, f"{where}: train", f"supervision: expected 'batch' for task = "
+                   f"{show(tc.task)} ('carry' needs a task whose halt target is known at each step: "
+                   f"{', '.join(t.name for t in TASKS.values() if t.carry)})")
             _check(tc.carry_steps_start <= mc.halt_max_steps, f"{where}: train",
                    f"carry_steps_start: expected at most model.halt_max_steps = {mc.halt_max_steps}, got "
                    f"{tc.carry_steps_start}")
@@ -197,8 +198,9 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
     records them: `--resume` from any other directory then reads the same files. (A run saved with a relative
     path keeps it, and resolves it against the directory it is resumed from.)"""
     tc = cfg.train
-    absolute = {name: os.path.abspath(value) for name in ("data", "tokenizer")
-                if isinstance(value := getattr(tc, name), str) and value}
+    # field name -> new value (a str); Any: dataclasses.replace types each keyword by its field, not a dict's values
+    absolute: dict[str, Any] = {name: os.path.abspath(value) for name in ("data", "tokenizer")
+                                if isinstance(value := getattr(tc, name), str) and value}
     return RunConfig(cfg.model, dataclasses.replace(tc, **absolute)) if absolute else cfg
 
 

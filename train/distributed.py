@@ -16,6 +16,7 @@ import contextlib
 import os
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeGuard
 
 import torch
 import torch.distributed as td
@@ -23,6 +24,11 @@ from torch import nn
 from tqdm import tqdm
 
 from moe_core.errors import MoeError
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
+
+    from moe_core.model import RecursiveMoE
 
 
 @dataclass(frozen=True)
@@ -138,7 +144,7 @@ class Dist:
 SINGLE = Dist()  # one process, no process group
 
 
-def parallelize(model: nn.Module, dist: Dist, device: torch.device, parallel: str, find_unused: bool) -> nn.Module:
+def parallelize(model: RecursiveMoE, dist: Dist, device: torch.device, parallel: str, find_unused: bool) -> nn.Module:
     """The module a training step calls. One process: `model` itself. `ddp`: a DistributedDataParallel wrapper
     (find_unused: parameters some steps leave without gradient). `fsdp`: `model` itself, sharded in place — each
     block of `model.net.blocks` is its own FSDP unit (gathered per call: the recursion calls each block many
@@ -165,7 +171,7 @@ def is_sharded(model: nn.Module) -> bool:
     return fsdp is not None and isinstance(model, fsdp.FSDPModule)
 
 
-def is_dtensor(t: torch.Tensor) -> bool:
+def is_dtensor(t: torch.Tensor) -> TypeGuard[DTensor]:
     """True for a DTensor: an FSDP weight, its gradient or AdamW moment (this rank holds a dim-0 piece)."""
     dtensor = sys.modules.get("torch.distributed.tensor")  # not imported: no DTensor exists
     return dtensor is not None and isinstance(t, dtensor.DTensor)

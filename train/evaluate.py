@@ -41,6 +41,7 @@ from moe_core.errors import ConfigError, os_reason
 from moe_core.files import atomic_outputs, check_not_inputs
 from moe_core.model import RecursiveMoE
 from moe_core.run_layout import EVAL_DIR, PUZZLES_FILE, TOKENIZER_FILE
+from moe_core.tasks import TASKS
 from moe_core.tokenizer import read_tokenizer
 
 from .checkpointing import saved_run_config
@@ -51,18 +52,13 @@ from .ladder import OUTPUTS as LADDER_OUTPUTS
 from .ladder import parse_givens, run_ladder
 from .plots import write_png
 from .rundir_lock import RunDirLock
+from .sudoku_task import SudokuTask
 from .tasks import Task, make_task
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 OUTPUTS = ("eval.md", "eval.csv", "eval.png")
-# The figures of each task, in table order: (key, header, format). The first is the plot's y axis.
-FIGURES = {
-    "sudoku": [("puzzle_acc", "puzzle acc", "{:.4f}"), ("cell_acc", "cell acc (blanks)", "{:.4f}"),
-               ("val_loss", "val loss", "{:.4f}"), ("val_halt_step", "mean steps", "{:.2f}")],
-    "lm": [("val_loss", "val loss", "{:.4f}"), ("val_ppl", "ppl", "{:.2f}"), ("val_halt_step", "mean steps", "{:.2f}")],
-}
 
 
 def parse_steps(text: str) -> list[int]:
@@ -125,7 +121,7 @@ def baseline_row(model: RecursiveMoE, name: str, task: Task, device: torch.devic
 
 
 def table(rows: list[dict[str, Any]], task: str, trained: int) -> str:
-    cols = FIGURES[task]
+    cols = TASKS[task].figures
     lines = ["| K (halt_max_steps) | mode | " + " | ".join(h for _, h, _ in cols) + " |",
              "|---:|---|" + "---:|" * len(cols)]
     for r in rows:
@@ -148,7 +144,7 @@ def figure(rows: list[dict[str, Any]], task: str, trained: int, title: str) -> F
 
     from .plots import new_figure, style_axes  # noqa: PLC0415
 
-    key, header, _ = FIGURES[task][0]
+    key, header, _ = TASKS[task].figures[0]
     fig = new_figure(layout="constrained", figsize=(7, 4.5))
     ax = fig.subplots()
     for mode, style in zip(MODES, ("o-", "s--"), strict=True):
@@ -207,7 +203,8 @@ def eval_(run_dir: str, steps_text: str, ladder: bool, ladder_givens: str, ladde
     if given and not ladder:
         raise ConfigError(f"{given[0]}: only with --ladder")
     cfg = saved_run_config(run)
-    if ladder and cfg.train.task != "sudoku":
+    spec = TASKS[cfg.train.task]
+    if ladder and not spec.puzzles:
         raise ConfigError(f"--ladder: {run} is a {cfg.train.task!r} run; expected a Sudoku run (train.task = "
                           f"'sudoku')")
     if ladder:
@@ -215,7 +212,7 @@ def eval_(run_dir: str, steps_text: str, ladder: bool, ladder_givens: str, ladde
         levels = parse_givens(ladder_givens)
         names = list(LADDER_OUTPUTS)
     else:
-        names = [*OUTPUTS, PUZZLES_FILE] if cfg.train.task == "sudoku" else list(OUTPUTS)
+        names = [*OUTPUTS, PUZZLES_FILE] if spec.puzzles else list(OUTPUTS)
     dev = torch.device("cuda" if use_cuda(device, "--device") else "cpu")
     out_dir = Path(out) if out is not None else run / EVAL_DIR
     # Everything that can be refused is refused before the evaluations are spent, and every argument before
@@ -264,19 +261,23 @@ def evaluate(run: Path, cfg: RunConfig, model: RecursiveMoE, base_model: Recursi
         steps = [1]  # the baseline has one pass: K does not apply
     task = make_task(cfg, tok_text, click.echo)
     if ladder is not None:
+        assert isinstance(task, SudokuTask)  # eval_ takes --ladder only for a puzzles task: Sudoku
         levels, size, seed, budget = ladder
         run_ladder(run, cfg, model, task, tok_text, steps, levels, size, seed, baseline_dir, base_model, dev, out_dir,
                    overwrite, budget)
         return
     rows = sweep(model, task, steps, dev, click.echo)
     if base_model is not None:
+        assert baseline_dir is not None  # the baseline model is loaded from baseline_dir
         rows.append(baseline_row(base_model, Path(baseline_dir).name, task, dev))
         click.echo(f"{rows[-1]['mode']}: {task.describe(rows[-1])}")
     trained = model.config.halt_max_steps if model.config.recursive else 1
     md = table(rows, task.name, trained)
     texts = {"eval.csv": to_csv(rows), "eval.md": md}
-    if task.name == "sudoku":
+    if TASKS[task.name].puzzles:
         from moe_core.sudoku import format_grid  # noqa: PLC0415
+
+        assert isinstance(task, SudokuTask)  # the one task with puzzles
 
         texts[PUZZLES_FILE] = "".join(f"{format_grid(p)} {format_grid(s)}\n"
                                       for p, s in zip(task.test_puzzles, task.test_solutions, strict=True))
@@ -285,7 +286,7 @@ def evaluate(run: Path, cfg: RunConfig, model: RecursiveMoE, base_model: Recursi
         for name, tmp in zip(names, tmps, strict=True):
             if name == "eval.png":
                 write_png(figure(rows, task.name, trained,
-                                 f"{run.name}: {FIGURES[task.name][0][1]} against the steps allowed"), tmp)
+                                 f"{run.name}: {TASKS[task.name].figures[0][1]} against the steps allowed"), tmp)
             else:
                 Path(tmp).write_text(texts[name], encoding="utf-8")
     click.echo(md + f"written: {', '.join(str(out_dir / n) for n in names)}")

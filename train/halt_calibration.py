@@ -87,7 +87,8 @@ def trained_bias(run: Path, model: RecursiveMoE) -> float:
     if not path.exists():
         return bias
     record = read_json(path)
-    numbers = [record.get(key) if isinstance(record, dict) else None for key in ("trained_bias", "calibrated_bias")]
+    numbers: list[Any] = [record.get(key) if isinstance(record, dict) else None  # JSON values, checked below
+                          for key in ("trained_bias", "calibrated_bias")]
     largest = torch.finfo(model.halt_head.bias.dtype).max  # what the halt head's bias can hold
     if not all(isinstance(v, float | int) and not isinstance(v, bool) and abs(v) <= largest for v in numbers):
         raise ConfigError(f"{path}: trained_bias / calibrated_bias: expected numbers a {model.halt_head.bias.dtype} "

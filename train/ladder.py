@@ -152,9 +152,12 @@ def run_ladder(run: Path, cfg: RunConfig, model: RecursiveMoE, task: SudokuTask,
     halt_budget, halting calibrated first (train/halt_calibration.py) and the ladder run with the calibrated head."""
     tasks = [task]
     if base_model is not None:
+        assert baseline_dir is not None  # the baseline model is loaded from baseline_dir
         base_cfg = saved_run_config(Path(baseline_dir))
         if data_spec(base_cfg) != data_spec(cfg):  # the baseline trained on other puzzles: exclude those too
-            tasks.append(make_task(base_cfg, tokenizer_json, click.echo))
+            base_task = make_task(base_cfg, tokenizer_json, click.echo)
+            assert isinstance(base_task, SudokuTask)  # the run's task: load_baseline checked it
+            tasks.append(base_task)
     t0 = time.perf_counter()
     levels = build_ladder(givens, size, seed, training_keys(tasks))
     click.echo(f"ladder: {len(levels)} levels of {size} puzzles ({', '.join(str(g) for g in givens)} givens), "
@@ -170,6 +173,7 @@ def run_ladder(run: Path, cfg: RunConfig, model: RecursiveMoE, task: SudokuTask,
     t0 = time.perf_counter()
     rows = ladder_rows(model, run.name, levels, steps, device, batch)
     if base_model is not None:
+        assert baseline_dir is not None
         rows += baseline_rows(base_model, Path(baseline_dir).name, levels, device, batch)
     click.echo(f"ladder: evaluated K = {', '.join(map(str, steps))} ({time.perf_counter() - t0:.1f}s)")
     trained = model.config.halt_max_steps if model.config.recursive else 1
@@ -199,6 +203,7 @@ def run_ladder(run: Path, cfg: RunConfig, model: RecursiveMoE, task: SudokuTask,
             else:
                 Path(tmp).write_text(texts[path.name], encoding="utf-8")
         if run_files:
+            assert calibration is not None  # run_files is empty without one
             halt_calibration.write_into(tmps[len(paths)], tmps[len(paths) + 1], model, calibration)
     if run_files:
         drop_sharded_weights(run)  # an FSDP run's published shards would be read in place of these weights

@@ -494,8 +494,8 @@ def write_plots(run_dir: str | Path) -> list[Path]:
                    f"plots, too large to draw ({keys}; the first at step {skipped[0][1]})", err=True)
     train, evals = split_records(records)
     cfg = read_run_config(run_dir, missing_ok=True) or {}  # without config.json: what the metrics alone show
-    model_cfg = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
-    train_cfg = cfg.get("train") if isinstance(cfg.get("train"), dict) else {}
+    model_cfg = section if isinstance(section := cfg.get("model"), dict) else {}
+    train_cfg = section if isinstance(section := cfg.get("train"), dict) else {}
     n_heads, min_heads = _count(model_cfg.get("n_heads")), _count(model_cfg.get("min_heads"))
     halt_max = _count(model_cfg.get("halt_max_steps"))
     if model_cfg.get("recursive") is False:

@@ -119,7 +119,8 @@ def figures(right_cells: float, blank_cells: float, solved: float, step_sum: flo
 class SudokuTask(Task):
     name = "sudoku"
     loss_key = "cell_loss"  # cross-entropy over the 81 cells' digits
-    best_by = ("puzzle_acc", "cell_acc")  # solved puzzles first; cell accuracy breaks ties (early on, all at 0)
+    # solved puzzles first; cell accuracy breaks ties (early on, all at 0)
+    best_by: tuple[str, ...] = ("puzzle_acc", "cell_acc")
     higher_is_better = True
 
     def __init__(self, cfg: RunConfig, log: Any = print) -> None:
@@ -143,7 +144,8 @@ class SudokuTask(Task):
             self.train_puzzles, self.train_solutions = train.puzzles, train.solutions
             self.test_puzzles, self.test_solutions = test.puzzles, test.solutions
             source = f"generated, {givens[0]}-{givens[1]} givens"
-        self.val_puzzles = self.val_solutions = None
+        self.val_puzzles: np.ndarray | None = None
+        self.val_solutions: np.ndarray | None = None
         if tc.sudoku_val:  # held out from train and test under the symmetry group, as the ladder is
             taken = set(sudoku.equivalence_keys(np.concatenate([self.train_puzzles, self.test_puzzles])))
             (val, _), = sudoku.make_ladder([tc.sudoku_val_givens], tc.sudoku_val, f"val/{tc.seed}", taken)
@@ -208,6 +210,7 @@ class SudokuTask(Task):
         val_loss = nll / (sums[-1] * sudoku.CELLS)
         ev = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), **figures(*sums)}
         if self.val_puzzles is not None:  # the hard level, as served: halt_max_steps steps with halting
+            assert self.val_solutions is not None  # set together with val_puzzles
             _, sums = self._solve(model, self.val_puzzles, self.val_solutions, device, autocast, dist)
             hard = figures(*sums)
             ev.update(hard_puzzle_acc=hard["puzzle_acc"], hard_halt_step=hard["val_halt_step"])
@@ -218,8 +221,9 @@ class SudokuTask(Task):
         """The eval-mode model on `puzzles`, over all ranks: (summed loss over every cell, counts() summed)."""
         indices, n = dist.eval_indices(len(puzzles), is_sharded(model))  # FSDP: equal forwards per rank
         mine, targets = puzzles[indices][:n], solutions[indices][:n]
-        answers, steps, logits = (a[:n] for a in solve_batches(model, puzzles[indices], self.cfg.train.batch_size,
-                                                               device, autocast))
+        all_answers, all_steps, all_logits = solve_batches(model, puzzles[indices], self.cfg.train.batch_size, device,
+                                                           autocast)
+        answers, steps, logits = all_answers[:n], all_steps[:n], all_logits[:n]
         nll = per_sample_nll(logits, torch.from_numpy(targets.astype(np.int64))).sum().item() * sudoku.CELLS
         nll, *sums = dist.sum_([nll, *counts(mine, targets, answers, steps)], device)
         return nll, sums

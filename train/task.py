@@ -26,15 +26,23 @@ class Task:
     best_by: tuple[str, ...]
     higher_is_better: bool
 
-    def batch(self, step: int, rows: slice) -> tuple[Tensor, Tensor]: ...
+    def batch(self, step: int, rows: slice) -> tuple[Tensor, Tensor]:
+        """The training batch of `step`, this rank's `rows` of it: (inputs, targets)."""
+        raise NotImplementedError
 
     def schedule(self, step: int) -> dict[str, float]:
         """The task's scheduled settings at `step` (e.g. a curriculum's level), logged with the train records."""
         return {}
 
-    def loss(self, out: ModelOutput, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]: ...
+    def loss(self, out: ModelOutput, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The training loss of `out` against the targets `y`, and its parts by metrics key."""
+        raise NotImplementedError
 
     def evaluate(self, model: RecursiveMoE, device: torch.device, autocast: contextlib.AbstractContextManager,
-                 dist: Dist = SINGLE) -> dict[str, float]: ...
+                 dist: Dist = SINGLE) -> dict[str, float]:
+        """The held-out figures of `model` (run in eval mode), over every rank of `dist`."""
+        raise NotImplementedError
 
-    def describe(self, ev: dict[str, float]) -> str: ...
+    def describe(self, ev: dict[str, float]) -> str:
+        """An evaluation's figures as one line of the log."""
+        raise NotImplementedError

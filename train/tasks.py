@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from torch import Tensor
 
 from moe_core.errors import MoeError
 from moe_core.model import ModelOutput, RecursiveMoE
+from moe_core.tasks import TASKS
 
 from .checkpointing import data_fingerprint
 from .config import RunConfig, seed_for
@@ -40,13 +42,25 @@ from .task import Task
 
 
 def make_task(cfg: RunConfig, tokenizer_json: str | None, log: Any = print, new_run: bool = False) -> Task:
-    """The run's task. tokenizer_json: the tokenizer to use (resume, and ranks > 0), None to build it.
-    new_run: tokenizer_json was made for this new run (by rank 0), not read from a saved run."""
-    if cfg.train.task == "sudoku":
-        from .sudoku_task import SudokuTask  # noqa: PLC0415 - only sudoku runs need the generator
+    """The run's task (one builder per name of moe_core.tasks.TASKS). tokenizer_json: the tokenizer to use (resume,
+    and ranks > 0), None to build it. new_run: tokenizer_json was made for this new run (by rank 0), not read from a
+    saved run."""
+    return BUILDERS[cfg.train.task](cfg, tokenizer_json, log, new_run)
 
-        return SudokuTask(cfg, log)
+
+def _sudoku_task(cfg: RunConfig, tokenizer_json: str | None, log: Any, new_run: bool) -> Task:
+    from .sudoku_task import SudokuTask  # noqa: PLC0415 - only sudoku runs need the generator
+
+    return SudokuTask(cfg, log)
+
+
+def _language_task(cfg: RunConfig, tokenizer_json: str | None, log: Any, new_run: bool) -> Task:
     return LanguageTask(cfg, tokenizer_json, log, new_run=new_run)
+
+
+BUILDERS: dict[str, Callable[[RunConfig, str | None, Any, bool], Task]] = {"lm": _language_task,
+                                                                          "sudoku": _sudoku_task}
+assert set(BUILDERS) == set(TASKS), "every task of moe_core.tasks.TASKS has a builder here"
 
 
 # -----------------------------------------------------------------------------
@@ -127,6 +141,8 @@ def evaluate(model: RecursiveMoE, batches: list[tuple[Tensor, Tensor]], device: 
     forwards on every rank: a short share repeats a batch it does not count)."""
     was_training = model.training
     model.eval()
+    n_tokens: float  # counts: ints, until dist.sum_ returns them summed over the ranks as floats
+    n_samples: float
     nll_sum, n_tokens, halt_sum, n_samples = 0.0, 0, 0.0, 0
     indices, counted = dist.eval_indices(len(batches), is_sharded(model))
     for j, i in enumerate(indices):

@@ -19,7 +19,7 @@ import shutil
 import signal
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,6 +135,7 @@ def train(cfg: RunConfig, out: str | os.PathLike, overwrite: bool = False) -> di
             task = make_task(cfg, dist.broadcast_text(None, device), dist.log, new_run=True)
         model = _seeded_model(cfg, device, dist)
         if dist.is_main:
+            assert tok_text is not None  # rank 0 got past the finally above: broadcast_text returned its text
             try:
                 save_run(run_dir, model, tok_text, {"train": cfg.to_dict()["train"]})  # complete from the start
             except BaseException:
@@ -147,7 +148,7 @@ def train(cfg: RunConfig, out: str | os.PathLike, overwrite: bool = False) -> di
         shutdown(dist)
 
 
-def resume(run_dir: str | os.PathLike, overrides: list[str] = ()) -> dict[str, Any]:
+def resume(run_dir: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Continue the run in `run_dir` from its newest checkpoint, exactly as if it had never stopped."""
     run_dir = Path(run_dir)
     saved, sections = saved_config(run_dir)
@@ -207,6 +208,8 @@ def _seeded_model(cfg: RunConfig, device: torch.device, dist: Dist) -> Recursive
 class Trainer:
     """The loop of one run: steps, logging, evaluation, checkpoints, numerical guards, signals."""
 
+    step_times: list[float]  # set by run: the seconds of each step after the first
+
     def __init__(self, cfg: RunConfig, run_dir: Path, device: torch.device, task: Task, model: RecursiveMoE,
                  dist: Dist = SINGLE) -> None:
         mc, tc = cfg.model, cfg.train
@@ -246,10 +249,17 @@ class Trainer:
             # resumed before the first checkpoint: the logged step-0 evaluation (of these seeded weights) is the
             # first best, as it was for the run that stopped
             rec = self.metrics.last_eval
+            assert rec is not None  # has_eval_at(0): the log holds an evaluation
             self._keep_if_best(state, {k: v for k, v in rec.items()
                                        if k not in ("kind", "step", *self.task.baselines)})
         if state.step >= tc.max_steps:
             self.log(f"run is complete at step {state.step} (raise train.max_steps with --set to train further)")
+            # A complete run whose log lost its last evaluation (metrics.jsonl removed or cut by hand) is evaluated
+            # again, so that its summary describes the weights it has. Only rank 0 reads the log: every rank learns
+            # the answer from it, as the evaluation is collective.
+            lost = self.dist.is_main and not self.metrics.has_eval_at(state.step)
+            if self.dist.sum_([float(lost)], self.device)[0] > 0:
+                self._evaluate(state)
         else:
             self._loop(state)
 
@@ -257,6 +267,7 @@ class Trainer:
         if not self.dist.is_main:
             return {}
         ev = self.metrics.last_eval
+        assert ev is not None  # evaluated at step 0 and at the last step (or logged so by the run resumed)
         steady = statistics.median(self.step_times) if self.step_times else self.first_step_s
         result = {
             **{k: v for k, v in ev.items() if k not in ("kind", "step")}, "steps": state.step,
@@ -290,6 +301,7 @@ class Trainer:
             self.carried.load(state.rows, dist.rank)
         group_norms: dict[str, torch.Tensor] = {}
         log_step = stop = False
+        forward: Callable[[torch.Tensor], ModelOutput]  # the model, or with carried rows a partial of it
 
         def decide(loss_value: float, grad_norm: float) -> bool:
             """Between backward and the update: the group norms a log step records, and the skip and stop decisions,

@@ -43,6 +43,10 @@ class Rotary(nn.Module):
         half = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # [T, hd/2]
         angles = torch.cat([half, half], dim=-1)  # [T, hd]
         # Not persistent: derived from the config, so never stored in (or demanded from) a checkpoint.
+        self.cos: Tensor
+        self.sin: Tensor
+        self.cos_half: Tensor
+        self.sin_half: Tensor
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
         self.register_buffer("cos_half", half.cos(), persistent=False)  # the ONNX operator's tables
@@ -201,6 +205,7 @@ class MoHAttention(nn.Module):
         q, k, v = self.qkv(x).view(B, T, 3, H, hd).permute(2, 0, 3, 1, 4)  # each [B, H, T, hd]
         dropout = self.dropout if self.training else 0.0
         if cache is not None:
+            assert key_mask is not None  # cached_forward always passes its attention mask
             q, k = self.rotary(q, cache.positions), self.rotary(k, cache.positions)
             o = cache.attend(q, k, v, key_mask)
         elif key_mask is None and self.attn_bias is None:
@@ -216,9 +221,10 @@ class MoHAttention(nn.Module):
         y = self.o_proj(o.transpose(1, 2).reshape(B, T, D))
         return y, (self._aux(r) if collect else Aux())
 
-    def _scores_mask(self, key_mask: Tensor | None, T: int, q: Tensor) -> Tensor:
+    def _scores_mask(self, key_mask: Tensor | None, T: int, q: Tensor) -> Tensor | None:
         """SDPA's attn_mask: which keys each query may see (boolean), or the learned bias with -inf where it may
-        not (float). Padding keys are never attended to; causal models see no later key."""
+        not (float), or None when every key is visible. Padding keys are never attended to; causal models see no
+        later key."""
         allowed = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, T]
         if self.causal:
             tril = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()

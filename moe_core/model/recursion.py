@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -100,6 +101,8 @@ class RecursiveMoE(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.halt_head = nn.Linear(cfg.d_model, 1)
         # Fixed (not learned) initial states, as in TRM; saved with the weights.
+        self.z_H_init: Tensor
+        self.z_L_init: Tensor
         self.register_buffer("z_H_init", torch.empty(cfg.d_model))
         self.register_buffer("z_L_init", torch.empty(cfg.d_model))
         self.tracing = Tracing()  # what an export asks of this model's forward, shared by every module that reads it
@@ -267,7 +270,7 @@ class RecursiveMoE(nn.Module):
         one, and a prefill stops once every sample has halted (their cache then holds just those steps); a traced
         graph runs them all."""
         cfg = self.config
-        if not cfg.causal or self.net.blocks[0].attn.attn_bias is not None:
+        if not cfg.causal or cast(Block, self.net.blocks[0]).attn.attn_bias is not None:
             raise ValueError("cached_forward: a causal model without attn_bias (its keys depend on later positions "
                              "otherwise)")
         B, T = input_ids.shape
@@ -309,8 +312,10 @@ class RecursiveMoE(nn.Module):
                              f"{list(input_ids.shape)}")
         if attention_mask is not None and (not isinstance(attention_mask, Tensor)
                                            or attention_mask.shape != input_ids.shape):
-            got = list(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
-            raise ValueError(f"attention_mask: expected the shape of input_ids {list(input_ids.shape)}, got {got}")
+            got_mask = list(attention_mask.shape) if isinstance(attention_mask, Tensor) \
+                else type(attention_mask).__name__
+            raise ValueError(f"attention_mask: expected the shape of input_ids {list(input_ids.shape)}, got "
+                             f"{got_mask}")
         if cfg.token_mixer == "mlp" and input_ids.shape[1] != cfg.max_seq_len:
             raise ValueError(f"input_ids: expected {cfg.max_seq_len} positions (token_mixer = 'mlp' mixes exactly "
                              f"max_seq_len), got {input_ids.shape[1]}")

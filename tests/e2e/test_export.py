@@ -21,13 +21,14 @@ import torch
 from helpers import VERSE_WORDS, VOCAB, make_tokenizer_json
 
 from export.onnx_export import export_run
-from export.parity import check_parity, parity_inputs
+from export.parity import check_parity
 from moe_core import ModelConfig, RecursiveMoE, load_model
 from moe_core.checkpoint import save_run
 from moe_core.cli import cli
 from moe_core.graph_contract import STEP_INPUTS, STEP_OUTPUTS, read_step_metadata, step_path_for, tokenizer_path_for
 from moe_core.ort_session import ort_session as ort_cpu_session
 from moe_core.stepwise import StepwiseSession
+from moe_core.tasks import language_parity_inputs
 
 
 def make_run(tmp: Path, seed: int, halt_scale: float, **overrides) -> Path:
@@ -102,7 +103,7 @@ def assert_parity(run, out, result, expect_varied_halting: bool) -> None:
     else:
         assert steps == {1}
     # Routing varied: tokens of one batch use different numbers of heads in the first layer's MoH.
-    name, ids, mask = parity_inputs(model.config.vocab_size, model.config.max_seq_len)[3]
+    name, ids, mask = language_parity_inputs(model.config.vocab_size, model.config.max_seq_len, 0)[3]
     attn = model.net.blocks[0].attn
     route, heads = attn.route, []
     attn.route = lambda x: heads.append(route(x)) or heads[-1]

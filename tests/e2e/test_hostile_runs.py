@@ -22,7 +22,7 @@ import torch
 from helpers import REPO, CliResult, finish, run_moe, spawn_moe, subprocess_env, tiny_train_args
 from tokenizers import Tokenizer
 
-from moe_core.run_layout import LOCK_FILE, STATE_DIR
+from moe_core.run_layout import LOCK_FILE, METRICS_FILE, STATE_DIR
 from train.checkpointing import checkpoint_sets
 from train.rundir_lock import RunDirLock
 
@@ -282,3 +282,18 @@ def test_resume_names_a_bad_set_as_one_and_never_cuts_a_run_back(tiny_run_dir: P
     line = error_line(run_moe(["--resume", run, "--set", "train.max_steps=1"], module="train", in_process=True))
     assert "--set train.max_steps=1: the run is at step" in line and "a run is never cut back" in line, line
     assert snapshot(run) == before  # config.json unchanged
+
+
+def test_resuming_a_complete_run_whose_log_was_removed_evaluates_it_again(tiny_run_dir: Path, tmp_path: Path) -> None:
+    """The summary of a complete run describes its weights: with metrics.jsonl gone, the resumed run evaluates them
+    again (the same figures the run logged) instead of failing."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run_dir, run)
+    logged = [json.loads(line) for line in (run / METRICS_FILE).read_text(encoding="utf-8").splitlines()]
+    (run / METRICS_FILE).unlink()
+    result = run_moe(["--resume", run], module="train", in_process=True)
+    assert result.returncode == 0 and "run is complete" in result.stdout, result.describe()
+    again = [json.loads(line) for line in (run / METRICS_FILE).read_text(encoding="utf-8").splitlines()]
+    last = [r for r in logged if r["kind"] == "eval"][-1]
+    assert again[0]["kind"] == "eval" and again[0]["step"] == last["step"]
+    assert again[0]["val_loss"] == pytest.approx(last["val_loss"], rel=1e-6)  # same weights, same batches

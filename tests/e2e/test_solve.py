@@ -21,6 +21,7 @@ from moe_core import sudoku as S
 from moe_core.checkpoint import load_run_config, save_weights
 from moe_core.graph_contract import SERVE_MAX_STEPS
 from moe_core.run_layout import WEIGHTS_FILE
+from moe_core.tasks import sudoku_parity_inputs
 from serve import Server
 from serve.runtime import StepwiseModel
 from train.config import RunConfig
@@ -53,9 +54,7 @@ def sudoku(tmp_path_factory) -> tuple[Path, Path, SudokuTask]:
 def test_a_sudoku_model_is_checked_on_what_serving_can_feed_it() -> None:
     """Parity inputs of a Sudoku model: 81-cell grids whose givens do not conflict (what `--mode solve` accepts),
     from a handful of givens up to solved grids; nothing else, where a deep recursion is ill-conditioned."""
-    from export.parity import parity_inputs
-
-    cases = parity_inputs(S.VOCAB, S.CELLS, seed=3, task="sudoku")
+    cases = sudoku_parity_inputs(S.VOCAB, S.CELLS, 3)
     assert [name for name, _, _ in cases] == ["sudoku_one", "sudoku_grids", "sudoku_hard", "sudoku_solved"]
     givens = []
     for _, ids, mask in cases:
@@ -63,7 +62,7 @@ def test_a_sudoku_model_is_checked_on_what_serving_can_feed_it() -> None:
         assert all(S.conflict(g.astype(np.uint8)) is None for g in ids)
         givens += (ids > 0).sum(1).tolist()
     assert min(givens) <= 28 and max(givens) == S.CELLS
-    again = parity_inputs(S.VOCAB, S.CELLS, 3, "sudoku")  # deterministic under the seed
+    again = sudoku_parity_inputs(S.VOCAB, S.CELLS, 3)  # deterministic under the seed
     assert all(np.array_equal(a[1], b[1]) for a, b in zip(cases, again, strict=True))
 
 

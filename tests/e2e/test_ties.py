@@ -16,10 +16,11 @@ import torch
 from helpers import make_tokenizer_json
 
 from export.onnx_export import export_run
-from export.parity import TOLERANCE, compare_decisions, parity_inputs
+from export.parity import TOLERANCE, compare_decisions
 from moe_core import ModelConfig, RecursiveMoE, load_model
 from moe_core.checkpoint import save_run
 from moe_core.model import Decision, recording_decisions
+from moe_core.tasks import language_parity_inputs
 
 VOCAB = 300
 CFG = dict(vocab_size=VOCAB, max_seq_len=16, d_model=32, n_heads=4, n_layers=1, min_heads=1, max_heads=4,
@@ -195,7 +196,7 @@ def test_recording_decisions_changes_nothing():
     with torch.no_grad():
         for p in model.net.parameters():
             p.add_(torch.randn_like(p) * 0.1)  # no ties: an ordinary model
-    name, ids, mask = parity_inputs(VOCAB, 16)[6]
+    name, ids, mask = language_parity_inputs(VOCAB, 16, 0)[6]
     ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)
     other = tied_model(causal=False)
     with torch.no_grad():

@@ -5,6 +5,9 @@ never on each other, except export on train's nothing and serve on nobody's mode
     export    imports no serve and no train
     serve     imports no export and no train, and nothing it imports (transitively) imports torch
     no import cycle between the project's modules (benchmarks/ included; tests/ may import anything)
+    moe_core.cli  names the commands of train, export and serve (SUBCOMMANDS) and imports them only to run them
+    moe_core.tasks  the one list of tasks: train builds each, serve's modes come from it, no layer branches on a
+              task's name
 
 Imports are read from every .py file with ast, function-local ones included (a lazy import still runs).
 tests/e2e/test_serving_install.py runs `moe serve` for real where `import torch` fails.
@@ -69,6 +72,32 @@ def test_layer_rules():
     bad = [f"{m} imports {i}" for m, imported in sorted(import_graph().items()) for i in sorted(imported)
            if top(i) in FORBIDDEN.get(top(m), ())]
     assert not bad, "layer rule broken:\n  " + "\n  ".join(bad)
+
+
+def test_the_cli_reaches_up_only_through_its_dispatch_table():
+    """`moe` (moe_core.cli) is the one place the bottom layer names the others: by module name in SUBCOMMANDS,
+    imported when that command runs, so that `moe serve` never loads the training stack. Every target is a module
+    of an upper package holding the command, and the import graph above holds for each of them."""
+    from moe_core.cli import SUBCOMMANDS
+
+    graph = import_graph()
+    for name, (module, attr, _) in SUBCOMMANDS.items():
+        assert top(module) in ("train", "export", "serve") and module in graph, (name, module)
+        assert f"def {attr}(" in project_files()[module].read_text(encoding="utf-8"), (name, module, attr)
+    assert not [m for m, imported in graph.items() if "moe_core.cli" in imported and top(m) == "moe_core"]
+
+
+def test_every_task_is_built_by_every_layer_that_asks_for_it():
+    """The task registry (moe_core.tasks) is the one list of tasks: train builds a Task for each, serve's modes
+    come from it, and nothing outside it compares a task's name to decide what to do."""
+    from moe_core.tasks import MODES, TASKS
+    from train.tasks import BUILDERS
+
+    assert set(BUILDERS) == set(TASKS) and set(MODES) == {m for t in TASKS.values() for m in t.serve_modes}
+    compares = [f"{m}: {line.strip()}" for m, path in project_files().items() if m != "moe_core.tasks"
+                for line in path.read_text(encoding="utf-8").splitlines()
+                if any(f'task == "{t}"' in line or f'task != "{t}"' in line for t in TASKS)]
+    assert not compares, "decided by a task's name:\n  " + "\n  ".join(compares)
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -157,3 +186,13 @@ def test_serve_never_imports_torch():
         chains.append(" <- ".join(chain))
     assert not chains, "serve imports the training stack:\n  " + "\n  ".join(chains)
     assert "numpy" in via and "onnxruntime" in via  # the walk does reach outside packages
+
+
+def test_every_package_is_in_the_distribution():
+    """pyproject lists the packages a wheel holds: a subpackage missing there imports from a checkout (and an
+    editable install) but not from an installed wheel."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]["packages"])
+    found = {module_name(p) for pkg in LAYERED for p in (REPO / pkg).rglob("__init__.py")}
+    assert found <= listed, f"packages missing from pyproject.toml [tool.setuptools] packages: {sorted(found - listed)}"
