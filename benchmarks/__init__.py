@@ -13,10 +13,11 @@
 import os
 import sys
 
-# PyTorch's idle OpenMP workers sleep, as ONNX Runtime's do in every session serve opens (moe_core/ort_session.py): both
-# runtimes are timed under one policy, and on a shared machine spinning workers take the cores the working threads
-# wait for (figures: benchmarks/RESULTS.md). OpenMP reads the variable when torch loads it, so it is set here, before
-# the suite imports torch; a value already in the environment wins, and the results record what applied
+# PyTorch's idle OpenMP workers sleep, as ONNX Runtime's do in every session serve opens
+# (moe_core/runtime/ort_session.py): both runtimes are timed under one policy, and on a shared machine spinning workers
+# take the cores the working threads wait for (figures: benchmarks/RESULTS.md). OpenMP reads the variable when torch
+# loads it, so it is set here, before the suite imports torch; a value already in the environment wins, and the results
+# record what applied
 # (timing.machine_info).
 OMP_POLICY_BEFORE_TORCH = "torch" not in sys.modules
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -33,7 +33,7 @@ import torch
 
 from export.decode import can_decode
 from moe_core import load_model
-from moe_core.files import atomic_write_text
+from moe_core.common.files import atomic_write_text
 from moe_core.model import RecursiveMoE
 from serve.runtime import OrtModel
 from train.checkpointing import saved_run_config

@@ -8,7 +8,7 @@ and the few whose outputs the provider reads while a session is created (device 
 allocations, handles) fill them in. Over those stubs ONNX Runtime creates real sessions: it partitions the graph,
 inserts its copies and builds its kernels, and computes nothing (a run would be garbage). For each model, in a child
 process (the stubs must be on LD_LIBRARY_PATH before the provider loads): nodes per provider, the ops without a CUDA
-kernel and the Memcpy nodes (moe_core/ort_session.py session_with_placement, the reader `moe serve` uses), and
+kernel and the Memcpy nodes (moe_core/runtime/ort_session.py session_with_placement, the reader `moe serve` uses), and
 whether a session with CUDA graph capture (`enable_cuda_graph=1`) is accepted, which ONNX Runtime refuses for a
 graph with any compute node off CUDA or any copy. Exit 1 if any model fails one of those.
 
@@ -69,17 +69,17 @@ CHILD = r"""
 import json, sys
 sys.path[:0] = [sys.argv[1], sys.argv[2]]
 from benchmarks.cuda_placement import placement_row
-from moe_core.ort_session import CPU_EP, CUDA_EP
+from moe_core.runtime.ort_session import CPU_EP, CUDA_EP
 for model in sys.argv[3:]:
     print(json.dumps(placement_row(model, [(CUDA_EP, {"use_tf32": "0"}), CPU_EP])), flush=True)
 """
 
 
 def placement_row(model: str | os.PathLike, providers: list, threads: int | None = 1) -> dict:
-    """Where the onnxruntime this process imported places `model` on `providers` (moe_core/ort_session.py
+    """Where the onnxruntime this process imported places `model` on `providers` (moe_core/runtime/ort_session.py
     session_with_placement): providers, nodes per provider, no_cuda_kernel, memcpy (or error); and when the first
     provider is CUDA, cuda_graph: whether a session with CUDA graph capture is accepted. What `failures` reads."""
-    from moe_core.ort_session import CPU_EP, CUDA_EP, captured_stderr, ort_session, session_with_placement
+    from moe_core.runtime.ort_session import CPU_EP, CUDA_EP, captured_stderr, ort_session, session_with_placement
 
     row: dict = {"model": str(model)}
     try:

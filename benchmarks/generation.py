@@ -5,7 +5,7 @@ samples leaving the batch):
     ort_cached      the decode graph (MODEL.decode.onnx) on ONNX Runtime: Server.open(..., cache=True)
     ort_uncached    the unrolled graph (MODEL.onnx) over the whole context for every new token: cache=False
     eager_cached    the eager model's cache path, RecursiveMoE.cached_forward (export.decode.eager_runner) behind the
-                    same Decoder (moe_core/decoding.py) the decode graph runs in
+                    same Decoder (moe_core/runtime/decoding.py) the decode graph runs in
     eager_uncached  the eager forward over the whole context for every new token
 
 Rules of the measurement:
@@ -20,7 +20,7 @@ Rules of the measurement:
 - Greedy tokens are compared exactly, as discrete decisions: ORT cached with eager cached and ORT uncached with eager
   uncached over every token both generated; cached with uncached over the tokens whose context fits max_seq_len
   (past it the decoder refills its cache from the last 3/4 window while uncached generation slides one token at a
-  time: different contexts by design, moe_core/decoding.py).
+  time: different contexts by design, moe_core/runtime/decoding.py).
 - KV-cache memory = the bytes of every present key and value the largest decoding call of the cell returned (the
   cache a batch holds at its longest), beside the formula 2 x entries x batch x heads x length x head_dim x 4.
 """
@@ -36,9 +36,9 @@ import onnx
 import torch
 
 from export.decode import cache_entries, eager_runner
-from moe_core.decoding import Decoder
-from moe_core.graph_contract import HALT_STEP, LOGITS, decode_path_for
 from moe_core.model import RecursiveMoE
+from moe_core.runtime.decoding import Decoder
+from moe_core.runtime.graph_contract import HALT_STEP, LOGITS, decode_path_for
 from serve.graph import LAST_LOGITS
 from serve.runtime import ModelInfo, OrtModel
 from serve.server import GenerateResult, Server

@@ -5,7 +5,8 @@
 1. Train a few steps of the `gpu` preset's model (its widths; the recursion cut to H1 x L1 x 2 steps, so that the
    three exports' tracing fits the budget) with torch.compile and bf16 autocast, on a generated corpus.
 2. `moe export --device cuda --stepwise` in fp32, fp16 and bf16: unrolled, step and decode graphs.
-3. Placement read from live CUDA sessions (moe_core/ort_session.py): every compute node on CUDA, 0 Memcpy nodes, and
+3. Placement read from live CUDA sessions (moe_core/runtime/ort_session.py): every compute node on CUDA, 0 Memcpy nodes,
+and
    a CUDA-graph session accepted, for each of the nine graphs.
 4. Parity on CUDA: ONNX Runtime CUDA against eager PyTorch on CUDA (TF32 off on both), the export's own checks
    (export/parity.py, export/decode.py): fp32 within the export's tolerance with halting identical; fp16 / bf16
@@ -105,7 +106,7 @@ def export_all(run: Path, out: Path, smoke_precisions: tuple[str, ...]) -> dict[
     """Per precision: its graphs' paths by kind (KINDS), and the seconds the export took ("export_s", which
     run_check takes out)."""
     from export.onnx_export import export_run
-    from moe_core.graph_contract import decode_path_for, step_path_for
+    from moe_core.runtime.graph_contract import decode_path_for, step_path_for
 
     graphs: dict[str, dict[str, Any]] = {}
     for precision in smoke_precisions:
@@ -120,7 +121,7 @@ def export_all(run: Path, out: Path, smoke_precisions: tuple[str, ...]) -> dict[
 
 
 def providers_for(device: str) -> list[Any]:
-    from moe_core.ort_session import CPU_EP, CUDA_EP
+    from moe_core.runtime.ort_session import CPU_EP, CUDA_EP
 
     return [(CUDA_EP, {"use_tf32": "0"}), CPU_EP] if device == "cuda" else [CPU_EP]
 
@@ -137,8 +138,8 @@ def placement(path: Path, device: str) -> dict[str, Any]:
 def parity(model, graphs: dict[str, Path], precision: str, device: str) -> dict[str, Any]:
     from export.decode import check_decode_parity
     from export.parity import TOLERANCE, check_parity
-    from moe_core.decoding import DeviceBuffers
-    from moe_core.ort_session import ort_session
+    from moe_core.runtime.decoding import DeviceBuffers
+    from moe_core.runtime.ort_session import ort_session
 
     providers = providers_for(device)
     tolerance = TOLERANCE if precision == "fp32" else None
@@ -172,7 +173,7 @@ def scoring(model, graphs: dict[str, dict[str, Path]], device: str, batch: int, 
     import numpy as np
     import torch
 
-    from moe_core.ort_session import ort_session, run_bound_values
+    from moe_core.runtime.ort_session import ort_session, run_bound_values
 
     from .timing import measure
 
@@ -347,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(a.out)
     result = run_check(out, a.device, a.steps, a.smoke, precisions)
-    from moe_core.files import atomic_write_text
+    from moe_core.common.files import atomic_write_text
 
     atomic_write_text(out / "gpu-check.json", json.dumps(result, indent=2, default=str) + "\n", overwrite=True)
     print(table(result))

@@ -1,6 +1,6 @@
 """Serving that uses halting: the unrolled graph (every halting step for every sample, halting selected with masks)
-against the step graph run step by step with halted samples dropped from the batch (moe_core/stepwise.py), on the same
-inputs, batch by batch as `moe serve` cuts them.
+against the step graph run step by step with halted samples dropped from the batch (moe_core/runtime/stepwise.py), on
+the same inputs, batch by batch as `moe serve` cuts them.
 
 Real inputs matter here, since the saving is the fraction of steps samples skip: with --run, windows of the run's
 own validation text (a language model: the last train.val_fraction of its corpus, as training split it) or fresh
@@ -17,12 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from moe_core import sudoku
-from moe_core.graph_contract import HALT_STEP, LOGITS
 from moe_core.model import RecursiveMoE
 from moe_core.run_layout import TOKENIZER_FILE
-from moe_core.stepwise import StepCounts
-from moe_core.tasks import TASKS
+from moe_core.runtime.graph_contract import HALT_STEP, LOGITS
+from moe_core.runtime.stepwise import StepCounts
+from moe_core.tasks import TASKS, sudoku
 from serve.graph import TOKEN_LOGPROBS
 from serve.runtime import OrtModel, StepwiseModel, open_model
 from train.checkpointing import saved_run_config

@@ -25,10 +25,10 @@ from tokenizers import Tokenizer, models
 from export.onnx_export import convert_precision, export_run
 from moe_core.checkpoint import save_run
 from moe_core.config import ModelConfig
-from moe_core.graph_contract import decode_path_for, step_path_for, tokenizer_path_for
-from moe_core.metrics import token_logprobs
 from moe_core.model import RecursiveMoE
 from moe_core.model.moe import MoEFeedForward, resolve_moe_dispatch
+from moe_core.runtime.graph_contract import decode_path_for, step_path_for, tokenizer_path_for
+from moe_core.runtime.metrics import token_logprobs
 from serve.graph import TOKEN_LOGPROBS
 from serve.runtime import OrtModel
 from train.config import RunConfig, TrainConfig
@@ -210,7 +210,7 @@ def layer_sessions(ffn: MoEFeedForward, path: Path, max_seq: int, threads: int |
     int8 being export's conversion of it (convert_precision) beside it."""
     import onnxruntime as ort
 
-    from moe_core.ort_session import session_options
+    from moe_core.runtime.ort_session import session_options
 
     export_layer(ffn, path, max_seq)
     int8 = path.with_name(f"{path.stem}-int8.onnx")

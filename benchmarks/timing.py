@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from moe_core.ort_session import physical_cores
+from moe_core.runtime.ort_session import physical_cores
 
 
 @dataclass

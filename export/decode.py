@@ -1,6 +1,6 @@
 """The decode graph (MODEL.decode.onnx): RecursiveMoE.cached_forward traced, one graph for the prefill and every
 decoding call, with a past/present key and value for every block application of the recursion (the contract:
-moe_core/graph_contract.py). Causal language models only: their position t depends on positions <= t alone.
+moe_core/runtime/graph_contract.py). Causal language models only: their position t depends on positions <= t alone.
 
 Its parity check runs it as a server does — a prefill of right-padded prompts of different lengths, then new
 tokens one at a time against the returned cache — and compares each call's logits with the eager model's full
@@ -18,11 +18,11 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from moe_core.config import ModelConfig
-from moe_core.decoding import Decoder
-from moe_core.graph_contract import DECODE_INPUTS, DECODE_OUTPUTS, HALT_STEP, LOGITS, past_names, present_names
 from moe_core.model import RecursiveMoE
 from moe_core.model.attention import CacheCursor, KVCache
-from moe_core.ort_session import run_bound
+from moe_core.runtime.decoding import Decoder
+from moe_core.runtime.graph_contract import DECODE_INPUTS, DECODE_OUTPUTS, HALT_STEP, LOGITS, past_names, present_names
+from moe_core.runtime.ort_session import run_bound
 from moe_core.tasks import task_spec
 
 from .parity import TOLERANCE, CaseResult, ParityReport
@@ -48,7 +48,7 @@ GQA_HEAD_MULTIPLE = 8  # GroupQueryAttention's CPU kernel refuses other head siz
 
 
 class RowCacheCursor(CacheCursor):
-    """The decode graph's cache (moe_core/graph_contract.py): each row's entries at indices 0..n-1 (n: the row's
+    """The decode graph's cache (moe_core/runtime/graph_contract.py): each row's entries at indices 0..n-1 (n: the row's
     tokens after this call), so index = position and right padding leaves no holes (a prefill's padding only writes
     entries past the row's length, which its later tokens overwrite). Attention is ONNX Runtime's
     GroupQueryAttention (com.microsoft), which writes each row's new entries at its own length: into the past's
@@ -177,7 +177,7 @@ def decode_cases(cfg: ModelConfig, seed: int = 0) -> list[tuple[str, list[list[i
 def check_decode_parity(model: RecursiveMoE, session, seed: int = 0, label: str = "fp32",
                         tolerance: float | None = TOLERANCE, buffers: Any = None) -> ParityReport:
     """The decode graph in `session`, prefill then DECODE_STEPS calls, against the eager full forward (run where the
-    model's parameters are). `buffers`: where the cache lives (moe_core/decoding.py; host memory by default)."""
+    model's parameters are). `buffers`: where the cache lives (moe_core/runtime/decoding.py; host memory by default)."""
     model.eval()
     device = next(model.parameters()).device
     cases = []
@@ -206,8 +206,8 @@ def check_decode_parity(model: RecursiveMoE, session, seed: int = 0, label: str 
 def run_decode(session, prompts: list[list[int]], continuations: list[list[int]], entries: int, heads: int,
                head_dim: int, max_seq_len: int, buffers: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """Prefill the right-padded prompts, then feed the continuations' tokens one call at a time, through the loop
-    serve generates with (moe_core/decoding.py, buffers bound as past and present): the logits predicting each next
-    token [B, 1 + calls, V] (after the prompt, then after each fed token) and halt_step."""
+    serve generates with (moe_core/runtime/decoding.py, buffers bound as past and present): the logits predicting each
+    next token [B, 1 + calls, V] (after the prompt, then after each fed token) and halt_step."""
 
     def run(feeds: dict[str, np.ndarray], outputs: list[str], into: dict[str, np.ndarray]) -> list[np.ndarray]:
         return run_bound(session, feeds, outputs, into)
@@ -228,9 +228,9 @@ def run_decode(session, prompts: list[list[int]], continuations: list[list[int]]
 
 
 def eager_runner(model: RecursiveMoE):
-    """The eager model behind the decode graph's interface (moe_core/decoding.py Run): the same feeds, the present
-    written into the same buffers, cached_forward underneath — so eager and ONNX Runtime generate through one loop.
-    cached_forward extends its past with the new keys and values (masking the rows' unused indices); their entries
+    """The eager model behind the decode graph's interface (moe_core/runtime/decoding.py Run): the same feeds, the
+    present written into the same buffers, cached_forward underneath — so eager and ONNX Runtime generate through one
+    loop. cached_forward extends its past with the new keys and values (masking the rows' unused indices); their entries
     are then written into each row's buffer at its own length, as the decode graph writes them."""
     model.eval()
 

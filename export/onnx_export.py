@@ -4,7 +4,7 @@ The steps, each in its own module: trace the eval-mode model (export/trace.py), 
 (export/passes.py), check parity (export/parity.py), convert to a reduced precision (export/precision.py).
 Here they run in order for the graphs of one export, and the files are written: OUT, then (with `stepwise`) one
 supervision step (RecursiveMoE.step) as MODEL.step.onnx, for serving that stops each sample when it halts
-(moe_core/stepwise.py), with its own parity check run step by step as serve runs it, then (with `decode`) the
+(moe_core/runtime/stepwise.py), with its own parity check run step by step as serve runs it, then (with `decode`) the
 KV-cached decode graph MODEL.decode.onnx (export/decode.py) with its own parity check, then the tokenizer.
 
 The names the tests replace (to_onnx, step_to_onnx, check_parity) are looked up in this module when called.
@@ -25,10 +25,13 @@ import torch
 from torch import nn
 
 from moe_core.checkpoint import load_model, load_run_config, read_json, run_files
+from moe_core.common.errors import MoeError
+from moe_core.common.files import atomic_outputs, check_not_inputs, check_output
+from moe_core.common.tokenizer import read_tokenizer
 from moe_core.config import MAX_CYCLES
-from moe_core.errors import MoeError
-from moe_core.files import atomic_outputs, check_not_inputs, check_output
-from moe_core.graph_contract import (
+from moe_core.model import RecursiveMoE
+from moe_core.run_layout import CALIBRATION_FILE, TOKENIZER_FILE
+from moe_core.runtime.graph_contract import (
     LOGITS,
     SERVE_MAX_STEPS,
     decode_graph_metadata,
@@ -39,11 +42,8 @@ from moe_core.graph_contract import (
     task_of,
     tokenizer_path_for,
 )
-from moe_core.model import RecursiveMoE
-from moe_core.ort_session import ort_session
-from moe_core.run_layout import CALIBRATION_FILE, TOKENIZER_FILE
+from moe_core.runtime.ort_session import ort_session
 from moe_core.tasks import task_spec
-from moe_core.tokenizer import read_tokenizer
 
 from .choices import CUDA_PRECISIONS, DEFAULT_OPSET, DEVICES, PRECISIONS
 from .decode import GQA_HEAD_MULTIPLE, cache_entries, can_decode, check_decode_parity, decode_to_onnx
@@ -127,7 +127,8 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, opset: int = 
     The fp32 graph must pass the parity check; an fp16 / int8 variant is converted from it and its own
     parity figures are reported (reduced precision has no 1e-4 tolerance to meet). With `eval_text`, the mean
     next-token loss of eager PyTorch and of the written graph on that text is reported: the accuracy cost.
-    With `stepwise`, the step graph (moe_core/stepwise.py) goes through the same, run step by step as serve runs it.
+    With `stepwise`, the step graph (moe_core/runtime/stepwise.py) goes through the same, run step by step as serve runs
+    it.
     """
     if precision not in PRECISIONS:
         raise MoeError(f"--precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")

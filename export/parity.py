@@ -32,11 +32,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from moe_core.errors import MoeError
-from moe_core.metrics import token_logprobs
+from moe_core.common.errors import MoeError
 from moe_core.model import Decision, RecursiveMoE, recording_decisions
-from moe_core.ort_session import CPU_EP, ort_session
-from moe_core.stepwise import StepwiseSession
+from moe_core.runtime.metrics import token_logprobs
+from moe_core.runtime.ort_session import CPU_EP, ort_session
+from moe_core.runtime.stepwise import StepwiseSession
 from moe_core.tasks import task_spec
 
 TOLERANCE = 1e-4
@@ -231,7 +231,7 @@ def check_parity(model: RecursiveMoE, onnx_path: str, seed: int = 0, label: str 
                  providers: Sequence[Any] = (CPU_EP,)) -> ParityReport:
     """Eager vs the graph at `onnx_path` on the task's parity inputs (moe_core.tasks). `stepwise`: the graph is a
     step graph, run step by step with halted samples dropped, exactly as `moe serve --runtime stepwise` runs it
-    (moe_core/stepwise.py).
+    (moe_core/runtime/stepwise.py).
     `decisions_path`: the parity-only copy of the graph with its decisions as outputs (onnx_export.to_onnx with
     decisions): decisions are compared too. `exclude`: an earlier report on the same inputs (the unrolled graph's,
     for its step graph) whose near-tie positions are left out here as well. `providers`: where ONNX Runtime runs
@@ -253,7 +253,7 @@ def text_windows(path, tokenizer_json: str, seq_len: int, max_windows: int = 64)
     """Up to `max_windows` non-overlapping windows of seq_len + 1 tokens of a text file: [N, seq_len + 1]."""
     from tokenizers import Tokenizer
 
-    from moe_core.jsonl import read_text_file
+    from moe_core.common.jsonl import read_text_file
 
     text = read_text_file(path, "--eval-text file")
     ids = np.asarray(Tokenizer.from_str(tokenizer_json).encode(text).ids, dtype=np.int64)

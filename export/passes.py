@@ -11,7 +11,7 @@ import tempfile
 import onnx
 from onnx import numpy_helper
 
-from moe_core.graph_contract import INITIALIZERS_SHA256, initializers_sha256
+from moe_core.runtime.graph_contract import INITIALIZERS_SHA256, initializers_sha256
 
 from .parity import DECISIONS_PREFIX
 

@@ -16,9 +16,9 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from moe_core.graph_contract import INPUTS, OUTPUTS, STEP_INPUTS, STEP_OUTPUTS
 from moe_core.model import Carry, RecursiveMoE, recording_decisions
 from moe_core.model.attention import onnx_rotary
+from moe_core.runtime.graph_contract import INPUTS, OUTPUTS, STEP_INPUTS, STEP_OUTPUTS
 
 from .choices import DEFAULT_OPSET, FUSED_OPSET
 from .parity import decision_output

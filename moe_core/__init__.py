@@ -13,9 +13,9 @@ EOT = "<|endoftext|>"
 _LAZY = {  # name -> the module that defines it
     "load_model": "checkpoint",
     "ModelConfig": "config",
-    "CheckpointError": "errors",
-    "ConfigError": "errors",
-    "MoeError": "errors",
+    "CheckpointError": "common.errors",
+    "ConfigError": "common.errors",
+    "MoeError": "common.errors",
     "ModelOutput": "model",
     "RecursiveMoE": "model",
 }

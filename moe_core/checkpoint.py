@@ -1,7 +1,7 @@
 """The run directory: writing it, and loading a model back from config.json + model.safetensors.
 
-Every file here carries `format_version` (moe_core.formats); outputs are checked and written through
-moe_core.files, the torch-free half that serve shares.
+Every file here carries `format_version` (moe_core.common.formats); outputs are checked and written through
+moe_core.common.files, the torch-free half that serve shares.
 
 Sharded weights. A run trained with FSDP (train.parallel = "fsdp" under torchrun) publishes its model as one
 safetensors file per rank plus an index, `model.shards.json`, in place of model.safetensors:
@@ -29,11 +29,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import __version__
+from .common.errors import CheckpointError, ConfigError
+from .common.files import atomic_write, atomic_write_text, note_inputs
+from .common.formats import FORMAT_VERSION, check_format
+from .common.jsonl import json_type, parse_json, read_text_file
 from .config import ModelConfig
-from .errors import CheckpointError, ConfigError
-from .files import atomic_write, atomic_write_text, note_inputs
-from .formats import FORMAT_VERSION, check_format
-from .jsonl import json_type, parse_json, read_text_file
 from .model import RecursiveMoE
 from .run_layout import CONFIG_FILE, SHARD_FILES, SHARD_INDEX, TOKENIZER_FILE, WEIGHTS_FILE
 
@@ -96,7 +96,7 @@ def drop_sharded_weights(run_dir: str | os.PathLike) -> None:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    """A JSON file, parsed strictly (moe_core.jsonl.parse_json); CheckpointError naming the file otherwise."""
+    """A JSON file, parsed strictly (moe_core.common.jsonl.parse_json); CheckpointError naming the file otherwise."""
     path = Path(path)
     text = read_text_file(path, "file", error=CheckpointError)
     try:

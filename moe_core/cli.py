@@ -25,8 +25,8 @@ from collections.abc import Iterator
 import click
 
 from . import __version__
-from .errors import Interrupted, MoeError, os_reason
-from .files import command_inputs
+from .common.errors import Interrupted, MoeError, os_reason
+from .common.files import command_inputs
 
 
 def finite(expected: str, ok):
@@ -118,7 +118,7 @@ def stop_signals_raise() -> Iterator[None]:
 @contextlib.contextmanager
 def command_scope() -> Iterator[None]:
     """One command's run: stop signals raise, and the files it reads are recorded so that no output replaces them
-    (moe_core.files.command_inputs)."""
+    (moe_core.common.files.command_inputs)."""
 
     with stop_signals_raise(), command_inputs():
         yield

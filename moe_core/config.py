@@ -9,7 +9,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .errors import ConfigError
+from .common.errors import ConfigError
 
 
 def show(value: Any, limit: int = 60) -> str:

@@ -118,9 +118,9 @@ def serve(model, input_path, output_path, mode, batch_size, provider, runtime, m
     model once (at its absolute path, which every node must be able to read) and serves blocks of records with the
     same code; the output is the same, record for record, and written here in input order.
     """
-    from moe_core.errors import MoeError
-    from moe_core.files import check_not_inputs, note_inputs
-    from moe_core.ort_session import usable_cpus
+    from moe_core.common.errors import MoeError
+    from moe_core.common.files import check_not_inputs, note_inputs
+    from moe_core.runtime.ort_session import usable_cpus
 
     from . import shards
     from .jsonl import EXPECTED, PUZZLE_EXPECTED, read_puzzles, read_records

@@ -46,8 +46,8 @@ def add_serving_outputs(proto: ModelProto) -> None:
 
 
 def add_decode_outputs(proto: ModelProto, n_valid: int) -> None:
-    """Append two outputs to a decode graph (moe_core/graph_contract.py), so that a decoding call returns [B, V] or
-    [B] instead of [B, new, V]:
+    """Append two outputs to a decode graph (moe_core/runtime/graph_contract.py), so that a decoding call returns [B, V]
+    or [B] instead of [B, new, V]:
 
     last_logits [B, V]: the logits after each row's last new token, at index sum(attention_mask[b]) - 1 -
                         position_ids[b, 0] of the new tokens (the row's tokens after the call, less those before it);

@@ -1,4 +1,4 @@
-"""Streaming input for `moe serve`: the shared JSONL reader (moe_core.jsonl) plus what serving adds — an up-front
+"""Streaming input for `moe serve`: the shared JSONL reader (moe_core.common.jsonl) plus what serving adds — an up-front
 validation pass that rejects an empty input, the rule that keeps ids apart, chunking bounded in records and in
 text, and the puzzle inputs of `--mode solve`.
 
@@ -20,9 +20,9 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from moe_core import sudoku
-from moe_core.errors import MoeError
-from moe_core.jsonl import EXPECTED, Record, read_objects, record_id, string_field
+from moe_core.common.errors import MoeError
+from moe_core.common.jsonl import EXPECTED, Record, read_objects, record_id, string_field
+from moe_core.tasks import sudoku
 
 __all__ = ["EXPECTED", "PUZZLE_EXPECTED", "PuzzleRecord", "Record", "chunked", "count_records", "read_puzzles",
            "read_records"]
@@ -83,8 +83,8 @@ class IdRule:
 
 
 def read_records(path: str | os.PathLike) -> Iterator[Record]:
-    """Text records of a JSONL file, lazily (moe_core.jsonl), their ids checked by IdRule; MoeError naming the file
-    and line for anything malformed."""
+    """Text records of a JSONL file, lazily (moe_core.common.jsonl), their ids checked by IdRule; MoeError naming the
+    file and line for anything malformed."""
     ids = IdRule()
     for lineno, where, obj in read_objects(path):
         text = string_field(obj, "text", where)

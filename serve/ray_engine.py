@@ -20,7 +20,7 @@ Results. A block is served as the in-process engine serves a chunk, but blocks a
 that the workers share the work), so a batch holds other records than in one process. Rows never mix, so discrete
 results (halt steps, generated tokens, solutions, n_tokens) are the same and float results differ only by the fp32
 rounding that depends on a batch's padded width (docs/serving.md, "Serving on a Ray cluster", for the bound); cached
-generation past max_seq_len too, as each sample refills its own cache (moe_core/decoding.py).
+generation past max_seq_len too, as each sample refills its own cache (moe_core/runtime/decoding.py).
 
 Faults. Ray Data restarts an actor whose process dies (max_restarts = -1) and resubmits the block it was serving
 (up to MAX_TASK_RETRIES times, so a record that crashes every worker fails the run instead of looping); the driver
@@ -51,10 +51,10 @@ from typing import Any
 
 import numpy as np
 
-from moe_core import sudoku
-from moe_core.errors import MoeError
-from moe_core.jsonl import Record
-from moe_core.ort_session import usable_cpus
+from moe_core.common.errors import MoeError
+from moe_core.common.jsonl import Record
+from moe_core.runtime.ort_session import usable_cpus
+from moe_core.tasks import sudoku
 
 from .jsonl import PuzzleRecord
 from .server import Server

@@ -14,22 +14,22 @@ the reductions serving needs (serve/graph.py): per-token log-probs [B, T-1] for 
 position's logits [B, V] for generation. The full [B, T, V] logits stay on the device as an intermediate.
 The CPU session runs through the same IO-binding code, so the tests exercise it; only the device name differs.
 The decode graph's KV cache lives in buffers bound as each call's past input and present output at once, so
-attention writes them in place: host arrays on the CPU, OrtValues on the device on CUDA (moe_core/decoding.py
+attention writes them in place: host arrays on the CPU, OrtValues on the device on CUDA (moe_core/runtime/decoding.py
 DeviceBuffers; the tests run them on the CPU device). Its serving outputs (serve/graph.py) are the last logits [B, V]
 and the greedy token [B]: greedy decoding brings back token ids only.
 
-On CUDA a session reads ONNX Runtime's own placement (moe_core/ort_session.py session_with_placement): nodes per
+On CUDA a session reads ONNX Runtime's own placement (moe_core/runtime/ort_session.py session_with_placement): nodes per
 provider and Memcpy nodes go into the header, and a graph that runs partly on the CPU, or was made for another
 device, gets a note naming what to re-export. A decode graph made for CUDA (`moe export --device cuda`) has every
 node on CUDA, so its session enables CUDA graphs and its decoding calls run with static shapes, one captured graph
-per batch bucket (moe_core/decoding.py); a step graph's carry stays on the device between steps (StepwiseModel).
+per batch bucket (moe_core/runtime/decoding.py); a step graph's carry stays on the device between steps (StepwiseModel).
 
 Runtimes
 --------
 `open_model` gives an `OrtModel` of the unrolled graph (every halting step for every sample) or, for a model
 exported with `moe export --stepwise`, a `StepwiseModel`: its step graph MODEL.step.onnx run one supervision step at
-a time with halted samples dropped from the batch (moe_core/stepwise.py) — same `run`, same results. The step graph
-must come from the same export (weights sha256, precision, tokenizer and halt_max_steps in both files' metadata).
+a time with halted samples dropped from the batch (moe_core/runtime/stepwise.py) — same `run`, same results. The step
+graph must come from the same export (weights sha256, precision, tokenizer and halt_max_steps in both files' metadata).
 fp32 results are equal (halt steps exactly, outputs within fp32 noise). Reduced precision agrees within its own noise
 only: fp16 graphs pass the carry between steps in fp32 (kept float32 I/O), and int8 graphs quantise activations per
 batch, which changes as samples leave it (figures: benchmarks/RESULTS.md).
@@ -48,11 +48,13 @@ from typing import Any
 
 import numpy as np
 
+from moe_core.common.errors import MoeError
+from moe_core.common.formats import check_format
+from moe_core.common.jsonl import json_error, json_type, parse_json
+from moe_core.common.tokenizer import read_tokenizer
 from moe_core.config import MAX_CYCLES
-from moe_core.decoding import Decoder, DeviceBuffers
-from moe_core.errors import MoeError
-from moe_core.formats import check_format
-from moe_core.graph_contract import (
+from moe_core.runtime.decoding import Decoder, DeviceBuffers
+from moe_core.runtime.graph_contract import (
     CACHE_ENTRIES,
     CACHE_LAYOUT,
     DECODE_INPUTS,
@@ -68,8 +70,7 @@ from moe_core.graph_contract import (
     read_step_metadata,
     task_of,
 )
-from moe_core.jsonl import json_error, json_type, parse_json
-from moe_core.ort_session import (
+from moe_core.runtime.ort_session import (
     CPU_EP,
     CUDA_EP,
     Placement,
@@ -79,9 +80,8 @@ from moe_core.ort_session import (
     run_bound_values,
     session_with_placement,
 )
-from moe_core.stepwise import CARRY_OUT, StepCounts, run_stepwise
+from moe_core.runtime.stepwise import CARRY_OUT, StepCounts, run_stepwise
 from moe_core.tasks import TASKS
-from moe_core.tokenizer import read_tokenizer
 
 from .graph import LAST_LOGITS, NEXT_TOKEN, add_decode_outputs, add_serving_outputs
 
@@ -280,8 +280,9 @@ class OrtModel:
             ort.preload_dlls()  # CUDA / cuDNN from the pip nvidia-* packages, when that is how they were installed
         self.threads = intra_op_threads(threads)
         self.placement: Placement | None = None  # where ONNX Runtime put the nodes, when CUDA was tried
-        # A decode graph made for CUDA runs its decoding calls as captured CUDA graphs (moe_core/decoding.py static
-        # shapes); ONNX Runtime refuses a session with them when any node is off CUDA, which such a graph has not.
+        # A decode graph made for CUDA runs its decoding calls as captured CUDA graphs (moe_core/runtime/decoding.py
+        # static shapes); ONNX Runtime refuses a session with them when any node is off CUDA, which such a graph has
+        # not.
         self.cuda_graphs = graph == "decode" and self.info.device == "cuda" and providers[0] != CPU_EP
         if self.cuda_graphs:
             providers = [(providers[0][0], {**providers[0][1], "enable_cuda_graph": "1"}), *providers[1:]]
@@ -315,8 +316,8 @@ class OrtModel:
     def run_feeds(self, feeds: dict[str, Any], outputs: list[str], into: dict[str, Any] | None = None,
                   graph: int = -1) -> list[np.ndarray]:
         """The named outputs for these inputs, as host arrays; outputs in `into` written into the buffers given
-        (moe_core/ort_session.py run_bound). IO binding on every provider, so CI exercises the code the CUDA path
-        runs: on the CPU the outputs are ONNX Runtime's buffers, not copies (copying a decoding call's outputs cost
+        (moe_core/runtime/ort_session.py run_bound). IO binding on every provider, so CI exercises the code the CUDA
+        path runs: on the CPU the outputs are ONNX Runtime's buffers, not copies (copying a decoding call's outputs cost
         as much as the call itself at batch 32: benchmarks/RESULTS.md). `graph`: a CUDA graph id (run_bound)."""
         return self.guarded(run_bound, feeds, outputs, into, self.provider, graph)
 
@@ -354,7 +355,7 @@ def _shape(value: Any) -> tuple[int, ...]:
 
 def device_note(info: ModelInfo, provider: str, placement: Placement | None) -> str:
     """What the user should know when a graph runs on another device than it was made for, or runs partly off CUDA
-    (ONNX Runtime's own placement: moe_core/ort_session.py); "" when nothing."""
+    (ONNX Runtime's own placement: moe_core/runtime/ort_session.py); "" when nothing."""
     again = f"export it again with `moe export RUN --out {info.path.name} --device {provider}`"
     if provider == "cuda" and placement is not None and not placement.clean:
         made = f" (it was made for {info.device}: {again})" if info.device != "cuda" else ""
@@ -367,9 +368,9 @@ def device_note(info: ModelInfo, provider: str, placement: Placement | None) -> 
 
 class StepwiseModel:
     """The step graph of an exported model, run step by step with halted samples dropped from the batch
-    (moe_core/stepwise.py): the same `run` and results as the unrolled graph's OrtModel, less compute when samples
-    halt early. On CUDA the carry stays on the device between steps, the running rows gathered there
-    (moe_core/decoding.py DeviceBuffers); only the per-sample outputs and the halt logits come to the host."""
+    (moe_core/runtime/stepwise.py): the same `run` and results as the unrolled graph's OrtModel, less compute when
+    samples halt early. On CUDA the carry stays on the device between steps, the running rows gathered there
+    (moe_core/runtime/decoding.py DeviceBuffers); only the per-sample outputs and the halt logits come to the host."""
 
     runtime = "stepwise"
 
@@ -456,8 +457,8 @@ def open_model(path: str | os.PathLike, provider: str = "auto", threads: int | N
 
 
 def open_decoder(info: ModelInfo, provider: str = "auto", threads: int | None = None) -> tuple[Decoder | None, str]:
-    """The decode graph of the model `info` describes, ready to generate with (moe_core/decoding.py), or None with the
-    reason: the model was exported without one, or it is missing beside the model."""
+    """The decode graph of the model `info` describes, ready to generate with (moe_core/runtime/decoding.py), or None
+    with the reason: the model was exported without one, or it is missing beside the model."""
     if not info.decode_graph:
         return None, "no decode graph (exported without one)"
     path = info.path.with_name(info.decode_graph)

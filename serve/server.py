@@ -14,8 +14,8 @@ reported for 1 token). Texts longer than the model's max_seq_len T are scored wi
 defaults to T // 2); halt_step is then the first window's. Log-probs are computed inside the session
 (serve/graph.py), from the exported logits.
 
-Generation. With the model's decode graph (KV cache: moe_core/decoding.py) a prompt is prefilled once and each step
-runs only the new token against the cached keys and values; without one (or with cache=False) each step is one
+Generation. With the model's decode graph (KV cache: moe_core/runtime/decoding.py) a prompt is prefilled once and each
+step runs only the new token against the cached keys and values; without one (or with cache=False) each step is one
 forward pass of the batch over the last T tokens of prompt + continuation (the oldest tokens drop out of the context
 once it is full). A result's halt_step is the halting decided on the prompt (its last T tokens: the prefill, or the
 first forward pass), the same on both paths whatever the continuation's length. Greedy (temperature 0) by default;
@@ -26,15 +26,15 @@ document separator the model was trained with.
 
 Solving (a Sudoku model, task "sudoku"). A puzzle is 81 cells, 0 (or '.') for a blank; its tokens are its digits.
 The answer of a cell is the likeliest digit 1..9 of the halting-selected logits (the blank token is never an
-answer; moe_core.sudoku.cell_answers, the rule training's evaluation applies); givens are not overwritten, so a model
-that changes one gives an invalid solution. `valid` is decided by the rules alone (moe_core.sudoku.valid_solutions:
-every row, column and box a permutation of 1..9 and every given kept), never by the model; `correct` compares with
-a solution given with the puzzle.
+answer; moe_core.tasks.sudoku.cell_answers, the rule training's evaluation applies); givens are not overwritten, so a
+model that changes one gives an invalid solution. `valid` is decided by the rules alone
+(moe_core.tasks.sudoku.valid_solutions: every row, column and box a permutation of 1..9 and every given kept), never by
+the model; `correct` compares with a solution given with the puzzle.
 
 Runtimes. The unrolled graph (MODEL.onnx) runs every halting step for every sample; a model exported with
 `moe export --stepwise` also has MODEL.step.onnx, which serve runs one supervision step at a time, dropping each
-sample from the batch at the step it halts (moe_core/stepwise.py): the same results, less compute when samples halt
-early. runtime="auto" takes the step graph when there is one. `server.model.counts` counts the steps computed.
+sample from the batch at the step it halts (moe_core/runtime/stepwise.py): the same results, less compute when samples
+halt early. runtime="auto" takes the step graph when there is one. `server.model.counts` counts the steps computed.
 
 Batching. Work is sorted by length (longest first) and cut into batches of batch_size rows, right-padded with
 attention_mask = 0, so padding stays small; results come back in input order. Finished generations leave their
@@ -59,11 +59,11 @@ from typing import Any, Self, cast
 
 import numpy as np
 
-from moe_core import EOT, sudoku
-from moe_core.decoding import Decoder
-from moe_core.errors import MoeError
-from moe_core.graph_contract import HALT_STEP, LOGITS
-from moe_core.tasks import MODES, TASKS
+from moe_core import EOT
+from moe_core.common.errors import MoeError
+from moe_core.runtime.decoding import Decoder
+from moe_core.runtime.graph_contract import HALT_STEP, LOGITS
+from moe_core.tasks import MODES, TASKS, sudoku
 
 from .graph import LAST_LOGITS, TOKEN_LOGPROBS
 from .runtime import ModelInfo, OrtModel, StepwiseModel, open_decoder, open_model
@@ -111,7 +111,7 @@ class SolveResult:
     puzzle: str  # the puzzle, 81 characters, '.' for a blank
     solution: str  # the model's answer, 81 digits
     steps: int  # 1-based halting step whose logits gave the answer
-    valid: bool  # the answer obeys the rules and keeps every given (checked by moe_core.sudoku, not the model)
+    valid: bool  # the answer obeys the rules and keeps every given (checked by moe_core.tasks.sudoku, not the model)
     correct: bool | None = None  # the answer equals the solution given with the puzzle; None when none was given
 
     def as_record(self) -> dict[str, Any]:
@@ -324,7 +324,8 @@ def max_batch_rows(info: ModelInfo) -> int:
 class Server:
     def __init__(self, model: OrtModel | StepwiseModel, decoder: Decoder | None = None) -> None:
         self.model = model
-        self.decoder = decoder  # generation with the KV cache (moe_core/decoding.py); None: recompute every prefix
+        # generation with the KV cache (moe_core/runtime/decoding.py); None: recompute every prefix
+        self.decoder = decoder
         self.tokenizer = model.tokenizer
         self.eot_id: int | None = self.tokenizer.token_to_id(EOT)
         self.stats = ServeStats()

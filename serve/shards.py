@@ -35,9 +35,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, TypeVar, cast
 
-from moe_core.errors import MoeError, is_io_error, os_reason
-from moe_core.files import UMASK, atomic_output, atomic_write_text, check_output, fsync_dir, signals_deferred
-from moe_core.stepwise import StepCounts
+from moe_core.common.errors import MoeError, is_io_error, os_reason
+from moe_core.common.files import UMASK, atomic_output, atomic_write_text, check_output, fsync_dir, signals_deferred
+from moe_core.runtime.stepwise import StepCounts
 
 from .jsonl import JSONL_SUFFIXES, PUZZLE_FILE_SUFFIXES, chunked, count_records
 from .server import ServeStats
@@ -263,7 +263,7 @@ def not_an_output_set(out: Path) -> str:
     """Why the directory `out` is not an output set this project wrote ("" when it is): its manifest must be one
     (this format, its shard list) and the directory must hold that manifest and the shards it lists, nothing else.
     Only such a set is ever replaced (and with it deleted) by --overwrite."""
-    from moe_core.jsonl import parse_json  # noqa: PLC0415 - only when a directory is to be replaced
+    from moe_core.common.jsonl import parse_json
 
     try:
         record = parse_json((out / MANIFEST).read_text(encoding="utf-8"))

@@ -27,8 +27,8 @@ from typing import Any
 
 import click
 
-from moe_core.errors import ConfigError, MoeError
-from moe_core.files import atomic_write_text
+from moe_core.common.errors import ConfigError, MoeError
+from moe_core.common.files import atomic_write_text
 from moe_core.run_layout import METRICS_FILE, TOKENIZER_FILE
 
 from .config import RunConfig, build_config, parse_override, preset_names, read_toml

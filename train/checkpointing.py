@@ -63,9 +63,9 @@ from moe_core.checkpoint import (
     save_weights,
     shard_file_name,
 )
-from moe_core.errors import CheckpointError
-from moe_core.files import atomic_write, fsync_dir
-from moe_core.formats import FORMAT_VERSION
+from moe_core.common.errors import CheckpointError
+from moe_core.common.files import atomic_write, fsync_dir
+from moe_core.common.formats import FORMAT_VERSION
 from moe_core.run_layout import (
     BEST_DIR,
     BEST_FILE,

@@ -42,7 +42,7 @@ def train(config_file, preset, overrides, data, tokenizer, out, resume_dir, over
     printed at the start and saved to OUT/config.json. Checkpoints go to OUT/trainer_state/ every
     train.checkpoint_every steps, at the end, and on Ctrl-C / SIGTERM (exit code 130 / 143).
     """
-    from moe_core.errors import MoeError
+    from moe_core.common.errors import MoeError
 
     from . import trainer  # torch is imported only when a run starts
     from .signals import TrainingInterrupted

@@ -10,11 +10,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from moe_core.common.errors import ConfigError
+from moe_core.common.jsonl import read_text_file
 from moe_core.config import ModelConfig, _check, from_dict, show
-from moe_core.errors import ConfigError
-from moe_core.jsonl import read_text_file
-from moe_core.sudoku import GENERATED_GIVENS
 from moe_core.tasks import TASKS
+from moe_core.tasks.sudoku import GENERATED_GIVENS
 
 MAX_SEED = 2**63 - 1
 DEVICES = ("auto", "cpu", "cuda")  # train.device: auto = CUDA when torch sees a GPU, else CPU

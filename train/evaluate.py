@@ -36,13 +36,13 @@ from tokenizers import Tokenizer
 
 from moe_core.checkpoint import load_model
 from moe_core.cli import finite
+from moe_core.common.errors import ConfigError, os_reason
+from moe_core.common.files import atomic_outputs, check_not_inputs
+from moe_core.common.tokenizer import read_tokenizer
 from moe_core.config import MAX_CYCLES
-from moe_core.errors import ConfigError, os_reason
-from moe_core.files import atomic_outputs, check_not_inputs
 from moe_core.model import RecursiveMoE
 from moe_core.run_layout import EVAL_DIR, PUZZLES_FILE, TOKENIZER_FILE
 from moe_core.tasks import TASKS
-from moe_core.tokenizer import read_tokenizer
 
 from .checkpointing import saved_run_config
 from .config import DEVICES, RunConfig
@@ -275,7 +275,7 @@ def evaluate(run: Path, cfg: RunConfig, model: RecursiveMoE, base_model: Recursi
     md = table(rows, task.name, trained)
     texts = {"eval.csv": to_csv(rows), "eval.md": md}
     if TASKS[task.name].puzzles:
-        from moe_core.sudoku import format_grid  # noqa: PLC0415
+        from moe_core.tasks.sudoku import format_grid
 
         assert isinstance(task, SudokuTask)  # the one task with puzzles
 

@@ -29,11 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from moe_core import sudoku
 from moe_core.checkpoint import read_json, write_weights
-from moe_core.errors import ConfigError
+from moe_core.common.errors import ConfigError
 from moe_core.model import RecursiveMoE
 from moe_core.run_layout import CALIBRATION_FILE
+from moe_core.tasks import sudoku
 
 from .sudoku_task import solve_steps
 

@@ -3,10 +3,10 @@ givens each (default 50, 40, 35, 30, 25), harder as the givens get fewer, whatev
 
     moe eval runs/sudoku-hard --ladder --halt-max-steps 1,2,4,8,16 --baseline runs/sudoku-hard-baseline
 
-The ladder (moe_core.sudoku.make_ladder) is deterministic from --ladder-seed, in seed streams of its own, with
+The ladder (moe_core.tasks.sudoku.make_ladder) is deterministic from --ladder-seed, in seed streams of its own, with
 unique solutions, and held out under the symmetry group: no puzzle is equivalent to one of the run's train or
 test puzzles (or the baseline's, when it trained on other puzzles). Each level's difficulty is measured by the
-solver: rounds of singles placed all at once (moe_core.sudoku.deduction_rounds: a pass of the block can take
+solver: rounds of singles placed all at once (moe_core.tasks.sudoku.deduction_rounds: a pass of the block can take
 about one), the share that singles alone solve, and the guesses an exact search needs.
 
 For each K in --halt-max-steps and each level, as `moe eval` does on the held-out set: whole-puzzle accuracy
@@ -32,12 +32,12 @@ import click
 import numpy as np
 import torch
 
-from moe_core import sudoku
 from moe_core.checkpoint import drop_sharded_weights
-from moe_core.errors import ConfigError
-from moe_core.files import atomic_outputs, updating_input
+from moe_core.common.errors import ConfigError
+from moe_core.common.files import atomic_outputs, updating_input
 from moe_core.model import RecursiveMoE
 from moe_core.run_layout import CALIBRATION_FILE, WEIGHTS_FILE
+from moe_core.tasks import sudoku
 
 from . import halt_calibration
 from .checkpointing import read_best, saved_run_config

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from moe_core.files import atomic_write_text
+from moe_core.common.files import atomic_write_text
 from moe_core.run_layout import TENSORBOARD_DIR
 
 from .checkpointing import read_metrics_until

@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from moe_core.checkpoint import read_run_config
-from moe_core.errors import MoeError, os_reason
-from moe_core.files import atomic_write
-from moe_core.jsonl import json_error, read_lines
+from moe_core.common.errors import MoeError, os_reason
+from moe_core.common.files import atomic_write
+from moe_core.common.jsonl import json_error, read_lines
 from moe_core.run_layout import METRICS_FILE, PLOTS_DIR
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ Record = dict[str, Any]
 def read_metrics(path: str | Path) -> list[Record]:
     """All records of a metrics.jsonl. A torn last line (a killed run) is ignored; a bad line elsewhere is an error.
 
-    Lines are read one at a time and at most moe_core.jsonl.MAX_LINE_BYTES long (a longer one is an error)."""
+    Lines are read one at a time and at most moe_core.common.jsonl.MAX_LINE_BYTES long (a longer one is an error)."""
     path = Path(path)
     if not path.is_file():
         raise MoeError(f"{path}: metrics file not found (expected a run directory written by `moe train`)")

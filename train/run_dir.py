@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from moe_core.errors import MoeError, os_reason
+from moe_core.common.errors import MoeError, os_reason
 from moe_core.run_layout import (
     CONFIG_FILE,
     LOCK_FILE,

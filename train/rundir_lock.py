@@ -20,7 +20,7 @@ import os
 import stat
 from pathlib import Path
 
-from moe_core.errors import MoeError, os_reason
+from moe_core.common.errors import MoeError, os_reason
 from moe_core.run_layout import LOCK_FILE
 
 # The lock file is opened, never followed: a symlink planted at RUN_DIR/.lock would make the writer truncate and

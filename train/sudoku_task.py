@@ -1,7 +1,7 @@
 """The Sudoku task: one token per cell (0 = blank, 1..9), a bidirectional model, loss on the cells, and the halt
 head trained on "is the current answer completely right" (TRM's rule).
 
-Puzzles are generated at start-up (moe_core.sudoku: unique solutions, deterministic by train.seed), train and
+Puzzles are generated at start-up (moe_core.tasks.sudoku: unique solutions, deterministic by train.seed), train and
 test disjoint under the symmetry group; every training batch is drawn from the train puzzles (under a curriculum,
 from those with enough givens for the step: train.sudoku_curriculum_start) and augmented with a random symmetry,
 both a function of (seed, step).
@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from moe_core import sudoku
-from moe_core.errors import ConfigError
+from moe_core.common.errors import ConfigError
 from moe_core.model import ModelOutput, RecursiveMoE
-from moe_core.sudoku import VOCAB, cell_answers, digit_tokenizer
+from moe_core.tasks import sudoku
+from moe_core.tasks.sudoku import VOCAB, cell_answers, digit_tokenizer
 
 from .checkpointing import data_fingerprint
 from .config import RunConfig

@@ -20,7 +20,7 @@ import torch
 from tokenizers import Tokenizer
 from torch import Tensor
 
-from moe_core.errors import MoeError
+from moe_core.common.errors import MoeError
 from moe_core.model import ModelOutput, RecursiveMoE
 from moe_core.tasks import TASKS
 

@@ -28,11 +28,11 @@ import torch
 from tqdm import tqdm
 
 from moe_core.checkpoint import save_run
-from moe_core.errors import CheckpointError, ConfigError, MoeError
-from moe_core.files import atomic_write_text
+from moe_core.common.errors import CheckpointError, ConfigError, MoeError
+from moe_core.common.files import atomic_write_text
+from moe_core.common.tokenizer import read_tokenizer
 from moe_core.model import ModelOutput, RecursiveMoE
 from moe_core.run_layout import CONFIG_FILE, METRICS_FILE, TOKENIZER_FILE
-from moe_core.tokenizer import read_tokenizer
 
 from .carry import CarriedRows, carry_steps
 from .checkpointing import (

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from helpers import run_moe
 
-from moe_core.errors import ConfigError
+from moe_core.common.errors import ConfigError
 from train.ablate import grid_names, load_grid, parse_grid
 from train.config import build_config
 

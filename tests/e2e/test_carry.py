@@ -15,9 +15,9 @@ import torch
 from helpers import run_moe
 from safetensors.torch import load_file
 
-from moe_core import sudoku as S
-from moe_core.errors import ConfigError
+from moe_core.common.errors import ConfigError
 from moe_core.model import Carry, ModelOutput, RecursiveMoE
+from moe_core.tasks import sudoku as S
 from train.carry import CarriedRows, carry_steps
 from train.config import build_config
 from train.sudoku_task import SudokuTask

@@ -23,7 +23,7 @@ from export.choices import CUDA_PRECISIONS
 from export.onnx_export import export_run
 from moe_core import ModelConfig, MoeError, RecursiveMoE
 from moe_core.checkpoint import save_run
-from moe_core.graph_contract import decode_path_for, step_path_for
+from moe_core.runtime.graph_contract import decode_path_for, step_path_for
 from serve.graph import add_serving_outputs
 from train.data import train_tokenizer
 

@@ -17,7 +17,7 @@ from helpers import make_texts, varied_run
 from export.decode import cache_entries, eager_runner
 from export.onnx_export import export_run
 from moe_core import MoeError, load_model
-from moe_core.graph_contract import CACHE_ENTRIES, decode_path_for
+from moe_core.runtime.graph_contract import CACHE_ENTRIES, decode_path_for
 from serve import Server
 
 T = 24  # max_seq_len
@@ -174,7 +174,7 @@ def test_decoding_writes_the_cache_in_place_and_device_buffers_agree(exported):
     """Each cached call writes its entries into the state's buffers (bound as past and present at once) instead of
     returning a new cache; the same generation over OrtValue buffers on the session's device (what CUDA runs,
     DeviceBuffers, here on the CPU device) chooses the same tokens."""
-    from moe_core.decoding import DeviceBuffers
+    from moe_core.runtime.decoding import DeviceBuffers
 
     _, out, _ = exported
     server = Server.open(out, provider="cpu", threads=1)
@@ -206,8 +206,8 @@ def close(got: np.ndarray, want: np.ndarray) -> None:
 def test_a_past_that_grows_from_length_0_gives_the_same_logits(exported):
     """The decode graph driven the other way its contract allows: past length 0 at the prefill and each present fed
     back as the next past, no buffer bound twice. The same logits as serve's shared max_seq_len buffers."""
-    from moe_core.graph_contract import past_names, present_names
-    from moe_core.ort_session import ort_session, run_bound
+    from moe_core.runtime.graph_contract import past_names, present_names
+    from moe_core.runtime.ort_session import ort_session, run_bound
 
     _, out, _ = exported
     server = Server.open(out, provider="cpu", threads=1)
@@ -246,7 +246,7 @@ def test_a_decode_graph_of_another_cache_layout_is_refused(exported, tmp_path):
                     reason="needs onnxruntime-gpu and a GPU")
 def test_cached_generation_on_cuda_keeps_the_cache_on_the_device(exported):
     """On CUDA the decoder's buffers are device OrtValues (DeviceBuffers), and the tokens are the CPU's."""
-    from moe_core.decoding import DeviceBuffers
+    from moe_core.runtime.decoding import DeviceBuffers
 
     _, out, _ = exported
     gpu = Server.open(out, provider="cuda")
@@ -266,12 +266,13 @@ def exported_for_cuda(exported, tmp_path_factory):
 
 
 def test_static_shapes_generate_what_the_dynamic_loop_generates(exported, exported_for_cuda):
-    """The loop CUDA graph capture needs (moe_core/decoding.py static shapes: bucket buffers reused across batches,
-    a max_seq_len-wide mask, feeds and outputs written in place, rows gathered into a smaller bucket on the device,
-    refills written into the bucket's rows), run on the CPU device over the decode graph made for CUDA: the tokens
-    of the dynamic loop, greedy (token ids from the graph) and sampled (logits), batch after batch, through refills
+    """The loop CUDA graph capture needs (moe_core/runtime/decoding.py static shapes: bucket buffers reused across
+    batches, a max_seq_len-wide mask, feeds and outputs written in place, rows gathered into a smaller bucket on the
+    device, refills written into the bucket's rows), run on the CPU device over the decode graph made for CUDA: the
+    tokens of the dynamic loop, greedy (token ids from the graph) and sampled (logits), batch after batch, through
+    refills
     past max_seq_len, and the CPU graph's tokens."""
-    from moe_core.decoding import DeviceBuffers
+    from moe_core.runtime.decoding import DeviceBuffers
 
     out = exported_for_cuda
     server = Server.open(out, provider="cpu", threads=1)

@@ -25,9 +25,15 @@ from export.parity import check_parity
 from moe_core import ModelConfig, RecursiveMoE, load_model
 from moe_core.checkpoint import save_run
 from moe_core.cli import cli
-from moe_core.graph_contract import STEP_INPUTS, STEP_OUTPUTS, read_step_metadata, step_path_for, tokenizer_path_for
-from moe_core.ort_session import ort_session as ort_cpu_session
-from moe_core.stepwise import StepwiseSession
+from moe_core.runtime.graph_contract import (
+    STEP_INPUTS,
+    STEP_OUTPUTS,
+    read_step_metadata,
+    step_path_for,
+    tokenizer_path_for,
+)
+from moe_core.runtime.ort_session import ort_session as ort_cpu_session
+from moe_core.runtime.stepwise import StepwiseSession
 from moe_core.tasks import language_parity_inputs
 
 

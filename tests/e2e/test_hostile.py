@@ -42,11 +42,11 @@ from safetensors.torch import load_file, save_file
 
 from moe_core import ModelConfig, RecursiveMoE
 from moe_core.checkpoint import save_run, save_weights
-from moe_core.errors import MoeError
-from moe_core.files import atomic_write
-from moe_core.graph_contract import tokenizer_path_for
-from moe_core.jsonl import MAX_LINE_BYTES
+from moe_core.common.errors import MoeError
+from moe_core.common.files import atomic_write
+from moe_core.common.jsonl import MAX_LINE_BYTES
 from moe_core.run_layout import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
+from moe_core.runtime.graph_contract import tokenizer_path_for
 
 # -----------------------------------------------------------------------------
 # running a command and checking a refusal
@@ -796,7 +796,7 @@ def test_no_code_path_unpickles_a_file():
 
 def test_readers_name_a_directory_given_for_a_file(tmp_path):
     """What train would say for the cases click intercepts today (see CLICK_PATH_CHECKS)."""
-    from moe_core.tokenizer import read_tokenizer
+    from moe_core.common.tokenizer import read_tokenizer
     from train.config import read_toml
 
     with pytest.raises(MoeError, match=re.escape(f"{tmp_path}: is a directory; expected a config file")):

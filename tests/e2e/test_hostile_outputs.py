@@ -38,10 +38,10 @@ from onnx import numpy_helper
 from moe_core import EOT, ModelConfig, MoeError, RecursiveMoE
 from moe_core.checkpoint import load_model, save_run
 from moe_core.cli import cli
-from moe_core.files import atomic_write_text, command_inputs
-from moe_core.graph_contract import step_path_for, tokenizer_path_for
-from moe_core.ort_session import usable_cpus
+from moe_core.common.files import atomic_write_text, command_inputs
 from moe_core.run_layout import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
+from moe_core.runtime.graph_contract import step_path_for, tokenizer_path_for
+from moe_core.runtime.ort_session import usable_cpus
 from serve import Server
 from serve.jsonl import chunked
 from serve.runtime import ModelInfo
@@ -401,7 +401,7 @@ def test_a_failed_export_overwrite_keeps_every_file_of_the_previous_export(run_d
     tokenizer exactly as they were: its new decode / step graph was published first and is taken back. (The graphs
     are placeholders: what is tested is the publishing, files.atomic_outputs.)"""
     from export import onnx_export
-    from moe_core import files
+    from moe_core.common import files
 
     out = tmp_path / "m.onnx"
     paths = [out, step_path_for(out), tokenizer_path_for(out), out.with_name("m.decode.onnx")]
@@ -466,7 +466,7 @@ def test_overwrite_replaces_only_an_output_set_moe_wrote(model, tmp_path):
 def test_a_corrupted_graph_is_refused_and_non_finite_outputs_never_reach_json(run_dir, tmp_path):
     """A graph whose weights differ from the sha256 export recorded is refused when opened; a graph without that
     record (an older export) whose outputs are not finite stops the command with one line, writing nothing."""
-    from moe_core.graph_contract import INITIALIZERS_SHA256, initializers_sha256
+    from moe_core.runtime.graph_contract import INITIALIZERS_SHA256, initializers_sha256
 
     out = write_model(run_dir, tmp_path / "model")
     proto = onnx.load(str(out))

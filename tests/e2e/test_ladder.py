@@ -11,9 +11,9 @@ import pytest
 import torch
 from helpers import vary_routing
 
-from moe_core import sudoku as S
 from moe_core.checkpoint import load_model, save_run
 from moe_core.model import RecursiveMoE
+from moe_core.tasks import sudoku as S
 from train.config import RunConfig, build_config
 from train.evaluate import with_steps
 from train.sudoku_task import SudokuTask, counts, figures, halted_at, solve_batches, solve_steps
@@ -185,7 +185,7 @@ def test_calibration_is_a_writer_of_the_run_and_commits_weights_and_record_toget
     failure at the second leaves both as they were)."""
     import os
 
-    from moe_core import files
+    from moe_core.common import files
     from moe_core.run_layout import CALIBRATION_FILE
     from train.rundir_lock import RunDirLock
 

@@ -25,10 +25,10 @@ from helpers import run_moe
 from onnx import TensorProto, helper, numpy_helper
 
 import serve.ray_engine as ray_engine
-from moe_core import sudoku
-from moe_core.errors import MoeError
-from moe_core.graph_contract import graph_metadata, step_graph_metadata, step_path_for, tokenizer_path_for
-from moe_core.jsonl import Record
+from moe_core.common.errors import MoeError
+from moe_core.common.jsonl import Record
+from moe_core.runtime.graph_contract import graph_metadata, step_graph_metadata, step_path_for, tokenizer_path_for
+from moe_core.tasks import sudoku
 from serve import shards
 from serve.ray_engine import Predictor, block_rows, plan_blocks, plan_workers, runs
 from serve.shards import Job

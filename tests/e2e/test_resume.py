@@ -146,7 +146,7 @@ def test_resume_errors(reference: Path, tmp_path: Path) -> None:
 
 def test_non_finite_steps_are_skipped_then_stop(monkeypatch: pytest.MonkeyPatch, corpus_file: Path,
                                                 tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from moe_core.errors import MoeError
+    from moe_core.common.errors import MoeError
     from train import tasks, trainer
     from train.config import build_config
 

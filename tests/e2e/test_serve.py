@@ -26,8 +26,8 @@ from helpers import (
 from export.onnx_export import export_run
 from moe_core import MoeError, RecursiveMoE, load_model
 from moe_core.cli import cli
-from moe_core.graph_contract import HALT_STEP
-from moe_core.stepwise import StepCounts
+from moe_core.runtime.graph_contract import HALT_STEP
+from moe_core.runtime.stepwise import StepCounts
 from serve import Server
 from serve.graph import LAST_LOGITS, TOKEN_LOGPROBS
 from serve.runtime import CPU_EP, CUDA_EP, choose_providers, resolve_provider
@@ -496,8 +496,8 @@ def test_other_step_counts_need_the_step_graph(exported, tmp_path):
 
 def test_device_note_says_what_runs_off_cuda_and_how_to_re_export(exported) -> None:
     """`moe serve` tells the user when a graph runs on another device than it was made for, and when ONNX Runtime
-    placed nodes of it off CUDA (its placement record and log: moe_core/ort_session.py)."""
-    from moe_core.ort_session import Placement
+    placed nodes of it off CUDA (its placement record and log: moe_core/runtime/ort_session.py)."""
+    from moe_core.runtime.ort_session import Placement
     from serve.runtime import device_note, read_model
 
     _, info = read_model(exported[1])
@@ -513,8 +513,8 @@ def test_device_note_says_what_runs_off_cuda_and_how_to_re_export(exported) -> N
 
 def test_a_step_graph_carry_kept_on_the_device_gives_the_same_results(exported) -> None:
     """Step-wise serving on CUDA keeps the carry on the device and gathers the running rows there
-    (moe_core/decoding.py DeviceBuffers); here on the CPU device: results identical to the host carry's."""
-    from moe_core.decoding import DeviceBuffers
+    (moe_core/runtime/decoding.py DeviceBuffers); here on the CPU device: results identical to the host carry's."""
+    from moe_core.runtime.decoding import DeviceBuffers
 
     host = Server.open(exported[1], provider="cpu", threads=1, runtime="stepwise")
     device = Server.open(exported[1], provider="cpu", threads=1, runtime="stepwise")

@@ -13,7 +13,7 @@ import onnx
 import pytest
 from helpers import REPO, contract_graph, make_texts, subprocess_env
 
-from moe_core.graph_contract import tokenizer_path_for
+from moe_core.runtime.graph_contract import tokenizer_path_for
 
 # -----------------------------------------------------------------------------
 # `moe serve` where torch cannot be imported
@@ -83,7 +83,7 @@ def test_moe_serve_runs_without_torch(exported, no_torch, tmp_path, args):
 
 
 def test_moe_serve_solves_without_torch(sudoku_model, no_torch, tmp_path):
-    from moe_core import sudoku as S
+    from moe_core.tasks import sudoku as S
 
     inp = tmp_path / "in.jsonl"
     puzzles = S.generate(4, 0, givens=(30, 40)).puzzles

@@ -17,10 +17,10 @@ from helpers import assert_clean_failure, moe_serve, run_moe, write_jsonl
 
 from export.onnx_export import export_run
 from moe_core import MoeError, load_model
-from moe_core import sudoku as S
 from moe_core.checkpoint import load_run_config, save_weights
-from moe_core.graph_contract import SERVE_MAX_STEPS
 from moe_core.run_layout import WEIGHTS_FILE
+from moe_core.runtime.graph_contract import SERVE_MAX_STEPS
+from moe_core.tasks import sudoku as S
 from moe_core.tasks import sudoku_parity_inputs
 from serve import Server
 from serve.runtime import StepwiseModel
@@ -149,7 +149,7 @@ def test_puzzle_file_input(sudoku, tmp_path):
 
 
 def test_valid_is_decided_by_the_rules(sudoku):
-    """Whatever the model answers, `valid` is moe_core.sudoku's verdict: a right answer, a repeated digit and a
+    """Whatever the model answers, `valid` is moe_core.tasks.sudoku's verdict: a right answer, a repeated digit and a
     changed given, through Server.solve with the model's logits replaced."""
     _, onnx_path, task = sudoku
     server = Server.open(onnx_path, provider="cpu", threads=1)

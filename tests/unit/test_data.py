@@ -12,7 +12,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from moe_core.errors import MoeError
+from moe_core.common.errors import MoeError
 from train.data import (
     EOT,
     eot_id,

@@ -27,9 +27,9 @@ from hypothesis import strategies as st
 
 from moe_core import ModelConfig, MoeError, RecursiveMoE, load_model
 from moe_core.checkpoint import save_run
-from moe_core.jsonl import read_records
+from moe_core.common.jsonl import read_records
+from moe_core.common.tokenizer import read_tokenizer
 from moe_core.run_layout import CONFIG_FILE, WEIGHTS_FILE
-from moe_core.tokenizer import read_tokenizer
 from train.config import TrainConfig, build_config, parse_override
 
 FUZZ = settings(deadline=None, derandomize=True, database=None, print_blob=True,
@@ -350,7 +350,7 @@ def model_bytes(tokenizer_text) -> bytes:
 def test_model_file_reader_returns_or_raises_moe_error(scratch, model_bytes, data):
     import onnx
 
-    from moe_core.graph_contract import METADATA_KEYS
+    from moe_core.runtime.graph_contract import METADATA_KEYS
     from serve.runtime import read_model
 
     if data.draw(st.booleans()):

@@ -18,7 +18,7 @@ from export.passes import (
     strip_node_metadata,
     with_metadata,
 )
-from moe_core.ort_session import ort_session
+from moe_core.runtime.ort_session import ort_session
 
 OPSET = 20
 FLOAT = TensorProto.FLOAT

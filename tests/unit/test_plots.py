@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from moe_core.errors import MoeError
+from moe_core.common.errors import MoeError
 from train.plots import plot, plot_expert_load, read_metrics, write_plots
 
 ALL_PLOTS = {"loss.png", "lr.png", "grad_norm.png", "heads.png", "head_load.png", "expert_load.png", "halting.png",

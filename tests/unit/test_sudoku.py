@@ -1,4 +1,4 @@
-"""moe_core.sudoku: text, rules, solver, generator, augmentation and disjoint splits. No model, no network."""
+"""moe_core.tasks.sudoku: text, rules, solver, generator, augmentation and disjoint splits. No model, no network."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe_core import sudoku as S
-from moe_core.errors import MoeError
+from moe_core.common.errors import MoeError
+from moe_core.tasks import sudoku as S
 
 # Well-known puzzles and their solutions, typed in (not computed by the solver under test).
 WIKIPEDIA = ("53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79",

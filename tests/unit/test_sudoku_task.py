@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from moe_core import sudoku as S
-from moe_core.errors import ConfigError
+from moe_core.common.errors import ConfigError
 from moe_core.model import ModelOutput, RecursiveMoE
-from moe_core.sudoku import cell_answers, digit_tokenizer
+from moe_core.tasks import sudoku as S
+from moe_core.tasks.sudoku import cell_answers, digit_tokenizer
 from train.config import build_config
 from train.loss import training_loss
 from train.sudoku_task import SudokuTask, check_model

@@ -1,4 +1,4 @@
-"""KV-cached generation on the decode graph (MODEL.decode.onnx, moe_core/graph_contract.py).
+"""KV-cached generation on the decode graph (MODEL.decode.onnx, moe_core/runtime/graph_contract.py).
 
 One `DecodeState` holds a batch of continuing samples: for every block application, a key and a value buffer
 [B, heads, max_seq_len, head_dim] allocated once per batch, each row holding its own tokens' entries at indices
@@ -27,8 +27,8 @@ from typing import Any, cast
 
 import numpy as np
 
-from moe_core.errors import MoeError
-from moe_core.graph_contract import HALT_STEP, LOGITS, past_names, present_names
+from ..common.errors import MoeError
+from .graph_contract import HALT_STEP, LOGITS, past_names, present_names
 
 # run(feeds, outputs, into) -> the named outputs as host arrays, with each present output written into the buffer
 # `into` names for it (serve/runtime.py OrtModel.run_feeds; export/decode.py eager_runner).
@@ -42,7 +42,7 @@ def refill_window(max_seq_len: int) -> int:
 
 
 # The cache's element type, as ONNX Runtime names a graph input's type (session.get_inputs()[i].type): float32, or
-# a graph made for CUDA in reduced precision keeps its cache in that precision (moe_core/graph_contract.py).
+# a graph made for CUDA in reduced precision keeps its cache in that precision (moe_core/runtime/graph_contract.py).
 FLOAT32, FLOAT16, BFLOAT16 = "tensor(float)", "tensor(float16)", "tensor(bfloat16)"
 INT64 = "tensor(int64)"  # the decode graph's other inputs and its halt_step and token outputs
 HOST_DTYPES = {FLOAT32: np.float32, FLOAT16: np.float16, INT64: np.int64}  # numpy has no bfloat16

@@ -15,7 +15,7 @@ The step graph (MODEL.step.onnx, `moe export --stepwise`) is one supervision ste
             logits                     float32 [batch, seq, vocab]     this step's logits
             halt_logit                 float32 [batch]                 the sample halts at this step when > 0
 
-Metadata (string values) of both graphs: METADATA_KEYS (all required), then format_version (moe_core.formats),
+Metadata (string values) of both graphs: METADATA_KEYS (all required), then format_version (moe_core.common.formats),
 task (moe_core.tasks.TASKS; files without it: the run config's train.task), precision ("fp32" or the
 reduced-precision variant), weights_sha256 (ties a step graph to its unrolled graph), device (DEVICE), step_graph
 (the unrolled graph's step graph, a file name beside it). A step graph also has graph = "step" and its initial
@@ -33,9 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
-from .errors import MoeError
-from .formats import FORMAT_VERSION
+from .. import __version__
+from ..common.errors import MoeError
+from ..common.formats import FORMAT_VERSION
 
 LOGITS = "logits"
 HALT_STEP = "halt_step"

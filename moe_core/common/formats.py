@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from . import __version__
+from .. import __version__
 from .errors import CheckpointError
 
 FORMAT_VERSION = 1

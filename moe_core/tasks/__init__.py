@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..common.errors import MoeError
 from . import sudoku
-from .errors import MoeError
 
 Case = tuple[str, np.ndarray, np.ndarray]  # (name, input_ids [B, T] int64, attention_mask [B, T] int64)
 

@@ -1,4 +1,4 @@
-"""Step-wise running of a step graph (moe_core.graph_contract): one supervision step at a time, each sample
+"""Step-wise running of a step graph (moe_core.runtime.graph_contract): one supervision step at a time, each sample
 stopped when it halts. Torch-free (numpy; the session is any object with ONNX Runtime's `run`): serve runs its
 models with it and the parity check of `moe export` proves the step graph with it.
 
@@ -47,7 +47,7 @@ def run_stepwise(step: StepFn, z_init: tuple[np.ndarray, np.ndarray], n_steps: i
     with halted samples dropped from the batch (see the module docstring). Every other output name must be a
     per-sample output of the step graph ([batch, ...]: logits, or an output serve added from them).
     halting=False ignores the halt head: every sample runs all n_steps (what `moe eval` calls "all K"). `carry`: how
-    the running rows of the carry are gathered between steps (moe_core/decoding.py HostBuffers, the default, or
+    the running rows of the carry are gathered between steps (moe_core/runtime/decoding.py HostBuffers, the default, or
     DeviceBuffers, which keeps a device's carry on the device)."""
     carry = carry if carry is not None else HostBuffers()
     B, T = input_ids.shape

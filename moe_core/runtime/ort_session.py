@@ -204,7 +204,8 @@ def _bound(session, feeds: dict[str, Any], into: dict[str, Any]):
 def run_bound(session, feeds: dict[str, Any], outputs: list[str], into: dict[str, Any] | None = None,
               device: str = "cpu", graph: int = -1) -> list[Any]:
     """Run `session` through IO binding: the named outputs as host arrays, plus each output in `into` written into
-    the buffer given for it (moe_core/decoding.py's cache buffers, bound as past input and present output at once).
+    the buffer given for it (moe_core/runtime/decoding.py's cache buffers, bound as past input and present output at
+    once).
 
     Feeds and `into` buffers are numpy arrays (host memory, bound without a copy) or OrtValues (already on
     `device`, the session's: "cpu" | "cuda"). The other outputs are allocated on `device` and returned as host

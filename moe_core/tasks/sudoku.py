@@ -28,8 +28,8 @@ from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 
-from .errors import MoeError, os_reason
-from .jsonl import decode_text, read_lines
+from ..common.errors import MoeError, os_reason
+from ..common.jsonl import decode_text, read_lines
 
 CELLS = 81
 BLANKS = ".0"
