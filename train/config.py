@@ -43,12 +43,14 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     router_lr_mult: float = 10.0  # LR multiplier for MoE/MoH routers and the MoH predictors
     # Weights of the aux losses in the backpropagated loss; each multiplies its loss's mean over the block calls
-    # that backpropagate (the no-grad cycles' calls are not in it: moe_core.model.common.AuxAccumulator).
-    moe_balance_weight: float = 0.002
-    moe_z_weight: float = 0.0002
-    moh_balance_weight: float = 0.002
-    moh_complexity_weight: float = 0.002
-    moh_sparsity_weight: float = 0.0002
+    # that backpropagate, every supervision step's (the no-grad cycles' calls are not in it:
+    # moe_core.model.common.AuxAccumulator). The defaults are what the `default` preset trains best with of those
+    # measured (docs/training.md, "Aux losses").
+    moe_balance_weight: float = 0.0005
+    moe_z_weight: float = 0.00005
+    moh_balance_weight: float = 0.0005
+    moh_complexity_weight: float = 0.0005
+    moh_sparsity_weight: float = 0.00005
     halt_weight: float = 0.1
     eval_every: int = 50
     eval_batches: int = 8
