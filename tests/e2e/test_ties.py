@@ -106,8 +106,8 @@ def test_exported_and_step_graphs_break_ties_like_eager(tied_export):
 def test_parity_fails_a_graph_with_another_tie_rule(tied_export, monkeypatch):
     """Eager breaking ties by the higher index: every routing decision differs at margin 0. Near-ties, but far
     more of them than the stated bound: the check fails."""
-    import moe_core.model as M
     from export.parity import check_parity
+    from moe_core.model import attention, moe
 
     run, out, _, decisions = tied_export
     model = load_model(run)
@@ -116,7 +116,8 @@ def test_parity_fails_a_graph_with_another_tie_rule(tied_export, monkeypatch):
         values, order = x.flip(-1).sort(dim=-1, descending=True, stable=True)
         return values, x.shape[-1] - 1 - order
 
-    monkeypatch.setattr(M, "ranked", higher_index_first)
+    for module in (attention, moe):  # where the rule is used (MoH head and MoE expert ranking)
+        monkeypatch.setattr(module, "ranked", higher_index_first)
     with torch.no_grad():  # the monkeypatched rule really picks the highest-numbered experts
         assert decisions_of(model, torch.zeros(1, 3, dtype=torch.long))[1].choice.tolist() == [[[3, 2]] * 3]
     report = check_parity(model, str(out), decisions_path=decisions)
