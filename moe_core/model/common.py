@@ -50,8 +50,8 @@ class Decision:
 class Tracing:
     """What an exporter asks of one model's forward, for the duration of a trace: every routing and halting
     decision appended to `decisions` (when it is a list), rotary embeddings as ONNX's fused operator. One object per
-    model, shared by its modules (RecursiveMoE.__init__), set through the context managers below: state of that
-    model, not of the process."""
+    model, shared by its modules (RecursiveMoE.__init__), set through recording_decisions (below) and
+    attention.onnx_rotary: state of that model, not of the process."""
 
     decisions: list[Decision] | None = None
     onnx_rotary: bool = False
