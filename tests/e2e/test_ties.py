@@ -16,7 +16,7 @@ import torch
 from helpers import make_tokenizer_json
 
 from export.onnx_export import export_run
-from export.parity import TOLERANCE, compare_decisions
+from export.parity import CONDITIONING_FACTOR, TOLERANCE, CaseResult, ParityReport, alike_samples, compare_decisions
 from moe_core import ModelConfig, RecursiveMoE, load_model
 from moe_core.checkpoint import save_run
 from moe_core.model import Decision, recording_decisions
@@ -189,6 +189,37 @@ def test_decision_beyond_noise_is_wrong():
     report, excluded = compare_decisions(eager, graph, valid, causal=True)
     assert report.wrong == 1 and not report.near_ties and report.min_margin == pytest.approx(0.2)
     assert report.compared == 2 and not excluded.any()
+
+
+def test_a_sample_is_allowed_what_fp32_rounding_costs_it():
+    """A sample whose eager fp32 logits are c from fp64 may differ from the graph by CONDITIONING_FACTOR * c where
+    that exceeds TOLERANCE; a sample with c = 0 (not measured, or decided differently in fp64) has TOLERANCE."""
+    def case(rel, fp64):
+        return CaseResult("c", (2, 4), 0.0, max(rel), True, [1], 1.0, None, None, np.array(rel),
+                          None if fp64 is None else np.array(fp64))
+
+    report = ParityReport(tolerance=TOLERANCE)
+    ill = 3e-5  # eager fp32 vs fp64 on sample 0: its allowance is 10 x 3e-5 = 3e-4
+    assert report.case_ok(case([2.9e-4, 1e-6], [ill, 1e-7]))
+    assert not report.case_ok(case([3.1e-4, 1e-6], [ill, 1e-7]))
+    assert not report.case_ok(case([1e-6, 2e-4], [ill, 1e-7]))  # sample 1's own allowance is TOLERANCE
+    assert not report.case_ok(case([2e-4, 1e-6], None))  # unmeasured: TOLERANCE on max_rel
+    assert CONDITIONING_FACTOR * ill > TOLERANCE
+    assert "fp32 vs fp64 3.0e-05" in ParityReport([case([2e-4, 1e-6], [ill, 0.0])]).summary()
+
+
+def test_alike_samples_compare_every_decision_at_valid_positions():
+    valid = np.array([[True, True, False], [True, True, True]])
+    base = [_decision("experts", [[[0, 1], [1, 2], [0, 1]], [[2, 3], [0, 1], [1, 3]]], [[0.1] * 3] * 2),
+            _decision("halt", [1.0, -1.0], [1.0, 1.0])]
+    swapped = [_decision("experts", [[[1, 0], [1, 2], [3, 2]], [[2, 3], [0, 1], [1, 3]]], [[0.1] * 3] * 2),
+               _decision("halt", [2.0, -0.5], [1.0, 1.0])]  # the same sets, padding apart; same halting
+    assert alike_samples(base, swapped, valid).tolist() == [True, True]
+    routed = [_decision("experts", [[[0, 1], [1, 2], [0, 1]], [[2, 3], [0, 2], [1, 3]]], [[0.1] * 3] * 2), base[1]]
+    assert alike_samples(base, routed, valid).tolist() == [True, False]
+    halted = [base[0], _decision("halt", [-1.0, -1.0], [1.0, 1.0])]
+    assert alike_samples(base, halted, valid).tolist() == [False, True]
+    assert alike_samples(base, base[:1], valid).tolist() == [False, False]  # another number of decisions
 
 
 def test_recording_decisions_changes_nothing():
