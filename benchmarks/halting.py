@@ -33,9 +33,9 @@ def real_inputs(model: RecursiveMoE, run_dir: Path | None, n: int, seed: int = 0
     """(input_ids [n, T], the output serving reads, what the inputs are). T = the model's max_seq_len (81 cells)."""
     cfg = model.config
     T = cfg.max_seq_len
-    tc = saved_run_config(run_dir).train if run_dir is not None else None
-    if tc is not None and TASKS[tc.task].puzzles:  # new puzzles of the run's range
-        givens = (tc.sudoku_givens_min, tc.sudoku_givens_max)
+    run_cfg = saved_run_config(run_dir) if run_dir is not None else None
+    if run_cfg is not None and TASKS[run_cfg.train.task].puzzles:  # new puzzles of the run's range ([sudoku])
+        givens = (run_cfg.task_config.givens_min, run_cfg.task_config.givens_max)
         puzzles = sudoku.generate(n, f"halting-benchmark-{seed}", givens=givens).puzzles.astype(np.int64)
         return puzzles, LOGITS, f"{n} new puzzles of {givens[0]}-{givens[1]} givens (the run's range)"
     if run_dir is None:
@@ -43,7 +43,8 @@ def real_inputs(model: RecursiveMoE, run_dir: Path | None, n: int, seed: int = 0
         return ids, TOKEN_LOGPROBS, f"{n} x {T} random ids (no --run: a random-init model halts at the last step)"
     from train.data import load_documents, load_tokenizer, tokenize_corpus  # noqa: PLC0415 - a --run only
 
-    assert tc is not None  # run_dir is given: tc is its run's train config
+    assert run_cfg is not None  # run_dir is given
+    tc = run_cfg.train
     data = tc.data
     tokens = tokenize_corpus(load_documents(data), load_tokenizer(run_dir / TOKENIZER_FILE), tc.val_fraction, T)
     val = tokens.val[: len(tokens.val) // T * T].reshape(-1, T).astype(np.int64)

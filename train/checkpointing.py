@@ -79,7 +79,7 @@ from moe_core.run_layout import (
     WEIGHTS_FILE,
 )
 
-from .config import RunConfig
+from .config import SECTIONS, RunConfig
 from .distributed import SINGLE, Dist, is_dtensor, is_sharded
 
 FORMAT = 1  # bump when the layout below changes; resume refuses other formats by name
@@ -384,11 +384,12 @@ def _like(value: torch.Tensor, like: torch.Tensor, own: bool, where: Path, name:
 
 
 def saved_config(run_dir: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """A run's config.json (checked: a run that `moe train` wrote) and its [model] and [train] sections."""
+    """A run's config.json (checked: a run that `moe train` wrote) and its config sections (train.config.SECTIONS:
+    [model], [train] and the task's own)."""
     _, saved = load_run_config(run_dir)
     if not isinstance(saved.get("train"), dict):
         raise CheckpointError(f"{run_dir / CONFIG_FILE}: no \"train\" section: not a run written by moe train")
-    return saved, {"model": saved["model"], "train": dict(saved["train"])}
+    return saved, {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items() if k in SECTIONS}
 
 
 def saved_run_config(run_dir: Path) -> RunConfig:

@@ -14,7 +14,6 @@ from moe_core.common.errors import ConfigError
 from moe_core.common.jsonl import read_text_file
 from moe_core.config import ModelConfig, _check, from_dict, show
 from moe_core.tasks import TASKS
-from moe_core.tasks.sudoku import GENERATED_GIVENS
 
 MAX_SEED = 2**63 - 1
 DEVICES = ("auto", "cpu", "cuda")  # train.device: auto = CUDA when torch sees a GPU, else CPU
@@ -74,28 +73,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     parallel: str = "ddp"  # under torchrun: ddp (weights on every rank) | fsdp (weights, grads, optimizer sharded)
     # task: one of moe_core.tasks.TASKS. lm: language modelling on `data` | sudoku: one token per cell
-    # (configs/sudoku*.toml)
+    # (configs/sudoku*.toml), its data set in the run's [sudoku] section (moe_core.tasks.config)
     task: str = "lm"
-    # sudoku: base puzzles generated (augmented on the fly by the symmetry group) and held-out test puzzles, no
-    # test puzzle equivalent to a train one; givens per puzzle; 1 = only puzzles that singles alone do not solve.
-    # `data` may name a puzzle file (81-character lines, '.' or '0' for blanks) to train on instead.
-    sudoku_train: int = 1000
-    sudoku_test: int = 500
-    sudoku_givens_min: int = 25
-    sudoku_givens_max: int = 35
-    sudoku_min_guesses: int = 0
-    # A curriculum over givens (0 = off): training batches are drawn from the train puzzles with at least L givens,
-    # L going linearly from sudoku_curriculum_start at step 0 to sudoku_givens_min at sudoku_curriculum_frac of
-    # max_steps (the whole set from then on). Easy puzzles stay in the mix as harder ones join. The train and test
-    # sets are generated over sudoku_givens_min..max as without it.
-    sudoku_curriculum_start: int = 0
-    sudoku_curriculum_frac: float = 0.5
-    # sudoku: a validation set of sudoku_val puzzles with exactly sudoku_val_givens givens each (0 = none), held out
-    # from train and test under the symmetry group. Every evaluation reports its whole-puzzle accuracy at the
-    # model's halt_max_steps with halting (what `moe serve` runs by default) as hard_puzzle_acc, and keep_best
-    # ranks evaluations by it first.
-    sudoku_val: int = 0
-    sudoku_val_givens: int = 30
     # Deep supervision of a recursive model. "batch": every supervision step (model.halt_max_steps of them) runs
     # on the step's batch inside one forward, and one update follows; no row halts. "carry" (TRM's scheme): one
     # update per supervision step; each row keeps its carry (z_H, z_L) and its puzzle across updates until it
@@ -126,22 +105,6 @@ class TrainConfig:
                f"device: expected auto, cpu or cuda, got {show(self.device)}")
         _check(self.parallel in ("ddp", "fsdp"), where, f"parallel: expected ddp or fsdp, got {show(self.parallel)}")
         _check(self.task in TASKS, where, f"task: expected {' or '.join(TASKS)}, got {show(self.task)}")
-        for name in ("sudoku_train", "sudoku_test"):
-            _check(getattr(self, name) >= 1, where, f"{name}: expected >= 1, got {getattr(self, name)}")
-        lo, hi = GENERATED_GIVENS
-        _check(lo <= self.sudoku_givens_min <= self.sudoku_givens_max <= hi, where,
-               f"sudoku_givens_min/max: expected {lo} <= min <= max <= {hi}, got {self.sudoku_givens_min}, "
-               f"{self.sudoku_givens_max}")
-        _check(self.sudoku_min_guesses >= 0, where, f"sudoku_min_guesses: expected >= 0, got {self.sudoku_min_guesses}")
-        start = self.sudoku_curriculum_start
-        _check(start == 0 or self.sudoku_givens_min <= start <= self.sudoku_givens_max, where,
-               f"sudoku_curriculum_start: expected 0 (off) or a number of givens in sudoku_givens_min..max "
-               f"({self.sudoku_givens_min}..{self.sudoku_givens_max}), got {start}")
-        _check(0.0 < self.sudoku_curriculum_frac <= 1.0, where,
-               f"sudoku_curriculum_frac: expected in (0, 1], got {self.sudoku_curriculum_frac}")
-        _check(self.sudoku_val >= 0, where, f"sudoku_val: expected >= 0 (0 = none), got {self.sudoku_val}")
-        _check(lo <= self.sudoku_val_givens <= hi, where,
-               f"sudoku_val_givens: expected {lo}..{hi}, got {self.sudoku_val_givens}")
         _check(self.supervision in SUPERVISIONS, where,
                f"supervision: expected {' or '.join(SUPERVISIONS)}, got {show(self.supervision)}")
         _check(0.0 <= self.halt_explore <= 1.0, where, f"halt_explore: expected in [0, 1], got {self.halt_explore}")
@@ -165,23 +128,49 @@ class TrainConfig:
                 for name in ("moe_balance", "moe_z", "moh_balance", "moh_complexity", "moh_sparsity")}
 
 
+# The sections a run's config may hold: [model], [train] and the section of train.task's own settings, named after
+# the task (TaskSpec.config: [sudoku]).
+TASK_SECTIONS: dict[str, type] = {name: spec.config for name, spec in TASKS.items() if spec.config is not None}
+SECTIONS = ("model", "train", *TASK_SECTIONS)
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # The settings of train.task's own section (a TaskSpec.config instance), None for a task without one.
+    task_config: Any = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": dataclasses.asdict(self.model), "train": dataclasses.asdict(self.train)}
+        return {"model": dataclasses.asdict(self.model), **self.run_sections()}
+
+    def run_sections(self) -> dict[str, Any]:
+        """Every section but [model]: what config.json holds beside the model's own section."""
+        task = {} if self.task_config is None else {self.train.task: dataclasses.asdict(self.task_config)}
+        return {"train": dataclasses.asdict(self.train), **task}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str, validate: bool = True) -> RunConfig:
-        unknown = sorted(set(data) - {"model", "train"})
+        unknown = sorted(set(data) - set(SECTIONS))
         if unknown:
-            raise ConfigError(f"{where}: unknown section {show(unknown[0])} (expected [model] and [train])")
-        cfg = cls(ModelConfig.from_dict(data.get("model", {}), f"{where}: model", validate),
-                  from_dict(TrainConfig, data.get("train", {}), f"{where}: train", validate))
-        if validate and cfg.train.supervision == "carry":
-            mc, tc = cfg.model, cfg.train
+            raise ConfigError(f"{where}: unknown section {show(unknown[0])} (expected "
+                              f"{', '.join(f'[{s}]' for s in SECTIONS)})")
+        data = _task_keys_in_their_section(data)
+        model = ModelConfig.from_dict(data.get("model", {}), f"{where}: model", validate)
+        tc = from_dict(TrainConfig, data.get("train", {}), f"{where}: train", validate)
+        sections = {s: from_dict(TASK_SECTIONS[s], data[s], f"{where}: {s}", validate=False)
+                    for s in TASK_SECTIONS if s in data}  # keys and types, named with their file
+        task_config = None
+        if validate:
+            other = next((s for s in sections if s != tc.task), None)
+            _check(other is None, f"{where}: train", f"task: expected {show(other)} with a [{other}] section, got "
+                   f"{show(tc.task)}")
+            if tc.task in TASK_SECTIONS:
+                task_config = sections.get(tc.task) or TASK_SECTIONS[tc.task]()
+                task_config.validate(f"{where}: {tc.task}")
+        cfg = cls(model, tc, task_config)
+        if validate and tc.supervision == "carry":
+            mc = cfg.model
             _check(mc.recursive, f"{where}: train", "supervision: expected 'batch' with model.recursive = false "
                    "(the baseline has no carry)")
             # a row halts when its answer is right: a target known at each step. Language's halt target (does the
@@ -195,6 +184,39 @@ class RunConfig:
         return cfg
 
 
+def _legacy_task_key(key: str) -> tuple[str, str] | None:
+    """(section, key) for a [train] key named `<task>_<key>`: runs and config files written before tasks had their
+    own sections spell [sudoku] val as train.sudoku_val."""
+    for s, section in TASK_SECTIONS.items():
+        if key.startswith(f"{s}_") and key[len(s) + 1:] in {f.name for f in dataclasses.fields(section)}:
+            return s, key[len(s) + 1:]
+    return None
+
+
+def _task_keys_in_their_section(data: dict[str, Any], task: Any = None) -> dict[str, Any]:
+    """`data` with the [train] keys of _legacy_task_key moved to their section, for a run of `task` (default: the
+    data's train.task). A key the section itself sets wins; an old run of another task saved them too (every field
+    was saved), and they meant nothing there."""
+    train = data.get("train")
+    if not isinstance(train, dict):
+        return data
+    task = train.get("task", TrainConfig.task) if task is None else task
+    moved: dict[str, dict[str, Any]] = {}
+    out = {**data, "train": {}}
+    for k, v in train.items():
+        if isinstance(k, str) and (legacy := _legacy_task_key(k)) is not None:
+            moved.setdefault(legacy[0], {})[legacy[1]] = v
+        else:
+            out["train"][k] = v
+    if not moved:
+        return data
+    for s, values in moved.items():
+        if s == task or s in data:
+            section = data.get(s)
+            out[s] = {**values, **(section if isinstance(section, dict) else {})}
+    return out
+
+
 def with_absolute_paths(cfg: RunConfig) -> RunConfig:
     """`cfg` with train.data and train.tokenizer made absolute against the current directory, as a new run
     records them: `--resume` from any other directory then reads the same files. (A run saved with a relative
@@ -203,7 +225,7 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
     # field name -> new value (a str); Any: dataclasses.replace types each keyword by its field, not a dict's values
     absolute: dict[str, Any] = {name: os.path.abspath(value) for name in ("data", "tokenizer")
                                 if isinstance(value := getattr(tc, name), str) and value}
-    return RunConfig(cfg.model, dataclasses.replace(tc, **absolute)) if absolute else cfg
+    return dataclasses.replace(cfg, train=dataclasses.replace(tc, **absolute)) if absolute else cfg
 
 
 def preset_names() -> list[str]:
@@ -236,14 +258,16 @@ def parse_override(item: str) -> tuple[str, str, Any]:
     key, raw = (s.strip() for s in item.split("=", 1))
     if "." in key:
         section, key = key.split(".", 1)
+        if section == "train" and (legacy := _legacy_task_key(key)) is not None:
+            section, key = legacy
     else:
         sections = [s for s, cls in (("model", ModelConfig), ("train", TrainConfig))
                     if key in {f.name for f in dataclasses.fields(cls)}]
         if not sections:
             raise ConfigError(f"--set {show(item)}: unknown key {show(key)} (use model.KEY or train.KEY)")
         section = sections[0]
-    if section not in ("model", "train"):
-        raise ConfigError(f"--set {show(item)}: unknown section {show(section)} (expected model or train)")
+    if section not in SECTIONS:
+        raise ConfigError(f"--set {show(item)}: unknown section {show(section)} (expected {' or '.join(SECTIONS)})")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except (tomllib.TOMLDecodeError, RecursionError):
@@ -253,17 +277,19 @@ def parse_override(item: str) -> tuple[str, str, Any]:
 
 def build_config(preset: str | None, config_file: str | None, overrides: list[str]) -> RunConfig:
     """Dataclass defaults <- preset <- config file <- --set overrides, validated as a whole."""
-    data: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
+    data: dict[str, dict[str, Any]] = {"model": {}, "train": {}}  # and a task's section where one is set
     layers = []
     if preset is not None:
         layers.append((load_preset(preset), f"preset {preset!r}"))
     if config_file is not None:
         layers.append((read_toml(config_file), str(config_file)))
     for layer, where in layers:
+        train = section if isinstance(section := layer.get("train"), dict) else {}
+        layer = _task_keys_in_their_section(layer, train.get("task", data["train"].get("task", TrainConfig.task)))
         RunConfig.from_dict(layer, where, validate=False)  # a bad key or type is named with its file
         for section, values in layer.items():
-            data[section].update(values)
+            data.setdefault(section, {}).update(values)
     for item in overrides:
         section, key, value = parse_override(item)
-        data[section][key] = value
+        data.setdefault(section, {})[key] = value
     return RunConfig.from_dict(data, "config")

@@ -45,7 +45,7 @@ from .config import RunConfig
 from .distributed import autocast_for
 from .eval_modes import BASELINE, MODES, baseline_label
 from .plots import write_png
-from .sudoku_task import SudokuTask, counts, data_spec, figures, halted_at, solve_batches, solve_steps
+from .sudoku_task import SudokuTask, counts, data_spec, figures, halted_at, solve_batches, solve_steps, sudoku_config
 from .tasks import make_task
 
 if TYPE_CHECKING:
@@ -226,10 +226,10 @@ def describe_weights(run: Path, cfg: RunConfig) -> str:
 
 
 def describe_run(cfg: RunConfig) -> str:
-    mc, tc = cfg.model, cfg.train
+    mc, tc, sc = cfg.model, cfg.train, sudoku_config(cfg)
     trained = (f"{Path(tc.data).name}" if tc.data else
-               f"{tc.sudoku_givens_min}-{tc.sudoku_givens_max} givens"
-               + (f" (curriculum from {tc.sudoku_curriculum_start})" if tc.sudoku_curriculum_start else ""))
+               f"{sc.givens_min}-{sc.givens_max} givens"
+               + (f" (curriculum from {sc.curriculum_start})" if sc.curriculum_start else ""))
     shape = (f"halt_max_steps {mc.halt_max_steps}, H{mc.H_cycles} x L{mc.L_cycles}" if mc.recursive
              else "recursion off")
     return f"trained on {trained}, {shape}"

@@ -3,7 +3,7 @@ head trained on "is the current answer completely right" (TRM's rule).
 
 Puzzles are generated at start-up (moe_core.tasks.sudoku: unique solutions, deterministic by train.seed), train and
 test disjoint under the symmetry group; every training batch is drawn from the train puzzles (under a curriculum,
-from those with enough givens for the step: train.sudoku_curriculum_start) and augmented with a random symmetry,
+from those with enough givens for the step: [sudoku] curriculum_start) and augmented with a random symmetry,
 both a function of (seed, step).
 """
 
@@ -21,6 +21,7 @@ from torch import Tensor
 from moe_core.common.errors import ConfigError
 from moe_core.model import ModelOutput, RecursiveMoE
 from moe_core.tasks import sudoku
+from moe_core.tasks.config import SudokuConfig
 from moe_core.tasks.sudoku import VOCAB, cell_answers, digit_tokenizer
 
 from .checkpointing import data_fingerprint
@@ -42,11 +43,16 @@ def check_model(cfg: RunConfig) -> None:
             raise ConfigError(f"train.task = 'sudoku': {msg}; start from --preset sudoku-tiny or sudoku")
 
 
+def sudoku_config(cfg: RunConfig) -> SudokuConfig:
+    """The run's [sudoku] section (RunConfig.from_dict gives a sudoku run one)."""
+    assert isinstance(cfg.task_config, SudokuConfig), "a sudoku run's config has its [sudoku] section"
+    return cfg.task_config
+
+
 def data_spec(cfg: RunConfig) -> tuple:
     """What the task's train and test puzzles are a function of: two runs with the same spec hold the same sets."""
-    tc = cfg.train
-    return (tc.data, tc.seed, tc.sudoku_train, tc.sudoku_test, tc.sudoku_givens_min, tc.sudoku_givens_max,
-            tc.sudoku_min_guesses)
+    tc, sc = cfg.train, sudoku_config(cfg)
+    return (tc.data, tc.seed, sc.train, sc.test, sc.givens_min, sc.givens_max, sc.min_guesses)
 
 
 @torch.no_grad()
@@ -125,39 +131,39 @@ class SudokuTask(Task):
 
     def __init__(self, cfg: RunConfig, log: Any = print) -> None:
         check_model(cfg)
-        tc = cfg.train
-        self.cfg = cfg
+        tc, sc = cfg.train, sudoku_config(cfg)
+        self.cfg, self.sc = cfg, sc
         t0 = time.perf_counter()
-        givens = (tc.sudoku_givens_min, tc.sudoku_givens_max)
+        givens = (sc.givens_min, sc.givens_max)
         if tc.data is not None:  # the user's puzzles to train on; test puzzles generated, none equivalent
             puzzles, solutions = sudoku.read_puzzle_file(tc.data)
             if solutions is None:
                 solutions = np.stack([_solve_unique(p, f"{tc.data}: puzzle {i + 1}") for i, p in enumerate(puzzles)])
             taken = set(sudoku.equivalence_keys(puzzles))
-            _, test = sudoku.make_splits(1, tc.sudoku_test * 2, tc.seed, givens, tc.sudoku_min_guesses)
-            keep = [i for i, k in enumerate(sudoku.equivalence_keys(test.puzzles)) if k not in taken][:tc.sudoku_test]
+            _, test = sudoku.make_splits(1, sc.test * 2, tc.seed, givens, sc.min_guesses)
+            keep = [i for i, k in enumerate(sudoku.equivalence_keys(test.puzzles)) if k not in taken][:sc.test]
             self.train_puzzles, self.train_solutions = puzzles, solutions
             self.test_puzzles, self.test_solutions = test.puzzles[keep], test.solutions[keep]
             source = str(tc.data)
         else:
-            train, test = sudoku.make_splits(tc.sudoku_train, tc.sudoku_test, tc.seed, givens, tc.sudoku_min_guesses)
+            train, test = sudoku.make_splits(sc.train, sc.test, tc.seed, givens, sc.min_guesses)
             self.train_puzzles, self.train_solutions = train.puzzles, train.solutions
             self.test_puzzles, self.test_solutions = test.puzzles, test.solutions
             source = f"generated, {givens[0]}-{givens[1]} givens"
         self.val_puzzles: np.ndarray | None = None
         self.val_solutions: np.ndarray | None = None
-        if tc.sudoku_val:  # held out from train and test under the symmetry group, as the ladder is
+        if sc.val:  # held out from train and test under the symmetry group, as the ladder is
             taken = set(sudoku.equivalence_keys(np.concatenate([self.train_puzzles, self.test_puzzles])))
-            (val, _), = sudoku.make_ladder([tc.sudoku_val_givens], tc.sudoku_val, f"val/{tc.seed}", taken)
+            (val, _), = sudoku.make_ladder([sc.val_givens], sc.val, f"val/{tc.seed}", taken)
             self.val_puzzles, self.val_solutions = val.puzzles, val.solutions
-            source += f"; {tc.sudoku_val} validation puzzles with {tc.sudoku_val_givens} givens"
+            source += f"; {sc.val} validation puzzles with {sc.val_givens} givens"
             self.best_by = ("hard_puzzle_acc", *self.best_by)
         self.train_givens = (self.train_puzzles > 0).sum(axis=1)
         self._pools: dict[int, np.ndarray] = {}
         floor = self.givens_floor(0)
         if floor is not None:
             if not len(self._pool(floor)):
-                raise ConfigError(f"train.sudoku_curriculum_start = {floor}: no train puzzle has that many givens "
+                raise ConfigError(f"sudoku.curriculum_start = {floor}: no train puzzle has that many givens "
                                   f"(most: {self.train_givens.max()}); expected a lower start")
             source += f", curriculum from {floor}+ givens"
         self.tokenizer_json = digit_tokenizer().to_str(pretty=False)
@@ -170,13 +176,12 @@ class SudokuTask(Task):
 
     def givens_floor(self, step: int) -> int | None:
         """The fewest givens a training puzzle of this step may have under the curriculum (None: no curriculum):
-        sudoku_curriculum_start at step 0, down by a linear schedule to sudoku_givens_min at
-        sudoku_curriculum_frac of max_steps."""
-        tc = self.cfg.train
-        start = tc.sudoku_curriculum_start
-        if not start:
+        [sudoku] curriculum_start at step 0, down by a linear schedule to givens_min at curriculum_frac of
+        train.max_steps."""
+        sc = self.sc
+        if not sc.curriculum_start:
             return None
-        return ramp(step, tc.max_steps, tc.sudoku_curriculum_frac, start, tc.sudoku_givens_min)
+        return ramp(step, self.cfg.train.max_steps, sc.curriculum_frac, sc.curriculum_start, sc.givens_min)
 
     def _pool(self, floor: int) -> np.ndarray:
         if floor not in self._pools:
@@ -229,7 +234,7 @@ class SudokuTask(Task):
         return nll, sums
 
     def describe(self, ev: dict[str, float]) -> str:
-        hard = f" | {self.cfg.train.sudoku_val_givens} givens {ev['hard_puzzle_acc']:.4f}" \
+        hard = f" | {self.sc.val_givens} givens {ev['hard_puzzle_acc']:.4f}" \
             if "hard_puzzle_acc" in ev else ""
         return (f"val loss {ev['val_loss']:.4f} | cell acc {ev['cell_acc']:.4f} (blanks) | "
                 f"puzzle acc {ev['puzzle_acc']:.4f} (rule-checked){hard}")

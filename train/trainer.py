@@ -44,7 +44,7 @@ from .checkpointing import (
     save_checkpoint,
     saved_config,
 )
-from .config import RunConfig, parse_override, seed_for, with_absolute_paths
+from .config import SECTIONS, RunConfig, parse_override, seed_for, with_absolute_paths
 from .console import final_lines, model_line, routing_summary
 from .distributed import SINGLE, Dist, autocast_for, init_from_env, parallelize, shutdown
 from .ema import EMA
@@ -137,7 +137,7 @@ def train(cfg: RunConfig, out: str | os.PathLike, overwrite: bool = False) -> di
         if dist.is_main:
             assert tok_text is not None  # rank 0 got past the finally above: broadcast_text returned its text
             try:
-                save_run(run_dir, model, tok_text, {"train": cfg.to_dict()["train"]})  # complete from the start
+                save_run(run_dir, model, tok_text, cfg.run_sections())  # complete from the start
             except BaseException:
                 if created:  # a run that never saved leaves nothing a later command could mistake for a run
                     shutil.rmtree(run_dir, ignore_errors=True)
@@ -189,7 +189,9 @@ def resume(run_dir: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[st
             raise ConfigError(f"--set train.max_steps={cfg.train.max_steps}: the run is at step {state.step}; "
                               "expected at least that (a run is never cut back)")
         if dist.is_main:
-            atomic_write_text(config_path, json.dumps({**saved, "train": cfg.to_dict()["train"]}, indent=2) + "\n")
+            kept = {k: v for k, v in saved.items() if k not in SECTIONS}  # versions, what eval added
+            atomic_write_text(config_path, json.dumps({"model": saved["model"], **cfg.run_sections(), **kept},
+                                                      indent=2) + "\n")
         return trainer.run(state, resumed=True)
     finally:
         lock.release()

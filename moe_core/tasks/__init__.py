@@ -14,6 +14,7 @@ import numpy as np
 
 from ..common.errors import MoeError
 from . import sudoku
+from .config import SudokuConfig
 
 Case = tuple[str, np.ndarray, np.ndarray]  # (name, input_ids [B, T] int64, attention_mask [B, T] int64)
 
@@ -32,6 +33,8 @@ class TaskSpec:
     parity_inputs: Callable[[int, int, int], list[Case]]
     # (vocab_size, max_seq_len, the graph's `causal` metadata) -> why a graph cannot serve the task, or None.
     graph_problem: Callable[[int, int, str], str | None]
+    # The dataclass of the task's own config section, `[name]` (moe_core.tasks.config); None: the task has none.
+    config: type | None = None
 
 
 def language_parity_inputs(vocab_size: int, max_seq_len: int, seed: int) -> list[Case]:
@@ -94,7 +97,7 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
     TaskSpec("sudoku", "a Sudoku model", ("solve",), generates=False, carry=True, puzzles=True,
              figures=(("puzzle_acc", "puzzle acc", "{:.4f}"), ("cell_acc", "cell acc (blanks)", "{:.4f}"),
                       ("val_loss", "val loss", "{:.4f}"), ("val_halt_step", "mean steps", "{:.2f}")),
-             parity_inputs=sudoku_parity_inputs, graph_problem=_sudoku_graph_problem),
+             parity_inputs=sudoku_parity_inputs, graph_problem=_sudoku_graph_problem, config=SudokuConfig),
 )}
 MODES: dict[str, TaskSpec] = {mode: spec for spec in TASKS.values() for mode in spec.serve_modes}  # serve's --mode
 

@@ -24,13 +24,13 @@ from train.sudoku_task import SudokuTask
 
 STEPS = 12
 CARRY = ["train.supervision=carry", "model.halt_max_steps=4", "train.halt_explore=0.5", "train.batch_size=8",
-         "train.sudoku_train=32", "train.sudoku_test=8"]
+         "sudoku.train=32", "sudoku.test=8"]
 
 
 def cli_args(out: Path, *extra: str) -> list[str]:
     sets = [*CARRY, f"train.max_steps={STEPS}", "train.eval_every=6", "train.checkpoint_every=3",
             "train.keep_checkpoints=20", "train.log_every=1", "train.plots=false", "model.dropout=0.1",
-            "train.ema_decay=0.9", "train.keep_best=true", "train.sudoku_val=6", "train.sudoku_val_givens=45",
+            "train.ema_decay=0.9", "train.keep_best=true", "sudoku.val=6", "sudoku.val_givens=45",
             *extra]
     return ["--preset", "sudoku-tiny", "--no-compile", "--device", "cpu", "--out", str(out),
             *[a for s in sets for a in ("--set", s)]]
@@ -154,7 +154,7 @@ def test_exploration_and_the_growing_limit_follow_the_config() -> None:
     (["train.supervision=carry", "train.carry_steps_start=9"], "carry_steps_start: expected at most"),
     (["train.supervision=carry", "model.recursive=false"], "the baseline has no carry"),
     (["train.halt_explore=1.5"], "halt_explore: expected in [0, 1]"),
-    (["train.sudoku_val=-1"], "sudoku_val: expected >= 0"),
+    (["sudoku.val=-1"], "sudoku.val: expected >= 0"),
 ])
 def test_carry_settings_are_checked(override: list[str], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("]", r"\]")):
@@ -164,8 +164,8 @@ def test_carry_settings_are_checked(override: list[str], needle: str) -> None:
 
 
 def test_hard_validation_set_is_held_out_and_ranks_evaluations_first() -> None:
-    cfg = build_config("sudoku-tiny", None, ["train.sudoku_train=16", "train.sudoku_test=8", "train.sudoku_val=5",
-                                             "train.sudoku_val_givens=44"])
+    cfg = build_config("sudoku-tiny", None, ["sudoku.train=16", "sudoku.test=8", "sudoku.val=5",
+                                             "sudoku.val_givens=44"])
     task = SudokuTask(cfg, log=lambda _: None)
     assert task.val_puzzles.shape == (5, 81) and ((task.val_puzzles > 0).sum(1) == 44).all()
     held = set(S.equivalence_keys(task.train_puzzles)) | set(S.equivalence_keys(task.test_puzzles))

@@ -19,7 +19,7 @@ from train.evaluate import with_steps
 from train.sudoku_task import SudokuTask, counts, figures, halted_at, solve_batches, solve_steps
 
 CPU = torch.device("cpu")
-TINY = ["train.sudoku_train=16", "train.sudoku_test=8", "train.batch_size=8"]
+TINY = ["sudoku.train=16", "sudoku.test=8", "train.batch_size=8"]
 
 
 def varied_model(cfg: RunConfig, seed: int) -> RecursiveMoE:
@@ -38,7 +38,7 @@ def varied_model(cfg: RunConfig, seed: int) -> RecursiveMoE:
 def saved_run(path: Path, cfg: RunConfig, seed: int) -> RecursiveMoE:
     """A run directory of varied_model (no training needed to evaluate it)."""
     model = varied_model(cfg, seed)
-    save_run(path, model, S.digit_tokenizer().to_str(pretty=False), {"train": cfg.to_dict()["train"]})
+    save_run(path, model, S.digit_tokenizer().to_str(pretty=False), cfg.run_sections())
     return model
 
 
@@ -121,7 +121,7 @@ def test_ladder_refuses_a_language_run(tmp_path: Path, moe_cli) -> None:
     cfg = build_config("tiny", None, [])
     run = tmp_path / "lm"
     torch.manual_seed(0)
-    save_run(run, RecursiveMoE(cfg.model), "{}", {"train": cfg.to_dict()["train"]})
+    save_run(run, RecursiveMoE(cfg.model), "{}", cfg.run_sections())
     result = moe_cli("eval", run, "--ladder", "--out", tmp_path / "out", in_process=True)
     assert result.returncode == 2 and "expected a Sudoku run (train.task = 'sudoku')" in result.stderr, \
         result.describe()

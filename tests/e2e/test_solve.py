@@ -17,14 +17,14 @@ from helpers import assert_clean_failure, moe_serve, run_moe, write_jsonl
 
 from export.onnx_export import export_run
 from moe_core import MoeError, load_model
-from moe_core.checkpoint import load_run_config, save_weights
+from moe_core.checkpoint import save_weights
 from moe_core.run_layout import WEIGHTS_FILE
 from moe_core.runtime.graph_contract import SERVE_MAX_STEPS
 from moe_core.tasks import sudoku as S
 from moe_core.tasks import sudoku_parity_inputs
 from serve import Server
 from serve.runtime import StepwiseModel
-from train.config import RunConfig
+from train.checkpointing import saved_run_config
 from train.sudoku_task import SudokuTask, solve_batches
 
 STEPS = 8
@@ -39,15 +39,14 @@ def sudoku(tmp_path_factory) -> tuple[Path, Path, SudokuTask]:
     result = run_moe(["--preset", "sudoku-tiny", "--no-compile", "--device", "cpu", "--out", run,
                       "--set", f"train.max_steps={STEPS}", "--set", f"train.eval_every={STEPS}",
                       "--set", "model.H_cycles=1", "--set", "model.L_cycles=1", "--set", "model.halt_max_steps=2",
-                      "--set", "train.sudoku_train=32", "--set", "train.sudoku_test=24"],
+                      "--set", "sudoku.train=32", "--set", "sudoku.test=24"],
                      module="train", in_process=True)
     assert result.returncode == 0, result.describe()
     out = tmp / "sudoku.onnx"
     lines: list[str] = []
     export_run(run, out, log=lines.append)
     assert any("sudoku_grids" in line and "ok" in line for line in lines), lines  # parity on real puzzles too
-    _, data = load_run_config(run)
-    task = SudokuTask(RunConfig.from_dict({k: data[k] for k in ("model", "train")}, "config.json"), log=lambda _: None)
+    task = SudokuTask(saved_run_config(run), log=lambda _: None)
     return run, out, task
 
 
@@ -116,8 +115,8 @@ def test_a_token_mlp_model_trains_exports_and_serves_as_eager(tmp_path):
     result = run_moe(["--preset", "sudoku-tiny", "--no-compile", "--device", "cpu", "--out", run,
                       "--set", "train.max_steps=4", "--set", "train.eval_every=4", "--set", "model.token_mixer=mlp",
                       "--set", "model.attn_bias=false", "--set", "model.H_cycles=1", "--set", "model.L_cycles=1",
-                      "--set", "model.halt_max_steps=2", "--set", "train.sudoku_train=16", "--set",
-                      "train.sudoku_test=8"], module="train", in_process=True)
+                      "--set", "model.halt_max_steps=2", "--set", "sudoku.train=16", "--set",
+                      "sudoku.test=8"], module="train", in_process=True)
     assert result.returncode == 0, result.describe()
     out = tmp_path / "mlp.onnx"
     lines: list[str] = []
@@ -235,7 +234,7 @@ def test_eval_sweeps_halt_max_steps_and_writes_the_held_out_set(sudoku, tmp_path
     base = tmp_path / "base"  # the same task and held-out set, recursion off
     result = run_moe(["--preset", "sudoku-tiny", "--no-compile", "--device", "cpu", "--out", base,
                       "--set", "train.max_steps=3", "--set", "model.recursive=false",
-                      "--set", "train.sudoku_train=32", "--set", "train.sudoku_test=24"],
+                      "--set", "sudoku.train=32", "--set", "sudoku.test=24"],
                      module="train", in_process=True)
     assert result.returncode == 0, result.describe()
     out = tmp_path / "eval"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -9,15 +11,16 @@ import torch
 from moe_core.common.errors import ConfigError
 from moe_core.model import ModelOutput, RecursiveMoE
 from moe_core.tasks import sudoku as S
+from moe_core.tasks.config import SudokuConfig
 from moe_core.tasks.sudoku import cell_answers, digit_tokenizer
-from train.config import build_config
+from train.config import RunConfig, build_config
 from train.loss import training_loss
 from train.sudoku_task import SudokuTask, check_model
 
 
 @pytest.fixture(scope="module")
 def task() -> SudokuTask:
-    cfg = build_config("sudoku-tiny", None, ["train.sudoku_train=16", "train.sudoku_test=8", "train.batch_size=6"])
+    cfg = build_config("sudoku-tiny", None, ["sudoku.train=16", "sudoku.test=8", "train.batch_size=6"])
     return SudokuTask(cfg, log=lambda _: None)
 
 
@@ -83,9 +86,11 @@ def test_sudoku_needs_a_grid_model(override: str, needle: str) -> None:
 
 @pytest.mark.parametrize("preset", ["sudoku-tiny", "sudoku", "sudoku-hard", "sudoku-large"])
 def test_sudoku_presets_describe_a_valid_grid_model(preset: str) -> None:
-    """Every shipped Sudoku preset validates, fits the task's checks and builds (on the meta device: no memory)."""
+    """Every shipped Sudoku preset validates, fits the task's checks and builds (on the meta device: no memory); its
+    token mixing knows the cells' places beyond rotary (MoH with the learned bias, or the token-mixing MLP)."""
     cfg = build_config(preset, None, [])
-    assert cfg.train.task == "sudoku" and cfg.model.attn_bias and cfg.model.recursive
+    assert cfg.train.task == "sudoku" and cfg.model.recursive
+    assert cfg.model.attn_bias or cfg.model.token_mixer == "mlp"
     check_model(cfg)
     with torch.device("meta"):
         model = RecursiveMoE(cfg.model)
@@ -93,11 +98,11 @@ def test_sudoku_presets_describe_a_valid_grid_model(preset: str) -> None:
 
 
 def test_curriculum_draws_from_puzzles_with_enough_givens() -> None:
-    cfg = build_config("sudoku-tiny", None, ["train.sudoku_train=40", "train.sudoku_test=4", "train.batch_size=32",
-                                             "train.max_steps=20", "train.sudoku_curriculum_start=47",
-                                             "train.sudoku_curriculum_frac=0.5"])
+    cfg = build_config("sudoku-tiny", None, ["sudoku.train=40", "sudoku.test=4", "train.batch_size=32",
+                                             "train.max_steps=20", "sudoku.curriculum_start=47",
+                                             "sudoku.curriculum_frac=0.5"])
     task = SudokuTask(cfg, log=lambda _: None)
-    # 47 at step 0, down linearly to sudoku_givens_min (40) at step 10 = 0.5 x max_steps, then the whole set
+    # 47 at step 0, down linearly to givens_min (40) at step 10 = 0.5 x max_steps, then the whole set
     assert [task.givens_floor(s) for s in (0, 1, 5, 9, 10, 19)] == [47, 47, 44, 41, 40, 40]
     assert task.schedule(5) == {"givens_floor": 44.0}
     for step in (0, 5):
@@ -106,7 +111,7 @@ def test_curriculum_draws_from_puzzles_with_enough_givens() -> None:
         assert (givens >= task.givens_floor(step)).all()  # augmentation keeps the number of givens
         assert S.valid_solutions(x.numpy().astype(np.uint8), y.numpy()).all()
     assert ((task.batch(15, slice(None))[0] > 0).sum(1) < 44).any()  # harder puzzles have joined
-    off = SudokuTask(build_config("sudoku-tiny", None, ["train.sudoku_train=40", "train.sudoku_test=4",
+    off = SudokuTask(build_config("sudoku-tiny", None, ["sudoku.train=40", "sudoku.test=4",
                                                         "train.batch_size=32"]), log=lambda _: None)
     assert off.givens_floor(0) is None and off.schedule(0) == {}
 
@@ -114,9 +119,9 @@ def test_curriculum_draws_from_puzzles_with_enough_givens() -> None:
 def test_curriculum_start_needs_puzzles(tmp_path) -> None:
     path = tmp_path / "puzzles.txt"
     path.write_text("53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79\n")  # 30 givens
-    cfg = build_config("sudoku-tiny", None, [f"train.data={str(path)!r}", "train.sudoku_test=2",
-                                             "train.sudoku_curriculum_start=45"])
-    with pytest.raises(ConfigError, match="sudoku_curriculum_start = 45: no train puzzle has that many givens"):
+    cfg = build_config("sudoku-tiny", None, [f"train.data={str(path)!r}", "sudoku.test=2",
+                                             "sudoku.curriculum_start=45"])
+    with pytest.raises(ConfigError, match="sudoku.curriculum_start = 45: no train puzzle has that many givens"):
         SudokuTask(cfg, log=lambda _: None)
 
 
@@ -124,10 +129,10 @@ def test_curriculum_start_needs_puzzles(tmp_path) -> None:
     ("train.ema_decay=1.0", "train.ema_decay: expected in [0, 1) (0 = off), got 1.0"),
     ("train.ema_decay=-0.5", "train.ema_decay: expected in [0, 1)"),
     ("train.keep_best=1", "train.keep_best: expected true or false"),
-    ("train.sudoku_curriculum_start=39", "sudoku_curriculum_start: expected 0 (off) or a number of givens in "
-                                         "sudoku_givens_min..max (40..50), got 39"),
-    ("train.sudoku_curriculum_start=51", "got 51"),
-    ("train.sudoku_curriculum_frac=0", "sudoku_curriculum_frac: expected in (0, 1], got 0.0"),
+    ("sudoku.curriculum_start=39", "sudoku.curriculum_start: expected 0 (off) or a number of givens in "
+                                  "givens_min..max (40..50), got 39"),
+    ("sudoku.curriculum_start=51", "got 51"),
+    ("sudoku.curriculum_frac=0", "sudoku.curriculum_frac: expected in (0, 1], got 0.0"),
 ])
 def test_training_feature_settings_are_checked(override: str, needle: str) -> None:
     with pytest.raises(ConfigError) as e:
@@ -173,3 +178,32 @@ def test_lr_plot_shows_the_curriculum() -> None:
     train = [{"kind": "train", "step": s, "lr": 1e-3, "givens_floor": 45.0 - s} for s in range(1, 6)]
     assert len(plot_lr(train).axes) == 2  # the floor on its own axis
     assert len(plot_lr([{k: v for k, v in r.items() if k != "givens_floor"} for r in train]).axes) == 1
+
+
+def test_the_sudoku_section_round_trips_and_belongs_to_its_task() -> None:
+    """[sudoku] holds the task's data settings; a run's config.json (to_dict) reads back to the same config, and a
+    language run with a [sudoku] section is refused in one line."""
+    cfg = build_config("sudoku-hard", None, ["sudoku.val=7"])
+    assert isinstance(cfg.task_config, SudokuConfig) and cfg.task_config.val == 7
+    assert RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict())), "config.json") == cfg
+    lm = build_config("tiny", None, [])
+    assert lm.task_config is None and "sudoku" not in lm.to_dict()
+    with pytest.raises(ConfigError) as e:
+        build_config("tiny", None, ["sudoku.val=7"])
+    assert str(e.value) == "config: train.task: expected 'sudoku' with a [sudoku] section, got 'lm'"
+
+
+def test_train_sudoku_keys_of_older_runs_and_files_are_read_into_the_section(tmp_path) -> None:
+    """Runs and files written before [sudoku] existed spell its keys train.sudoku_*: they mean the same config,
+    an explicit [sudoku] key wins over one, and a language run's (every field was saved) are dropped."""
+    new = build_config("sudoku-tiny", None, ["sudoku.val=5", "sudoku.givens_min=41"])
+    old = new.to_dict()
+    old["train"].update({f"sudoku_{k}": v for k, v in old.pop("sudoku").items()})
+    assert RunConfig.from_dict(old, "config.json") == new
+    assert build_config("sudoku-tiny", None, ["train.sudoku_val=5", "train.sudoku_givens_min=41"]) == new
+    path = tmp_path / "old.toml"
+    path.write_text("[train]\nsudoku_val = 5\n[sudoku]\ngivens_min = 41\n")
+    assert build_config("sudoku-tiny", str(path), []) == new
+    lm = build_config("tiny", None, []).to_dict()
+    lm["train"].update({k: v for k, v in old["train"].items() if k.startswith("sudoku_")})
+    assert RunConfig.from_dict(lm, "config.json") == build_config("tiny", None, [])
