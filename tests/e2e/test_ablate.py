@@ -121,3 +121,13 @@ def test_builtin_grid_covers_the_seeds_study_and_builds_on_every_preset() -> Non
         assert configs["small-model"].model.d_model < build_config(preset, None, []).model.d_model
         x1, x10 = configs["aux-x1"].train.aux_weights, configs["aux-x10"].train.aux_weights
         assert x10 == pytest.approx({k: 10 * v for k, v in x1.items()})
+
+
+def test_a_grid_varies_a_task_section() -> None:
+    """A variant's [sudoku] table (like its [model] and [train] ones) becomes `--set sudoku.KEY` items."""
+    import tomllib
+
+    grid = parse_grid(tomllib.loads("[variants.hard]\nsudoku = { givens_min = 41 }\nmodel.top_k = 1\n"), "grid.toml")
+    assert grid.variants["hard"] == ["sudoku.givens_min=41", "model.top_k=1"]
+    cfg = build_config("sudoku-tiny", None, grid.variants["hard"])
+    assert cfg.task_config.givens_min == 41 and cfg.model.top_k == 1
