@@ -284,7 +284,8 @@ def build_config(preset: str | None, config_file: str | None, overrides: list[st
     if config_file is not None:
         layers.append((read_toml(config_file), str(config_file)))
     for layer, where in layers:
-        train = section if isinstance(section := layer.get("train"), dict) else {}
+        # a layer's old train.<task>_KEY settings belong to the task the layers chose so far, or this one's
+        train = given if isinstance(given := layer.get("train"), dict) else {}
         layer = _task_keys_in_their_section(layer, train.get("task", data["train"].get("task", TrainConfig.task)))
         RunConfig.from_dict(layer, where, validate=False)  # a bad key or type is named with its file
         for section, values in layer.items():
