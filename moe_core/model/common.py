@@ -78,7 +78,8 @@ def recording_decisions(model: Traced) -> Iterator[list[Decision]]:
 
 
 class AuxAccumulator:
-    """Collects aux losses and statistics over the block calls of one forward pass.
+    """Collects the aux losses (what the trainer weights and backpropagates) and the statistics (what it logs) over
+    the block calls of one forward pass, each kind in its own table.
 
     Keys ending in `_min` / `_max` reduce by min / max, everything else by mean over calls. The caller adds a
     loss only from a call that backpropagates (grad enabled): a no-grad cycle's value cannot move a weight, and
@@ -87,22 +88,36 @@ class AuxAccumulator:
     """
 
     def __init__(self) -> None:
-        self._values: dict[str, Tensor] = {}
-        self._counts: dict[str, int] = {}
+        self._values: dict[str, dict[str, Tensor]] = {"loss": {}, "stat": {}}
+        self._counts: dict[str, dict[str, int]] = {"loss": {}, "stat": {}}
 
-    def add(self, key: str, value: Tensor) -> None:
-        if key not in self._values:
-            self._values[key], self._counts[key] = value, 1
+    def add_loss(self, key: str, value: Tensor) -> None:
+        self._add("loss", key, value)
+
+    def add_stat(self, key: str, value: Tensor) -> None:
+        self._add("stat", key, value)
+
+    def _add(self, kind: str, key: str, value: Tensor) -> None:
+        values, counts = self._values[kind], self._counts[kind]
+        if key not in values:
+            values[key], counts[key] = value, 1
         elif key.endswith("_min"):
-            self._values[key] = torch.minimum(self._values[key], value)
+            values[key] = torch.minimum(values[key], value)
         elif key.endswith("_max"):
-            self._values[key] = torch.maximum(self._values[key], value)
+            values[key] = torch.maximum(values[key], value)
         else:
-            self._values[key] = self._values[key] + value
-            self._counts[key] += 1
+            values[key] = values[key] + value
+            counts[key] += 1
 
-    def result(self) -> dict[str, Tensor]:
-        return {k: v if k.endswith(("_min", "_max")) else v / self._counts[k] for k, v in self._values.items()}
+    def losses(self) -> dict[str, Tensor]:
+        return self._result("loss")
+
+    def stats(self) -> dict[str, Tensor]:
+        return self._result("stat")
+
+    def _result(self, kind: str) -> dict[str, Tensor]:
+        counts = self._counts[kind]
+        return {k: v if k.endswith(("_min", "_max")) else v / counts[k] for k, v in self._values[kind].items()}
 
 
 @dataclass

@@ -64,9 +64,9 @@ class ReasoningNet(nn.Module):
             if acc is not None:
                 if torch.is_grad_enabled():
                     for k, v in aux.losses.items():
-                        acc.add(k, v)
+                        acc.add_loss(k, v)
                 for k, v in aux.stats.items():
-                    acc.add(f"L{i + 1}.{k}", v)
+                    acc.add_stat(f"L{i + 1}.{k}", v)
         return u
 
 
@@ -332,10 +332,8 @@ class RecursiveMoE(nn.Module):
                 acc: AuxAccumulator | None) -> ModelOutput:
         if acc is None:
             return ModelOutput(logits, halt_step)
-        aux = acc.result()
-        losses = {k: v for k, v in aux.items() if "." not in k}
-        stats = {k: v.detach() for k, v in aux.items() if "." in k}
-        return ModelOutput(logits, halt_step, step_logits, halt_logits, losses, stats)
+        stats = {k: v.detach() for k, v in acc.stats().items()}
+        return ModelOutput(logits, halt_step, step_logits, halt_logits, acc.losses(), stats)
 
     def use_dispatch(self, dispatch: str) -> None:
         """Every MoE layer runs `dispatch` ("dense" | "sparse") on every device from now on, whatever its config

@@ -714,14 +714,14 @@ def test_aux_losses_average_over_the_calls_that_backpropagate(make_config, monke
     cfg = make_config(n_layers=2, H_cycles=3, L_cycles=2, halt_max_steps=2, no_grad_cycles=no_grad_cycles)
     model = varied_model(cfg, seed=117).train()
     seen: dict[str, list[tuple[bool, float]]] = {"moe_balance": [], "L1.moe_load_cv": []}
-    add = AuxAccumulator.add
+    add = AuxAccumulator._add
 
-    def spy(self, key, value):
+    def spy(self, kind, key, value):
         if key in seen:
             seen[key].append((torch.is_grad_enabled(), float(value.detach())))
-        add(self, key, value)
+        add(self, kind, key, value)
 
-    monkeypatch.setattr(AuxAccumulator, "add", spy)
+    monkeypatch.setattr(AuxAccumulator, "_add", spy)
     out = model(random_ids(cfg, 3, 16, seed=118))
     calls = cfg.halt_max_steps * cfg.H_cycles * (cfg.L_cycles + 1)  # net calls, each through every layer
     grad_calls = calls // cfg.H_cycles if no_grad_cycles else calls
