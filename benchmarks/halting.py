@@ -25,6 +25,7 @@ from moe_core.tasks import TASKS, sudoku
 from serve.graph import TOKEN_LOGPROBS
 from serve.runtime import OrtModel, StepwiseModel, open_model
 from train.checkpointing import saved_run_config
+from train.sudoku_task import sudoku_config
 
 from .timing import measure
 
@@ -35,7 +36,8 @@ def real_inputs(model: RecursiveMoE, run_dir: Path | None, n: int, seed: int = 0
     T = cfg.max_seq_len
     run_cfg = saved_run_config(run_dir) if run_dir is not None else None
     if run_cfg is not None and TASKS[run_cfg.train.task].puzzles:  # new puzzles of the run's range ([sudoku])
-        givens = (run_cfg.task_config.givens_min, run_cfg.task_config.givens_max)
+        sc = sudoku_config(run_cfg)
+        givens = (sc.givens_min, sc.givens_max)
         puzzles = sudoku.generate(n, f"halting-benchmark-{seed}", givens=givens).puzzles.astype(np.int64)
         return puzzles, LOGITS, f"{n} new puzzles of {givens[0]}-{givens[1]} givens (the run's range)"
     if run_dir is None:

@@ -205,18 +205,15 @@ def compare_decisions(eager: list[Decision], graph: list[np.ndarray], valid: np.
     report, affected = Decisions(), np.zeros_like(valid)
     for call, (e, g) in enumerate(zip(eager, graph, strict=True)):
         choice, margin = e.choice.float().cpu().numpy(), e.margin.float().cpu().numpy()
+        same = same_choices(e.kind, choice, g)
         if e.kind == "halt":
             # A causal model's halting reads position 0 only; a bidirectional one's, every valid position.
             open_ = ~affected[:, 0] if causal else ~(affected & valid).any(1)
-            differ = ((choice > 0) != (g > 0)) & open_
         else:
-            if e.kind == "experts":
-                same = np.all(np.sort(choice, -1) == np.sort(g, -1), -1)
-            else:  # heads: the count's margin where the counts differ, else the set's
-                same = np.all((choice > 0.5) == (g > 0.5), -1)
+            if e.kind == "heads":  # the count's margin where the counts differ, else the set's
                 margin = np.where((choice > 0.5).sum(-1) != (g > 0.5).sum(-1), margin[..., 0], margin[..., 1])
             open_ = valid & ~affected
-            differ = ~same & open_
+        differ = ~same & open_
         report.compared += int(open_.sum())
         for where in zip(*np.nonzero(differ), strict=True):
             m = float(margin[where])
@@ -234,19 +231,22 @@ def compare_decisions(eager: list[Decision], graph: list[np.ndarray], valid: np.
     return report, affected & valid
 
 
+def same_choices(kind: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Where two records of one decision choose alike: halt [B] (logit > 0 or not), experts [B, T] (the same set of
+    experts, in any order), heads [B, T] (the same heads on)."""
+    if kind == "halt":
+        return (a > 0) == (b > 0)
+    if kind == "experts":
+        return np.all(np.sort(a, -1) == np.sort(b, -1), -1)
+    return np.all((a > 0.5) == (b > 0.5), -1)
+
+
 def alike_samples(a: list[Decision], b: list[Decision], valid: np.ndarray) -> np.ndarray:
     """[B]: the samples for which two eager runs of one model take every decision alike (at valid positions)."""
     same = np.full(valid.shape[0], len(a) == len(b))
     for x, y in zip(a, b, strict=False):
-        ca, cb = x.choice.float().cpu().numpy(), y.choice.float().cpu().numpy()
-        if x.kind == "halt":
-            same &= (ca > 0) == (cb > 0)
-        else:
-            if x.kind == "experts":
-                equal = np.all(np.sort(ca, -1) == np.sort(cb, -1), -1)
-            else:
-                equal = np.all((ca > 0.5) == (cb > 0.5), -1)
-            same &= (equal | ~valid).all(1)
+        equal = same_choices(x.kind, x.choice.float().cpu().numpy(), y.choice.float().cpu().numpy())
+        same &= equal if x.kind == "halt" else (equal | ~valid).all(1)
     return same
 
 

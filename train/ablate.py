@@ -31,7 +31,7 @@ from moe_core.common.errors import ConfigError, MoeError
 from moe_core.common.files import atomic_write_text
 from moe_core.run_layout import METRICS_FILE, TOKENIZER_FILE
 
-from .config import SECTIONS, RunConfig, build_config, parse_override, preset_names, read_toml
+from .config import CONFIG_FILE_HELP, SECTIONS, RunConfig, build_config, parse_override, preset_names, read_toml
 from .plots import layer_numbers, plot_val_loss_overlay, read_metrics, save_figure, series, split_records
 
 GRIDS_DIR = "grids"  # inside the train.configs package (configs/grids/)
@@ -305,7 +305,7 @@ def _run_grid(out: Path, grid: Grid, base: RunConfig, rows: list[Row], shared: l
 @click.option("--preset", default=None, metavar="NAME",
               help=f"Base preset from configs/: {', '.join(preset_names())}. Default: 'default' when no --config.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
-              help="TOML file of config sections ([model], [train], [sudoku]), applied over the preset.")
+              help=CONFIG_FILE_HELP)
 @click.option("--grid", default=DEFAULT_GRID, metavar="FILE|NAME",
               help="Grid of variants: a TOML file of [variants.NAME] override tables, or a built-in grid's name.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",

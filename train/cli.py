@@ -10,12 +10,12 @@ import click
 
 from moe_core.cli import run
 
-from .config import DEVICES, build_config, preset_names, with_absolute_paths
+from .config import CONFIG_FILE_HELP, DEVICES, build_config, preset_names, with_absolute_paths
 
 
 @click.command(context_settings={"show_default": True})
 @click.option("--config", "config_file", type=click.Path(),
-              help="TOML file of config sections ([model], [train], [sudoku]), applied over the preset.")
+              help=CONFIG_FILE_HELP)
 @click.option("--preset", default=None, metavar="NAME",
               help=f"Named config from configs/: {', '.join(preset_names())}. Default: 'default' when no --config.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",

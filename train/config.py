@@ -132,6 +132,8 @@ class TrainConfig:
 # the task (TaskSpec.config: [sudoku]).
 TASK_SECTIONS: dict[str, type] = {name: spec.config for name, spec in TASKS.items() if spec.config is not None}
 SECTIONS = ("model", "train", *TASK_SECTIONS)
+SECTIONS_TEXT = ", ".join(f"[{s}]" for s in SECTIONS)
+CONFIG_FILE_HELP = f"TOML file of config sections ({SECTIONS_TEXT}), applied over the preset."
 
 
 @dataclass
@@ -153,8 +155,7 @@ class RunConfig:
     def from_dict(cls, data: dict[str, Any], where: str, validate: bool = True) -> RunConfig:
         unknown = sorted(set(data) - set(SECTIONS))
         if unknown:
-            raise ConfigError(f"{where}: unknown section {show(unknown[0])} (expected "
-                              f"{', '.join(f'[{s}]' for s in SECTIONS)})")
+            raise ConfigError(f"{where}: unknown section {show(unknown[0])} (expected {SECTIONS_TEXT})")
         data = _task_keys_in_their_section(data)
         model = ModelConfig.from_dict(data.get("model", {}), f"{where}: model", validate)
         tc = from_dict(TrainConfig, data.get("train", {}), f"{where}: train", validate)
